@@ -1,0 +1,115 @@
+//! Block layouts shared by the `.fqm` format, the converter and every kernel tier.
+//!
+//! These layouts are frozen with the `.fqm` format version: a change here is a format change.
+//!
+//! # Weight blocks: 8 rows interleaved ("R8")
+//!
+//! A weight matrix `W [rows, cols]` (nn.Linear layout, `y = W x`) is cut into groups of 8 rows
+//! and blocks of 32 columns. `cols` must be a multiple of 32; `rows` is padded up to a multiple
+//! of 8 with zero-scale rows. Blocks are stored row-group major:
+//! `offset(g, b) = (g * (cols / 32) + b) * BLOCK_BYTES`.
+//!
+//! Within a block, the quants of the 8 rows are interleaved in 4-column groups, so that one
+//! 32-byte load holds 4 consecutive columns of all 8 rows. An x86 `vpdpbusd` against the
+//! 4 activation bytes broadcast to every lane then accumulates one i32 per row, and an ARM
+//! `sdot` by lane does the same on two 16-byte halves (rows 0–3, rows 4–7). No horizontal
+//! sum is needed until the 8 row results are stored.
+//!
+//! ## `Q4x8`: 4.5 bits per weight, non-linear 16-level codebook
+//! ```text
+//! d:  [f16; 8]     scale of each row's 32 weights            16 bytes
+//! qs: [u8; 128]    qs[c*32 + r*4 + j] = q[r][4c+j] | q[r][16+4c+j] << 4    (c<4, r<8, j<4)
+//! w[r][k] = d[r] * KVALUES[q[r][k]]
+//! ```
+//! ## `Q8x8`: 8.5 bits per weight
+//! ```text
+//! d:  [f16; 8]                                               16 bytes
+//! qs: [i8; 256]    qs[c*32 + r*4 + j] = q[r][4c+j]          (c<8, r<8, j<4)
+//! w[r][k] = d[r] * q[r][k]
+//! ```
+//!
+//! # Activation block: `BlockQ8A`
+//! Activations are quantized on the fly to blocks of 32 int8 with an f32 scale and the sum of
+//! the quants (used to undo the +128 offset that unsigned×signed dot products need).
+
+use bytemuck::{Pod, Zeroable};
+
+/// Columns per block (all quantized types).
+pub const QK: usize = 32;
+/// Rows interleaved per block.
+pub const ROWS: usize = 8;
+
+/// The 16 levels of the 4-bit codebook (the non-linear IQ4_NL levels of ggml). Denser near zero,
+/// where most weights of a trained matrix are; the error per block is lower than a uniform grid
+/// at the same 4.5 bits per weight.
+pub const KVALUES: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
+
+/// One block of 8 rows × 32 columns of 4-bit weights. 144 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable, Debug, PartialEq)]
+pub struct BlockQ4x8 {
+    /// f16 bits of each row's scale.
+    pub d: [u16; ROWS],
+    /// Interleaved nibbles, see the module docs.
+    pub qs: [u8; 128],
+}
+
+/// One block of 8 rows × 32 columns of 8-bit weights. 272 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable, Debug, PartialEq)]
+pub struct BlockQ8x8 {
+    /// f16 bits of each row's scale.
+    pub d: [u16; ROWS],
+    /// Interleaved int8 quants, see the module docs.
+    pub qs: [i8; 256],
+}
+
+/// One block of 32 activations quantized to int8. 40 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable, Debug, PartialEq)]
+pub struct BlockQ8A {
+    /// Scale: `x[k] ≈ d * qs[k]`.
+    pub d: f32,
+    /// Sum of `qs`.
+    pub sum: i32,
+    pub qs: [i8; QK],
+}
+
+const _: () = assert!(core::mem::size_of::<BlockQ4x8>() == 144);
+const _: () = assert!(core::mem::size_of::<BlockQ8x8>() == 272);
+const _: () = assert!(core::mem::size_of::<BlockQ8A>() == 40);
+
+/// Byte index in `BlockQ4x8::qs` of the nibble for row `r`, column `k` (< 32), and whether it is
+/// the high nibble.
+#[inline(always)]
+pub const fn q4_pos(r: usize, k: usize) -> (usize, bool) {
+    let hi = k >= 16;
+    let k = k & 15;
+    ((k / 4) * 32 + r * 4 + (k % 4), hi)
+}
+
+/// Index in `BlockQ8x8::qs` of row `r`, column `k` (< 32).
+#[inline(always)]
+pub const fn q8_pos(r: usize, k: usize) -> usize {
+    (k / 4) * 32 + r * 4 + (k % 4)
+}
+
+/// Number of 8-row groups for `rows` rows.
+#[inline]
+pub const fn row_groups(rows: usize) -> usize {
+    rows.div_ceil(ROWS)
+}
+
+/// Bytes of a `Q4x8` tensor of `rows × cols` (`cols % 32 == 0`).
+#[inline]
+pub const fn q4x8_bytes(rows: usize, cols: usize) -> usize {
+    row_groups(rows) * (cols / QK) * core::mem::size_of::<BlockQ4x8>()
+}
+
+/// Bytes of a `Q8x8` tensor of `rows × cols` (`cols % 32 == 0`).
+#[inline]
+pub const fn q8x8_bytes(rows: usize, cols: usize) -> usize {
+    row_groups(rows) * (cols / QK) * core::mem::size_of::<BlockQ8x8>()
+}

@@ -1,0 +1,538 @@
+//! Scalar reference kernels: the specification every SIMD tier is tested against.
+//!
+//! Written as plain loops with one comment per step. Never delete a twin: the converter quantizes
+//! with these functions and every tier's tests compare against them.
+
+use crate::block::{q4_pos, q8_pos, BlockQ4x8, BlockQ8A, BlockQ8x8, KVALUES, QK, ROWS};
+use half::{bf16, f16};
+
+// ---------------------------------------------------------------------------------------------
+// Activation quantization
+// ---------------------------------------------------------------------------------------------
+
+/// Quantize `x` (length a multiple of 32) into int8 blocks.
+///
+/// `d = amax / 127`, `q = round_ties_even(x * 127 / amax)`; an all-zero block gets `d = 0`.
+pub fn quantize_q8a(x: &[f32], out: &mut [BlockQ8A]) {
+    assert_eq!(x.len() % QK, 0);
+    assert!(out.len() >= x.len() / QK);
+    for (xb, ob) in x.chunks_exact(QK).zip(out.iter_mut()) {
+        // 1. absolute maximum of the block
+        let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        // 2. scale and its inverse
+        let d = amax / 127.0;
+        let id = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+        // 3. round each value to the nearest int8 and keep the sum
+        let mut sum = 0i32;
+        for (q, &v) in ob.qs.iter_mut().zip(xb) {
+            let r = (v * id).round_ties_even() as i32;
+            *q = r.clamp(-127, 127) as i8;
+            sum += *q as i32;
+        }
+        ob.d = d;
+        ob.sum = sum;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Weight quantization (converter side)
+// ---------------------------------------------------------------------------------------------
+
+/// Index of the codebook level nearest to `v` (in codebook units).
+#[inline]
+fn nearest_level(v: f32) -> usize {
+    let mut best = 0;
+    let mut best_err = f32::INFINITY;
+    for (i, &k) in KVALUES.iter().enumerate() {
+        let e = (v - k as f32).abs();
+        if e < best_err {
+            best_err = e;
+            best = i;
+        }
+    }
+    best
+}
+
+/// Quantize 32 weights to the 4-bit codebook, searching the scale that minimises the squared
+/// error. Returns `(d, q)` with `d` already rounded to f16.
+pub fn quantize_block_q4(x: &[f32]) -> (f16, [u8; QK]) {
+    debug_assert_eq!(x.len(), QK);
+    let mut q = [0u8; QK];
+    // 1. the value of largest magnitude fixes the scale's order of magnitude and sign
+    let (mut amax, mut max) = (0.0f32, 0.0f32);
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    if amax == 0.0 || !amax.is_finite() {
+        return (f16::ZERO, [8; QK]);
+    }
+    // 2. try scales that map `max` to a range of levels around each codebook end;
+    //    for each, assign levels, then refit d by least squares; keep the lowest error.
+    const NTRY: i32 = 10;
+    let mut best = (f32::INFINITY, 0.0f32);
+    for anchor in [KVALUES[0] as f32, KVALUES[15] as f32] {
+        for itry in -NTRY..=NTRY {
+            let id = (anchor + itry as f32 * 0.5 * anchor.signum()) / max;
+            let (mut sxv, mut svv) = (0.0f32, 0.0f32);
+            for &v in x {
+                let l = KVALUES[nearest_level(v * id)] as f32;
+                sxv += v * l;
+                svv += l * l;
+            }
+            if svv == 0.0 {
+                continue;
+            }
+            let d = sxv / svv;
+            let mut err = 0.0f32;
+            for &v in x {
+                let l = KVALUES[nearest_level(v / d)] as f32;
+                err += (v - d * l) * (v - d * l);
+            }
+            if err < best.0 {
+                best = (err, d);
+            }
+        }
+    }
+    // 3. round the scale to f16 and assign the final levels with that exact scale
+    let d = f16::from_f32(best.1);
+    let df = d.to_f32();
+    if df == 0.0 || !df.is_finite() {
+        return (f16::ZERO, [8; QK]);
+    }
+    for (qi, &v) in q.iter_mut().zip(x) {
+        *qi = nearest_level(v / df) as u8;
+    }
+    (d, q)
+}
+
+/// Quantize a row-major `rows × cols` f32 matrix into `Q4x8` blocks (`cols % 32 == 0`).
+/// `out` must hold `row_groups(rows) * cols / 32` blocks. Rows past `rows` get zero scales.
+pub fn quantize_q4x8(w: &[f32], rows: usize, cols: usize, out: &mut [BlockQ4x8]) {
+    assert_eq!(cols % QK, 0);
+    assert_eq!(w.len(), rows * cols);
+    let nb = cols / QK;
+    assert!(out.len() >= rows.div_ceil(ROWS) * nb);
+    for (g, group) in out.chunks_mut(nb).take(rows.div_ceil(ROWS)).enumerate() {
+        for (b, blk) in group.iter_mut().enumerate() {
+            *blk = BlockQ4x8 {
+                d: [0; ROWS],
+                qs: [0x88; 128],
+            };
+            for r in 0..ROWS {
+                let row = g * ROWS + r;
+                if row >= rows {
+                    continue;
+                }
+                let x = &w[row * cols + b * QK..row * cols + (b + 1) * QK];
+                let (d, q) = quantize_block_q4(x);
+                blk.d[r] = d.to_bits();
+                for (k, &qk) in q.iter().enumerate() {
+                    let (i, hi) = q4_pos(r, k);
+                    if hi {
+                        blk.qs[i] = (blk.qs[i] & 0x0F) | (qk << 4);
+                    } else {
+                        blk.qs[i] = (blk.qs[i] & 0xF0) | qk;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Quantize a row-major `rows × cols` f32 matrix into `Q8x8` blocks (`cols % 32 == 0`).
+pub fn quantize_q8x8(w: &[f32], rows: usize, cols: usize, out: &mut [BlockQ8x8]) {
+    assert_eq!(cols % QK, 0);
+    assert_eq!(w.len(), rows * cols);
+    let nb = cols / QK;
+    assert!(out.len() >= rows.div_ceil(ROWS) * nb);
+    for (g, group) in out.chunks_mut(nb).take(rows.div_ceil(ROWS)).enumerate() {
+        for (b, blk) in group.iter_mut().enumerate() {
+            *blk = BlockQ8x8 {
+                d: [0; ROWS],
+                qs: [0; 256],
+            };
+            for r in 0..ROWS {
+                let row = g * ROWS + r;
+                if row >= rows {
+                    continue;
+                }
+                let x = &w[row * cols + b * QK..row * cols + (b + 1) * QK];
+                // 1. scale from the absolute maximum, rounded to f16
+                let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                let d = f16::from_f32(amax / 127.0);
+                let df = d.to_f32();
+                blk.d[r] = d.to_bits();
+                if df == 0.0 || !df.is_finite() {
+                    blk.d[r] = 0;
+                    continue;
+                }
+                // 2. round with the stored scale
+                for (k, &v) in x.iter().enumerate() {
+                    blk.qs[q8_pos(r, k)] = (v / df).round_ties_even().clamp(-127.0, 127.0) as i8;
+                }
+            }
+        }
+    }
+}
+
+/// Dequantize row `row` of a `Q4x8` matrix with `cols` columns into `out[..cols]`.
+pub fn dequantize_row_q4x8(w: &[BlockQ4x8], row: usize, cols: usize, out: &mut [f32]) {
+    let nb = cols / QK;
+    let (g, r) = (row / ROWS, row % ROWS);
+    for b in 0..nb {
+        let blk = &w[g * nb + b];
+        let d = f16::from_bits(blk.d[r]).to_f32();
+        for k in 0..QK {
+            let (i, hi) = q4_pos(r, k);
+            let nib = if hi { blk.qs[i] >> 4 } else { blk.qs[i] & 0x0F };
+            out[b * QK + k] = d * KVALUES[nib as usize] as f32;
+        }
+    }
+}
+
+/// Dequantize row `row` of a `Q8x8` matrix with `cols` columns into `out[..cols]`.
+pub fn dequantize_row_q8x8(w: &[BlockQ8x8], row: usize, cols: usize, out: &mut [f32]) {
+    let nb = cols / QK;
+    let (g, r) = (row / ROWS, row % ROWS);
+    for b in 0..nb {
+        let blk = &w[g * nb + b];
+        let d = f16::from_bits(blk.d[r]).to_f32();
+        for k in 0..QK {
+            out[b * QK + k] = d * blk.qs[q8_pos(r, k)] as f32;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Matrix products: y[t][r] = Σ_k W[r][k] · x[t][k]
+// ---------------------------------------------------------------------------------------------
+
+/// Integer dot of one row of a `Q4x8` block with one activation block (the exact i32 that
+/// every tier must reproduce).
+#[inline]
+pub fn dot_block_q4(blk: &BlockQ4x8, r: usize, a: &BlockQ8A) -> i32 {
+    let mut s = 0i32;
+    for k in 0..QK {
+        let (i, hi) = q4_pos(r, k);
+        let nib = if hi { blk.qs[i] >> 4 } else { blk.qs[i] & 0x0F };
+        s += KVALUES[nib as usize] as i32 * a.qs[k] as i32;
+    }
+    s
+}
+
+/// Integer dot of one row of a `Q8x8` block with one activation block.
+#[inline]
+pub fn dot_block_q8(blk: &BlockQ8x8, r: usize, a: &BlockQ8A) -> i32 {
+    let mut s = 0i32;
+    for k in 0..QK {
+        s += blk.qs[q8_pos(r, k)] as i32 * a.qs[k] as i32;
+    }
+    s
+}
+
+/// `Q4x8` weights × quantized activations.
+///
+/// * `w`: the blocks of `row_groups(n_rows)` row groups, `k / 32` blocks each.
+/// * `x`: `n_tok` activation rows of `k / 32` blocks.
+/// * `y`: output, `y[t * ld_y + r]` for `r < n_rows`.
+///
+/// Per row the float sum runs over blocks in order: `acc += (d_w * d_a) * isum`.
+pub fn gemm_q4x8(
+    w: &[BlockQ4x8],
+    n_rows: usize,
+    k: usize,
+    x: &[BlockQ8A],
+    n_tok: usize,
+    y: &mut [f32],
+    ld_y: usize,
+) {
+    let nb = k / QK;
+    for g in 0..n_rows.div_ceil(ROWS) {
+        for t in 0..n_tok {
+            let mut acc = [0.0f32; ROWS];
+            for b in 0..nb {
+                let blk = &w[g * nb + b];
+                let a = &x[t * nb + b];
+                for (r, acc_r) in acc.iter_mut().enumerate() {
+                    let dw = f16::from_bits(blk.d[r]).to_f32();
+                    *acc_r += (dw * a.d) * dot_block_q4(blk, r, a) as f32;
+                }
+            }
+            for (r, &v) in acc.iter().enumerate() {
+                let row = g * ROWS + r;
+                if row < n_rows {
+                    y[t * ld_y + row] = v;
+                }
+            }
+        }
+    }
+}
+
+/// `Q8x8` weights × quantized activations. Same contract as [`gemm_q4x8`].
+pub fn gemm_q8x8(
+    w: &[BlockQ8x8],
+    n_rows: usize,
+    k: usize,
+    x: &[BlockQ8A],
+    n_tok: usize,
+    y: &mut [f32],
+    ld_y: usize,
+) {
+    let nb = k / QK;
+    for g in 0..n_rows.div_ceil(ROWS) {
+        for t in 0..n_tok {
+            let mut acc = [0.0f32; ROWS];
+            for b in 0..nb {
+                let blk = &w[g * nb + b];
+                let a = &x[t * nb + b];
+                for (r, acc_r) in acc.iter_mut().enumerate() {
+                    let dw = f16::from_bits(blk.d[r]).to_f32();
+                    *acc_r += (dw * a.d) * dot_block_q8(blk, r, a) as f32;
+                }
+            }
+            for (r, &v) in acc.iter().enumerate() {
+                let row = g * ROWS + r;
+                if row < n_rows {
+                    y[t * ld_y + row] = v;
+                }
+            }
+        }
+    }
+}
+
+/// Float weights (row-major `n_rows × k`) × float activations. `y[t * ld_y + r]`.
+pub fn gemm_f32(
+    w: &[f32],
+    n_rows: usize,
+    k: usize,
+    x: &[f32],
+    n_tok: usize,
+    y: &mut [f32],
+    ld_y: usize,
+) {
+    for t in 0..n_tok {
+        let xt = &x[t * k..(t + 1) * k];
+        for r in 0..n_rows {
+            y[t * ld_y + r] = dot_f32(&w[r * k..(r + 1) * k], xt);
+        }
+    }
+}
+
+/// bf16 weights (bits, row-major `n_rows × k`) × float activations.
+pub fn gemm_bf16(
+    w: &[u16],
+    n_rows: usize,
+    k: usize,
+    x: &[f32],
+    n_tok: usize,
+    y: &mut [f32],
+    ld_y: usize,
+) {
+    for t in 0..n_tok {
+        let xt = &x[t * k..(t + 1) * k];
+        for r in 0..n_rows {
+            let wr = &w[r * k..(r + 1) * k];
+            let mut s = 0.0f32;
+            for (a, b) in wr.iter().zip(xt) {
+                s += bf16::from_bits(*a).to_f32() * b;
+            }
+            y[t * ld_y + r] = s;
+        }
+    }
+}
+
+/// f16 weights (bits, row-major `n_rows × k`) × float activations.
+pub fn gemm_f16(
+    w: &[u16],
+    n_rows: usize,
+    k: usize,
+    x: &[f32],
+    n_tok: usize,
+    y: &mut [f32],
+    ld_y: usize,
+) {
+    for t in 0..n_tok {
+        let xt = &x[t * k..(t + 1) * k];
+        for r in 0..n_rows {
+            let wr = &w[r * k..(r + 1) * k];
+            let mut s = 0.0f32;
+            for (a, b) in wr.iter().zip(xt) {
+                s += f16::from_bits(*a).to_f32() * b;
+            }
+            y[t * ld_y + r] = s;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Vector ops
+// ---------------------------------------------------------------------------------------------
+
+/// `Σ a[i] * b[i]`, summed in order.
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let mut s = 0.0f32;
+    for (x, y) in a.iter().zip(b) {
+        s += x * y;
+    }
+    s
+}
+
+/// `y += a * x`.
+pub fn axpy_f32(a: f32, x: &[f32], y: &mut [f32]) {
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi += a * xi;
+    }
+}
+
+/// RMSNorm: `out = x / sqrt(mean(x²) + eps) * w` (no weight when `w` is `None`).
+pub fn rmsnorm(x: &[f32], w: Option<&[f32]>, eps: f32, out: &mut [f32]) {
+    // 1. mean of squares, accumulated in f64 for a length-independent error
+    let ss: f64 = x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / x.len() as f64;
+    // 2. reciprocal root
+    let inv = (1.0 / (ss + eps as f64).sqrt()) as f32;
+    // 3. scale (and weight)
+    match w {
+        Some(w) => {
+            for ((o, &v), &wi) in out.iter_mut().zip(x).zip(w) {
+                *o = (v * inv) * wi;
+            }
+        }
+        None => {
+            for (o, &v) in out.iter_mut().zip(x) {
+                *o = v * inv;
+            }
+        }
+    }
+}
+
+/// RoPE on one head, interleaved pairs `(x[2j], x[2j+1])` (Llama 4 / Meta / ggml NORM).
+/// `cos`/`sin` have `x.len() / 2` entries.
+pub fn rope_interleaved(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    for (j, pair) in x.chunks_exact_mut(2).enumerate() {
+        let (a, b) = (pair[0], pair[1]);
+        pair[0] = a * cos[j] - b * sin[j];
+        pair[1] = a * sin[j] + b * cos[j];
+    }
+}
+
+/// RoPE on one head, half-split pairs `(x[j], x[j + D/2])` (HF Llama `rotate_half`, ggml NEOX).
+pub fn rope_half(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let h = x.len() / 2;
+    for j in 0..h {
+        let (a, b) = (x[j], x[j + h]);
+        x[j] = a * cos[j] - b * sin[j];
+        x[j + h] = b * cos[j] + a * sin[j];
+    }
+}
+
+/// In-place softmax.
+pub fn softmax(x: &mut [f32]) {
+    let m = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    if m == f32::NEG_INFINITY {
+        x.iter_mut().for_each(|v| *v = 0.0);
+        return;
+    }
+    let mut s = 0.0f32;
+    for v in x.iter_mut() {
+        *v = (*v - m).exp();
+        s += *v;
+    }
+    let inv = 1.0 / s;
+    x.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// `silu(z) = z * sigmoid(z)`.
+#[inline]
+pub fn silu(z: f32) -> f32 {
+    z / (1.0 + (-z).exp())
+}
+
+/// `out = silu(gate) * up`.
+pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *o = silu(g) * u;
+    }
+}
+
+/// bf16 bits to f32.
+pub fn bf16_to_f32(src: &[u16], dst: &mut [f32]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = bf16::from_bits(s).to_f32();
+    }
+}
+
+/// f16 bits to f32.
+pub fn f16_to_f32(src: &[u16], dst: &mut [f32]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = f16::from_bits(s).to_f32();
+    }
+}
+
+/// f32 to f16 bits (round to nearest even).
+pub fn f32_to_f16(src: &[f32], dst: &mut [u16]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = f16::from_f32(s).to_bits();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Expert routing
+// ---------------------------------------------------------------------------------------------
+
+/// Top-k of `logits`: indices and values, largest first; ties go to the lower index
+/// (as `torch.topk` on CPU). NaN logits are never chosen before finite ones.
+pub fn topk(logits: &[f32], k: usize, idx: &mut [u32], val: &mut [f32]) {
+    let k = k.min(logits.len());
+    for slot in 0..k {
+        let mut best: Option<usize> = None;
+        for (i, &v) in logits.iter().enumerate() {
+            if idx[..slot].contains(&(i as u32)) {
+                continue;
+            }
+            best = match best {
+                None => Some(i),
+                Some(b) if v > logits[b] || (logits[b].is_nan() && !v.is_nan()) => Some(i),
+                keep => keep,
+            };
+        }
+        let b = best.unwrap_or(0);
+        idx[slot] = b as u32;
+        val[slot] = logits[b];
+    }
+}
+
+/// Group routed (token, slot) pairs by expert.
+///
+/// * `expert_of[i]`: the expert of pair `i` (pair `i` = token `i / k`, slot `i % k`).
+/// * `counts[e]`: pairs routed to `e`; `offsets[e]`: start of `e`'s run in `perm`
+///   (`offsets` has `n_experts + 1` entries).
+/// * `perm[j]`: the pair at position `j` of the expert-sorted order (stable: by token within
+///   an expert); `inv[i]`: the position of pair `i` in that order.
+pub fn group_by_expert(
+    expert_of: &[u32],
+    n_experts: usize,
+    counts: &mut [u32],
+    offsets: &mut [u32],
+    perm: &mut [u32],
+    inv: &mut [u32],
+) {
+    counts[..n_experts].iter_mut().for_each(|c| *c = 0);
+    for &e in expert_of {
+        counts[e as usize] += 1;
+    }
+    offsets[0] = 0;
+    for e in 0..n_experts {
+        offsets[e + 1] = offsets[e] + counts[e];
+    }
+    let mut fill = [0u32; 0].to_vec(); // scratch only in the reference twin
+    fill.extend_from_slice(&offsets[..n_experts]);
+    for (i, &e) in expert_of.iter().enumerate() {
+        let pos = fill[e as usize];
+        perm[pos as usize] = i as u32;
+        inv[i] = pos;
+        fill[e as usize] += 1;
+    }
+}

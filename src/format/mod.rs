@@ -1,0 +1,1 @@
+//! The `.fqm` model file format (see `SPEC.md` beside this file).

@@ -1,0 +1,10 @@
+//! ferroq: a pure-Rust CPU inference runtime for 4-bit quantized Llama 4 (MoE) and Llama models.
+//!
+//! Layers (one way): CLI (`main.rs`) → [`model`] → [`ops`] → `ferroq_kernels`.
+//! See `ARCHITECTURE.md`.
+
+pub mod error;
+pub mod format;
+
+pub use error::{Error, Result};
+pub use ferroq_kernels as kernels;
