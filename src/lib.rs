@@ -5,6 +5,9 @@
 
 pub mod error;
 pub mod format;
+pub mod model;
+#[path = "../tools/mod.rs"]
+pub mod tools;
 
 pub use error::{Error, Result};
 pub use ferroq_kernels as kernels;

@@ -1,6 +1,43 @@
-//! The `ferroq` command-line tool.
+//! The `ferroq` command-line tool. Each subcommand lives in `src/cli/<name>.rs` with its own
+//! clap `Args` struct and a `run` function.
+
+use clap::{Parser, Subcommand};
+
+mod cli;
+
+#[derive(Parser)]
+#[command(
+    name = "ferroq",
+    version,
+    about = "Fast CPU inference for 4-bit Llama 4 (MoE) and Llama models"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Convert a Hugging Face checkpoint directory or a GGUF file to a .fqm model.
+    Convert(cli::convert::Args),
+    /// Print a model's architecture, config and tensor table.
+    Inspect(cli::inspect::Args),
+    /// Compute logits for a list of token ids and write them to a safetensors file.
+    Logits(cli::logits::Args),
+    /// Greedy generation from token ids; prints the generated ids as JSON.
+    Generate(cli::generate::Args),
+}
 
 fn main() {
-    eprintln!("ferroq: not yet");
-    std::process::exit(2);
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Convert(a) => cli::convert::run(a),
+        Cmd::Inspect(a) => cli::inspect::run(a),
+        Cmd::Logits(a) => cli::logits::run(a),
+        Cmd::Generate(a) => cli::generate::run(a),
+    };
+    if let Err(e) = r {
+        eprintln!("ferroq: error: {e}");
+        std::process::exit(1);
+    }
 }

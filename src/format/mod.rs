@@ -1,1 +1,108 @@
-//! The `.fqm` model file format (see `SPEC.md` beside this file).
+//! The `.fqm` model file format: reader and writer. The byte layout is specified in `SPEC.md`
+//! beside this file; keep the two in step.
+//!
+//! A file is opened with `memmap2` and used in place: [`FqmFile::tensor`] returns typed views
+//! into the mapping. Every offset, size and shape is validated in [`FqmFile::open`] before any
+//! view is handed out, so a corrupt or truncated file yields an [`Error`] naming the field or
+//! tensor, never a panic or an out-of-bounds read.
+
+mod reader;
+mod writer;
+
+pub use reader::{FqmFile, TensorInfo, TensorView};
+pub use writer::FqmWriter;
+
+use ferroq_kernels::block::{q4x8_bytes, q8x8_bytes, QK};
+
+/// File magic: the first 8 bytes.
+pub const MAGIC: [u8; 8] = *b"FERROQM\0";
+/// Format version this build reads and writes. Bumped on any layout change.
+pub const VERSION: u32 = 1;
+/// Size of the fixed header.
+pub const HEADER_SIZE: usize = 64;
+/// Minimum alignment of tensor data (one AVX-512 vector, one cache line).
+pub const TENSOR_ALIGN: u64 = 64;
+/// Alignment of the first tensor of each routed expert (a page: experts can be prefetched or
+/// dropped one by one with `madvise`).
+pub const EXPERT_ALIGN: u64 = 4096;
+/// Caps that reject absurd values before any arithmetic on them.
+pub const MAX_TENSORS: u64 = 1 << 22;
+pub const MAX_NAME_LEN: usize = 1024;
+pub const MAX_DIMS: usize = 4;
+pub const MAX_META_LEN: u64 = 1 << 30;
+
+/// Element type of a tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum DType {
+    F32 = 0,
+    F16 = 1,
+    Bf16 = 2,
+    /// 4-bit codebook weights in 8-row interleaved blocks (`ferroq_kernels::block`).
+    Q4x8 = 3,
+    /// 8-bit weights in 8-row interleaved blocks.
+    Q8x8 = 4,
+    /// Raw bytes (embedded files such as `tokenizer.json`).
+    U8 = 5,
+}
+
+impl DType {
+    pub fn from_u8(v: u8) -> Option<DType> {
+        Some(match v {
+            0 => DType::F32,
+            1 => DType::F16,
+            2 => DType::Bf16,
+            3 => DType::Q4x8,
+            4 => DType::Q8x8,
+            5 => DType::U8,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::Bf16 => "bf16",
+            DType::Q4x8 => "q4x8",
+            DType::Q8x8 => "q8x8",
+            DType::U8 => "u8",
+        }
+    }
+
+    /// Bytes a tensor of this type and shape occupies, or `None` if the shape is invalid for the
+    /// type (quantized types need `[rows, cols]` with `cols % 32 == 0`) or the size overflows.
+    pub fn nbytes(self, shape: &[usize]) -> Option<usize> {
+        let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d))?;
+        match self {
+            DType::F32 => n.checked_mul(4),
+            DType::F16 | DType::Bf16 => n.checked_mul(2),
+            DType::U8 => Some(n),
+            DType::Q4x8 | DType::Q8x8 => {
+                let [rows, cols] = shape else { return None };
+                if cols % QK != 0 || *cols == 0 {
+                    return None;
+                }
+                // n fits, so rows*cols fits; the padded size is at most n * 272/256 + a group
+                let padded = rows.div_ceil(8).checked_mul(8)?.checked_mul(*cols)?;
+                let _ = padded.checked_mul(2)?;
+                Some(if self == DType::Q4x8 {
+                    q4x8_bytes(*rows, *cols)
+                } else {
+                    q8x8_bytes(*rows, *cols)
+                })
+            }
+        }
+    }
+
+    /// Bits per weight including scales.
+    pub fn bits_per_weight(self) -> f64 {
+        match self {
+            DType::F32 => 32.0,
+            DType::F16 | DType::Bf16 => 16.0,
+            DType::U8 => 8.0,
+            DType::Q4x8 => 4.5,
+            DType::Q8x8 => 8.5,
+        }
+    }
+}

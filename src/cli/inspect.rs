@@ -1,0 +1,12 @@
+//! `ferroq inspect`.
+
+use ferroq::Result;
+
+#[derive(clap::Args)]
+pub struct Args {}
+
+pub fn run(_args: Args) -> Result<()> {
+    Err(ferroq::Error::Other(
+        "`inspect` is not implemented yet".into(),
+    ))
+}

@@ -1,0 +1,12 @@
+//! `ferroq logits`.
+
+use ferroq::Result;
+
+#[derive(clap::Args)]
+pub struct Args {}
+
+pub fn run(_args: Args) -> Result<()> {
+    Err(ferroq::Error::Other(
+        "`logits` is not implemented yet".into(),
+    ))
+}

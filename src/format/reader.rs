@@ -1,0 +1,304 @@
+//! `.fqm` reader: map, validate everything, hand out typed views.
+
+use super::{
+    DType, HEADER_SIZE, MAGIC, MAX_DIMS, MAX_META_LEN, MAX_NAME_LEN, MAX_TENSORS, TENSOR_ALIGN,
+    VERSION,
+};
+use crate::{Error, Result};
+use ferroq_kernels::block::{BlockQ4x8, BlockQ8x8};
+use memmap2::Mmap;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// Directory entry of one tensor (validated).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorInfo {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    /// Absolute byte offset in the file (multiple of 64).
+    pub offset: usize,
+    pub nbytes: usize,
+}
+
+/// A typed view of one tensor's bytes inside the mapping.
+#[derive(Clone, Copy, Debug)]
+pub struct TensorView<'a> {
+    pub info: &'a TensorInfo,
+    pub data: &'a [u8],
+}
+
+impl<'a> TensorView<'a> {
+    fn want(&self, d: DType) -> Result<()> {
+        if self.info.dtype != d {
+            return Err(Error::tensor(
+                &self.info.name,
+                format!("is {}, {} expected", self.info.dtype.name(), d.name()),
+            ));
+        }
+        Ok(())
+    }
+    fn cast<T: bytemuck::Pod>(&self) -> Result<&'a [T]> {
+        bytemuck::try_cast_slice(self.data)
+            .map_err(|e| Error::tensor(&self.info.name, format!("bad alignment or size: {e}")))
+    }
+    pub fn f32s(&self) -> Result<&'a [f32]> {
+        self.want(DType::F32)?;
+        self.cast()
+    }
+    /// bf16 or f16 bits.
+    pub fn u16s(&self) -> Result<&'a [u16]> {
+        if !matches!(self.info.dtype, DType::Bf16 | DType::F16) {
+            return Err(Error::tensor(&self.info.name, "16-bit float expected"));
+        }
+        self.cast()
+    }
+    pub fn q4x8(&self) -> Result<&'a [BlockQ4x8]> {
+        self.want(DType::Q4x8)?;
+        self.cast()
+    }
+    pub fn q8x8(&self) -> Result<&'a [BlockQ8x8]> {
+        self.want(DType::Q8x8)?;
+        self.cast()
+    }
+}
+
+/// An open, validated `.fqm` file.
+pub struct FqmFile {
+    path: PathBuf,
+    map: Mmap,
+    meta: serde_json::Value,
+    tensors: Vec<TensorInfo>,
+    index: HashMap<String, usize>,
+}
+
+impl std::fmt::Debug for FqmFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FqmFile")
+            .field("path", &self.path)
+            .field("tensors", &self.tensors.len())
+            .finish()
+    }
+}
+
+/// Little-endian cursor over the directory that reports truncation instead of panicking.
+struct Cursor<'a> {
+    b: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let end = self.pos.checked_add(n)?;
+        let s = self.b.get(self.pos..end)?;
+        self.pos = end;
+        Some(s)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1).map(|s| s[0])
+    }
+    fn u16(&mut self) -> Option<u16> {
+        self.take(2).map(|s| u16::from_le_bytes([s[0], s[1]]))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        self.take(8)
+            .map(|s| u64::from_le_bytes(s.try_into().unwrap()))
+    }
+}
+
+fn le_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+}
+fn le_u64(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
+}
+
+impl FqmFile {
+    /// Map and validate `path`.
+    pub fn open(path: impl AsRef<Path>) -> Result<FqmFile> {
+        let path = path.as_ref();
+        let bad = |msg: String| Error::format(path, msg);
+        if cfg!(target_endian = "big") {
+            return Err(bad(
+                "the .fqm format is little-endian; big-endian hosts are not supported".into(),
+            ));
+        }
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        if len < HEADER_SIZE as u64 {
+            return Err(bad(format!(
+                "file is {len} bytes, shorter than the {HEADER_SIZE}-byte header"
+            )));
+        }
+        // SAFETY: the mapping is read-only and private to this process. Another process
+        // truncating or rewriting the file while it is mapped could change the bytes under us
+        // (SIGBUS on truncation); this is the standard mmap caveat, documented in SPEC.md. All
+        // reads go through bounds-checked slices of the mapping.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let b: &[u8] = &map;
+        // header
+        if b[0..8] != MAGIC {
+            return Err(bad("not a ferroq model (bad magic)".into()));
+        }
+        let version = le_u32(b, 8);
+        if version != VERSION {
+            return Err(bad(format!(
+                "format version {version} is not supported (this build reads {VERSION})"
+            )));
+        }
+        let header_size = le_u32(b, 12) as usize;
+        if header_size != HEADER_SIZE {
+            return Err(bad(format!(
+                "header_size {header_size}, expected {HEADER_SIZE}"
+            )));
+        }
+        let (meta_off, meta_len, dir_off, dir_len, n_tensors, file_len) = (
+            le_u64(b, 16),
+            le_u64(b, 24),
+            le_u64(b, 32),
+            le_u64(b, 40),
+            le_u64(b, 48),
+            le_u64(b, 56),
+        );
+        if file_len != len {
+            return Err(bad(format!(
+                "header says {file_len} bytes but the file has {len} (truncated or padded?)"
+            )));
+        }
+        let range = |what: &str, off: u64, n: u64| -> Result<std::ops::Range<usize>> {
+            match off.checked_add(n) {
+                Some(end) if off >= HEADER_SIZE as u64 && end <= len => {
+                    Ok(off as usize..end as usize)
+                }
+                _ => Err(Error::format(
+                    path,
+                    format!("{what} (offset {off}, {n} bytes) lies outside the file"),
+                )),
+            }
+        };
+        if meta_len > MAX_META_LEN {
+            return Err(bad(format!("metadata length {meta_len} exceeds the cap")));
+        }
+        if n_tensors > MAX_TENSORS {
+            return Err(bad(format!("tensor count {n_tensors} exceeds the cap")));
+        }
+        let meta_r = range("metadata", meta_off, meta_len)?;
+        let dir_r = range("tensor directory", dir_off, dir_len)?;
+        let meta: serde_json::Value = serde_json::from_slice(&b[meta_r])
+            .map_err(|e| bad(format!("metadata is not valid JSON: {e}")))?;
+        if !meta.is_object() {
+            return Err(bad("metadata is not a JSON object".into()));
+        }
+        // directory
+        let mut cur = Cursor {
+            b: &b[dir_r],
+            pos: 0,
+        };
+        let mut tensors = Vec::with_capacity(n_tensors as usize);
+        let mut index = HashMap::with_capacity(n_tensors as usize);
+        for i in 0..n_tensors {
+            let trunc = || Error::format(path, format!("tensor directory truncated at entry {i}"));
+            let name_len = cur.u16().ok_or_else(trunc)? as usize;
+            if name_len == 0 || name_len > MAX_NAME_LEN {
+                return Err(bad(format!(
+                    "tensor entry {i}: name length {name_len} out of range"
+                )));
+            }
+            let name = std::str::from_utf8(cur.take(name_len).ok_or_else(trunc)?)
+                .map_err(|_| bad(format!("tensor entry {i}: name is not UTF-8")))?
+                .to_string();
+            let tbad = |msg: String| Error::format(path, format!("tensor `{name}`: {msg}"));
+            let dt = cur.u8().ok_or_else(trunc)?;
+            let dtype =
+                DType::from_u8(dt).ok_or_else(|| tbad(format!("unknown dtype code {dt}")))?;
+            let ndim = cur.u8().ok_or_else(trunc)? as usize;
+            if ndim > MAX_DIMS {
+                return Err(tbad(format!("rank {ndim} exceeds {MAX_DIMS}")));
+            }
+            let mut shape = Vec::with_capacity(ndim);
+            for _ in 0..ndim {
+                let d = cur.u64().ok_or_else(trunc)?;
+                shape.push(
+                    usize::try_from(d).map_err(|_| tbad(format!("dimension {d} too large")))?,
+                );
+            }
+            let offset = cur.u64().ok_or_else(trunc)?;
+            let nbytes = cur.u64().ok_or_else(trunc)?;
+            let expect = dtype.nbytes(&shape).ok_or_else(|| {
+                tbad(format!(
+                    "shape {shape:?} is invalid for {} or overflows",
+                    dtype.name()
+                ))
+            })?;
+            if expect as u64 != nbytes {
+                return Err(tbad(format!(
+                    "{nbytes} bytes recorded, {expect} expected for {} {shape:?}",
+                    dtype.name()
+                )));
+            }
+            if offset % TENSOR_ALIGN != 0 {
+                return Err(tbad(format!(
+                    "offset {offset} is not {TENSOR_ALIGN}-byte aligned"
+                )));
+            }
+            let r = range(&format!("tensor `{name}`"), offset, nbytes)?;
+            if index.insert(name.clone(), tensors.len()).is_some() {
+                return Err(tbad("appears twice in the directory".into()));
+            }
+            tensors.push(TensorInfo {
+                name,
+                dtype,
+                shape,
+                offset: r.start,
+                nbytes: r.len(),
+            });
+        }
+        if cur.pos != cur.b.len() {
+            return Err(bad(format!(
+                "{} trailing bytes after the tensor directory",
+                cur.b.len() - cur.pos
+            )));
+        }
+        Ok(FqmFile {
+            path: path.to_path_buf(),
+            map,
+            meta,
+            tensors,
+            index,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The metadata object (config, tokenizer info, provenance, recipe).
+    pub fn meta(&self) -> &serde_json::Value {
+        &self.meta
+    }
+
+    /// All tensors, in file order.
+    pub fn tensors(&self) -> &[TensorInfo] {
+        &self.tensors
+    }
+
+    /// The tensor called `name`, if present.
+    pub fn get(&self, name: &str) -> Option<TensorView<'_>> {
+        let info = &self.tensors[*self.index.get(name)?];
+        Some(TensorView {
+            info,
+            data: &self.map[info.offset..info.offset + info.nbytes],
+        })
+    }
+
+    /// The tensor called `name`, or an error naming it and the file.
+    pub fn tensor(&self, name: &str) -> Result<TensorView<'_>> {
+        self.get(name)
+            .ok_or_else(|| Error::format(&self.path, format!("tensor `{name}` is missing")))
+    }
+
+    /// The whole mapping (for callers that keep byte ranges from [`TensorInfo`]).
+    pub fn bytes(&self) -> &[u8] {
+        &self.map
+    }
+}

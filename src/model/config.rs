@@ -1,0 +1,133 @@
+//! The model configuration ferroq runs from: normalized from a Hugging Face `config.json` (or
+//! GGUF metadata) by the converter and stored as JSON inside the `.fqm` file.
+//!
+//! Every per-layer decision of the forward pass is resolved here once ([`LayerSpec`]), so the
+//! forward pass never re-derives `no_rope_layers`/`moe_layers` semantics.
+
+use serde::{Deserialize, Serialize};
+
+/// Model family (decides the RoPE pairing convention and the FFN kinds).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Arch {
+    /// Llama 4 text model (`Llama4ForCausalLM`, `Llama4ForConditionalGeneration`).
+    Llama4,
+    /// Dense Llama (`LlamaForCausalLM`; Llama 2/3, SmolLM2, ...).
+    Llama,
+}
+
+/// Which pairs RoPE rotates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RopeStyle {
+    /// `(x[2j], x[2j+1])`: Llama 4 in HF layout (weights not permuted).
+    Interleaved,
+    /// `(x[j], x[j + D/2])`: HF Llama `rotate_half`.
+    Half,
+}
+
+/// Llama 3 style frequency scaling (`rope_type: "llama3"`).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Llama3Scaling {
+    pub factor: f32,
+    pub low_freq_factor: f32,
+    pub high_freq_factor: f32,
+    pub original_max_position_embeddings: f32,
+}
+
+/// Per-layer switches, fully resolved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerSpec {
+    /// RoPE on q and k (false = NoPE layer).
+    pub rope: bool,
+    /// Weightless RMS norm of q and k per head, after RoPE.
+    pub qk_norm: bool,
+    /// Chunked attention (keys of the same `attention_chunk_size` chunk only).
+    pub chunked: bool,
+    /// Llama 4 query temperature tuning (NoPE layers).
+    pub temp_tune: bool,
+    /// Mixture-of-experts FFN (else dense SwiGLU of `intermediate_size`).
+    pub moe: bool,
+}
+
+/// Everything the forward pass needs to know about a model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    /// Width of the dense SwiGLU MLP (Llama 4: `intermediate_size_mlp`).
+    pub intermediate_size: usize,
+    /// Width of each routed expert and of the shared expert (Llama 4: `intermediate_size`).
+    pub moe_intermediate_size: usize,
+    pub num_experts: usize,
+    pub num_experts_per_tok: usize,
+    pub shared_expert: bool,
+    pub rms_norm_eps: f32,
+    pub rope_theta: f32,
+    pub rope_scaling: Option<Llama3Scaling>,
+    pub rope_style: RopeStyle,
+    pub attention_chunk_size: Option<usize>,
+    pub floor_scale: f32,
+    pub attn_scale: f32,
+    pub tie_word_embeddings: bool,
+    /// Context length the model was trained for (the default context of a session).
+    pub max_position_embeddings: usize,
+    pub layers: Vec<LayerSpec>,
+}
+
+impl ModelConfig {
+    /// Check internal consistency (sizes non-zero, heads divide, layer list length, ...).
+    pub fn validate(&self) -> crate::Result<()> {
+        let err = |f: &str, m: &str| Err(crate::Error::config(f, m));
+        for (name, v) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("num_hidden_layers", self.num_layers),
+            ("num_attention_heads", self.num_heads),
+            ("num_key_value_heads", self.num_kv_heads),
+            ("head_dim", self.head_dim),
+        ] {
+            if v == 0 || v > (1 << 24) {
+                return err(name, &format!("{v} is out of range"));
+            }
+        }
+        if self.num_heads % self.num_kv_heads != 0 {
+            return err("num_key_value_heads", "must divide num_attention_heads");
+        }
+        if self.head_dim % 2 != 0 {
+            return err("head_dim", "must be even for RoPE");
+        }
+        if self.layers.len() != self.num_layers {
+            return err("layers", "one entry per layer expected");
+        }
+        if self.layers.iter().any(|l| l.moe) {
+            if self.num_experts == 0 || self.moe_intermediate_size == 0 {
+                return err("num_local_experts", "MoE layers need experts");
+            }
+            if self.num_experts_per_tok == 0 || self.num_experts_per_tok > self.num_experts {
+                return err("num_experts_per_tok", "must be in 1..=num_local_experts");
+            }
+        }
+        if self.layers.iter().any(|l| !l.moe) && self.intermediate_size == 0 {
+            return err("intermediate_size", "dense layers need a width");
+        }
+        if self.layers.iter().any(|l| l.chunked) && self.attention_chunk_size.unwrap_or(0) == 0 {
+            return err(
+                "attention_chunk_size",
+                "chunked layers need a chunk size > 0",
+            );
+        }
+        if !(self.rms_norm_eps >= 0.0) || !self.rope_theta.is_finite() || self.rope_theta <= 0.0 {
+            return err("rms_norm_eps/rope_theta", "must be finite and positive");
+        }
+        if self.layers.iter().any(|l| l.temp_tune) && !(self.floor_scale > 0.0) {
+            return err("floor_scale", "must be > 0");
+        }
+        Ok(())
+    }
+}

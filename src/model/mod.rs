@@ -1,0 +1,7 @@
+//! Models: configuration, weights (views into the mapped `.fqm`), and the forward pass.
+
+pub mod config;
+pub mod tensors;
+
+pub use config::{Arch, LayerSpec, Llama3Scaling, ModelConfig, RopeStyle};
+pub use tensors::{tensor_table, Role, TensorSpec};

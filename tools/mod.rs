@@ -1,0 +1,7 @@
+//! Model tools: the converter (`ferroq convert`) and its input readers.
+//!
+//! Compiled into the library as `ferroq::tools` so the CLI and embedders can convert models.
+//! Dependency direction: tools → format/model → kernels (the converter quantizes with the
+//! kernels crate's scalar twins, the same code the runtime's tests trust).
+
+pub mod source;
