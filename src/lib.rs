@@ -6,6 +6,7 @@
 pub mod error;
 pub mod format;
 pub mod model;
+pub mod ops;
 #[path = "../tools/mod.rs"]
 pub mod tools;
 

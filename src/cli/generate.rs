@@ -1,12 +1,47 @@
-//! `ferroq generate`.
+//! `ferroq generate`: greedy continuation of token ids (KV cache, no stop tokens), printed as a
+//! JSON array.
 
+use ferroq::model::{Logits, Model, State};
 use ferroq::Result;
+use std::path::PathBuf;
 
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Model file (.fqm).
+    #[arg(short, long)]
+    model: PathBuf,
+    /// Comma-separated prompt token ids.
+    #[arg(long, value_delimiter = ',', required = true)]
+    ids: Vec<u32>,
+    /// Number of tokens to generate.
+    #[arg(short = 'n', long, default_value_t = 16)]
+    n_predict: usize,
+}
 
-pub fn run(_args: Args) -> Result<()> {
-    Err(ferroq::Error::Other(
-        "`generate` is not implemented yet".into(),
-    ))
+pub fn run(a: Args) -> Result<()> {
+    let model = Model::open(&a.model)?;
+    let ctx = a.ids.len() + a.n_predict;
+    let mut st = State::new(&model, ctx, a.ids.len().max(1), false);
+    model.forward(&mut st, &a.ids, Logits::Last)?;
+    let mut out = Vec::with_capacity(a.n_predict);
+    for i in 0..a.n_predict {
+        let next = argmax(st.logits());
+        out.push(next);
+        if i + 1 < a.n_predict {
+            model.forward(&mut st, &[next], Logits::Last)?;
+        }
+    }
+    println!("{}", serde_json::to_string(&out).expect("ids serialize"));
+    Ok(())
+}
+
+/// Index of the largest logit; the first one on ties (as `torch.argmax`).
+pub fn argmax(x: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[best] {
+            best = i;
+        }
+    }
+    best as u32
 }

@@ -5,3 +5,8 @@ pub mod tensors;
 
 pub use config::{Arch, LayerSpec, Llama3Scaling, ModelConfig, RopeStyle};
 pub use tensors::{tensor_table, Role, TensorSpec};
+pub mod forward;
+pub mod weights;
+
+pub use forward::{Logits, State};
+pub use weights::Model;

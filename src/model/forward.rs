@@ -1,0 +1,390 @@
+//! The forward pass: one function that reads top to bottom (llama2.c `forward`), over buffers
+//! preallocated in a [`State`] (one per session), with no allocation per token.
+
+use super::config::RopeStyle;
+use super::weights::{FfnWeights, Model, W};
+use crate::ops::{self, matmul, quantize_for, Act, Mat};
+use crate::{Error, Result};
+use ferroq_kernels::{scalar, BlockQ8A, QK};
+
+/// Which logits a forward call computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last position's (generation).
+    Last,
+    /// Every position's (`ferroq logits`, perplexity).
+    All,
+    /// None (prefill of a prompt whose logits are not needed).
+    None,
+}
+
+/// Per-session state: the KV cache, the position, and every scratch buffer of the forward pass.
+pub struct State {
+    /// Tokens already in the KV cache (the position of the next token).
+    pub pos: usize,
+    max_ctx: usize,
+    max_batch: usize,
+    // KV cache, per layer: [max_ctx, n_kv * head_dim]; keys after RoPE / QK norm
+    k_cache: Vec<Vec<f32>>,
+    v_cache: Vec<Vec<f32>>,
+    h: Vec<f32>,           // (B, H) residual stream
+    xn: Vec<f32>,          // (B, max(H, n_h*D)) normed input of a block
+    q8: Vec<BlockQ8A>,     // (B, max_k / 32) quantized activations
+    q: Vec<f32>,           // (B, n_h * D)
+    k: Vec<f32>,           // (B, n_kv * D)
+    v: Vec<f32>,           // (B, n_kv * D)
+    att: Vec<f32>,         // (B, n_h * D) attention output
+    scores: Vec<f32>,      // (max_ctx,)
+    cos: Vec<f32>,         // (B, D/2)
+    sin: Vec<f32>,         // (B, D/2)
+    gate: Vec<f32>,        // (B * k_exp, I_max)
+    up: Vec<f32>,          // (B * k_exp, I_max)
+    y: Vec<f32>,           // (B, H) FFN / attention projection output
+    // MoE routing
+    router: Vec<f32>,      // (B, E)
+    top_idx: Vec<u32>,     // (B * k_exp,)
+    top_val: Vec<f32>,     // (B * k_exp,)
+    counts: Vec<u32>,      // (E,)
+    offsets: Vec<u32>,     // (E + 1,)
+    perm: Vec<u32>,        // (B * k_exp,)
+    xs: Vec<f32>,          // (B * k_exp, H) routed, score-scaled expert inputs
+    ys: Vec<f32>,          // (B * k_exp, H) expert outputs
+    logits: Vec<f32>,      // (B or 1, V)
+    n_logits: usize,
+}
+
+impl State {
+    /// A session state for up to `max_ctx` tokens, processing up to `max_batch` tokens per
+    /// forward call. With `all_logits`, the logits buffer holds `max_batch` rows.
+    pub fn new(model: &Model, max_ctx: usize, max_batch: usize, all_logits: bool) -> State {
+        let c = &model.config;
+        let max_batch = max_batch.max(1);
+        let (hd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let i_max = c.intermediate_size.max(c.moe_intermediate_size);
+        let kx = c.num_experts_per_tok.max(1);
+        let wide = c.hidden_size.max(hd).max(i_max);
+        let bk = max_batch * kx;
+        State {
+            pos: 0,
+            max_ctx,
+            max_batch,
+            k_cache: (0..c.num_layers).map(|_| vec![0.0; max_ctx * kvd]).collect(),
+            v_cache: (0..c.num_layers).map(|_| vec![0.0; max_ctx * kvd]).collect(),
+            h: vec![0.0; max_batch * c.hidden_size],
+            xn: vec![0.0; max_batch * wide],
+            q8: vec![BlockQ8A { d: 0.0, sum: 0, qs: [0; QK] }; bk * wide.div_ceil(QK)],
+            q: vec![0.0; max_batch * hd],
+            k: vec![0.0; max_batch * kvd],
+            v: vec![0.0; max_batch * kvd],
+            att: vec![0.0; max_batch * hd],
+            scores: vec![0.0; max_ctx],
+            cos: vec![0.0; max_batch * c.head_dim / 2],
+            sin: vec![0.0; max_batch * c.head_dim / 2],
+            gate: vec![0.0; bk * i_max],
+            up: vec![0.0; bk * i_max],
+            y: vec![0.0; max_batch * c.hidden_size],
+            router: vec![0.0; max_batch * c.num_experts],
+            top_idx: vec![0; bk],
+            top_val: vec![0.0; bk],
+            counts: vec![0; c.num_experts],
+            offsets: vec![0; c.num_experts + 1],
+            perm: vec![0; bk],
+            xs: vec![0.0; bk * c.hidden_size],
+            ys: vec![0.0; bk * c.hidden_size],
+            logits: vec![0.0; if all_logits { max_batch } else { 1 } * c.vocab_size],
+            n_logits: 0,
+        }
+    }
+
+    /// Context capacity in tokens.
+    pub fn max_ctx(&self) -> usize {
+        self.max_ctx
+    }
+
+    /// Largest batch one forward call takes.
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+
+    /// Forget the cache (start a new conversation).
+    pub fn reset(&mut self) {
+        self.pos = 0;
+    }
+
+    /// Rewind the cache to `pos` tokens (keep a shared prefix).
+    pub fn truncate(&mut self, pos: usize) {
+        self.pos = self.pos.min(pos);
+    }
+
+    /// The logits computed by the last forward call: `rows × vocab`.
+    pub fn logits(&self) -> &[f32] {
+        &self.logits[..self.n_logits]
+    }
+}
+
+/// Observer of named intermediates (tests compare them with a reference file). The default
+/// forward passes `None`, which costs nothing.
+pub type Observer<'a> = &'a mut dyn FnMut(usize, &str, &[f32]);
+
+impl Model {
+    /// Run `tokens` (at positions `state.pos ..`) through the model, append them to the KV
+    /// cache, and compute the requested logits (read them with [`State::logits`]).
+    pub fn forward(&self, state: &mut State, tokens: &[u32], want: Logits) -> Result<()> {
+        self.forward_observed(state, tokens, want, None)
+    }
+
+    /// [`Model::forward`] with an observer that sees `("hidden", layer)` after the embedding
+    /// (layer 0) and after each layer (layer i + 1), for `tokens.len() × hidden_size`.
+    pub fn forward_observed(&self, st: &mut State, tokens: &[u32], want: Logits, mut obs: Option<Observer>) -> Result<()> {
+        let c = &self.config;
+        let kern = &self.kernels;
+        let n = tokens.len();
+        if n == 0 {
+            return Err(Error::Input("no tokens to process".into()));
+        }
+        if n > st.max_batch {
+            return Err(Error::Input(format!("{n} tokens exceed the batch size {}", st.max_batch)));
+        }
+        if st.pos + n > st.max_ctx {
+            return Err(Error::Input(format!(
+                "context full: {} tokens in the cache + {n} new exceed the context of {}",
+                st.pos, st.max_ctx
+            )));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(Error::Input(format!("token id {bad} is out of range (vocabulary {})", c.vocab_size)));
+        }
+        if want == Logits::All && st.logits.len() < n * c.vocab_size {
+            return Err(Error::Input("this state keeps only the last logits".into()));
+        }
+        let (hs, d) = (c.hidden_size, c.head_dim);
+        let (nh, nkv) = (c.num_heads, c.num_kv_heads);
+        let (qd, kvd) = (nh * d, nkv * d);
+        let pos0 = st.pos;
+
+        // ---- embedding (no scaling) ----
+        let emb = self.mat(self.tok_embeddings);
+        for (t, &id) in tokens.iter().enumerate() {
+            ops::mat_row(emb, id as usize, hs, &mut st.h[t * hs..(t + 1) * hs]);
+        }
+        if let Some(o) = obs.as_mut() {
+            o(0, "hidden", &st.h[..n * hs]);
+        }
+
+        // ---- RoPE angles for the positions of this batch ----
+        let half = d / 2;
+        for t in 0..n {
+            ops::rope_cos_sin(&self.inv_freq, pos0 + t, &mut st.cos[t * half..(t + 1) * half], &mut st.sin[t * half..(t + 1) * half]);
+        }
+
+        for (li, (lw, spec)) in self.layers.iter().zip(&c.layers).enumerate() {
+            // ---- attention block (pre-norm) ----
+            let norm = self.vec(lw.attn_norm);
+            ops::rmsnorm_rows(kern, &st.h, Some(norm), c.rms_norm_eps, hs, n, &mut st.xn);
+            let (wq, wk, wv) = (self.mat(lw.wq), self.mat(lw.wk), self.mat(lw.wv));
+            let q8 = quantize_for(kern, &st.xn, hs, n, &mut st.q8, &[wq, wk, wv]);
+            let a = Act { x: &st.xn, k: hs, n_tok: n, q8 };
+            matmul(kern, wq, qd, &a, &mut st.q, qd);
+            matmul(kern, wk, kvd, &a, &mut st.k, kvd);
+            matmul(kern, wv, kvd, &a, &mut st.v, kvd);
+
+            for t in 0..n {
+                let p = pos0 + t;
+                let q = &mut st.q[t * qd..(t + 1) * qd];
+                let k = &mut st.k[t * kvd..(t + 1) * kvd];
+                if spec.rope {
+                    let (cs, sn) = (&st.cos[t * half..(t + 1) * half], &st.sin[t * half..(t + 1) * half]);
+                    let rope = match c.rope_style {
+                        RopeStyle::Interleaved => scalar::rope_interleaved,
+                        RopeStyle::Half => scalar::rope_half,
+                    };
+                    q.chunks_exact_mut(d).for_each(|x| rope(x, cs, sn));
+                    k.chunks_exact_mut(d).for_each(|x| rope(x, cs, sn));
+                }
+                if spec.qk_norm {
+                    // weightless RMS norm per head, after RoPE (in place through a copy-free
+                    // two-pass: rmsnorm reads x before writing each element)
+                    for x in q.chunks_exact_mut(d).chain(k.chunks_exact_mut(d)) {
+                        let ss: f64 = x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / d as f64;
+                        let inv = (1.0 / (ss + c.rms_norm_eps as f64).sqrt()) as f32;
+                        x.iter_mut().for_each(|v| *v *= inv);
+                    }
+                }
+                if spec.temp_tune {
+                    // q *= 1 + attn_scale * log1p(floor((p + 1) / floor_scale)), in f32
+                    let s = 1.0 + c.attn_scale * (((p + 1) as f32 / c.floor_scale).floor()).ln_1p();
+                    q.iter_mut().for_each(|v| *v *= s);
+                }
+                // append to the cache
+                st.k_cache[li][p * kvd..(p + 1) * kvd].copy_from_slice(k);
+                st.v_cache[li][p * kvd..(p + 1) * kvd].copy_from_slice(&st.v[t * kvd..(t + 1) * kvd]);
+            }
+
+            // causal attention over the cache (chunked layers: only the current chunk), GQA
+            let scale = 1.0 / (d as f32).sqrt();
+            let rep = nh / nkv;
+            let (kc, vc) = (&st.k_cache[li], &st.v_cache[li]);
+            for t in 0..n {
+                let p = pos0 + t;
+                let start = match (spec.chunked, c.attention_chunk_size) {
+                    (true, Some(cs)) => (p / cs) * cs,
+                    _ => 0,
+                };
+                for hh in 0..nh {
+                    let kh = hh / rep;
+                    let q = &st.q[t * qd + hh * d..t * qd + (hh + 1) * d];
+                    let sc = &mut st.scores[..p + 1 - start];
+                    for (j, s) in (start..=p).zip(sc.iter_mut()) {
+                        *s = (kern.dot_f32)(q, &kc[j * kvd + kh * d..j * kvd + (kh + 1) * d]) * scale;
+                    }
+                    (kern.softmax)(sc);
+                    let o = &mut st.att[t * qd + hh * d..t * qd + (hh + 1) * d];
+                    o.iter_mut().for_each(|v| *v = 0.0);
+                    for (j, &s) in (start..=p).zip(sc.iter()) {
+                        (kern.axpy_f32)(s, &vc[j * kvd + kh * d..j * kvd + (kh + 1) * d], o);
+                    }
+                }
+            }
+            let wo = self.mat(lw.wo);
+            let q8 = quantize_for(kern, &st.att, qd, n, &mut st.q8, &[wo]);
+            let a = Act { x: &st.att, k: qd, n_tok: n, q8 };
+            matmul(kern, wo, hs, &a, &mut st.y, hs);
+            for (h, y) in st.h[..n * hs].iter_mut().zip(&st.y) {
+                *h += y;
+            }
+
+            // ---- FFN block (pre-norm) ----
+            let norm = self.vec(lw.ffn_norm);
+            ops::rmsnorm_rows(kern, &st.h, Some(norm), c.rms_norm_eps, hs, n, &mut st.xn);
+            match &lw.ffn {
+                FfnWeights::Dense { gate, up, down } => {
+                    let w = [self.mat(*gate), self.mat(*up), self.mat(*down)];
+                    swiglu(kern, w, hs, c.intermediate_size, &st.xn, n, &mut st.q8, &mut st.gate, &mut st.up, &mut st.y);
+                }
+                FfnWeights::Moe { router, shared, experts } => {
+                    self.moe(st, *router, shared.as_ref(), experts, n);
+                }
+            }
+            for (h, y) in st.h[..n * hs].iter_mut().zip(&st.y) {
+                *h += y;
+            }
+            if let Some(o) = obs.as_mut() {
+                o(li + 1, "hidden", &st.h[..n * hs]);
+            }
+        }
+
+        // ---- final norm and output projection ----
+        st.pos += n;
+        let rows = match want {
+            Logits::None => {
+                st.n_logits = 0;
+                return Ok(());
+            }
+            Logits::Last => n - 1..n,
+            Logits::All => 0..n,
+        };
+        let m = rows.len();
+        let norm = self.vec(self.output_norm);
+        ops::rmsnorm_rows(kern, &st.h[rows.start * hs..], Some(norm), c.rms_norm_eps, hs, m, &mut st.xn);
+        let out = self.mat(self.output);
+        let q8 = quantize_for(kern, &st.xn, hs, m, &mut st.q8, &[out]);
+        let a = Act { x: &st.xn, k: hs, n_tok: m, q8 };
+        matmul(kern, out, c.vocab_size, &a, &mut st.logits, c.vocab_size);
+        st.n_logits = m * c.vocab_size;
+        Ok(())
+    }
+
+    /// Llama 4 MoE: top-k on raw router logits, sigmoid of the chosen logits scales the expert
+    /// INPUT, only routed experts run (tokens grouped per expert), shared expert always added.
+    fn moe(&self, st: &mut State, router: W, shared: Option<&[W; 3]>, experts: &[[W; 3]], n: usize) {
+        let c = &self.config;
+        let kern = &self.kernels;
+        let (hs, ne, kx) = (c.hidden_size, c.num_experts, c.num_experts_per_tok);
+        // router logits (B, E) in f32
+        let a = Act { x: &st.xn, k: hs, n_tok: n, q8: &[] };
+        matmul(kern, Mat::F32(self.vec(router)), ne, &a, &mut st.router, ne);
+        for t in 0..n {
+            scalar::topk(&st.router[t * ne..(t + 1) * ne], kx, &mut st.top_idx[t * kx..(t + 1) * kx], &mut st.top_val[t * kx..(t + 1) * kx]);
+        }
+        // group (token, slot) pairs by expert: counts, offsets, permutation
+        let pairs = n * kx;
+        st.counts.iter_mut().for_each(|v| *v = 0);
+        for &e in &st.top_idx[..pairs] {
+            st.counts[e as usize] += 1;
+        }
+        st.offsets[0] = 0;
+        for e in 0..ne {
+            st.offsets[e + 1] = st.offsets[e] + st.counts[e];
+            st.counts[e] = 0;
+        }
+        for i in 0..pairs {
+            let e = st.top_idx[i] as usize;
+            st.perm[(st.offsets[e] + st.counts[e]) as usize] = i as u32;
+            st.counts[e] += 1;
+        }
+        // shared expert on the unscaled input, into y (or zeros)
+        match shared {
+            Some(w) => {
+                let w = [self.mat(w[0]), self.mat(w[1]), self.mat(w[2])];
+                swiglu(kern, w, hs, c.moe_intermediate_size, &st.xn, n, &mut st.q8, &mut st.gate, &mut st.up, &mut st.y)
+            }
+            None => st.y[..n * hs].iter_mut().for_each(|v| *v = 0.0),
+        }
+        // routed inputs: x[t] * sigmoid(logit), in expert order
+        for j in 0..pairs {
+            let pair = st.perm[j] as usize;
+            let t = pair / kx;
+            let s = 1.0 / (1.0 + (-st.top_val[pair]).exp());
+            for (o, &x) in st.xs[j * hs..(j + 1) * hs].iter_mut().zip(&st.xn[t * hs..(t + 1) * hs]) {
+                *o = x * s;
+            }
+        }
+        // each routed expert on its rows (only selected experts' weights are read)
+        for (e, w) in experts.iter().enumerate() {
+            let (o0, o1) = (st.offsets[e] as usize, st.offsets[e + 1] as usize);
+            if o0 == o1 {
+                continue;
+            }
+            let w = [self.mat(w[0]), self.mat(w[1]), self.mat(w[2])];
+            let (x, y) = (&st.xs[o0 * hs..o1 * hs], &mut st.ys[o0 * hs..o1 * hs]);
+            swiglu(kern, w, hs, c.moe_intermediate_size, x, o1 - o0, &mut st.q8, &mut st.gate, &mut st.up, y);
+        }
+        // scatter-add back to tokens
+        for j in 0..pairs {
+            let t = st.perm[j] as usize / kx;
+            for (y, &v) in st.y[t * hs..(t + 1) * hs].iter_mut().zip(&st.ys[j * hs..(j + 1) * hs]) {
+                *y += v;
+            }
+        }
+    }
+}
+
+/// SwiGLU FFN `y = down(silu(gate(x)) * up(x))` of `m` rows of `x` (`hs` wide) with
+/// intermediate width `inter`. `gate`/`up` are scratch of `m * inter`.
+#[allow(clippy::too_many_arguments)]
+fn swiglu(
+    kern: &ferroq_kernels::Kernels,
+    w: [Mat; 3],
+    hs: usize,
+    inter: usize,
+    x: &[f32],
+    m: usize,
+    q8: &mut [BlockQ8A],
+    gate: &mut [f32],
+    up: &mut [f32],
+    y: &mut [f32],
+) {
+    let [wg, wu, wd] = w;
+    let qa = quantize_for(kern, x, hs, m, q8, &[wg, wu]);
+    let a = Act { x, k: hs, n_tok: m, q8: qa };
+    matmul(kern, wg, inter, &a, gate, inter);
+    matmul(kern, wu, inter, &a, up, inter);
+    // gate <- silu(gate) * up
+    let (g, u) = (&mut gate[..m * inter], &up[..m * inter]);
+    for (gv, &uv) in g.iter_mut().zip(u) {
+        *gv = scalar::silu(*gv) * uv;
+    }
+    let qa = quantize_for(kern, g, inter, m, q8, &[wd]);
+    let a = Act { x: g, k: inter, n_tok: m, q8: qa };
+    matmul(kern, wd, hs, &a, y, hs);
+}

@@ -1,0 +1,155 @@
+//! The model: a validated `.fqm` mapping plus handles to every tensor of the tensor table.
+//! Weights are never copied: a handle is an index into the file's directory, resolved to a
+//! typed slice of the mapping when used.
+
+use super::config::ModelConfig;
+use super::tensors::{tensor_table, Role};
+use crate::format::{DType, FqmFile};
+use crate::ops::Mat;
+use crate::{Error, Result};
+use ferroq_kernels::Kernels;
+use std::path::Path;
+
+/// A tensor of the model: index into the file's directory (validated at load).
+#[derive(Clone, Copy, Debug)]
+pub struct W(usize);
+
+/// Weights of one decoder layer.
+#[derive(Debug)]
+pub struct LayerWeights {
+    pub attn_norm: W,
+    pub wq: W,
+    pub wk: W,
+    pub wv: W,
+    pub wo: W,
+    pub ffn_norm: W,
+    pub ffn: FfnWeights,
+}
+
+/// The FFN of a layer.
+#[derive(Debug)]
+pub enum FfnWeights {
+    Dense { gate: W, up: W, down: W },
+    Moe { router: W, shared: Option<[W; 3]>, experts: Vec<[W; 3]> },
+}
+
+/// A loaded model. `Send + Sync`: share it (e.g. in an `Arc`) between many sessions.
+#[derive(Debug)]
+pub struct Model {
+    pub file: FqmFile,
+    pub config: ModelConfig,
+    pub kernels: Kernels,
+    pub tok_embeddings: W,
+    pub layers: Vec<LayerWeights>,
+    pub output_norm: W,
+    /// The output projection (`tok_embeddings` when tied).
+    pub output: W,
+    /// RoPE inverse frequencies `[head_dim / 2]`.
+    pub inv_freq: Vec<f32>,
+}
+
+impl Model {
+    /// Open and validate a `.fqm` model: every tensor of the table must be present with its
+    /// shape and an allowed type. Takes milliseconds: nothing is read but the directory.
+    pub fn open(path: impl AsRef<Path>) -> Result<Model> {
+        Self::open_with(path, Kernels::detect())
+    }
+
+    /// Like [`Model::open`] with an explicit kernel table (tests pin a CPU level).
+    pub fn open_with(path: impl AsRef<Path>, kernels: Kernels) -> Result<Model> {
+        let file = FqmFile::open(path.as_ref())?;
+        let cfg_v = file
+            .meta()
+            .get("config")
+            .ok_or_else(|| Error::format(file.path(), "metadata has no `config`"))?;
+        let config: ModelConfig = serde_json::from_value(cfg_v.clone())
+            .map_err(|e| Error::format(file.path(), format!("metadata `config`: {e}")))?;
+        config.validate()?;
+        // check the whole table first, so a bad file fails at open, not mid-forward
+        let mut ids = std::collections::HashMap::new();
+        for spec in tensor_table(&config) {
+            let idx = file
+                .tensors()
+                .iter()
+                .position(|t| t.name == spec.name)
+                .ok_or_else(|| Error::format(file.path(), format!("tensor `{}` is missing", spec.name)))?;
+            let info = &file.tensors()[idx];
+            if info.shape != spec.shape {
+                return Err(Error::format(
+                    file.path(),
+                    format!("tensor `{}` has shape {:?}, the config implies {:?}", spec.name, info.shape, spec.shape),
+                ));
+            }
+            let ok = match spec.role {
+                Role::Norm | Role::Router => info.dtype == DType::F32,
+                _ => matches!(info.dtype, DType::F32 | DType::F16 | DType::Bf16 | DType::Q4x8 | DType::Q8x8),
+            };
+            if !ok {
+                return Err(Error::format(
+                    file.path(),
+                    format!("tensor `{}` has type {}, not allowed for its role", spec.name, info.dtype.name()),
+                ));
+            }
+            ids.insert(spec.name, W(idx));
+        }
+        let get = |n: &str| ids[n];
+        let mut layers = Vec::with_capacity(config.num_layers);
+        for (i, l) in config.layers.iter().enumerate() {
+            let p = |s: &str| get(&format!("layers.{i}.{s}"));
+            let ffn = if l.moe {
+                FfnWeights::Moe {
+                    router: p("router"),
+                    shared: config.shared_expert.then(|| [p("shared_gate"), p("shared_up"), p("shared_down")]),
+                    experts: (0..config.num_experts)
+                        .map(|e| [p(&format!("experts.{e}.gate")), p(&format!("experts.{e}.up")), p(&format!("experts.{e}.down"))])
+                        .collect(),
+                }
+            } else {
+                FfnWeights::Dense { gate: p("ffn_gate"), up: p("ffn_up"), down: p("ffn_down") }
+            };
+            layers.push(LayerWeights {
+                attn_norm: p("attn_norm"),
+                wq: p("wq"),
+                wk: p("wk"),
+                wv: p("wv"),
+                wo: p("wo"),
+                ffn_norm: p("ffn_norm"),
+                ffn,
+            });
+        }
+        let tok_embeddings = get("tok_embeddings");
+        let output = if config.tie_word_embeddings { tok_embeddings } else { get("output") };
+        let scaling = config
+            .rope_scaling
+            .map(|s| (s.factor, s.low_freq_factor, s.high_freq_factor, s.original_max_position_embeddings));
+        let inv_freq = crate::ops::rope_inv_freq(config.rope_theta, config.head_dim, scaling);
+        Ok(Model { output_norm: get("output_norm"), file, config, kernels, tok_embeddings, layers, output, inv_freq })
+    }
+
+    /// A matrix view (type checked at open).
+    pub fn mat(&self, w: W) -> Mat<'_> {
+        let info = &self.file.tensors()[w.0];
+        let bytes = &self.file.bytes()[info.offset..info.offset + info.nbytes];
+        // The casts cannot fail: offsets are 64-byte aligned into a page-aligned mapping and
+        // sizes were checked against the shape at open.
+        match info.dtype {
+            DType::F32 => Mat::F32(bytemuck::cast_slice(bytes)),
+            DType::Bf16 => Mat::Bf16(bytemuck::cast_slice(bytes)),
+            DType::F16 => Mat::F16(bytemuck::cast_slice(bytes)),
+            DType::Q4x8 => Mat::Q4(bytemuck::cast_slice(bytes)),
+            DType::Q8x8 => Mat::Q8(bytemuck::cast_slice(bytes)),
+            DType::U8 => unreachable!("U8 tensors are rejected for matrix roles at open"),
+        }
+    }
+
+    /// An f32 vector (norm weights, router), type checked at open.
+    pub fn vec(&self, w: W) -> &[f32] {
+        let info = &self.file.tensors()[w.0];
+        bytemuck::cast_slice(&self.file.bytes()[info.offset..info.offset + info.nbytes])
+    }
+
+    /// An embedded raw file (`blob.tokenizer.json`, ...).
+    pub fn blob(&self, name: &str) -> Option<&[u8]> {
+        self.file.get(name).filter(|t| t.info.dtype == DType::U8).map(|t| t.data)
+    }
+}
