@@ -71,6 +71,11 @@ pub struct ModelConfig {
     pub rope_theta: f32,
     pub rope_scaling: Option<Llama3Scaling>,
     pub rope_style: RopeStyle,
+    /// Round the RoPE inverse frequencies to bf16, reproducing a transformers model that was
+    /// cast with `model.to(torch.bfloat16)` (which rounds the `inv_freq` buffer; `from_pretrained`
+    /// keeps it in f32). Off by default: f32 frequencies are what the model was trained with.
+    #[serde(default)]
+    pub rope_freq_bf16: bool,
     pub attention_chunk_size: Option<usize>,
     pub floor_scale: f32,
     pub attn_scale: f32,

@@ -122,7 +122,10 @@ impl Model {
         let scaling = config
             .rope_scaling
             .map(|s| (s.factor, s.low_freq_factor, s.high_freq_factor, s.original_max_position_embeddings));
-        let inv_freq = crate::ops::rope_inv_freq(config.rope_theta, config.head_dim, scaling);
+        let mut inv_freq = crate::ops::rope_inv_freq(config.rope_theta, config.head_dim, scaling);
+        if config.rope_freq_bf16 {
+            inv_freq.iter_mut().for_each(|f| *f = half::bf16::from_f32(*f).to_f32());
+        }
         Ok(Model { output_norm: get("output_norm"), file, config, kernels, tok_embeddings, layers, output, inv_freq })
     }
 
