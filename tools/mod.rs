@@ -4,4 +4,7 @@
 //! Dependency direction: tools → format/model → kernels (the converter quantizes with the
 //! kernels crate's scalar twins, the same code the runtime's tests trust).
 
+pub mod convert;
+pub mod hf;
+pub mod safetensors;
 pub mod source;

@@ -24,6 +24,29 @@ pub trait TensorSource: Send + Sync {
     /// Read tensor `name` as f32 in its stored shape, row-major, into `out` (resized).
     fn read_f32(&self, name: &str, out: &mut Vec<f32>) -> Result<()>;
 
+    /// Read slice `index` along dimension 0 of tensor `name` (e.g. one expert of a fused
+    /// `[E, in, out]` tensor) as f32, row-major, into `out` (resized). The default reads the
+    /// whole tensor and copies the slice; memory-mapped readers override it to read only the
+    /// slice, so peak memory stays at one expert.
+    fn read_f32_outer(&self, name: &str, index: usize, out: &mut Vec<f32>) -> Result<()> {
+        let t = self
+            .find(name)
+            .ok_or_else(|| crate::Error::tensor(name, "missing from the checkpoint"))?;
+        let outer = *t.shape.first().unwrap_or(&1);
+        if index >= outer || t.shape.is_empty() {
+            return Err(crate::Error::tensor(
+                name,
+                format!("slice {index} requested of shape {:?}", t.shape),
+            ));
+        }
+        let inner: usize = t.shape[1..].iter().product();
+        let mut all = Vec::new();
+        self.read_f32(name, &mut all)?;
+        out.clear();
+        out.extend_from_slice(&all[index * inner..(index + 1) * inner]);
+        Ok(())
+    }
+
     /// Look up a tensor's description.
     fn find(&self, name: &str) -> Option<&SrcTensor> {
         self.tensors().iter().find(|t| t.name == name)

@@ -1,12 +1,70 @@
-//! `ferroq convert`.
+//! `ferroq convert <HF_DIR | FILE.gguf> -o OUT.fqm [--quant q4|q8|bf16|f32]`.
 
-use ferroq::Result;
+use ferroq::tools::convert::{convert, ConvertOptions, ProgressEvent, Quant};
+use ferroq::tools::source::Checkpoint;
+use ferroq::{Error, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::{Path, PathBuf};
 
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Hugging Face model directory (config.json, *.safetensors, tokenizer files) or a .gguf file.
+    pub input: PathBuf,
+    /// Output .fqm file (written to a temporary name and renamed when complete).
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Weight precision: q4 (4-bit matrices, 8-bit embedding/output), q8, bf16 or f32.
+    #[arg(long, default_value = "q4")]
+    pub quant: String,
+}
 
-pub fn run(_args: Args) -> Result<()> {
-    Err(ferroq::Error::Other(
-        "`convert` is not implemented yet".into(),
-    ))
+fn open_input(p: &Path) -> Result<Checkpoint> {
+    if p.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    {
+        // HOOK(gguf): replace with `ferroq::tools::gguf::open(p)` once tools/gguf.rs is merged.
+        return Err(Error::Input(format!(
+            "{}: GGUF support not built yet",
+            p.display()
+        )));
+    }
+    ferroq::tools::hf::open_hf_dir(p)
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let quant: Quant = args.quant.parse()?;
+    let ck = open_input(&args.input)?;
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:40} {bytes}/{total_bytes} tensor {msg} (ETA {eta})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let progress = |ev: ProgressEvent| match ev {
+        ProgressEvent::Start { bytes, .. } => bar.set_length(bytes),
+        ProgressEvent::Tensor {
+            index,
+            total,
+            name,
+            bytes_done,
+            ..
+        } => {
+            bar.set_position(bytes_done);
+            bar.set_message(format!("{index}/{total} {name}"));
+        }
+        ProgressEvent::Note(n) => bar.println(format!("note: {n}")),
+        ProgressEvent::Done { .. } => bar.finish_and_clear(),
+    };
+    let report = convert(&ck, &args.output, &ConvertOptions { quant }, &progress)?;
+    bar.finish_and_clear();
+    println!(
+        "wrote {} ({} tensors, {:.1} MiB, quant {}) in {:.2} s",
+        report.path.display(),
+        report.tensors,
+        report.file_bytes as f64 / (1 << 20) as f64,
+        quant.name(),
+        report.elapsed.as_secs_f64()
+    );
+    Ok(())
 }

@@ -1,0 +1,776 @@
+//! The converter: a [`Checkpoint`] (Hugging Face directory or GGUF file) → a `.fqm` model.
+//!
+//! 1. Normalize the config ([`model_config_from_hf`]) and build our tensor table
+//!    ([`tensor_table`]).
+//! 2. Map every table entry to its source tensor (plain, multimodal `language_model.` prefix,
+//!    fused transposed experts `[E, in, out]`, or per-expert layout) and check names, shapes and
+//!    dtypes of all of them **before** writing anything.
+//! 3. Stream: read one tensor (or one expert slice) as f32, transpose if needed, convert to
+//!    the recipe's type (quantization runs on all cores, one rayon task per 8-row group), append
+//!    to the writer. Peak memory is about one source tensor in f32 plus its output.
+//! 4. Metadata (config, tokenizer, stop tokens, provenance, recipe) and raw tokenizer files go
+//!    in last; the writer renames the temporary file only when everything succeeded.
+//!
+//! # Recipe (type per tensor role)
+//! | quant | attention / FFN / experts | embedding / output | norms / router |
+//! |---|---|---|---|
+//! | `f32`  | f32  | f32  | f32 |
+//! | `bf16` | bf16 | bf16 | f32 |
+//! | `q8`   | q8x8 | q8x8 | f32 |
+//! | `q4`   | q4x8 | **q8x8** | f32 |
+//!
+//! With `q4` the embedding and output tables stay 8-bit: they are a small share of a MoE
+//! model's bytes, and the output projection's error goes straight into the logits. A matrix
+//! whose column count is not a multiple of 32 cannot be blocked and falls back to bf16; each
+//! fallback is listed in the recipe.
+
+use super::hf::{architecture, model_config_from_hf};
+use super::source::{Checkpoint, TensorSource};
+use crate::format::{DType, FqmWriter, EXPERT_ALIGN, TENSOR_ALIGN};
+use crate::model::{tensor_table, Arch, ModelConfig, Role, TensorSpec};
+use crate::{Error, Result};
+use ferroq_kernels::block::{row_groups, BlockQ4x8, BlockQ8x8, QK, ROWS};
+use ferroq_kernels::scalar::{quantize_q4x8, quantize_q8x8};
+use rayon::prelude::*;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Requested weight precision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Quant {
+    Q4,
+    Q8,
+    Bf16,
+    F32,
+}
+
+impl Quant {
+    pub fn name(self) -> &'static str {
+        match self {
+            Quant::Q4 => "q4",
+            Quant::Q8 => "q8",
+            Quant::Bf16 => "bf16",
+            Quant::F32 => "f32",
+        }
+    }
+
+    /// The stored type for a tensor of `role` (before the column-count fallback).
+    pub fn dtype_for(self, role: Role) -> DType {
+        match (self, role) {
+            (Quant::F32, _) | (_, Role::Norm) | (_, Role::Router) => DType::F32,
+            (Quant::Bf16, _) => DType::Bf16,
+            (Quant::Q8, _) => DType::Q8x8,
+            (Quant::Q4, Role::Embedding | Role::Output) => DType::Q8x8,
+            (Quant::Q4, _) => DType::Q4x8,
+        }
+    }
+}
+
+impl std::str::FromStr for Quant {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Quant> {
+        match s.to_ascii_lowercase().as_str() {
+            "q4" => Ok(Quant::Q4),
+            "q8" => Ok(Quant::Q8),
+            "bf16" => Ok(Quant::Bf16),
+            "f32" => Ok(Quant::F32),
+            _ => Err(Error::config(
+                "--quant",
+                format!("`{s}` is not one of q4, q8, bf16, f32"),
+            )),
+        }
+    }
+}
+
+/// Converter options.
+#[derive(Clone, Debug)]
+pub struct ConvertOptions {
+    pub quant: Quant,
+}
+
+impl Default for ConvertOptions {
+    fn default() -> Self {
+        ConvertOptions { quant: Quant::Q4 }
+    }
+}
+
+/// Progress of a conversion, for a progress bar or a log.
+#[derive(Clone, Debug)]
+pub enum ProgressEvent {
+    /// Planning done: `tensors` tensors, `bytes` bytes of tensor data will be written.
+    Start { tensors: usize, bytes: u64 },
+    /// Tensor `index` (1-based) of `total` written; `bytes_done` of `bytes_total`.
+    Tensor {
+        index: usize,
+        total: usize,
+        name: String,
+        bytes_done: u64,
+        bytes_total: u64,
+        elapsed: Duration,
+        eta: Option<Duration>,
+    },
+    /// Something worth telling the user (skipped tensors, fallbacks).
+    Note(String),
+    /// The file is complete and renamed.
+    Done {
+        path: PathBuf,
+        bytes: u64,
+        elapsed: Duration,
+    },
+}
+
+/// What a conversion produced.
+#[derive(Clone, Debug)]
+pub struct Report {
+    pub path: PathBuf,
+    /// Model tensors written (not counting embedded files).
+    pub tensors: usize,
+    /// Size of the output file.
+    pub file_bytes: u64,
+    pub elapsed: Duration,
+    pub notes: Vec<String>,
+    /// The recipe as stored in the metadata.
+    pub recipe: Value,
+}
+
+/// Which kind of FFN tensor an expert entry is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ExpertPart {
+    Gate,
+    Up,
+    Down,
+}
+
+/// Where one of our tensors comes from.
+#[derive(Clone, Debug)]
+enum Src {
+    /// A 2-D or 1-D tensor stored as we want it.
+    Plain(String),
+    /// Slice `e` of a fused, transposed expert tensor: `gate_up_proj [E, H, 2I]` (gate = columns
+    /// `[:I]`, up = `[I:]`) or `down_proj [E, I, H]`.
+    Fused {
+        name: String,
+        e: usize,
+        part: ExpertPart,
+    },
+}
+
+struct Planned {
+    spec: TensorSpec,
+    src: Src,
+    dtype: DType,
+    nbytes: usize,
+}
+
+/// HF name prefix of the text model: `""` (`Llama4ForCausalLM`, `LlamaForCausalLM`) or
+/// `"language_model."` (`Llama4ForConditionalGeneration`).
+fn text_prefix(src: &dyn TensorSource) -> Result<&'static str> {
+    for p in ["", "language_model."] {
+        if src.find(&format!("{p}model.embed_tokens.weight")).is_some() {
+            return Ok(p);
+        }
+    }
+    Err(Error::tensor(
+        "model.embed_tokens.weight",
+        "missing from the checkpoint (also looked for language_model.model.embed_tokens.weight)",
+    ))
+}
+
+fn need<'a>(src: &'a dyn TensorSource, name: &str) -> Result<&'a super::source::SrcTensor> {
+    src.find(name)
+        .ok_or_else(|| Error::tensor(name, "missing from the checkpoint"))
+}
+
+fn check_shape(name: &str, got: &[usize], want: &[usize], ours: &str) -> Result<()> {
+    if got != want {
+        return Err(Error::tensor(
+            name,
+            format!("shape {got:?}, but the config implies {want:?} (for `{ours}`)"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_dtype(t: &super::source::SrcTensor) -> Result<()> {
+    match t.dtype.as_str() {
+        "f32" | "f16" | "bf16" => Ok(()),
+        d => Err(Error::tensor(
+            &t.name,
+            format!("unsupported dtype {d} (the converter reads f32, f16 and bf16)"),
+        )),
+    }
+}
+
+/// Map our table to source tensors and check every name, shape and dtype.
+fn plan(
+    cfg: &ModelConfig,
+    src: &dyn TensorSource,
+    quant: Quant,
+    notes: &mut Vec<String>,
+    fallbacks: &mut Vec<Value>,
+) -> Result<(Vec<Planned>, &'static str)> {
+    let p = text_prefix(src)?;
+    let m = format!("{p}model.");
+    let ffn = if cfg.arch == Arch::Llama {
+        "mlp"
+    } else {
+        "feed_forward"
+    };
+    let mut out = Vec::new();
+    for spec in tensor_table(cfg) {
+        let n = spec.name.as_str();
+        let parts: Vec<&str> = n.split('.').collect();
+        let s = match parts.as_slice() {
+            ["tok_embeddings"] => Src::Plain(format!("{m}embed_tokens.weight")),
+            ["output_norm"] => Src::Plain(format!("{m}norm.weight")),
+            ["output"] => Src::Plain(format!("{p}lm_head.weight")),
+            ["layers", i, rest @ ..] => {
+                let l = format!("{m}layers.{i}.");
+                match rest {
+                    ["attn_norm"] => Src::Plain(format!("{l}input_layernorm.weight")),
+                    ["ffn_norm"] => Src::Plain(format!("{l}post_attention_layernorm.weight")),
+                    ["wq"] => Src::Plain(format!("{l}self_attn.q_proj.weight")),
+                    ["wk"] => Src::Plain(format!("{l}self_attn.k_proj.weight")),
+                    ["wv"] => Src::Plain(format!("{l}self_attn.v_proj.weight")),
+                    ["wo"] => Src::Plain(format!("{l}self_attn.o_proj.weight")),
+                    ["ffn_gate"] => Src::Plain(format!("{l}{ffn}.gate_proj.weight")),
+                    ["ffn_up"] => Src::Plain(format!("{l}{ffn}.up_proj.weight")),
+                    ["ffn_down"] => Src::Plain(format!("{l}{ffn}.down_proj.weight")),
+                    ["router"] => Src::Plain(format!("{l}feed_forward.router.weight")),
+                    ["shared_gate"] => {
+                        Src::Plain(format!("{l}feed_forward.shared_expert.gate_proj.weight"))
+                    }
+                    ["shared_up"] => {
+                        Src::Plain(format!("{l}feed_forward.shared_expert.up_proj.weight"))
+                    }
+                    ["shared_down"] => {
+                        Src::Plain(format!("{l}feed_forward.shared_expert.down_proj.weight"))
+                    }
+                    ["experts", e, part] => {
+                        let e: usize = e.parse().expect("table index");
+                        let part = match *part {
+                            "gate" => ExpertPart::Gate,
+                            "up" => ExpertPart::Up,
+                            _ => ExpertPart::Down,
+                        };
+                        let fused_gu = format!("{l}feed_forward.experts.gate_up_proj");
+                        if src.find(&fused_gu).is_some() {
+                            let name = if part == ExpertPart::Down {
+                                format!("{l}feed_forward.experts.down_proj")
+                            } else {
+                                fused_gu
+                            };
+                            Src::Fused { name, e, part }
+                        } else {
+                            let pn = match part {
+                                ExpertPart::Gate => "gate_proj",
+                                ExpertPart::Up => "up_proj",
+                                ExpertPart::Down => "down_proj",
+                            };
+                            Src::Plain(format!("{l}feed_forward.experts.{e}.{pn}.weight"))
+                        }
+                    }
+                    _ => return Err(Error::Other(format!("internal: unmapped tensor {n}"))),
+                }
+            }
+            _ => return Err(Error::Other(format!("internal: unmapped tensor {n}"))),
+        };
+        // check the source
+        match &s {
+            Src::Plain(name) => {
+                let t = need(src, name)?;
+                check_shape(name, &t.shape, &spec.shape, n)?;
+                check_dtype(t)?;
+            }
+            Src::Fused { name, part, .. } => {
+                let t = need(src, name)?;
+                let (e, h, i) = (cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size);
+                let want = if *part == ExpertPart::Down {
+                    vec![e, i, h]
+                } else {
+                    vec![e, h, 2 * i]
+                };
+                check_shape(name, &t.shape, &want, n)?;
+                check_dtype(t)?;
+            }
+        }
+        let mut dtype = quant.dtype_for(spec.role);
+        if matches!(dtype, DType::Q4x8 | DType::Q8x8)
+            && spec.shape.len() == 2
+            && spec.shape[1] % QK != 0
+        {
+            fallbacks.push(json!({
+                "tensor": n,
+                "type": "bf16",
+                "reason": format!("{} columns is not a multiple of {QK}", spec.shape[1]),
+            }));
+            dtype = DType::Bf16;
+        }
+        let nbytes = dtype
+            .nbytes(&spec.shape)
+            .ok_or_else(|| Error::tensor(n, format!("shape {:?} overflows", spec.shape)))?;
+        out.push(Planned {
+            spec,
+            src: s,
+            dtype,
+            nbytes,
+        });
+    }
+    if !fallbacks.is_empty() {
+        notes.push(format!(
+            "{} matrices have a column count that is not a multiple of {QK} and are stored as bf16",
+            fallbacks.len()
+        ));
+    }
+    // tensors we do not use
+    let mut used: std::collections::HashSet<&str> = std::collections::HashSet::new();
+    for pl in &out {
+        match &pl.src {
+            Src::Plain(n) | Src::Fused { name: n, .. } => {
+                used.insert(n.as_str());
+            }
+        }
+    }
+    let (mut vision, mut other) = (0usize, Vec::new());
+    for t in src.tensors() {
+        if used.contains(t.name.as_str()) {
+            continue;
+        }
+        if t.name.starts_with("vision_model.") || t.name.starts_with("multi_modal_projector.") {
+            vision += 1;
+        } else {
+            other.push(t.name.clone());
+        }
+    }
+    if vision > 0 {
+        notes.push(format!(
+            "skipped {vision} vision tensors (vision_model.*, multi_modal_projector.*): ferroq runs the text model"
+        ));
+    }
+    if !other.is_empty() {
+        let shown: Vec<&str> = other.iter().take(5).map(String::as_str).collect();
+        notes.push(format!(
+            "ignored {} unused tensors: {}{}",
+            other.len(),
+            shown.join(", "),
+            if other.len() > 5 { ", ..." } else { "" }
+        ));
+    }
+    Ok((out, p))
+}
+
+/// Reusable buffers: peak memory is one source tensor plus one output tensor.
+#[derive(Default)]
+struct Bufs {
+    src: Vec<f32>,
+    /// The expert slice last read: (tensor name, expert) and its data.
+    slice_key: Option<(String, usize)>,
+    slice: Vec<f32>,
+    mat: Vec<f32>,
+    out: OutBufs,
+}
+
+/// Output buffers of [`encode`].
+#[derive(Default)]
+struct OutBufs {
+    q4: Vec<BlockQ4x8>,
+    q8: Vec<BlockQ8x8>,
+    bytes: Vec<u8>,
+}
+
+/// Produce the f32 data of `pl` in our layout (row-major `[out, in]`): in `b.src` when no
+/// reshaping is needed (returns false), else in `b.mat` (returns true).
+fn load(src: &dyn TensorSource, pl: &Planned, cfg: &ModelConfig, b: &mut Bufs) -> Result<bool> {
+    match &pl.src {
+        Src::Plain(name) => {
+            src.read_f32(name, &mut b.src)?;
+            let want: usize = pl.spec.shape.iter().product();
+            if b.src.len() != want {
+                return Err(Error::tensor(
+                    name,
+                    format!("read {} values, {want} expected", b.src.len()),
+                ));
+            }
+            Ok(false)
+        }
+        Src::Fused { name, e, part } => {
+            let key = (name.clone(), *e);
+            if b.slice_key.as_ref() != Some(&key) {
+                b.slice_key = None;
+                src.read_f32_outer(name, *e, &mut b.slice)?;
+                b.slice_key = Some(key);
+            }
+            let (h, i) = (cfg.hidden_size, cfg.moe_intermediate_size);
+            let (rows, cols) = (pl.spec.shape[0], pl.spec.shape[1]);
+            // stored slice: gate_up [H, 2I] (row = input h), down [I, H] (row = input i)
+            let (ld, col0) = match part {
+                ExpertPart::Gate => (2 * i, 0),
+                ExpertPart::Up => (2 * i, i),
+                ExpertPart::Down => (h, 0),
+            };
+            if b.slice.len() != cols * ld {
+                return Err(Error::tensor(
+                    name,
+                    format!(
+                        "expert slice has {} values, {} expected",
+                        b.slice.len(),
+                        cols * ld
+                    ),
+                ));
+            }
+            b.mat.clear();
+            b.mat.resize(rows * cols, 0.0);
+            let slice = &b.slice;
+            // transpose: ours[r][c] = stored[c][col0 + r]
+            b.mat.par_chunks_mut(cols).enumerate().for_each(|(r, row)| {
+                for (c, x) in row.iter_mut().enumerate() {
+                    *x = slice[c * ld + col0 + r];
+                }
+            });
+            Ok(true)
+        }
+    }
+}
+
+/// Convert `w` (row-major `shape`) to `dtype` bytes.
+fn encode<'b>(w: &[f32], shape: &[usize], dtype: DType, b: &'b mut OutBufs) -> &'b [u8] {
+    match dtype {
+        DType::F32 => {
+            b.bytes.clear();
+            b.bytes.extend_from_slice(bytemuck::cast_slice(w));
+            &b.bytes
+        }
+        DType::Bf16 | DType::F16 => {
+            b.bytes.clear();
+            b.bytes.resize(w.len() * 2, 0);
+            let bf = dtype == DType::Bf16;
+            b.bytes
+                .par_chunks_mut(1 << 16)
+                .zip(w.par_chunks(1 << 15))
+                .for_each(|(o, x)| {
+                    for (o, &v) in o.chunks_exact_mut(2).zip(x) {
+                        let bits = if bf {
+                            half::bf16::from_f32(v).to_bits()
+                        } else {
+                            half::f16::from_f32(v).to_bits()
+                        };
+                        o.copy_from_slice(&bits.to_le_bytes());
+                    }
+                });
+            &b.bytes
+        }
+        DType::Q4x8 => {
+            let (rows, cols) = (shape[0], shape[1]);
+            let nb = cols / QK;
+            b.q4.clear();
+            b.q4.resize(
+                row_groups(rows) * nb,
+                BlockQ4x8 {
+                    d: [0; ROWS],
+                    qs: [0; 128],
+                },
+            );
+            // one task per 8-row group: rows g*8 .. min(rows, g*8+8)
+            b.q4.par_chunks_mut(nb).enumerate().for_each(|(g, out)| {
+                let r0 = g * ROWS;
+                let n = (rows - r0).min(ROWS);
+                quantize_q4x8(&w[r0 * cols..(r0 + n) * cols], n, cols, out);
+            });
+            bytemuck::cast_slice(&b.q4)
+        }
+        DType::Q8x8 => {
+            let (rows, cols) = (shape[0], shape[1]);
+            let nb = cols / QK;
+            b.q8.clear();
+            b.q8.resize(
+                row_groups(rows) * nb,
+                BlockQ8x8 {
+                    d: [0; ROWS],
+                    qs: [0; 256],
+                },
+            );
+            b.q8.par_chunks_mut(nb).enumerate().for_each(|(g, out)| {
+                let r0 = g * ROWS;
+                let n = (rows - r0).min(ROWS);
+                quantize_q8x8(&w[r0 * cols..(r0 + n) * cols], n, cols, out);
+            });
+            bytemuck::cast_slice(&b.q8)
+        }
+        DType::U8 => unreachable!("model tensors are never u8"),
+    }
+}
+
+fn token_str(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
+        _ => None,
+    }
+}
+
+fn ids(v: Option<&Value>) -> Option<Vec<u64>> {
+    match v? {
+        Value::Number(n) => n.as_u64().map(|x| vec![x]),
+        Value::Array(a) => a.iter().map(|x| x.as_u64()).collect(),
+        _ => None,
+    }
+}
+
+/// Whether the tokenizer.json post-processor prepends a special token (BOS) to a single
+/// sequence: a `TemplateProcessing` whose `single` template starts with a `SpecialToken`,
+/// possibly inside a `Sequence` of processors.
+fn post_processor_adds_bos(pp: &Value) -> Option<bool> {
+    match pp.get("type")?.as_str()? {
+        "TemplateProcessing" => {
+            let first = pp.get("single")?.as_array()?.first()?;
+            Some(first.get("SpecialToken").is_some())
+        }
+        "Sequence" => {
+            let mut any = None;
+            for p in pp.get("processors")?.as_array()? {
+                if let Some(b) = post_processor_adds_bos(p) {
+                    any = Some(any.unwrap_or(false) || b);
+                }
+            }
+            any
+        }
+        "BertProcessing" | "RobertaProcessing" => Some(true),
+        _ => Some(false),
+    }
+}
+
+/// Metadata fields about the tokenizer and stop tokens.
+fn tokenizer_meta(ck: &Checkpoint, cfg_json: &Value, notes: &mut Vec<String>) -> Value {
+    let text = cfg_json
+        .get("text_config")
+        .filter(|t| t.is_object())
+        .unwrap_or(cfg_json);
+    let cfg_get = |k: &str| {
+        text.get(k)
+            .filter(|v| !v.is_null())
+            .or_else(|| cfg_json.get(k))
+    };
+    let kind = if ck.tokenizer_json.is_some() {
+        Value::from("hf_json")
+    } else if ck.tokenizer_model.is_some() {
+        Value::from("tiktoken")
+    } else {
+        notes.push(
+            "no tokenizer.json or tokenizer.model: the model can only run from token ids".into(),
+        );
+        Value::Null
+    };
+    let tc = ck.tokenizer_config.as_ref();
+    let tok_json: Option<Value> = ck
+        .tokenizer_json
+        .as_ref()
+        .and_then(|b| serde_json::from_slice(b).ok());
+    let bos_token = token_str(tc.and_then(|t| t.get("bos_token")));
+    let eos_token = token_str(tc.and_then(|t| t.get("eos_token")));
+    let gc = ck.generation_config.as_ref();
+    let bos_token_id = ids(gc.and_then(|g| g.get("bos_token_id")))
+        .or_else(|| ids(cfg_get("bos_token_id")))
+        .and_then(|v| v.first().copied());
+    let stop: Vec<u64> = ids(gc.and_then(|g| g.get("eos_token_id")))
+        .or_else(|| ids(cfg_get("eos_token_id")))
+        .unwrap_or_default();
+    let add_bos = match tok_json
+        .as_ref()
+        .and_then(|t| t.get("post_processor"))
+        .filter(|p| !p.is_null())
+    {
+        Some(pp) => post_processor_adds_bos(pp).unwrap_or(false),
+        None => match tc
+            .and_then(|t| t.get("add_bos_token"))
+            .and_then(|b| b.as_bool())
+        {
+            Some(b) => b,
+            // HF builds the Llama 4 tiktoken tokenizer with a BOS-prepending post-processor
+            None => ck.tokenizer_model.is_some(),
+        },
+    };
+    json!({
+        "tokenizer": {"kind": kind},
+        "chat_template": ck.chat_template,
+        "bos_token": bos_token,
+        "eos_token": eos_token,
+        "bos_token_id": bos_token_id,
+        "stop_token_ids": stop,
+        "add_bos": add_bos,
+    })
+}
+
+/// Convert `ck` to a `.fqm` file at `out`. Nothing is left at `out` (or beside it) on error.
+pub fn convert(
+    ck: &Checkpoint,
+    out: &Path,
+    opts: &ConvertOptions,
+    progress: &dyn Fn(ProgressEvent),
+) -> Result<Report> {
+    if cfg!(target_endian = "big") {
+        return Err(Error::Other(
+            "the .fqm format is little-endian; converting on a big-endian host is not supported"
+                .into(),
+        ));
+    }
+    let t0 = Instant::now();
+    let arch_name = architecture(&ck.config)?;
+    let cfg = model_config_from_hf(&ck.config)?;
+    let src = ck.source.as_ref();
+    let mut notes = Vec::new();
+    let mut fallbacks = Vec::new();
+    let (planned, prefix) = plan(&cfg, src, opts.quant, &mut notes, &mut fallbacks)?;
+    if cfg.tie_word_embeddings && src.find(&format!("{prefix}lm_head.weight")).is_some() {
+        notes.push(
+            "tie_word_embeddings is set: lm_head.weight is ignored, the output uses tok_embeddings"
+                .into(),
+        );
+    }
+    for n in &notes {
+        progress(ProgressEvent::Note(n.clone()));
+    }
+
+    // source dtypes of the tensors we read
+    let mut source_dtypes: BTreeMap<String, usize> = BTreeMap::new();
+    {
+        let mut seen = std::collections::HashSet::new();
+        for pl in &planned {
+            let n = match &pl.src {
+                Src::Plain(n) | Src::Fused { name: n, .. } => n,
+            };
+            if seen.insert(n.clone()) {
+                if let Some(t) = src.find(n) {
+                    *source_dtypes.entry(t.dtype.clone()).or_default() += 1;
+                }
+            }
+        }
+    }
+
+    let total_bytes: u64 = planned.iter().map(|p| p.nbytes as u64).sum();
+    let total = planned.len();
+    progress(ProgressEvent::Start {
+        tensors: total,
+        bytes: total_bytes,
+    });
+
+    let mut w = FqmWriter::create(out)?;
+    let mut bufs = Bufs::default();
+    let mut done = 0u64;
+    for (i, pl) in planned.iter().enumerate() {
+        let in_mat = load(src, pl, &cfg, &mut bufs)?;
+        let Bufs {
+            src: sbuf,
+            mat,
+            out: obuf,
+            ..
+        } = &mut bufs;
+        let data: &[f32] = if in_mat { mat } else { sbuf };
+        let bytes = encode(data, &pl.spec.shape, pl.dtype, obuf);
+        let align = match pl.spec.expert {
+            // the first tensor of each routed expert starts on a page
+            Some(_) if pl.spec.name.ends_with(".gate") => EXPERT_ALIGN,
+            _ => TENSOR_ALIGN,
+        };
+        w.add_tensor(&pl.spec.name, pl.dtype, &pl.spec.shape, bytes, align)?;
+        done += pl.nbytes as u64;
+        let elapsed = t0.elapsed();
+        let eta = (done > 0)
+            .then(|| elapsed.mul_f64((total_bytes.saturating_sub(done)) as f64 / done as f64));
+        progress(ProgressEvent::Tensor {
+            index: i + 1,
+            total,
+            name: pl.spec.name.clone(),
+            bytes_done: done,
+            bytes_total: total_bytes,
+            elapsed,
+            eta,
+        });
+    }
+    drop(bufs);
+
+    // embedded files
+    let mut blobs: Vec<(&str, Vec<u8>)> = Vec::new();
+    if let Some(b) = &ck.tokenizer_json {
+        blobs.push(("blob.tokenizer.json", b.clone()));
+    }
+    if let Some(b) = &ck.tokenizer_model {
+        blobs.push(("blob.tokenizer.model", b.clone()));
+    }
+    if let Some(v) = &ck.tokenizer_config {
+        blobs.push((
+            "blob.tokenizer_config.json",
+            serde_json::to_vec_pretty(v).unwrap_or_default(),
+        ));
+    }
+    if let Some(v) = &ck.generation_config {
+        blobs.push((
+            "blob.generation_config.json",
+            serde_json::to_vec_pretty(v).unwrap_or_default(),
+        ));
+    }
+    for (name, b) in &blobs {
+        w.add_tensor(name, DType::U8, &[b.len()], b, TENSOR_ALIGN)?;
+    }
+
+    // recipe
+    let roles = [
+        ("embedding", Role::Embedding),
+        ("output", Role::Output),
+        ("attention", Role::Attention),
+        ("ffn", Role::Ffn),
+        ("expert", Role::Expert),
+        ("norm", Role::Norm),
+        ("router", Role::Router),
+    ];
+    let mut role_map = serde_json::Map::new();
+    for (k, r) in roles {
+        role_map.insert(k.into(), Value::from(opts.quant.dtype_for(r).name()));
+    }
+    let recipe = json!({
+        "quant": opts.quant.name(),
+        "roles": role_map,
+        "fallbacks": fallbacks,
+        "notes": match opts.quant {
+            Quant::Q4 => "q4x8 for attention, FFN and expert matrices; embedding and output kept at q8x8 for accuracy; norms and router f32; 4-bit scales chosen per 32-weight block by a search minimising squared error",
+            Quant::Q8 => "q8x8 for all matrices; norms and router f32",
+            Quant::Bf16 => "bf16 for all matrices; norms and router f32",
+            Quant::F32 => "f32 everywhere",
+        },
+    });
+    let tok = tokenizer_meta(ck, &ck.config, &mut notes);
+    let mut meta = json!({
+        "ferroq_format": crate::format::VERSION,
+        "config": serde_json::to_value(&cfg).map_err(|e| Error::Other(format!("config: {e}")))?,
+        "provenance": {
+            "source": ck.origin,
+            "architecture": arch_name,
+            "source_dtypes": source_dtypes,
+            "converter": format!("ferroq {}", env!("CARGO_PKG_VERSION")),
+            "quant": opts.quant.name(),
+        },
+        "recipe": recipe.clone(),
+    });
+    if let (Some(m), Some(t)) = (meta.as_object_mut(), tok.as_object()) {
+        for (k, v) in t {
+            m.insert(k.clone(), v.clone());
+        }
+    }
+    w.finish(&meta)?;
+    let file_bytes = std::fs::metadata(out).map_err(|e| Error::io(out, e))?.len();
+    let elapsed = t0.elapsed();
+    progress(ProgressEvent::Done {
+        path: out.to_path_buf(),
+        bytes: file_bytes,
+        elapsed,
+    });
+    Ok(Report {
+        path: out.to_path_buf(),
+        tensors: total,
+        file_bytes,
+        elapsed,
+        notes,
+        recipe,
+    })
+}
