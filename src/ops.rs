@@ -31,7 +31,14 @@ pub struct Act<'a> {
 }
 
 /// Quantize `x [n_tok, k]` into `q8` (`n_tok * k / 32` blocks) if any of `mats` needs it.
-pub fn quantize_for<'a>(kern: &Kernels, x: &[f32], k: usize, n_tok: usize, q8: &'a mut [BlockQ8A], mats: &[Mat]) -> &'a [BlockQ8A] {
+pub fn quantize_for<'a>(
+    kern: &Kernels,
+    x: &[f32],
+    k: usize,
+    n_tok: usize,
+    q8: &'a mut [BlockQ8A],
+    mats: &[Mat],
+) -> &'a [BlockQ8A] {
     if k % QK == 0 && mats.iter().any(|m| m.wants_q8()) {
         let nb = k / QK;
         (kern.quantize_q8a)(&x[..n_tok * k], &mut q8[..n_tok * nb]);
@@ -72,9 +79,22 @@ pub fn mat_row(w: Mat, row: usize, cols: usize, out: &mut [f32]) {
 }
 
 /// RMSNorm of each of the `n` rows of `x` (width `w.len()`) into `out`.
-pub fn rmsnorm_rows(kern: &Kernels, x: &[f32], w: Option<&[f32]>, eps: f32, width: usize, n: usize, out: &mut [f32]) {
+pub fn rmsnorm_rows(
+    kern: &Kernels,
+    x: &[f32],
+    w: Option<&[f32]>,
+    eps: f32,
+    width: usize,
+    n: usize,
+    out: &mut [f32],
+) {
     for t in 0..n {
-        (kern.rmsnorm)(&x[t * width..(t + 1) * width], w, eps, &mut out[t * width..(t + 1) * width]);
+        (kern.rmsnorm)(
+            &x[t * width..(t + 1) * width],
+            w,
+            eps,
+            &mut out[t * width..(t + 1) * width],
+        );
     }
 }
 

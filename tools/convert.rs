@@ -88,11 +88,14 @@ impl std::str::FromStr for Quant {
 #[derive(Clone, Debug)]
 pub struct ConvertOptions {
     pub quant: Quant,
+    /// Round RoPE frequencies to bf16 like a transformers model cast with
+    /// `model.to(torch.bfloat16)` (see `ModelConfig::rope_freq_bf16`). Off by default.
+    pub rope_freq_bf16: bool,
 }
 
 impl Default for ConvertOptions {
     fn default() -> Self {
-        ConvertOptions { quant: Quant::Q4 }
+        ConvertOptions { quant: Quant::Q4, rope_freq_bf16: false }
     }
 }
 
@@ -617,7 +620,8 @@ pub fn convert(
     }
     let t0 = Instant::now();
     let arch_name = architecture(&ck.config)?;
-    let cfg = model_config_from_hf(&ck.config)?;
+    let mut cfg = model_config_from_hf(&ck.config)?;
+    cfg.rope_freq_bf16 = opts.rope_freq_bf16;
     let src = ck.source.as_ref();
     let mut notes = Vec::new();
     let mut fallbacks = Vec::new();

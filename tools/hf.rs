@@ -329,6 +329,7 @@ pub fn model_config_from_hf(v: &Value) -> Result<ModelConfig> {
         Arch::Llama => {
             let (rope_theta, rope_scaling) = rope(&f, 10000.0)?;
             ModelConfig {
+                rope_freq_bf16: false,
                 arch,
                 vocab_size,
                 hidden_size,
@@ -450,6 +451,7 @@ pub fn model_config_from_hf(v: &Value) -> Result<ModelConfig> {
                 })
                 .collect();
             ModelConfig {
+                rope_freq_bf16: false,
                 arch,
                 vocab_size,
                 hidden_size,

@@ -16,6 +16,10 @@ pub struct Args {
     /// Weight precision: q4 (4-bit matrices, 8-bit embedding/output), q8, bf16 or f32.
     #[arg(long, default_value = "q4")]
     pub quant: String,
+    /// RoPE frequency precision: f32 (what `from_pretrained` uses) or bf16 (reproduces a
+    /// transformers model cast with `model.to(torch.bfloat16)`).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    pub rope_freq: String,
 }
 
 fn open_input(p: &Path) -> Result<Checkpoint> {
@@ -56,7 +60,7 @@ pub fn run(args: Args) -> Result<()> {
         ProgressEvent::Note(n) => bar.println(format!("note: {n}")),
         ProgressEvent::Done { .. } => bar.finish_and_clear(),
     };
-    let report = convert(&ck, &args.output, &ConvertOptions { quant }, &progress)?;
+    let report = convert(&ck, &args.output, &ConvertOptions { quant, rope_freq_bf16: args.rope_freq == "bf16" }, &progress)?;
     bar.finish_and_clear();
     println!(
         "wrote {} ({} tensors, {:.1} MiB, quant {}) in {:.2} s",

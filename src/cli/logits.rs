@@ -30,7 +30,11 @@ pub fn run(a: Args) -> Result<()> {
     let batch = if a.decode { 1 } else { t };
     let mut st = State::new(&model, t, batch, true);
     let mut logits = vec![0f32; t * v];
-    let mut hidden = if a.hidden { vec![0f32; (nl + 1) * t * hs] } else { vec![] };
+    let mut hidden = if a.hidden {
+        vec![0f32; (nl + 1) * t * hs]
+    } else {
+        vec![]
+    };
     for (step, chunk) in a.ids.chunks(batch).enumerate() {
         let t0 = step * batch;
         let mut obs = |layer: usize, _name: &str, h: &[f32]| {
@@ -39,7 +43,8 @@ pub fn run(a: Args) -> Result<()> {
                 hidden[at..at + hs].copy_from_slice(row);
             }
         };
-        let o: Option<ferroq::model::forward::Observer> = if a.hidden { Some(&mut obs) } else { None };
+        let o: Option<ferroq::model::forward::Observer> =
+            if a.hidden { Some(&mut obs) } else { None };
         model.forward_observed(&mut st, chunk, Logits::All, o)?;
         logits[t0 * v..(t0 + chunk.len()) * v].copy_from_slice(st.logits());
     }
@@ -51,7 +56,10 @@ pub fn run(a: Args) -> Result<()> {
 }
 
 /// Write f32 tensors as a safetensors file (to a temporary name, renamed when complete).
-pub fn write_safetensors_f32(path: &std::path::Path, tensors: &[(&str, Vec<usize>, &[f32])]) -> Result<()> {
+pub fn write_safetensors_f32(
+    path: &std::path::Path,
+    tensors: &[(&str, Vec<usize>, &[f32])],
+) -> Result<()> {
     let mut header = serde_json::Map::new();
     let mut off = 0usize;
     for (name, shape, data) in tensors {
@@ -62,7 +70,8 @@ pub fn write_safetensors_f32(path: &std::path::Path, tensors: &[(&str, Vec<usize
         );
         off += n;
     }
-    let mut h = serde_json::to_vec(&serde_json::Value::Object(header)).map_err(|e| Error::Other(e.to_string()))?;
+    let mut h = serde_json::to_vec(&serde_json::Value::Object(header))
+        .map_err(|e| Error::Other(e.to_string()))?;
     while h.len() % 8 != 0 {
         h.push(b' ');
     }

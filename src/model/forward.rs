@@ -27,29 +27,29 @@ pub struct State {
     // KV cache, per layer: [max_ctx, n_kv * head_dim]; keys after RoPE / QK norm
     k_cache: Vec<Vec<f32>>,
     v_cache: Vec<Vec<f32>>,
-    h: Vec<f32>,           // (B, H) residual stream
-    xn: Vec<f32>,          // (B, max(H, n_h*D)) normed input of a block
-    q8: Vec<BlockQ8A>,     // (B, max_k / 32) quantized activations
-    q: Vec<f32>,           // (B, n_h * D)
-    k: Vec<f32>,           // (B, n_kv * D)
-    v: Vec<f32>,           // (B, n_kv * D)
-    att: Vec<f32>,         // (B, n_h * D) attention output
-    scores: Vec<f32>,      // (max_ctx,)
-    cos: Vec<f32>,         // (B, D/2)
-    sin: Vec<f32>,         // (B, D/2)
-    gate: Vec<f32>,        // (B * k_exp, I_max)
-    up: Vec<f32>,          // (B * k_exp, I_max)
-    y: Vec<f32>,           // (B, H) FFN / attention projection output
+    h: Vec<f32>,       // (B, H) residual stream
+    xn: Vec<f32>,      // (B, max(H, n_h*D)) normed input of a block
+    q8: Vec<BlockQ8A>, // (B, max_k / 32) quantized activations
+    q: Vec<f32>,       // (B, n_h * D)
+    k: Vec<f32>,       // (B, n_kv * D)
+    v: Vec<f32>,       // (B, n_kv * D)
+    att: Vec<f32>,     // (B, n_h * D) attention output
+    scores: Vec<f32>,  // (max_ctx,)
+    cos: Vec<f32>,     // (B, D/2)
+    sin: Vec<f32>,     // (B, D/2)
+    gate: Vec<f32>,    // (B * k_exp, I_max)
+    up: Vec<f32>,      // (B * k_exp, I_max)
+    y: Vec<f32>,       // (B, H) FFN / attention projection output
     // MoE routing
-    router: Vec<f32>,      // (B, E)
-    top_idx: Vec<u32>,     // (B * k_exp,)
-    top_val: Vec<f32>,     // (B * k_exp,)
-    counts: Vec<u32>,      // (E,)
-    offsets: Vec<u32>,     // (E + 1,)
-    perm: Vec<u32>,        // (B * k_exp,)
-    xs: Vec<f32>,          // (B * k_exp, H) routed, score-scaled expert inputs
-    ys: Vec<f32>,          // (B * k_exp, H) expert outputs
-    logits: Vec<f32>,      // (B or 1, V)
+    router: Vec<f32>,  // (B, E)
+    top_idx: Vec<u32>, // (B * k_exp,)
+    top_val: Vec<f32>, // (B * k_exp,)
+    counts: Vec<u32>,  // (E,)
+    offsets: Vec<u32>, // (E + 1,)
+    perm: Vec<u32>,    // (B * k_exp,)
+    xs: Vec<f32>,      // (B * k_exp, H) routed, score-scaled expert inputs
+    ys: Vec<f32>,      // (B * k_exp, H) expert outputs
+    logits: Vec<f32>,  // (B or 1, V)
     n_logits: usize,
 }
 
@@ -68,11 +68,22 @@ impl State {
             pos: 0,
             max_ctx,
             max_batch,
-            k_cache: (0..c.num_layers).map(|_| vec![0.0; max_ctx * kvd]).collect(),
-            v_cache: (0..c.num_layers).map(|_| vec![0.0; max_ctx * kvd]).collect(),
+            k_cache: (0..c.num_layers)
+                .map(|_| vec![0.0; max_ctx * kvd])
+                .collect(),
+            v_cache: (0..c.num_layers)
+                .map(|_| vec![0.0; max_ctx * kvd])
+                .collect(),
             h: vec![0.0; max_batch * c.hidden_size],
             xn: vec![0.0; max_batch * wide],
-            q8: vec![BlockQ8A { d: 0.0, sum: 0, qs: [0; QK] }; bk * wide.div_ceil(QK)],
+            q8: vec![
+                BlockQ8A {
+                    d: 0.0,
+                    sum: 0,
+                    qs: [0; QK]
+                };
+                bk * wide.div_ceil(QK)
+            ],
             q: vec![0.0; max_batch * hd],
             k: vec![0.0; max_batch * kvd],
             v: vec![0.0; max_batch * kvd],
@@ -135,7 +146,13 @@ impl Model {
 
     /// [`Model::forward`] with an observer that sees `("hidden", layer)` after the embedding
     /// (layer 0) and after each layer (layer i + 1), for `tokens.len() × hidden_size`.
-    pub fn forward_observed(&self, st: &mut State, tokens: &[u32], want: Logits, mut obs: Option<Observer>) -> Result<()> {
+    pub fn forward_observed(
+        &self,
+        st: &mut State,
+        tokens: &[u32],
+        want: Logits,
+        mut obs: Option<Observer>,
+    ) -> Result<()> {
         let c = &self.config;
         let kern = &self.kernels;
         let n = tokens.len();
@@ -143,7 +160,10 @@ impl Model {
             return Err(Error::Input("no tokens to process".into()));
         }
         if n > st.max_batch {
-            return Err(Error::Input(format!("{n} tokens exceed the batch size {}", st.max_batch)));
+            return Err(Error::Input(format!(
+                "{n} tokens exceed the batch size {}",
+                st.max_batch
+            )));
         }
         if st.pos + n > st.max_ctx {
             return Err(Error::Input(format!(
@@ -152,7 +172,10 @@ impl Model {
             )));
         }
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-            return Err(Error::Input(format!("token id {bad} is out of range (vocabulary {})", c.vocab_size)));
+            return Err(Error::Input(format!(
+                "token id {bad} is out of range (vocabulary {})",
+                c.vocab_size
+            )));
         }
         if want == Logits::All && st.logits.len() < n * c.vocab_size {
             return Err(Error::Input("this state keeps only the last logits".into()));
@@ -174,7 +197,12 @@ impl Model {
         // ---- RoPE angles for the positions of this batch ----
         let half = d / 2;
         for t in 0..n {
-            ops::rope_cos_sin(&self.inv_freq, pos0 + t, &mut st.cos[t * half..(t + 1) * half], &mut st.sin[t * half..(t + 1) * half]);
+            ops::rope_cos_sin(
+                &self.inv_freq,
+                pos0 + t,
+                &mut st.cos[t * half..(t + 1) * half],
+                &mut st.sin[t * half..(t + 1) * half],
+            );
         }
 
         for (li, (lw, spec)) in self.layers.iter().zip(&c.layers).enumerate() {
@@ -183,7 +211,12 @@ impl Model {
             ops::rmsnorm_rows(kern, &st.h, Some(norm), c.rms_norm_eps, hs, n, &mut st.xn);
             let (wq, wk, wv) = (self.mat(lw.wq), self.mat(lw.wk), self.mat(lw.wv));
             let q8 = quantize_for(kern, &st.xn, hs, n, &mut st.q8, &[wq, wk, wv]);
-            let a = Act { x: &st.xn, k: hs, n_tok: n, q8 };
+            let a = Act {
+                x: &st.xn,
+                k: hs,
+                n_tok: n,
+                q8,
+            };
             matmul(kern, wq, qd, &a, &mut st.q, qd);
             matmul(kern, wk, kvd, &a, &mut st.k, kvd);
             matmul(kern, wv, kvd, &a, &mut st.v, kvd);
@@ -193,7 +226,10 @@ impl Model {
                 let q = &mut st.q[t * qd..(t + 1) * qd];
                 let k = &mut st.k[t * kvd..(t + 1) * kvd];
                 if spec.rope {
-                    let (cs, sn) = (&st.cos[t * half..(t + 1) * half], &st.sin[t * half..(t + 1) * half]);
+                    let (cs, sn) = (
+                        &st.cos[t * half..(t + 1) * half],
+                        &st.sin[t * half..(t + 1) * half],
+                    );
                     let rope = match c.rope_style {
                         RopeStyle::Interleaved => scalar::rope_interleaved,
                         RopeStyle::Half => scalar::rope_half,
@@ -205,7 +241,8 @@ impl Model {
                     // weightless RMS norm per head, after RoPE (in place through a copy-free
                     // two-pass: rmsnorm reads x before writing each element)
                     for x in q.chunks_exact_mut(d).chain(k.chunks_exact_mut(d)) {
-                        let ss: f64 = x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / d as f64;
+                        let ss: f64 =
+                            x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / d as f64;
                         let inv = (1.0 / (ss + c.rms_norm_eps as f64).sqrt()) as f32;
                         x.iter_mut().for_each(|v| *v *= inv);
                     }
@@ -217,7 +254,8 @@ impl Model {
                 }
                 // append to the cache
                 st.k_cache[li][p * kvd..(p + 1) * kvd].copy_from_slice(k);
-                st.v_cache[li][p * kvd..(p + 1) * kvd].copy_from_slice(&st.v[t * kvd..(t + 1) * kvd]);
+                st.v_cache[li][p * kvd..(p + 1) * kvd]
+                    .copy_from_slice(&st.v[t * kvd..(t + 1) * kvd]);
             }
 
             // causal attention over the cache (chunked layers: only the current chunk), GQA
@@ -235,7 +273,8 @@ impl Model {
                     let q = &st.q[t * qd + hh * d..t * qd + (hh + 1) * d];
                     let sc = &mut st.scores[..p + 1 - start];
                     for (j, s) in (start..=p).zip(sc.iter_mut()) {
-                        *s = (kern.dot_f32)(q, &kc[j * kvd + kh * d..j * kvd + (kh + 1) * d]) * scale;
+                        *s = (kern.dot_f32)(q, &kc[j * kvd + kh * d..j * kvd + (kh + 1) * d])
+                            * scale;
                     }
                     (kern.softmax)(sc);
                     let o = &mut st.att[t * qd + hh * d..t * qd + (hh + 1) * d];
@@ -247,7 +286,12 @@ impl Model {
             }
             let wo = self.mat(lw.wo);
             let q8 = quantize_for(kern, &st.att, qd, n, &mut st.q8, &[wo]);
-            let a = Act { x: &st.att, k: qd, n_tok: n, q8 };
+            let a = Act {
+                x: &st.att,
+                k: qd,
+                n_tok: n,
+                q8,
+            };
             matmul(kern, wo, hs, &a, &mut st.y, hs);
             for (h, y) in st.h[..n * hs].iter_mut().zip(&st.y) {
                 *h += y;
@@ -259,9 +303,24 @@ impl Model {
             match &lw.ffn {
                 FfnWeights::Dense { gate, up, down } => {
                     let w = [self.mat(*gate), self.mat(*up), self.mat(*down)];
-                    swiglu(kern, w, hs, c.intermediate_size, &st.xn, n, &mut st.q8, &mut st.gate, &mut st.up, &mut st.y);
+                    swiglu(
+                        kern,
+                        w,
+                        hs,
+                        c.intermediate_size,
+                        &st.xn,
+                        n,
+                        &mut st.q8,
+                        &mut st.gate,
+                        &mut st.up,
+                        &mut st.y,
+                    );
                 }
-                FfnWeights::Moe { router, shared, experts } => {
+                FfnWeights::Moe {
+                    router,
+                    shared,
+                    experts,
+                } => {
                     self.moe(st, *router, shared.as_ref(), experts, n);
                 }
             }
@@ -285,10 +344,23 @@ impl Model {
         };
         let m = rows.len();
         let norm = self.vec(self.output_norm);
-        ops::rmsnorm_rows(kern, &st.h[rows.start * hs..], Some(norm), c.rms_norm_eps, hs, m, &mut st.xn);
+        ops::rmsnorm_rows(
+            kern,
+            &st.h[rows.start * hs..],
+            Some(norm),
+            c.rms_norm_eps,
+            hs,
+            m,
+            &mut st.xn,
+        );
         let out = self.mat(self.output);
         let q8 = quantize_for(kern, &st.xn, hs, m, &mut st.q8, &[out]);
-        let a = Act { x: &st.xn, k: hs, n_tok: m, q8 };
+        let a = Act {
+            x: &st.xn,
+            k: hs,
+            n_tok: m,
+            q8,
+        };
         matmul(kern, out, c.vocab_size, &a, &mut st.logits, c.vocab_size);
         st.n_logits = m * c.vocab_size;
         Ok(())
@@ -296,15 +368,32 @@ impl Model {
 
     /// Llama 4 MoE: top-k on raw router logits, sigmoid of the chosen logits scales the expert
     /// INPUT, only routed experts run (tokens grouped per expert), shared expert always added.
-    fn moe(&self, st: &mut State, router: W, shared: Option<&[W; 3]>, experts: &[[W; 3]], n: usize) {
+    fn moe(
+        &self,
+        st: &mut State,
+        router: W,
+        shared: Option<&[W; 3]>,
+        experts: &[[W; 3]],
+        n: usize,
+    ) {
         let c = &self.config;
         let kern = &self.kernels;
         let (hs, ne, kx) = (c.hidden_size, c.num_experts, c.num_experts_per_tok);
         // router logits (B, E) in f32
-        let a = Act { x: &st.xn, k: hs, n_tok: n, q8: &[] };
+        let a = Act {
+            x: &st.xn,
+            k: hs,
+            n_tok: n,
+            q8: &[],
+        };
         matmul(kern, Mat::F32(self.vec(router)), ne, &a, &mut st.router, ne);
         for t in 0..n {
-            scalar::topk(&st.router[t * ne..(t + 1) * ne], kx, &mut st.top_idx[t * kx..(t + 1) * kx], &mut st.top_val[t * kx..(t + 1) * kx]);
+            scalar::topk(
+                &st.router[t * ne..(t + 1) * ne],
+                kx,
+                &mut st.top_idx[t * kx..(t + 1) * kx],
+                &mut st.top_val[t * kx..(t + 1) * kx],
+            );
         }
         // group (token, slot) pairs by expert: counts, offsets, permutation
         let pairs = n * kx;
@@ -326,7 +415,18 @@ impl Model {
         match shared {
             Some(w) => {
                 let w = [self.mat(w[0]), self.mat(w[1]), self.mat(w[2])];
-                swiglu(kern, w, hs, c.moe_intermediate_size, &st.xn, n, &mut st.q8, &mut st.gate, &mut st.up, &mut st.y)
+                swiglu(
+                    kern,
+                    w,
+                    hs,
+                    c.moe_intermediate_size,
+                    &st.xn,
+                    n,
+                    &mut st.q8,
+                    &mut st.gate,
+                    &mut st.up,
+                    &mut st.y,
+                )
             }
             None => st.y[..n * hs].iter_mut().for_each(|v| *v = 0.0),
         }
@@ -335,7 +435,10 @@ impl Model {
             let pair = st.perm[j] as usize;
             let t = pair / kx;
             let s = 1.0 / (1.0 + (-st.top_val[pair]).exp());
-            for (o, &x) in st.xs[j * hs..(j + 1) * hs].iter_mut().zip(&st.xn[t * hs..(t + 1) * hs]) {
+            for (o, &x) in st.xs[j * hs..(j + 1) * hs]
+                .iter_mut()
+                .zip(&st.xn[t * hs..(t + 1) * hs])
+            {
                 *o = x * s;
             }
         }
@@ -347,12 +450,26 @@ impl Model {
             }
             let w = [self.mat(w[0]), self.mat(w[1]), self.mat(w[2])];
             let (x, y) = (&st.xs[o0 * hs..o1 * hs], &mut st.ys[o0 * hs..o1 * hs]);
-            swiglu(kern, w, hs, c.moe_intermediate_size, x, o1 - o0, &mut st.q8, &mut st.gate, &mut st.up, y);
+            swiglu(
+                kern,
+                w,
+                hs,
+                c.moe_intermediate_size,
+                x,
+                o1 - o0,
+                &mut st.q8,
+                &mut st.gate,
+                &mut st.up,
+                y,
+            );
         }
         // scatter-add back to tokens
         for j in 0..pairs {
             let t = st.perm[j] as usize / kx;
-            for (y, &v) in st.y[t * hs..(t + 1) * hs].iter_mut().zip(&st.ys[j * hs..(j + 1) * hs]) {
+            for (y, &v) in st.y[t * hs..(t + 1) * hs]
+                .iter_mut()
+                .zip(&st.ys[j * hs..(j + 1) * hs])
+            {
                 *y += v;
             }
         }
@@ -376,7 +493,12 @@ fn swiglu(
 ) {
     let [wg, wu, wd] = w;
     let qa = quantize_for(kern, x, hs, m, q8, &[wg, wu]);
-    let a = Act { x, k: hs, n_tok: m, q8: qa };
+    let a = Act {
+        x,
+        k: hs,
+        n_tok: m,
+        q8: qa,
+    };
     matmul(kern, wg, inter, &a, gate, inter);
     matmul(kern, wu, inter, &a, up, inter);
     // gate <- silu(gate) * up
@@ -385,6 +507,11 @@ fn swiglu(
         *gv = scalar::silu(*gv) * uv;
     }
     let qa = quantize_for(kern, g, inter, m, q8, &[wd]);
-    let a = Act { x: g, k: inter, n_tok: m, q8: qa };
+    let a = Act {
+        x: g,
+        k: inter,
+        n_tok: m,
+        q8: qa,
+    };
     matmul(kern, wd, hs, &a, y, hs);
 }

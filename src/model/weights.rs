@@ -29,8 +29,16 @@ pub struct LayerWeights {
 /// The FFN of a layer.
 #[derive(Debug)]
 pub enum FfnWeights {
-    Dense { gate: W, up: W, down: W },
-    Moe { router: W, shared: Option<[W; 3]>, experts: Vec<[W; 3]> },
+    Dense {
+        gate: W,
+        up: W,
+        down: W,
+    },
+    Moe {
+        router: W,
+        shared: Option<[W; 3]>,
+        experts: Vec<[W; 3]>,
+    },
 }
 
 /// A loaded model. `Send + Sync`: share it (e.g. in an `Arc`) between many sessions.
@@ -72,22 +80,34 @@ impl Model {
                 .tensors()
                 .iter()
                 .position(|t| t.name == spec.name)
-                .ok_or_else(|| Error::format(file.path(), format!("tensor `{}` is missing", spec.name)))?;
+                .ok_or_else(|| {
+                    Error::format(file.path(), format!("tensor `{}` is missing", spec.name))
+                })?;
             let info = &file.tensors()[idx];
             if info.shape != spec.shape {
                 return Err(Error::format(
                     file.path(),
-                    format!("tensor `{}` has shape {:?}, the config implies {:?}", spec.name, info.shape, spec.shape),
+                    format!(
+                        "tensor `{}` has shape {:?}, the config implies {:?}",
+                        spec.name, info.shape, spec.shape
+                    ),
                 ));
             }
             let ok = match spec.role {
                 Role::Norm | Role::Router => info.dtype == DType::F32,
-                _ => matches!(info.dtype, DType::F32 | DType::F16 | DType::Bf16 | DType::Q4x8 | DType::Q8x8),
+                _ => matches!(
+                    info.dtype,
+                    DType::F32 | DType::F16 | DType::Bf16 | DType::Q4x8 | DType::Q8x8
+                ),
             };
             if !ok {
                 return Err(Error::format(
                     file.path(),
-                    format!("tensor `{}` has type {}, not allowed for its role", spec.name, info.dtype.name()),
+                    format!(
+                        "tensor `{}` has type {}, not allowed for its role",
+                        spec.name,
+                        info.dtype.name()
+                    ),
                 ));
             }
             ids.insert(spec.name, W(idx));
@@ -99,13 +119,25 @@ impl Model {
             let ffn = if l.moe {
                 FfnWeights::Moe {
                     router: p("router"),
-                    shared: config.shared_expert.then(|| [p("shared_gate"), p("shared_up"), p("shared_down")]),
+                    shared: config
+                        .shared_expert
+                        .then(|| [p("shared_gate"), p("shared_up"), p("shared_down")]),
                     experts: (0..config.num_experts)
-                        .map(|e| [p(&format!("experts.{e}.gate")), p(&format!("experts.{e}.up")), p(&format!("experts.{e}.down"))])
+                        .map(|e| {
+                            [
+                                p(&format!("experts.{e}.gate")),
+                                p(&format!("experts.{e}.up")),
+                                p(&format!("experts.{e}.down")),
+                            ]
+                        })
                         .collect(),
                 }
             } else {
-                FfnWeights::Dense { gate: p("ffn_gate"), up: p("ffn_up"), down: p("ffn_down") }
+                FfnWeights::Dense {
+                    gate: p("ffn_gate"),
+                    up: p("ffn_up"),
+                    down: p("ffn_down"),
+                }
             };
             layers.push(LayerWeights {
                 attn_norm: p("attn_norm"),
@@ -118,15 +150,35 @@ impl Model {
             });
         }
         let tok_embeddings = get("tok_embeddings");
-        let output = if config.tie_word_embeddings { tok_embeddings } else { get("output") };
-        let scaling = config
-            .rope_scaling
-            .map(|s| (s.factor, s.low_freq_factor, s.high_freq_factor, s.original_max_position_embeddings));
+        let output = if config.tie_word_embeddings {
+            tok_embeddings
+        } else {
+            get("output")
+        };
+        let scaling = config.rope_scaling.map(|s| {
+            (
+                s.factor,
+                s.low_freq_factor,
+                s.high_freq_factor,
+                s.original_max_position_embeddings,
+            )
+        });
         let mut inv_freq = crate::ops::rope_inv_freq(config.rope_theta, config.head_dim, scaling);
         if config.rope_freq_bf16 {
-            inv_freq.iter_mut().for_each(|f| *f = half::bf16::from_f32(*f).to_f32());
+            inv_freq
+                .iter_mut()
+                .for_each(|f| *f = half::bf16::from_f32(*f).to_f32());
         }
-        Ok(Model { output_norm: get("output_norm"), file, config, kernels, tok_embeddings, layers, output, inv_freq })
+        Ok(Model {
+            output_norm: get("output_norm"),
+            file,
+            config,
+            kernels,
+            tok_embeddings,
+            layers,
+            output,
+            inv_freq,
+        })
     }
 
     /// A matrix view (type checked at open).
@@ -153,6 +205,9 @@ impl Model {
 
     /// An embedded raw file (`blob.tokenizer.json`, ...).
     pub fn blob(&self, name: &str) -> Option<&[u8]> {
-        self.file.get(name).filter(|t| t.info.dtype == DType::U8).map(|t| t.data)
+        self.file
+            .get(name)
+            .filter(|t| t.info.dtype == DType::U8)
+            .map(|t| t.data)
     }
 }

@@ -1,0 +1,283 @@
+//! Forward-pass parity against Hugging Face transformers (issue 2 acceptance).
+//!
+//! For every fixture in `tests/fixtures/models/`: convert with `ferroq convert`, run the forward
+//! pass in prefill and in token-by-token decode mode, and compare with `expected.safetensors`
+//! (transformers 5.24, float32): logits, per-layer hidden states (a failure names the first
+//! diverging layer), and greedy ids.
+
+use ferroq::model::{Logits, Model, State};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Unquantized paths (f32, bf16 from bf16 checkpoints) reproduce transformers' logits to this.
+/// The issue's budget; we measure ~4e-4 (see `rope_freq_bf16` for where most of it comes from).
+const MAX_ABS_LOGIT_DIFF: f32 = 1e-3;
+/// The same budget for hidden states (values of order 1-3).
+const MAX_ABS_HIDDEN_DIFF: f32 = 1e-3;
+/// With the RoPE frequencies rounded as the fixture generator's `model.to(torch.bfloat16)` did,
+/// the remaining difference is float rounding only.
+const MAX_ABS_LOGIT_DIFF_EMULATED: f32 = 2e-5;
+/// Mean per-position cosine similarity of logits, quantized paths (issue 2 §5).
+const MIN_COSINE_Q8: f64 = 0.99;
+const MIN_COSINE_Q4: f64 = 0.95;
+
+const FIXTURES: [&str; 3] = ["llama3-tiny", "llama4-scout-tiny", "llama4-maverick-tiny"];
+
+fn fixture_dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/models")
+        .join(name)
+}
+
+fn tmp_path(tag: &str) -> PathBuf {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!("ferroq-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(format!("{tag}-{}.fqm", N.fetch_add(1, Ordering::SeqCst)))
+}
+
+/// Minimal safetensors reader for the expected outputs (F32 and I32 only).
+fn read_safetensors(path: &Path) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
+    let b = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+    let h: serde_json::Value = serde_json::from_slice(&b[8..8 + n]).unwrap();
+    let base = 8 + n;
+    let mut out = HashMap::new();
+    for (k, v) in h.as_object().unwrap() {
+        if k == "__metadata__" {
+            continue;
+        }
+        let shape: Vec<usize> = v["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_u64().unwrap() as usize)
+            .collect();
+        let off = v["data_offsets"].as_array().unwrap();
+        let (s, e) = (
+            off[0].as_u64().unwrap() as usize,
+            off[1].as_u64().unwrap() as usize,
+        );
+        let raw = &b[base + s..base + e];
+        let data: Vec<f32> = match v["dtype"].as_str().unwrap() {
+            "F32" => raw
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+            "I32" => raw
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f32)
+                .collect(),
+            d => panic!("unexpected dtype {d}"),
+        };
+        out.insert(k.clone(), (shape, data));
+    }
+    out
+}
+
+fn convert(name: &str, quant: &str, extra: &[&str]) -> PathBuf {
+    let out = tmp_path(&format!("{name}-{quant}"));
+    let st = Command::new(env!("CARGO_BIN_EXE_ferroq"))
+        .arg("convert")
+        .arg(fixture_dir(name))
+        .arg("-o")
+        .arg(&out)
+        .args(["--quant", quant])
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "convert {name} {quant} failed: {}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    out
+}
+
+struct Expected {
+    ids: Vec<u32>,
+    logits: Vec<f32>,
+    hidden: Vec<f32>,
+    greedy: Vec<u32>,
+    n_layers_plus1: usize,
+}
+
+fn expected(name: &str) -> Expected {
+    let e = read_safetensors(&fixture_dir(name).join("expected.safetensors"));
+    Expected {
+        ids: e["input_ids"].1.iter().map(|&v| v as u32).collect(),
+        logits: e["logits"].1.clone(),
+        hidden: e["hidden_states"].1.clone(),
+        greedy: e["greedy_ids"].1.iter().map(|&v| v as u32).collect(),
+        n_layers_plus1: e["hidden_states"].0[0],
+    }
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Prefill with hidden-state capture; returns (logits [T, V], hidden [L+1, T, H]).
+fn prefill(model: &Model, ids: &[u32]) -> (Vec<f32>, Vec<f32>) {
+    let c = &model.config;
+    let (t, hs) = (ids.len(), c.hidden_size);
+    let mut st = State::new(model, t, t, true);
+    let mut hidden = vec![0f32; (c.num_layers + 1) * t * hs];
+    let mut obs = |layer: usize, _: &str, h: &[f32]| {
+        hidden[layer * t * hs..(layer + 1) * t * hs].copy_from_slice(h)
+    };
+    model
+        .forward_observed(&mut st, ids, Logits::All, Some(&mut obs))
+        .unwrap();
+    (st.logits().to_vec(), hidden)
+}
+
+/// One token at a time through the KV cache; returns logits [T, V].
+fn decode(model: &Model, ids: &[u32]) -> Vec<f32> {
+    let mut st = State::new(model, ids.len(), 1, false);
+    let mut out = Vec::new();
+    for &id in ids {
+        model.forward(&mut st, &[id], Logits::Last).unwrap();
+        out.extend_from_slice(st.logits());
+    }
+    out
+}
+
+fn greedy(model: &Model, ids: &[u32], n: usize) -> Vec<u32> {
+    let mut st = State::new(model, ids.len() + n, ids.len(), false);
+    model.forward(&mut st, ids, Logits::Last).unwrap();
+    let mut out = vec![];
+    for _ in 0..n {
+        let l = st.logits();
+        let mut best = 0;
+        for (i, &v) in l.iter().enumerate() {
+            if v > l[best] {
+                best = i;
+            }
+        }
+        out.push(best as u32);
+        model
+            .forward(&mut st, &[best as u32], Logits::Last)
+            .unwrap();
+    }
+    out
+}
+
+/// Mean over positions of the cosine similarity of two [T, V] logit matrices.
+fn mean_cosine(a: &[f32], b: &[f32], v: usize) -> f64 {
+    let rows = a.len() / v;
+    let mut s = 0.0;
+    for r in 0..rows {
+        let (x, y) = (&a[r * v..(r + 1) * v], &b[r * v..(r + 1) * v]);
+        let dot: f64 = x.iter().zip(y).map(|(p, q)| *p as f64 * *q as f64).sum();
+        let nx: f64 = x.iter().map(|p| (*p as f64).powi(2)).sum::<f64>().sqrt();
+        let ny: f64 = y.iter().map(|p| (*p as f64).powi(2)).sum::<f64>().sqrt();
+        s += dot / (nx * ny);
+    }
+    s / rows as f64
+}
+
+fn check_unquantized(name: &str, quant: &str) {
+    let e = expected(name);
+    let path = convert(name, quant, &[]);
+    let model = Model::open(&path).unwrap();
+    let c = &model.config;
+    let (t, hs, v) = (e.ids.len(), c.hidden_size, c.vocab_size);
+    assert_eq!(e.n_layers_plus1, c.num_layers + 1);
+    let (logits, hidden) = prefill(&model, &e.ids);
+    // per-layer hidden states; transformers' last entry is after the final norm, so the last
+    // layer is checked through the logits instead
+    for l in 0..c.num_layers {
+        let r = l * t * hs..(l + 1) * t * hs;
+        let d = max_abs_diff(&hidden[r.clone()], &e.hidden[r]);
+        eprintln!("{name} {quant}: hidden[{l}] max|Δ| = {d:.3e}");
+        assert!(
+            d <= MAX_ABS_HIDDEN_DIFF,
+            "{name} {quant}: first diverging layer: {l} (max|Δ| {d})"
+        );
+    }
+    let d = max_abs_diff(&logits, &e.logits);
+    eprintln!("{name} {quant}: prefill logits max|Δ| = {d:.3e}");
+    assert!(
+        d <= MAX_ABS_LOGIT_DIFF,
+        "{name} {quant} prefill logits max|Δ| {d}"
+    );
+    let dl = decode(&model, &e.ids);
+    let d = max_abs_diff(&dl, &e.logits);
+    eprintln!("{name} {quant}: decode logits max|Δ| = {d:.3e}");
+    assert!(
+        d <= MAX_ABS_LOGIT_DIFF,
+        "{name} {quant} decode logits max|Δ| {d}"
+    );
+    assert_eq!(
+        greedy(&model, &e.ids, e.greedy.len()),
+        e.greedy,
+        "{name} {quant} greedy ids"
+    );
+    assert_eq!(logits.len(), t * v);
+    std::fs::remove_file(path).ok();
+}
+
+fn check_quantized(name: &str, quant: &str, min_cos: f64) {
+    let e = expected(name);
+    let path = convert(name, quant, &[]);
+    let model = Model::open(&path).unwrap();
+    let (logits, _) = prefill(&model, &e.ids);
+    let cos = mean_cosine(&logits, &e.logits, model.config.vocab_size);
+    eprintln!("{name} {quant}: mean cosine = {cos:.5}");
+    assert!(
+        cos >= min_cos,
+        "{name} {quant}: mean cosine {cos} < {min_cos}"
+    );
+    // decode agrees with prefill up to float tolerance on the same weights
+    let dl = decode(&model, &e.ids);
+    let d = max_abs_diff(&dl, &logits);
+    assert!(d <= 1e-2, "{name} {quant}: decode vs prefill max|Δ| {d}");
+    std::fs::remove_file(path).ok();
+}
+
+macro_rules! per_fixture {
+    ($($test:ident: $name:expr;)*) => {$(
+        mod $test {
+            use super::*;
+            #[test]
+            fn f32() { check_unquantized($name, "f32") }
+            #[test]
+            fn bf16() { check_unquantized($name, "bf16") }
+            #[test]
+            fn q8() { check_quantized($name, "q8", MIN_COSINE_Q8) }
+            #[test]
+            fn q4() { check_quantized($name, "q4", MIN_COSINE_Q4) }
+            #[test]
+            fn f32_rope_freq_bf16() {
+                let e = expected($name);
+                let path = convert($name, "f32", &["--rope-freq", "bf16"]);
+                let model = Model::open(&path).unwrap();
+                let (logits, _) = prefill(&model, &e.ids);
+                let d = max_abs_diff(&logits, &e.logits);
+                eprintln!("{} f32 --rope-freq bf16: logits max|Δ| = {d:.3e}", $name);
+                assert!(d <= MAX_ABS_LOGIT_DIFF_EMULATED, "max|Δ| {d}");
+                std::fs::remove_file(path).ok();
+            }
+        }
+    )*};
+}
+
+per_fixture! {
+    llama3_tiny: "llama3-tiny";
+    llama4_scout_tiny: "llama4-scout-tiny";
+    llama4_maverick_tiny: "llama4-maverick-tiny";
+}
+
+#[test]
+fn fixtures_listed() {
+    for f in FIXTURES {
+        assert!(fixture_dir(f).join("expected.safetensors").exists(), "{f}");
+    }
+}
