@@ -4,4 +4,6 @@
 //! Dependency direction: tools → format/model → kernels (the converter quantizes with the
 //! kernels crate's scalar twins, the same code the runtime's tests trust).
 
+pub mod safetensors_write;
 pub mod source;
+pub mod synth;
