@@ -6,6 +6,7 @@
 pub mod error;
 pub mod format;
 pub mod model;
+pub mod pool;
 #[path = "../tools/mod.rs"]
 pub mod tools;
 

@@ -177,10 +177,11 @@ impl Shape {
         {
             return bad("num_key_value_heads", "must divide num_attention_heads");
         }
-        if self.family == Family::Llama4 && self.moe_step > 0 {
-            if self.num_experts == 0 || self.top_k == 0 || self.top_k > self.num_experts {
-                return bad("num_experts_per_tok", "must be in 1..=num_local_experts");
-            }
+        if self.family == Family::Llama4
+            && self.moe_step > 0
+            && (self.num_experts == 0 || self.top_k == 0 || self.top_k > self.num_experts)
+        {
+            return bad("num_experts_per_tok", "must be in 1..=num_local_experts");
         }
         Ok(())
     }
@@ -497,7 +498,7 @@ pub fn parse_size(s: &str) -> Result<u64> {
         .parse()
         .map_err(|_| Error::config("shard-size", format!("bad number in `{s}`")))?;
     let v = n * mult as f64;
-    if !(v >= 1.0 && v < 1e18) {
+    if !(1.0..1e18).contains(&v) {
         return Err(Error::config(
             "shard-size",
             format!("`{s}` is out of range"),
