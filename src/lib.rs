@@ -7,6 +7,7 @@ pub mod error;
 pub mod format;
 pub mod model;
 pub mod ops;
+pub mod pool;
 #[path = "../tools/mod.rs"]
 pub mod tools;
 

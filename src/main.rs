@@ -26,6 +26,8 @@ enum Cmd {
     Logits(cli::logits::Args),
     /// Greedy generation from token ids; prints the generated ids as JSON.
     Generate(cli::generate::Args),
+    /// Write a random-weight Hugging Face checkpoint of a named shape (for speed tests).
+    Synth(cli::synth::Args),
 }
 
 fn main() {
@@ -35,6 +37,7 @@ fn main() {
         Cmd::Inspect(a) => cli::inspect::run(a),
         Cmd::Logits(a) => cli::logits::run(a),
         Cmd::Generate(a) => cli::generate::run(a),
+        Cmd::Synth(a) => cli::synth::run(a),
     };
     if let Err(e) = r {
         eprintln!("ferroq: error: {e}");

@@ -7,4 +7,6 @@
 pub mod convert;
 pub mod hf;
 pub mod safetensors;
+pub mod safetensors_write;
 pub mod source;
+pub mod synth;
