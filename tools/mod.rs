@@ -5,3 +5,4 @@
 //! kernels crate's scalar twins, the same code the runtime's tests trust).
 
 pub mod source;
+pub mod gguf;
