@@ -519,10 +519,7 @@ impl<'a> Cursor<'a> {
     fn take(&mut self, n: u64, what: &str) -> Result<&'a [u8]> {
         let rem = (self.b.len() - self.pos) as u64;
         if n > rem {
-            return Err(self.err(
-                what,
-                format!("truncated file: need {n} bytes, {rem} left"),
-            ));
+            return Err(self.err(what, format!("truncated file: need {n} bytes, {rem} left")));
         }
         let s = &self.b[self.pos..self.pos + n as usize];
         self.pos += n as usize;
@@ -720,7 +717,10 @@ impl GgufFile {
         if n_kv.saturating_mul(13) > c.remaining() {
             return Err(c.err(
                 "metadata_kv_count",
-                format!("{n_kv} pairs cannot fit in the {} bytes left", c.remaining()),
+                format!(
+                    "{n_kv} pairs cannot fit in the {} bytes left",
+                    c.remaining()
+                ),
             ));
         }
         let mut metadata = Vec::with_capacity(n_kv as usize);
@@ -778,10 +778,7 @@ impl GgufFile {
             }
             let nd = c.u32(&what)?;
             if nd == 0 || nd > MAX_DIMS {
-                return Err(c.err(
-                    &what,
-                    format!("n_dims {nd} out of range 1..={MAX_DIMS}"),
-                ));
+                return Err(c.err(&what, format!("n_dims {nd} out of range 1..={MAX_DIMS}")));
             }
             let mut dims = Vec::with_capacity(nd as usize);
             for _ in 0..nd {
@@ -858,9 +855,9 @@ impl GgufFile {
                     return Err(Error::format(
                         &origin,
                         format!(
-                            "tensor `{}`: data [{} + {}, +{} bytes) lies outside the file ({} bytes)",
-                            t.name, data_offset, t.rel, t.size, file_len
-                        ),
+                        "tensor `{}`: data [{} + {}, +{} bytes) lies outside the file ({} bytes)",
+                        t.name, data_offset, t.rel, t.size, file_len
+                    ),
                     ))
                 }
             }
@@ -1217,7 +1214,11 @@ pub fn checkpoint(file: GgufFile) -> Result<Checkpoint> {
         let is_q = name.ends_with("self_attn.q_proj.weight");
         let is_k = name.ends_with("self_attn.k_proj.weight");
         let unpermute = if is_q || is_k {
-            let (rows, heads) = if is_q { (q_rows, n_head) } else { (kv_rows, n_kv) };
+            let (rows, heads) = if is_q {
+                (q_rows, n_head)
+            } else {
+                (kv_rows, n_kv)
+            };
             if t.dims.len() != 2 || t.dims[1] != rows || t.dims[0] != hidden {
                 return Err(Error::tensor(
                     &t.name,
@@ -1237,7 +1238,10 @@ pub fn checkpoint(file: GgufFile) -> Result<Checkpoint> {
             shape,
             dtype: t.ty.name().to_string(),
         });
-        map.push(Mapped { gguf: gi, unpermute });
+        map.push(Mapped {
+            gguf: gi,
+            unpermute,
+        });
     }
     let embd = file
         .tensor("token_embd.weight")
@@ -1438,13 +1442,15 @@ fn tokenizer(file: &GgufFile) -> Result<Option<Tok<'_>>> {
     let eot = id("tokenizer.ggml.eot_token_id")?;
     let pad = id("tokenizer.ggml.padding_token_id")?;
     let unk = id("tokenizer.ggml.unknown_token_id")?;
-    let add_bos = file.opt_bool("tokenizer.ggml.add_bos_token")?.unwrap_or(false);
-    let add_eos = file.opt_bool("tokenizer.ggml.add_eos_token")?.unwrap_or(false);
+    let add_bos = file
+        .opt_bool("tokenizer.ggml.add_bos_token")?
+        .unwrap_or(false);
+    let add_eos = file
+        .opt_bool("tokenizer.ggml.add_eos_token")?
+        .unwrap_or(false);
     let pre = file.opt_str("tokenizer.ggml.pre")?.unwrap_or("default");
 
-    let byte_level = |use_regex: bool| {
-        json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex})
-    };
+    let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
     let (pre_tokenizer, ignore_merges) = match pre {
         "default" | "gpt2" | "gpt-2" | "smollm" => (byte_level(true), false),
         "llama-bpe" | "llama3" | "llama-v3" => (
@@ -1501,8 +1507,10 @@ fn tokenizer(file: &GgufFile) -> Result<Option<Tok<'_>>> {
             "normalized": !special, "special": special
         }));
     }
-    let post_processor = match (add_bos.then_some(bos).flatten(), add_eos.then_some(eos).flatten())
-    {
+    let post_processor = match (
+        add_bos.then_some(bos).flatten(),
+        add_eos.then_some(eos).flatten(),
+    ) {
         (None, None) => json!({"type": "TemplateProcessing",
             "single": [{"Sequence": {"id": "A", "type_id": 0}}],
             "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],

@@ -4,5 +4,5 @@
 //! Dependency direction: tools → format/model → kernels (the converter quantizes with the
 //! kernels crate's scalar twins, the same code the runtime's tests trust).
 
-pub mod source;
 pub mod gguf;
+pub mod source;
