@@ -51,14 +51,7 @@ fn f16_values() {
     let got = both_versions(F16, &[6], data);
     assert_eq!(
         got,
-        [
-            1.0,
-            -2.0,
-            65504.0,
-            5.960464477539063e-8,
-            0.333251953125,
-            -0.0
-        ]
+        [1.0, -2.0, 65504.0, 2f32.powi(-24), 1365.0 / 4096.0, -0.0]
     );
     assert!(got[5].is_sign_negative());
 }
@@ -704,8 +697,8 @@ fn bad_value_types() {
 fn bad_tensor_infos() {
     let (bytes, lay) = small_valid();
     let t = 4; // some tensor
-               // offsets: unaligned, beyond the end, overflowing, overlapping tensor 0
-    for v in [1u64, 1 << 40, u64::MAX - 31, u64::MAX & !31] {
+               // offsets: unaligned, beyond the end, overflowing
+    for v in [1u64, 1 << 40, u64::MAX - 31, !31u64] {
         let mut b = bytes.clone();
         put_u64(&mut b, lay.offset_pos[t], v);
         assert!(must_fail(b, "offset").contains("tensor `"), "offset {v}");
