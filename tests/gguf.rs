@@ -173,7 +173,8 @@ fn dequantize_checks_sizes() {
     let mut out = vec![0f32; 31];
     assert!(dequantize(GgmlType::Q8_0, &[0u8; 34], &mut out).is_err());
     let mut out = vec![0f32; 256];
-    assert!(dequantize(GgmlType::Q6K, &[0u8; 210], &mut out).is_err());
+    assert!(dequantize(GgmlType::Q6K, &[0u8; 209], &mut out).is_err());
+    assert!(dequantize(GgmlType::Q3K, &[0u8; 110], &mut out).is_err());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -730,10 +731,10 @@ fn bad_tensor_infos() {
     let mut b = bytes.clone();
     put_u32(&mut b, lay.type_pos[t], Q4_0); // q_proj row of 8 is not a 32-block
     assert!(must_fail(b, "block").contains("block size"));
-    // supported by the parser but not by dequantization: Q6_K needs 256-element rows
+    // known to the parser but not dequantized: Q3_K
     let mut w = GgufWriter::new(3);
     w.kv("general.architecture", Meta::s("test"));
-    w.tensor("t", &[256], 14, vec![0; 210]);
+    w.tensor("t", &[256], 11, vec![0; 110]);
     let f = GgufFile::from_bytes("k.gguf", w.build()).unwrap();
     let mut out = Vec::new();
     assert!(f.read_f32("t", &mut out).is_err());
@@ -1012,4 +1013,94 @@ fn smollm2_real_gguf() {
     );
     // ... and so is the whole file: same behaviour by construction
     assert_eq!(ours, theirs, "tokenizer.json");
+}
+
+// ---------------------------------------------------------------------------------------------
+// K-quants (common in llama.cpp's Q4_K_M files): pseudo-random blocks checked against llama.cpp's
+// `gguf` Python package 0.19.0 (`gguf.dequantize`), see tests/fixtures/SOURCES.md.
+
+fn lcg_bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed;
+    (0..n)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (x >> 56) as u8
+        })
+        .collect()
+}
+
+#[allow(clippy::type_complexity)]
+const KQUANT_REFERENCE: &[(u32, usize, &[usize], f64, &[(usize, u32)])] = &[
+    (
+        12,
+        144,
+        &[0, 2],
+        2.216875701904e+03,
+        &[
+            (0, 0x3ec260c0),
+            (1, 0x3f139060),
+            (31, 0x3f395860),
+            (32, 0x40c61934),
+            (33, 0x3f8338d0),
+            (63, 0x40c61934),
+            (64, 0x3e087980),
+            (95, 0x405f6918),
+            (96, 0x402cfdb8),
+            (127, 0x3e8925c0),
+            (128, 0x3ebbfac0),
+            (200, 0x409b5eec),
+            (255, 0x401113c8),
+            (256, 0x412f71fc),
+            (300, 0x410ccffc),
+            (511, 0x402698f0),
+        ],
+    ),
+    (
+        14,
+        210,
+        &[208],
+        3.186194152832e+02,
+        &[
+            (0, 0x41814860),
+            (1, 0xc065d600),
+            (31, 0x4200fcd0),
+            (32, 0x407d7300),
+            (33, 0xc03b5500),
+            (63, 0x00000000),
+            (64, 0x410ea9e0),
+            (95, 0x412d8ec0),
+            (96, 0x40b05000),
+            (127, 0x41184e40),
+            (128, 0xc176c240),
+            (200, 0xbf726e00),
+            (255, 0xbfb05000),
+            (256, 0xc1254b00),
+            (300, 0xc1ad8ec0),
+            (511, 0x41172000),
+        ],
+    ),
+];
+
+#[test]
+fn k_quants_match_ggml_reference() {
+    for &(ty, tsz, dpos, sum, samples) in KQUANT_REFERENCE {
+        let mut b = lcg_bytes(2 * tsz, 7);
+        for blk in 0..2 {
+            for (i, &p) in dpos.iter().enumerate() {
+                let v = [0.0123f32, -0.0031][i] * (blk + 1) as f32;
+                b[blk * tsz + p..blk * tsz + p + 2].copy_from_slice(&f16_bits(v));
+            }
+        }
+        let got = both_versions(ty, &[512], b);
+        for &(i, bits) in samples {
+            assert_eq!(got[i].to_bits(), bits, "type {ty} [{i}] = {}", got[i]);
+        }
+        let s: f64 = got.iter().map(|&x| x as f64).sum();
+        assert!(
+            (s - sum).abs() <= 1e-9 * sum.abs(),
+            "type {ty}: sum {s} vs {sum}"
+        );
+    }
 }

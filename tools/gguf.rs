@@ -10,7 +10,7 @@
 //! `general.alignment` (default 32), then the data section.
 //!
 //! [`open`] turns a `llama` architecture GGUF into a [`Checkpoint`] with Hugging Face tensor
-//! names and shapes, a synthesized `config.json`, `tokenizer.json`, `tokenizer_config.json`,
+//! names and shapes (dequantizing F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K), a synthesized `config.json`, `tokenizer.json`, `tokenizer_config.json`,
 //! `generation_config.json` and the chat template. Tensors are dequantized to f32 exactly as
 //! ggml defines it, one tensor at a time, straight from the memory map; llama.cpp's Q/K row
 //! permutation is undone.
@@ -299,7 +299,10 @@ impl GgmlType {
     /// Whether [`dequantize`] supports this type.
     pub fn can_dequantize(self) -> bool {
         use GgmlType::*;
-        matches!(self, F32 | F16 | BF16 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0)
+        matches!(
+            self,
+            F32 | F16 | BF16 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q4K | Q6K
+        )
     }
 }
 
@@ -404,6 +407,62 @@ pub fn dequantize(ty: GgmlType, src: &[u8], out: &mut [f32]) -> Result<()> {
                     let q = b[8 + j] as u32;
                     o[j] = ((q & 0x0F) | xh0) as f32 * d + m;
                     o[j + 16] = ((q >> 4) | xh1) as f32 * d + m;
+                }
+            }
+        }
+        Q4K => {
+            // struct { f16 d; f16 dmin; u8 scales[12]; u8 qs[128]; }: 8 sub-blocks of 32 with
+            // 6-bit scales and mins; x = d * sc * q - dmin * m
+            for (o, b) in out.chunks_exact_mut(256).zip(src.chunks_exact(144)) {
+                let d = f16_at(b, 0);
+                let dmin = f16_at(b, 2);
+                let sc = &b[4..16];
+                let qs = &b[16..144];
+                let scale_min = |j: usize| -> (u8, u8) {
+                    if j < 4 {
+                        (sc[j] & 63, sc[j + 4] & 63)
+                    } else {
+                        (
+                            (sc[j + 4] & 0xF) | ((sc[j - 4] >> 6) << 4),
+                            (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4),
+                        )
+                    }
+                };
+                for c in 0..4 {
+                    let (s1, m1) = scale_min(2 * c);
+                    let (s2, m2) = scale_min(2 * c + 1);
+                    let (d1, m1) = (d * s1 as f32, dmin * m1 as f32);
+                    let (d2, m2) = (d * s2 as f32, dmin * m2 as f32);
+                    let q = &qs[32 * c..32 * c + 32];
+                    let y = &mut o[64 * c..64 * c + 64];
+                    for l in 0..32 {
+                        y[l] = d1 * (q[l] & 0xF) as f32 - m1;
+                        y[l + 32] = d2 * (q[l] >> 4) as f32 - m2;
+                    }
+                }
+            }
+        }
+        Q6K => {
+            // struct { u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d; }: x = d * sc * (q - 32)
+            for (o, b) in out.chunks_exact_mut(256).zip(src.chunks_exact(210)) {
+                let d = f16_at(b, 208);
+                for h in 0..2 {
+                    let ql = &b[64 * h..64 * h + 64];
+                    let qh = &b[128 + 32 * h..128 + 32 * h + 32];
+                    let sc = &b[192 + 8 * h..192 + 8 * h + 8];
+                    let y = &mut o[128 * h..128 * h + 128];
+                    for l in 0..32 {
+                        let is = l / 16;
+                        let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
+                        let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+                        let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+                        let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+                        let s = |k: usize| d * (sc[is + k] as i8) as f32;
+                        y[l] = s(0) * q1 as f32;
+                        y[l + 32] = s(2) * q2 as f32;
+                        y[l + 64] = s(4) * q3 as f32;
+                        y[l + 96] = s(6) * q4 as f32;
+                    }
                 }
             }
         }
