@@ -10,10 +10,10 @@
 //! `general.alignment` (default 32), then the data section.
 //!
 //! [`open`] turns a `llama` architecture GGUF into a [`Checkpoint`] with Hugging Face tensor
-//! names and shapes (dequantizing F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K), a synthesized `config.json`, `tokenizer.json`, `tokenizer_config.json`,
+//! names and shapes, a synthesized `config.json`, `tokenizer.json`, `tokenizer_config.json`,
 //! `generation_config.json` and the chat template. Tensors are dequantized to f32 exactly as
-//! ggml defines it, one tensor at a time, straight from the memory map; llama.cpp's Q/K row
-//! permutation is undone.
+//! ggml defines it (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K), one tensor at a
+//! time, straight from the memory map; llama.cpp's Q/K row permutation is undone.
 
 use std::collections::HashMap;
 use std::path::Path;
