@@ -8,5 +8,6 @@ pub mod convert;
 pub mod hf;
 pub mod safetensors;
 pub mod safetensors_write;
+pub mod gguf;
 pub mod source;
 pub mod synth;
