@@ -26,11 +26,7 @@ fn open_input(p: &Path) -> Result<Checkpoint> {
     if p.extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
     {
-        // HOOK(gguf): replace with `ferroq::tools::gguf::open(p)` once tools/gguf.rs is merged.
-        return Err(Error::Input(format!(
-            "{}: GGUF support not built yet",
-            p.display()
-        )));
+        return ferroq::tools::gguf::open(p);
     }
     ferroq::tools::hf::open_hf_dir(p)
 }
