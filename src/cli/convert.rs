@@ -2,7 +2,7 @@
 
 use ferroq::tools::convert::{convert, ConvertOptions, ProgressEvent, Quant};
 use ferroq::tools::source::Checkpoint;
-use ferroq::{Error, Result};
+use ferroq::Result;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 
