@@ -38,23 +38,32 @@ pub fn quantize_q8a(x: &[f32], out: &mut [BlockQ8A]) {
 // Weight quantization (converter side)
 // ---------------------------------------------------------------------------------------------
 
-/// Index of the codebook level nearest to `v` (in codebook units).
+/// Midpoints between consecutive codebook levels: level `i` is nearest for values in
+/// `(MID[i-1], MID[i]]`.
+const MID: [f32; 15] = {
+    let mut m = [0.0f32; 15];
+    let mut i = 0;
+    while i < 15 {
+        m[i] = (KVALUES[i] as f32 + KVALUES[i + 1] as f32) * 0.5;
+        i += 1;
+    }
+    m
+};
+
+/// Index of the codebook level nearest to `v` (in codebook units); ties go to the lower level.
 #[inline]
 fn nearest_level(v: f32) -> usize {
-    let mut best = 0;
-    let mut best_err = f32::INFINITY;
-    for (i, &k) in KVALUES.iter().enumerate() {
-        let e = (v - k as f32).abs();
-        if e < best_err {
-            best_err = e;
-            best = i;
-        }
-    }
-    best
+    // branch-light binary search over the 15 midpoints
+    MID.partition_point(|&m| m < v)
 }
 
 /// Quantize 32 weights to the 4-bit codebook, searching the scale that minimises the squared
 /// error. Returns `(d, q)` with `d` already rounded to f16.
+///
+/// For each trial inverse scale (around the ones that map the largest-magnitude weight to either
+/// end of the codebook) the levels are assigned by rounding, the scale is refit by least squares
+/// (`d = Σxv / Σv²`), and the trial with the lowest error `Σx² − (Σxv)²/Σv²` wins (the same
+/// search as ggml's IQ4_NL quantizer, without an importance matrix).
 pub fn quantize_block_q4(x: &[f32]) -> (f16, [u8; QK]) {
     debug_assert_eq!(x.len(), QK);
     let mut q = [0u8; QK];
@@ -69,30 +78,20 @@ pub fn quantize_block_q4(x: &[f32]) -> (f16, [u8; QK]) {
     if amax == 0.0 || !amax.is_finite() {
         return (f16::ZERO, [8; QK]);
     }
-    // 2. try scales that map `max` to a range of levels around each codebook end;
-    //    for each, assign levels, then refit d by least squares; keep the lowest error.
-    const NTRY: i32 = 10;
-    let mut best = (f32::INFINITY, 0.0f32);
+    // 2. trial scales; keep the one with the largest (Σxv)²/Σv² (= lowest squared error)
+    const NTRY: i32 = 7;
+    let mut best = (f32::NEG_INFINITY, 0.0f32);
     for anchor in [KVALUES[0] as f32, KVALUES[15] as f32] {
         for itry in -NTRY..=NTRY {
-            let id = (anchor + itry as f32 * 0.5 * anchor.signum()) / max;
+            let id = (anchor + itry as f32 * anchor.signum()) / max;
             let (mut sxv, mut svv) = (0.0f32, 0.0f32);
             for &v in x {
                 let l = KVALUES[nearest_level(v * id)] as f32;
                 sxv += v * l;
                 svv += l * l;
             }
-            if svv == 0.0 {
-                continue;
-            }
-            let d = sxv / svv;
-            let mut err = 0.0f32;
-            for &v in x {
-                let l = KVALUES[nearest_level(v / d)] as f32;
-                err += (v - d * l) * (v - d * l);
-            }
-            if err < best.0 {
-                best = (err, d);
+            if svv > 0.0 && sxv * sxv / svv > best.0 {
+                best = (sxv * sxv / svv, sxv / svv);
             }
         }
     }
@@ -102,8 +101,9 @@ pub fn quantize_block_q4(x: &[f32]) -> (f16, [u8; QK]) {
     if df == 0.0 || !df.is_finite() {
         return (f16::ZERO, [8; QK]);
     }
+    let id = 1.0 / df;
     for (qi, &v) in q.iter_mut().zip(x) {
-        *qi = nearest_level(v / df) as u8;
+        *qi = nearest_level(v * id) as u8;
     }
     (d, q)
 }
