@@ -26,14 +26,14 @@ const EXP_REL_TOL: f32 = 2e-5;
 /// the mean, halved by the square root; 1e-6 covers n ≤ 8192.
 const RMSNORM_REL_TOL: f32 = 1e-6;
 /// Round-trip RMSE of `quantize_q4x8` on N(0,1) data (fixed seed, 64×4096), relative to the
-/// data's std. Measured 0.0992 (IQ4_NL codebook with the scale search of the twin); budget
-/// +10 %.
-const Q4X8_RMSE_MAX: f64 = 0.109;
-/// Same for `quantize_q8x8`. Measured 0.00820 (amax/127 steps on Gaussian blocks of 32).
-const Q8X8_RMSE_MAX: f64 = 0.0090;
+/// data's std. Measured 0.07387 (IQ4_NL codebook with the scale search of the twin, seed 5);
+/// budget +10 %.
+const Q4X8_RMSE_MAX: f64 = 0.081;
+/// Same for `quantize_q8x8`. Measured 0.005339 (amax/127 steps, f16 scale); budget +10 %.
+const Q8X8_RMSE_MAX: f64 = 0.0059;
 /// Quantized dot (weights and activations quantized) against the f64 dot of the unquantized
-/// data, relative to `‖w‖·‖x‖`, max over 64 rows × 4 tokens at k = 4096. Measured 0.0029 (Q4)
-/// and 0.00029 (Q8) ; budget ~2× measured.
+/// data, relative to `‖w‖·‖x‖`, max over 64 rows × 4 tokens at k = 4096 (seed 4). Measured
+/// 0.00294 (Q4) and 0.000342 (Q8), identical on every tier; budget ~2× measured.
 const Q4_DOT_REL_ERR: f64 = 0.006;
 const Q8_DOT_REL_ERR: f64 = 0.0008;
 
