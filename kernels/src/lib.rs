@@ -7,7 +7,18 @@
 //!   [`Kernels::detect`] and stored by the caller (no global state).
 
 pub mod block;
+mod driver;
+mod portable;
+pub mod routing;
 pub mod scalar;
+
+// The only places where the target architecture is selected (style rule 2).
+#[cfg(target_arch = "aarch64")]
+mod aarch64;
+#[cfg(feature = "check-kernels")]
+mod check;
+#[cfg(target_arch = "x86_64")]
+mod x86_64;
 
 pub use block::{BlockQ4x8, BlockQ8A, BlockQ8x8, KVALUES, QK, ROWS};
 
@@ -68,7 +79,11 @@ impl CpuLevel {
         let mut v = vec![CpuLevel::Scalar, CpuLevel::Portable];
         #[cfg(target_arch = "x86_64")]
         {
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // F16C (vcvtph2ps) ships with every AVX2 CPU; checked because the AVX2 tier uses it.
+            if std::is_x86_feature_detected!("avx2")
+                && std::is_x86_feature_detected!("fma")
+                && std::is_x86_feature_detected!("f16c")
+            {
                 v.push(CpuLevel::Avx2);
                 if std::is_x86_feature_detected!("avx512f")
                     && std::is_x86_feature_detected!("avx512bw")
@@ -133,6 +148,31 @@ pub type GemmF32Fn = fn(&[f32], usize, usize, &[f32], usize, &mut [f32], usize);
 /// Float-activation product with 16-bit (bf16 or f16 bits) weights.
 pub type GemmH16Fn = fn(&[u16], usize, usize, &[f32], usize, &mut [f32], usize);
 
+/// Expert gather product, `gemm_q4x8_gather(w, n_rows, k, x_all, rows, y, ld_y)`:
+/// `y[i * ld_y + r] = Σ_k W[r][k] · x_all[rows[i]][k]` for `i < rows.len()`, `r < n_rows`.
+/// `x_all` holds whole activation rows (`k / 32` blocks each); the rows are read in place.
+/// Twin: [`scalar::gemm_q4x8_gather`].
+pub type GatherQ4Fn = fn(&[BlockQ4x8], usize, usize, &[BlockQ8A], &[u32], &mut [f32], usize);
+/// Same as [`GatherQ4Fn`] for 8-bit weights. Twin: [`scalar::gemm_q8x8_gather`].
+pub type GatherQ8Fn = fn(&[BlockQ8x8], usize, usize, &[BlockQ8A], &[u32], &mut [f32], usize);
+/// Fused expert gate/up with SiLU, `ffn_gate_up_q4x8(w_gate, w_up, n_rows, k, x_all, rows, y,
+/// ld_y)`: `y[i * ld_y + r] = silu((G x_all[rows[i]])[r]) · (U x_all[rows[i]])[r]`.
+/// Twin: [`scalar::ffn_gate_up_q4x8`].
+pub type GateUpQ4Fn =
+    fn(&[BlockQ4x8], &[BlockQ4x8], usize, usize, &[BlockQ8A], &[u32], &mut [f32], usize);
+/// Same as [`GateUpQ4Fn`] for 8-bit weights. Twin: [`scalar::ffn_gate_up_q8x8`].
+pub type GateUpQ8Fn =
+    fn(&[BlockQ8x8], &[BlockQ8x8], usize, usize, &[BlockQ8A], &[u32], &mut [f32], usize);
+/// Weighted scatter-add, `scatter_add(src, ld_src, n, rows, weights, dst, ld_dst)`:
+/// `dst[rows[i] * ld_dst + j] += weights[i] · src[i * ld_src + j]` for `j < n`, in order of `i`.
+/// Twin: [`scalar::scatter_add`].
+pub type ScatterAddFn = fn(&[f32], usize, usize, &[u32], &[f32], &mut [f32], usize);
+/// Top-k, `topk(logits, k, idx, val)`. Twin: [`scalar::topk`].
+pub type TopkFn = fn(&[f32], usize, &mut [u32], &mut [f32]);
+/// Grouping by expert, `group_by_expert(expert_of, n_experts, counts, offsets, perm, inv)`.
+/// Twin: [`scalar::group_by_expert`].
+pub type GroupFn = fn(&[u32], usize, &mut [u32], &mut [u32], &mut [u32], &mut [u32]);
+
 /// The kernel table of one CPU level. Build it once ([`Kernels::detect`]) and keep it.
 #[derive(Clone, Copy, Debug)]
 pub struct Kernels {
@@ -148,40 +188,116 @@ pub struct Kernels {
     pub rmsnorm: fn(&[f32], Option<&[f32]>, f32, &mut [f32]),
     pub softmax: fn(&mut [f32]),
     pub silu_mul: fn(&[f32], &[f32], &mut [f32]),
+    // Expert routing.
+    pub gemm_q4x8_gather: GatherQ4Fn,
+    pub gemm_q8x8_gather: GatherQ8Fn,
+    pub ffn_gate_up_q4x8: GateUpQ4Fn,
+    pub ffn_gate_up_q8x8: GateUpQ8Fn,
+    pub scatter_add: ScatterAddFn,
+    pub topk: TopkFn,
+    pub group_by_expert: GroupFn,
+}
+
+/// The scalar reference table.
+pub(crate) const SCALAR: Kernels = Kernels {
+    level: CpuLevel::Scalar,
+    quantize_q8a: scalar::quantize_q8a,
+    gemm_q4x8: scalar::gemm_q4x8,
+    gemm_q8x8: scalar::gemm_q8x8,
+    gemm_f32: scalar::gemm_f32,
+    gemm_bf16: scalar::gemm_bf16,
+    gemm_f16: scalar::gemm_f16,
+    dot_f32: scalar::dot_f32,
+    axpy_f32: scalar::axpy_f32,
+    rmsnorm: scalar::rmsnorm,
+    softmax: scalar::softmax,
+    silu_mul: scalar::silu_mul,
+    gemm_q4x8_gather: scalar::gemm_q4x8_gather,
+    gemm_q8x8_gather: scalar::gemm_q8x8_gather,
+    ffn_gate_up_q4x8: scalar::ffn_gate_up_q4x8,
+    ffn_gate_up_q8x8: scalar::ffn_gate_up_q8x8,
+    scatter_add: scalar::scatter_add,
+    topk: scalar::topk,
+    group_by_expert: scalar::group_by_expert,
+};
+
+/// A tier's table as a type, so that `check-kernels` can wrap it in generic (capture-free)
+/// functions.
+pub(crate) trait TierTable {
+    const K: Kernels;
+}
+
+macro_rules! tier_table {
+    ($name:ident, $table:expr) => {
+        pub(crate) struct $name;
+        impl TierTable for $name {
+            const K: Kernels = $table;
+        }
+    };
+}
+tier_table!(ScalarT, SCALAR);
+tier_table!(PortableT, portable::KERNELS);
+#[cfg(target_arch = "x86_64")]
+tier_table!(Avx2T, x86_64::AVX2);
+#[cfg(target_arch = "x86_64")]
+tier_table!(Avx512T, x86_64::AVX512VNNI);
+#[cfg(target_arch = "aarch64")]
+tier_table!(NeonT, aarch64::NEON);
+#[cfg(target_arch = "aarch64")]
+tier_table!(NeonDotT, aarch64::NEON_DOT);
+#[cfg(target_arch = "aarch64")]
+tier_table!(NeonI8mmT, aarch64::NEON_I8MM);
+
+fn finish<T: TierTable>() -> Kernels {
+    #[cfg(feature = "check-kernels")]
+    {
+        check::wrap::<T>()
+    }
+    #[cfg(not(feature = "check-kernels"))]
+    {
+        T::K
+    }
 }
 
 impl Kernels {
     /// The scalar reference table.
     pub fn scalar() -> Kernels {
-        Kernels {
-            level: CpuLevel::Scalar,
-            quantize_q8a: scalar::quantize_q8a,
-            gemm_q4x8: scalar::gemm_q4x8,
-            gemm_q8x8: scalar::gemm_q8x8,
-            gemm_f32: scalar::gemm_f32,
-            gemm_bf16: scalar::gemm_bf16,
-            gemm_f16: scalar::gemm_f16,
-            dot_f32: scalar::dot_f32,
-            axpy_f32: scalar::axpy_f32,
-            rmsnorm: scalar::rmsnorm,
-            softmax: scalar::softmax,
-            silu_mul: scalar::silu_mul,
-        }
+        SCALAR
     }
 
     /// The table for `level`. Returns `None` if this CPU does not support it.
+    ///
+    /// The SIMD entries of a table re-check their CPU features (a cached atomic load) on every
+    /// call, so a table can never run an instruction the CPU lacks, even if copied elsewhere.
     pub fn for_level(level: CpuLevel) -> Option<Kernels> {
         if !CpuLevel::available().contains(&level) {
             return None;
         }
-        // SIMD tiers fill in their entries here; until a tier has a kernel, the scalar twin serves.
-        let k = Kernels::scalar();
-        Some(Kernels { level, ..k })
+        // Generations per tier: see the `CpuLevel` variants.
+        let k = match level {
+            CpuLevel::Scalar => finish::<ScalarT>(),
+            CpuLevel::Portable => finish::<PortableT>(),
+            #[cfg(target_arch = "x86_64")]
+            CpuLevel::Avx2 => finish::<Avx2T>(),
+            #[cfg(target_arch = "x86_64")]
+            CpuLevel::Avx512Vnni => finish::<Avx512T>(),
+            #[cfg(target_arch = "aarch64")]
+            CpuLevel::Neon => finish::<NeonT>(),
+            #[cfg(target_arch = "aarch64")]
+            CpuLevel::NeonDot => finish::<NeonDotT>(),
+            #[cfg(target_arch = "aarch64")]
+            CpuLevel::NeonI8mm => finish::<NeonI8mmT>(),
+            #[allow(unreachable_patterns)]
+            _ => return None,
+        };
+        Some(k)
     }
 
-    /// Detect the CPU once (honouring `FERROQ_CPU`) and build its table.
+    /// Detect the CPU once (honouring `FERROQ_CPU`), log the choice on stderr and build its table.
     pub fn detect() -> Kernels {
         let level = CpuLevel::from_env();
-        Kernels::for_level(level).unwrap_or_else(Kernels::scalar)
+        let k = Kernels::for_level(level).unwrap_or_else(Kernels::scalar);
+        eprintln!("ferroq: kernels: {}", k.level.name());
+        k
     }
 }

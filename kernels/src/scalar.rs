@@ -536,3 +536,107 @@ pub fn group_by_expert(
         fill[e as usize] += 1;
     }
 }
+
+/// `Q4x8` weights × the activation rows listed in `rows` (expert gather, nothing copied):
+/// `y[i * ld_y + r] = Σ_k W[r][k] · x_all[rows[i]][k]` for `i < rows.len()`, `r < n_rows`.
+/// `x_all` holds whole activation rows of `k / 32` blocks.
+pub fn gemm_q4x8_gather(
+    w: &[BlockQ4x8],
+    n_rows: usize,
+    k: usize,
+    x_all: &[BlockQ8A],
+    rows: &[u32],
+    y: &mut [f32],
+    ld_y: usize,
+) {
+    let nb = k / QK;
+    for (i, &row) in rows.iter().enumerate() {
+        // 1. the activation row in place
+        let xr = &x_all[row as usize * nb..(row as usize + 1) * nb];
+        // 2. a one-token product into output row i
+        gemm_q4x8(w, n_rows, k, xr, 1, &mut y[i * ld_y..], ld_y);
+    }
+}
+
+/// `Q8x8` version of [`gemm_q4x8_gather`].
+pub fn gemm_q8x8_gather(
+    w: &[BlockQ8x8],
+    n_rows: usize,
+    k: usize,
+    x_all: &[BlockQ8A],
+    rows: &[u32],
+    y: &mut [f32],
+    ld_y: usize,
+) {
+    let nb = k / QK;
+    for (i, &row) in rows.iter().enumerate() {
+        let xr = &x_all[row as usize * nb..(row as usize + 1) * nb];
+        gemm_q8x8(w, n_rows, k, xr, 1, &mut y[i * ld_y..], ld_y);
+    }
+}
+
+/// Fused expert gate/up projection with SiLU, `Q4x8` weights:
+/// `y[i * ld_y + r] = silu((G x_all[rows[i]])[r]) · (U x_all[rows[i]])[r]` for `r < n_rows`.
+/// `w_gate` and `w_up` are both `n_rows × k`.
+#[allow(clippy::too_many_arguments)]
+pub fn ffn_gate_up_q4x8(
+    w_gate: &[BlockQ4x8],
+    w_up: &[BlockQ4x8],
+    n_rows: usize,
+    k: usize,
+    x_all: &[BlockQ8A],
+    rows: &[u32],
+    y: &mut [f32],
+    ld_y: usize,
+) {
+    let mut g = vec![0.0f32; n_rows]; // scratch only in the reference twin
+    let mut u = vec![0.0f32; n_rows];
+    for (i, &row) in rows.iter().enumerate() {
+        let one = [row];
+        // 1. gate and up projections of this row
+        gemm_q4x8_gather(w_gate, n_rows, k, x_all, &one, &mut g, n_rows);
+        gemm_q4x8_gather(w_up, n_rows, k, x_all, &one, &mut u, n_rows);
+        // 2. silu(gate) * up
+        silu_mul(&g, &u, &mut y[i * ld_y..i * ld_y + n_rows]);
+    }
+}
+
+/// `Q8x8` version of [`ffn_gate_up_q4x8`].
+#[allow(clippy::too_many_arguments)]
+pub fn ffn_gate_up_q8x8(
+    w_gate: &[BlockQ8x8],
+    w_up: &[BlockQ8x8],
+    n_rows: usize,
+    k: usize,
+    x_all: &[BlockQ8A],
+    rows: &[u32],
+    y: &mut [f32],
+    ld_y: usize,
+) {
+    let mut g = vec![0.0f32; n_rows];
+    let mut u = vec![0.0f32; n_rows];
+    for (i, &row) in rows.iter().enumerate() {
+        let one = [row];
+        gemm_q8x8_gather(w_gate, n_rows, k, x_all, &one, &mut g, n_rows);
+        gemm_q8x8_gather(w_up, n_rows, k, x_all, &one, &mut u, n_rows);
+        silu_mul(&g, &u, &mut y[i * ld_y..i * ld_y + n_rows]);
+    }
+}
+
+/// Weighted scatter-add of expert outputs back to their tokens:
+/// `dst[rows[i] * ld_dst + j] += weights[i] * src[i * ld_src + j]` for `i < rows.len()`, `j < n`,
+/// in order of `i` (each element is `y + a * x`, multiply then add, no fused multiply-add).
+pub fn scatter_add(
+    src: &[f32],
+    ld_src: usize,
+    n: usize,
+    rows: &[u32],
+    weights: &[f32],
+    dst: &mut [f32],
+    ld_dst: usize,
+) {
+    for (i, (&row, &wt)) in rows.iter().zip(weights).enumerate() {
+        let d = &mut dst[row as usize * ld_dst..row as usize * ld_dst + n];
+        axpy_f32(wt, &src[i * ld_src..i * ld_src + n], d);
+    }
+}

@@ -1,0 +1,59 @@
+//! aarch64 tiers. The float vector ops other than dot/axpy are the portable ones: `wide` is
+//! compiled with NEON on aarch64 (baseline feature), so they are NEON code already.
+
+pub(crate) mod dotprod;
+pub(crate) mod i8mm;
+pub(crate) mod neon;
+
+use crate::driver;
+use crate::{portable, CpuLevel, Kernels};
+use dotprod::NeonDot;
+use i8mm::NeonI8mm;
+use neon::Neon;
+
+/// Advanced SIMD (every aarch64 CPU: Cortex-A53/A72, Graviton 1, ...).
+pub(crate) const NEON: Kernels = Kernels {
+    level: CpuLevel::Neon,
+    quantize_q8a: neon::quantize_q8a,
+    gemm_q4x8: driver::gemm_q4x8::<Neon>,
+    gemm_q8x8: driver::gemm_q8x8::<Neon>,
+    gemm_f32: portable::gemm_f32,
+    gemm_bf16: portable::gemm_bf16,
+    gemm_f16: portable::gemm_f16,
+    dot_f32: neon::dot_f32,
+    axpy_f32: neon::axpy_f32,
+    rmsnorm: portable::rmsnorm,
+    softmax: portable::softmax,
+    silu_mul: portable::silu_mul,
+    gemm_q4x8_gather: driver::gemm_q4x8_gather::<Neon>,
+    gemm_q8x8_gather: driver::gemm_q8x8_gather::<Neon>,
+    ffn_gate_up_q4x8: driver::ffn_gate_up_q4x8::<Neon>,
+    ffn_gate_up_q8x8: driver::ffn_gate_up_q8x8::<Neon>,
+    scatter_add: neon::scatter_add,
+    topk: crate::scalar::topk,
+    group_by_expert: crate::routing::group_by_expert,
+};
+
+/// NEON + dotprod (Cortex-A55/A76 and later, Neoverse N1, Apple M1, Graviton 2).
+pub(crate) const NEON_DOT: Kernels = Kernels {
+    level: CpuLevel::NeonDot,
+    gemm_q4x8: driver::gemm_q4x8::<NeonDot>,
+    gemm_q8x8: driver::gemm_q8x8::<NeonDot>,
+    gemm_q4x8_gather: driver::gemm_q4x8_gather::<NeonDot>,
+    gemm_q8x8_gather: driver::gemm_q8x8_gather::<NeonDot>,
+    ffn_gate_up_q4x8: driver::ffn_gate_up_q4x8::<NeonDot>,
+    ffn_gate_up_q8x8: driver::ffn_gate_up_q8x8::<NeonDot>,
+    ..NEON
+};
+
+/// NEON + dotprod + i8mm (Cortex-A510/A710/X2, Neoverse V1/N2, Graviton 3, Apple M2).
+pub(crate) const NEON_I8MM: Kernels = Kernels {
+    level: CpuLevel::NeonI8mm,
+    gemm_q4x8: driver::gemm_q4x8::<NeonI8mm>,
+    gemm_q8x8: driver::gemm_q8x8::<NeonI8mm>,
+    gemm_q4x8_gather: driver::gemm_q4x8_gather::<NeonI8mm>,
+    gemm_q8x8_gather: driver::gemm_q8x8_gather::<NeonI8mm>,
+    ffn_gate_up_q4x8: driver::ffn_gate_up_q4x8::<NeonI8mm>,
+    ffn_gate_up_q8x8: driver::ffn_gate_up_q8x8::<NeonI8mm>,
+    ..NEON_DOT
+};

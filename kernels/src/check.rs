@@ -1,0 +1,179 @@
+//! `check-kernels`: every dispatched call also runs the scalar twin and asserts closeness
+//! (rav1e's `check_asm`). Quantized products and `quantize_q8a` must match exactly (the tiers
+//! reproduce the twin's integer sums and float order); float reductions within
+//! [`CHECK_REL_TOL`] of the sum of absolute terms.
+
+use crate::{scalar, BlockQ4x8, BlockQ8A, BlockQ8x8, Kernels, TierTable};
+
+/// Relative tolerance for reassociated f32 sums: `n · ε` bound for `n` up to ~2^13 terms,
+/// taken as 1e-3 of `Σ|terms|` (loose on purpose: this guards against wrong kernels, the unit
+/// tests pin the exact budgets).
+pub const CHECK_REL_TOL: f32 = 1e-3;
+
+fn close(what: &str, got: &[f32], want: &[f32], scale: f32) {
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let ok = (g.is_nan() && w.is_nan()) || (g - w).abs() <= CHECK_REL_TOL * (scale + w.abs());
+        assert!(ok, "check-kernels: {what}[{i}] = {g}, scalar twin {w}");
+    }
+}
+
+fn exact(what: &str, got: &[f32], want: &[f32]) {
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
+            "check-kernels: {what}[{i}] = {g}, scalar twin {w} (must be identical)"
+        );
+    }
+}
+
+fn quantize_q8a<T: TierTable>(x: &[f32], out: &mut [BlockQ8A]) {
+    (T::K.quantize_q8a)(x, out);
+    let mut r = out[..x.len() / 32].to_vec();
+    scalar::quantize_q8a(x, &mut r);
+    assert!(r[..] == out[..x.len() / 32], "check-kernels: quantize_q8a differs from its twin");
+}
+
+fn gemm_q4x8<T: TierTable>(w: &[BlockQ4x8], n: usize, k: usize, x: &[BlockQ8A], t: usize, y: &mut [f32], ld: usize) {
+    (T::K.gemm_q4x8)(w, n, k, x, t, y, ld);
+    let mut r = y.to_vec();
+    scalar::gemm_q4x8(w, n, k, x, t, &mut r, ld);
+    exact("gemm_q4x8", y, &r);
+}
+
+fn gemm_q8x8<T: TierTable>(w: &[BlockQ8x8], n: usize, k: usize, x: &[BlockQ8A], t: usize, y: &mut [f32], ld: usize) {
+    (T::K.gemm_q8x8)(w, n, k, x, t, y, ld);
+    let mut r = y.to_vec();
+    scalar::gemm_q8x8(w, n, k, x, t, &mut r, ld);
+    exact("gemm_q8x8", y, &r);
+}
+
+fn gemm_q4x8_gather<T: TierTable>(w: &[BlockQ4x8], n: usize, k: usize, x: &[BlockQ8A], rows: &[u32], y: &mut [f32], ld: usize) {
+    (T::K.gemm_q4x8_gather)(w, n, k, x, rows, y, ld);
+    let mut r = y.to_vec();
+    scalar::gemm_q4x8_gather(w, n, k, x, rows, &mut r, ld);
+    exact("gemm_q4x8_gather", y, &r);
+}
+
+fn gemm_q8x8_gather<T: TierTable>(w: &[BlockQ8x8], n: usize, k: usize, x: &[BlockQ8A], rows: &[u32], y: &mut [f32], ld: usize) {
+    (T::K.gemm_q8x8_gather)(w, n, k, x, rows, y, ld);
+    let mut r = y.to_vec();
+    scalar::gemm_q8x8_gather(w, n, k, x, rows, &mut r, ld);
+    exact("gemm_q8x8_gather", y, &r);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn ffn_gate_up_q4x8<T: TierTable>(g: &[BlockQ4x8], u: &[BlockQ4x8], n: usize, k: usize, x: &[BlockQ8A], rows: &[u32], y: &mut [f32], ld: usize) {
+    (T::K.ffn_gate_up_q4x8)(g, u, n, k, x, rows, y, ld);
+    let mut r = y.to_vec();
+    scalar::ffn_gate_up_q4x8(g, u, n, k, x, rows, &mut r, ld);
+    exact("ffn_gate_up_q4x8", y, &r);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn ffn_gate_up_q8x8<T: TierTable>(g: &[BlockQ8x8], u: &[BlockQ8x8], n: usize, k: usize, x: &[BlockQ8A], rows: &[u32], y: &mut [f32], ld: usize) {
+    (T::K.ffn_gate_up_q8x8)(g, u, n, k, x, rows, y, ld);
+    let mut r = y.to_vec();
+    scalar::ffn_gate_up_q8x8(g, u, n, k, x, rows, &mut r, ld);
+    exact("ffn_gate_up_q8x8", y, &r);
+}
+
+fn dot_scale(w: &[f32], x: &[f32]) -> f32 {
+    w.iter().zip(x).map(|(a, b)| (a * b).abs()).sum()
+}
+
+fn gemm_f32<T: TierTable>(w: &[f32], n: usize, k: usize, x: &[f32], t: usize, y: &mut [f32], ld: usize) {
+    (T::K.gemm_f32)(w, n, k, x, t, y, ld);
+    let mut r = y.to_vec();
+    scalar::gemm_f32(w, n, k, x, t, &mut r, ld);
+    let s = (0..n).map(|i| dot_scale(&w[i * k..(i + 1) * k], &x[..k])).fold(0.0f32, f32::max);
+    close("gemm_f32", y, &r, s);
+}
+
+fn gemm_bf16<T: TierTable>(w: &[u16], n: usize, k: usize, x: &[f32], t: usize, y: &mut [f32], ld: usize) {
+    (T::K.gemm_bf16)(w, n, k, x, t, y, ld);
+    let mut r = y.to_vec();
+    scalar::gemm_bf16(w, n, k, x, t, &mut r, ld);
+    let s = r.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    close("gemm_bf16", y, &r, s);
+}
+
+fn gemm_f16<T: TierTable>(w: &[u16], n: usize, k: usize, x: &[f32], t: usize, y: &mut [f32], ld: usize) {
+    (T::K.gemm_f16)(w, n, k, x, t, y, ld);
+    let mut r = y.to_vec();
+    scalar::gemm_f16(w, n, k, x, t, &mut r, ld);
+    let s = r.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    close("gemm_f16", y, &r, s);
+}
+
+fn dot_f32<T: TierTable>(a: &[f32], b: &[f32]) -> f32 {
+    let g = (T::K.dot_f32)(a, b);
+    close("dot_f32", &[g], &[scalar::dot_f32(a, b)], dot_scale(a, b));
+    g
+}
+
+fn axpy_f32<T: TierTable>(a: f32, x: &[f32], y: &mut [f32]) {
+    let mut r = y.to_vec();
+    (T::K.axpy_f32)(a, x, y);
+    scalar::axpy_f32(a, x, &mut r);
+    exact("axpy_f32", y, &r);
+}
+
+fn rmsnorm<T: TierTable>(x: &[f32], w: Option<&[f32]>, eps: f32, out: &mut [f32]) {
+    (T::K.rmsnorm)(x, w, eps, out);
+    let mut r = out.to_vec();
+    scalar::rmsnorm(x, w, eps, &mut r);
+    close("rmsnorm", out, &r, 0.0);
+}
+
+fn softmax<T: TierTable>(x: &mut [f32]) {
+    let mut r = x.to_vec();
+    (T::K.softmax)(x);
+    scalar::softmax(&mut r);
+    close("softmax", x, &r, 0.0);
+}
+
+fn silu_mul<T: TierTable>(g: &[f32], u: &[f32], out: &mut [f32]) {
+    (T::K.silu_mul)(g, u, out);
+    let mut r = out.to_vec();
+    scalar::silu_mul(g, u, &mut r);
+    close("silu_mul", out, &r, 0.0);
+}
+
+fn scatter_add<T: TierTable>(src: &[f32], ld_src: usize, n: usize, rows: &[u32], w: &[f32], dst: &mut [f32], ld_dst: usize) {
+    let mut r = dst.to_vec();
+    (T::K.scatter_add)(src, ld_src, n, rows, w, dst, ld_dst);
+    scalar::scatter_add(src, ld_src, n, rows, w, &mut r, ld_dst);
+    exact("scatter_add", dst, &r);
+}
+
+fn group_by_expert<T: TierTable>(e: &[u32], n: usize, c: &mut [u32], o: &mut [u32], p: &mut [u32], i: &mut [u32]) {
+    (T::K.group_by_expert)(e, n, c, o, p, i);
+    let (mut c2, mut o2, mut p2, mut i2) = (c.to_vec(), o.to_vec(), p.to_vec(), i.to_vec());
+    scalar::group_by_expert(e, n, &mut c2, &mut o2, &mut p2, &mut i2);
+    assert!(c == &c2[..] && o == &o2[..] && p == &p2[..] && i == &i2[..], "check-kernels: group_by_expert");
+}
+
+/// The checking table of tier `T`.
+pub(crate) fn wrap<T: TierTable>() -> Kernels {
+    Kernels {
+        level: T::K.level,
+        quantize_q8a: quantize_q8a::<T>,
+        gemm_q4x8: gemm_q4x8::<T>,
+        gemm_q8x8: gemm_q8x8::<T>,
+        gemm_f32: gemm_f32::<T>,
+        gemm_bf16: gemm_bf16::<T>,
+        gemm_f16: gemm_f16::<T>,
+        dot_f32: dot_f32::<T>,
+        axpy_f32: axpy_f32::<T>,
+        rmsnorm: rmsnorm::<T>,
+        softmax: softmax::<T>,
+        silu_mul: silu_mul::<T>,
+        gemm_q4x8_gather: gemm_q4x8_gather::<T>,
+        gemm_q8x8_gather: gemm_q8x8_gather::<T>,
+        ffn_gate_up_q4x8: ffn_gate_up_q4x8::<T>,
+        ffn_gate_up_q8x8: ffn_gate_up_q8x8::<T>,
+        scatter_add: scatter_add::<T>,
+        topk: T::K.topk,
+        group_by_expert: group_by_expert::<T>,
+    }
+}

@@ -1,0 +1,303 @@
+//! Tier-independent drivers around the per-ISA micro-kernels.
+//!
+//! Every tier implements one micro-kernel per weight type, [`Tile::tile`]: one 8-row weight group
+//! (all `k / 32` blocks) against `NY` activation rows, where `NY` is a compile-time constant, so
+//! each weight block is loaded and unpacked once and reused for `NY` activation rows. The drivers
+//! here cut a whole product into such tiles:
+//!
+//! ```text
+//! for each chunk of TOK_CHUNK output rows           (activations of the chunk stay in L2)
+//!   for each 8-row weight group g                   (matrix × vector: weights streamed once)
+//!     split the chunk into ceil(n / NYMAX) tiles of nearly equal size (never a 1-row leftover)
+//!     tile::<NY>(w[g], [x rows of the tile], out)  (NY = 1..=8, picked by a match)
+//! ```
+//!
+//! The activation row of output row `i` is `i` for a plain product or `rows[i]` for the
+//! expert-gather product: the micro-kernel receives slices into `x`, nothing is copied.
+
+use crate::block::{BlockQ8A, QK, ROWS};
+
+/// One micro-kernel: an 8-row weight group against `NY` activation rows.
+///
+/// `w` holds the `k / 32` blocks of the group, each `x[t]` at least `w.len()` activation blocks.
+/// `out[t][r]` receives `Σ_b (d_w[r] · d_a[t][b]) · isum[t][b][r]`, summed over blocks in order,
+/// with the float operations in exactly the order of the scalar twin.
+pub(crate) trait Tile<B>: Copy {
+    /// Largest `NY` worth using (register budget of the tier), at most 8.
+    const NYMAX: usize;
+    fn tile<const NY: usize>(self, w: &[B], x: &[&[BlockQ8A]; NY], out: &mut [[f32; ROWS]; NY]);
+}
+
+/// Output rows per chunk: 64 rows × 160 blocks × 40 B = 410 KiB of activations at k = 5120.
+const TOK_CHUNK: usize = 64;
+
+/// `y[i * ld_y + r] = Σ_k W[r][k] · x[row(i)][k]` for `i < n_out`, `r < n_rows`, where
+/// `row(i) = rows[i]` if `rows` is given, else `i`.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+pub(crate) fn gemm<B, T: Tile<B>>(
+    t: T,
+    w: &[B],
+    n_rows: usize,
+    k: usize,
+    x: &[BlockQ8A],
+    rows: Option<&[u32]>,
+    n_out: usize,
+    y: &mut [f32],
+    ld_y: usize,
+) {
+    run(t, w, None, n_rows, k, x, rows, n_out, y, ld_y);
+}
+
+/// Fused gate/up: `y[i * ld_y + r] = silu(G x_i)[r] · (U x_i)[r]`. Both weight groups are
+/// multiplied against the same activation tile while it is in L1.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+pub(crate) fn gate_up<B, T: Tile<B>>(
+    t: T,
+    w_gate: &[B],
+    w_up: &[B],
+    n_rows: usize,
+    k: usize,
+    x: &[BlockQ8A],
+    rows: &[u32],
+    y: &mut [f32],
+    ld_y: usize,
+) {
+    run(t, w_gate, Some(w_up), n_rows, k, x, Some(rows), rows.len(), y, ld_y);
+}
+
+/// Shape checks shared by every quantized product (done once per call, not in the hot loop).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn check_shapes<B>(
+    w: &[B],
+    n_rows: usize,
+    k: usize,
+    x: &[BlockQ8A],
+    rows: Option<&[u32]>,
+    n_out: usize,
+    y: &[f32],
+    ld_y: usize,
+) {
+    assert!(k % QK == 0, "k = {k} is not a multiple of {QK}");
+    let nb = k / QK;
+    assert!(
+        w.len() >= n_rows.div_ceil(ROWS) * nb,
+        "weights hold {} blocks, need {}",
+        w.len(),
+        n_rows.div_ceil(ROWS) * nb
+    );
+    assert!(ld_y >= n_rows || n_out <= 1, "ld_y = {ld_y} < n_rows = {n_rows}");
+    if n_out > 0 {
+        assert!(y.len() >= (n_out - 1) * ld_y + n_rows, "y too short");
+    }
+    match rows {
+        Some(rows) => {
+            assert!(rows.len() >= n_out);
+            let n_x = if nb == 0 { usize::MAX } else { x.len() / nb };
+            assert!(
+                rows[..n_out].iter().all(|&r| (r as usize) < n_x),
+                "row index out of range"
+            );
+        }
+        None => assert!(x.len() >= n_out * nb, "activations too short"),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn run<B, T: Tile<B>>(
+    t: T,
+    w: &[B],
+    w_up: Option<&[B]>,
+    n_rows: usize,
+    k: usize,
+    x: &[BlockQ8A],
+    rows: Option<&[u32]>,
+    n_out: usize,
+    y: &mut [f32],
+    ld_y: usize,
+) {
+    check_shapes(w, n_rows, k, x, rows, n_out, y, ld_y);
+    if let Some(u) = w_up {
+        check_shapes(u, n_rows, k, x, rows, n_out, y, ld_y);
+    }
+    let nb = k / QK;
+    let groups = n_rows.div_ceil(ROWS);
+    let nymax = T::NYMAX.clamp(1, 8);
+    let mut c0 = 0;
+    while c0 < n_out {
+        let c1 = (c0 + TOK_CHUNK).min(n_out);
+        for g in 0..groups {
+            let wg = &w[g * nb..(g + 1) * nb];
+            let ug = w_up.map(|u| &u[g * nb..(g + 1) * nb]);
+            // even split of the chunk into tiles of at most nymax rows
+            let n = c1 - c0;
+            let n_tiles = n.div_ceil(nymax);
+            let (base, extra) = (n / n_tiles, n % n_tiles);
+            let mut s = c0;
+            for i in 0..n_tiles {
+                let ny = base + usize::from(i < extra);
+                let a = Args { wg, ug, g, n_rows, nb, x, rows, s, y: &mut *y, ld_y };
+                match ny {
+                    1 => one::<B, T, 1>(t, a),
+                    2 => one::<B, T, 2>(t, a),
+                    3 => one::<B, T, 3>(t, a),
+                    4 => one::<B, T, 4>(t, a),
+                    5 => one::<B, T, 5>(t, a),
+                    6 => one::<B, T, 6>(t, a),
+                    7 => one::<B, T, 7>(t, a),
+                    _ => one::<B, T, 8>(t, a),
+                }
+                s += ny;
+            }
+        }
+        c0 = c1;
+    }
+}
+
+struct Args<'a, B> {
+    wg: &'a [B],
+    ug: Option<&'a [B]>,
+    g: usize,
+    n_rows: usize,
+    nb: usize,
+    x: &'a [BlockQ8A],
+    rows: Option<&'a [u32]>,
+    s: usize,
+    y: &'a mut [f32],
+    ld_y: usize,
+}
+
+#[inline(always)]
+fn one<B, T: Tile<B>, const NY: usize>(t: T, a: Args<'_, B>) {
+    let nb = a.nb;
+    let xs: [&[BlockQ8A]; NY] = core::array::from_fn(|i| {
+        let row = a.rows.map_or(a.s + i, |r| r[a.s + i] as usize);
+        &a.x[row * nb..(row + 1) * nb]
+    });
+    let mut out = [[0.0f32; ROWS]; NY];
+    t.tile::<NY>(a.wg, &xs, &mut out);
+    if let Some(ug) = a.ug {
+        let mut up = [[0.0f32; ROWS]; NY];
+        t.tile::<NY>(ug, &xs, &mut up);
+        for (o, u) in out.iter_mut().zip(&up) {
+            for (ov, &uv) in o.iter_mut().zip(u) {
+                *ov = crate::scalar::silu(*ov) * uv;
+            }
+        }
+    }
+    let r0 = a.g * ROWS;
+    let nr = ROWS.min(a.n_rows - r0);
+    for (i, o) in out.iter().enumerate() {
+        let base = (a.s + i) * a.ld_y + r0;
+        a.y[base..base + nr].copy_from_slice(&o[..nr]);
+    }
+}
+
+/// A tier with quantized micro-kernels for both weight types. `get` returns the proof token
+/// after checking the CPU features (a cached atomic load per call, negligible next to a matrix
+/// product); it panics if the CPU lacks them, which the table construction rules out.
+pub(crate) trait Tier: Tile<BlockQ4x8> + Tile<BlockQ8x8> {
+    fn get() -> Self;
+}
+
+use crate::block::{BlockQ4x8, BlockQ8x8};
+
+// Table entries shared by every tier: `driver::gemm_q4x8::<Avx2>` etc.
+
+pub(crate) fn gemm_q4x8<T: Tier>(
+    w: &[BlockQ4x8],
+    n_rows: usize,
+    k: usize,
+    x: &[BlockQ8A],
+    n_tok: usize,
+    y: &mut [f32],
+    ld_y: usize,
+) {
+    gemm(T::get(), w, n_rows, k, x, None, n_tok, y, ld_y);
+}
+
+pub(crate) fn gemm_q8x8<T: Tier>(
+    w: &[BlockQ8x8],
+    n_rows: usize,
+    k: usize,
+    x: &[BlockQ8A],
+    n_tok: usize,
+    y: &mut [f32],
+    ld_y: usize,
+) {
+    gemm(T::get(), w, n_rows, k, x, None, n_tok, y, ld_y);
+}
+
+pub(crate) fn gemm_q4x8_gather<T: Tier>(
+    w: &[BlockQ4x8],
+    n_rows: usize,
+    k: usize,
+    x_all: &[BlockQ8A],
+    rows: &[u32],
+    y: &mut [f32],
+    ld_y: usize,
+) {
+    gemm(T::get(), w, n_rows, k, x_all, Some(rows), rows.len(), y, ld_y);
+}
+
+pub(crate) fn gemm_q8x8_gather<T: Tier>(
+    w: &[BlockQ8x8],
+    n_rows: usize,
+    k: usize,
+    x_all: &[BlockQ8A],
+    rows: &[u32],
+    y: &mut [f32],
+    ld_y: usize,
+) {
+    gemm(T::get(), w, n_rows, k, x_all, Some(rows), rows.len(), y, ld_y);
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn ffn_gate_up_q4x8<T: Tier>(
+    w_gate: &[BlockQ4x8],
+    w_up: &[BlockQ4x8],
+    n_rows: usize,
+    k: usize,
+    x_all: &[BlockQ8A],
+    rows: &[u32],
+    y: &mut [f32],
+    ld_y: usize,
+) {
+    gate_up(T::get(), w_gate, w_up, n_rows, k, x_all, rows, y, ld_y);
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn ffn_gate_up_q8x8<T: Tier>(
+    w_gate: &[BlockQ8x8],
+    w_up: &[BlockQ8x8],
+    n_rows: usize,
+    k: usize,
+    x_all: &[BlockQ8A],
+    rows: &[u32],
+    y: &mut [f32],
+    ld_y: usize,
+) {
+    gate_up(T::get(), w_gate, w_up, n_rows, k, x_all, rows, y, ld_y);
+}
+
+/// Scatter-add through a tier's `axpy` (multiply then add, so every tier matches the twin
+/// bit for bit).
+#[inline(always)]
+pub(crate) fn scatter_add_with(
+    axpy: fn(f32, &[f32], &mut [f32]),
+    src: &[f32],
+    ld_src: usize,
+    n: usize,
+    rows: &[u32],
+    weights: &[f32],
+    dst: &mut [f32],
+    ld_dst: usize,
+) {
+    assert!(weights.len() >= rows.len());
+    for (i, (&row, &wt)) in rows.iter().zip(weights).enumerate() {
+        let d = &mut dst[row as usize * ld_dst..row as usize * ld_dst + n];
+        axpy(wt, &src[i * ld_src..i * ld_src + n], d);
+    }
+}

@@ -1,0 +1,454 @@
+//! x86-64 AVX2 + FMA + F16C tier (Haswell and later, Zen 1 and later).
+//!
+//! # Math
+//! `y[t][r] = Σ_b (d_w[b][r] · d_a[t][b]) · isum[t][b][r]`, `isum` exact in i32. The float steps
+//! are `s = dw·da; p = s·(f32)isum; acc = acc + p` (no FMA), the order of the scalar twin, so the
+//! quantized products match it bit for bit.
+//!
+//! # Layout and lane plan (one 8-row group, one 32-column block)
+//! A 32-byte chunk `c` of `BlockQ4x8::qs` holds in i32 lane `r` the 4 nibble bytes of row `r`:
+//! low nibbles = columns `4c..4c+4` (activation quad `c`), high nibbles = columns `16+4c..`
+//! (activation quad `4 + c`). Nibbles → levels with one `vpshufb` against `KVALUES` (the table
+//! fits a 16-byte lane). `vpmaddubsw` wants unsigned × signed, so the sign trick:
+//! `maddubs(|w|, sign(a, w))` = `w·a` pairs (|pair| ≤ 2·127·127 = 32258 < 2^15: no saturation),
+//! then `vpmaddwd` by ones folds the 4 products of each row into its i32 lane. The quad of
+//! activation bytes is a 32-bit broadcast. So per (block, token): 8 × (broadcast, `vpsignb`,
+//! `vpmaddubsw`, `vpmaddwd`, `vpaddd`), one `vcvtdq2ps`, two `vmulps`, one `vaddps`; no
+//! horizontal sum anywhere: lane `r` is row `r`.
+//!
+//! The weight unpack (and, `vpshufb`, `vpabsb`) is done once per block and reused for the `NY`
+//! tokens of the tile (`NYMAX = 4`: 4 i32 + 4 f32 accumulators + 4 weight vectors fit the 16
+//! ymm registers).
+//!
+//! Rejected: the +128 offset trick with `vpmaddubsw` (unsigned `w + 128` up to 241 makes a pair
+//! up to 61214, which saturates i16; only `vpdpbusd`, which has no i16 stage, can use it).
+
+use core::arch::x86_64::*;
+
+use crate::block::{BlockQ4x8, BlockQ8A, BlockQ8x8, KVALUES, QK, ROWS};
+use crate::driver::{Tier, Tile};
+
+/// Proof that the CPU has AVX2, FMA and F16C.
+#[derive(Clone, Copy)]
+pub(crate) struct Avx2(());
+
+impl Avx2 {
+    pub(crate) fn detect() -> Option<Self> {
+        (is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c"))
+        .then_some(Avx2(()))
+    }
+}
+
+impl Tier for Avx2 {
+    fn get() -> Self {
+        Avx2::detect().expect("AVX2 kernel table used on a CPU without AVX2+FMA+F16C")
+    }
+}
+
+impl Tile<BlockQ4x8> for Avx2 {
+    const NYMAX: usize = 4;
+    #[inline]
+    fn tile<const NY: usize>(
+        self,
+        w: &[BlockQ4x8],
+        x: &[&[BlockQ8A]; NY],
+        out: &mut [[f32; ROWS]; NY],
+    ) {
+        assert!(x.iter().all(|xt| xt.len() >= w.len()));
+        // SAFETY: `self` proves AVX2+FMA+F16C (Avx2::detect); every x[t] holds w.len() blocks.
+        unsafe { q4_tile::<NY>(w, x, out) }
+    }
+}
+
+impl Tile<BlockQ8x8> for Avx2 {
+    const NYMAX: usize = 4;
+    #[inline]
+    fn tile<const NY: usize>(
+        self,
+        w: &[BlockQ8x8],
+        x: &[&[BlockQ8A]; NY],
+        out: &mut [[f32; ROWS]; NY],
+    ) {
+        assert!(x.iter().all(|xt| xt.len() >= w.len()));
+        // SAFETY: as for the Q4x8 tile.
+        unsafe { q8_tile::<NY>(w, x, out) }
+    }
+}
+
+/// The 16 levels in both 128-bit lanes (vpshufb looks up within each lane).
+static KV32: [i8; 32] = {
+    let mut t = [0i8; 32];
+    let mut i = 0;
+    while i < 32 {
+        t[i] = KVALUES[i % 16];
+        i += 1;
+    }
+    t
+};
+
+/// Quad `i` (4 activation bytes) of a block broadcast to all 8 lanes.
+#[inline(always)]
+unsafe fn quad(a: &BlockQ8A, i: usize) -> __m256i {
+    let p = a.qs.as_ptr().add(i * 4) as *const i32;
+    _mm256_set1_epi32(p.read_unaligned())
+}
+
+/// The 8 row scales of a block as f32.
+#[inline(always)]
+unsafe fn scales(d: &[u16; ROWS]) -> __m256 {
+    _mm256_cvtph_ps(_mm_loadu_si128(d.as_ptr() as *const __m128i))
+}
+
+/// `Σ_4 w·a` per i32 lane, with `wabs = |w|`.
+#[inline(always)]
+unsafe fn dot4(wabs: __m256i, w: __m256i, a: __m256i, ones: __m256i) -> __m256i {
+    _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, _mm256_sign_epi8(a, w)), ones)
+}
+
+/// # Safety
+/// * The CPU supports AVX2, FMA and F16C.
+/// * `x[t].len() >= w.len()` for every `t`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_tile<const NY: usize>(
+    w: &[BlockQ4x8],
+    x: &[&[BlockQ8A]; NY],
+    out: &mut [[f32; ROWS]; NY],
+) {
+    let tbl = _mm256_loadu_si256(KV32.as_ptr() as *const __m256i);
+    let m4 = _mm256_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); NY];
+    for (b, blk) in w.iter().enumerate() {
+        let mut isum = [_mm256_setzero_si256(); NY];
+        for c in 0..4 {
+            let raw = _mm256_loadu_si256(blk.qs.as_ptr().add(c * 32) as *const __m256i);
+            let lo = _mm256_shuffle_epi8(tbl, _mm256_and_si256(raw, m4));
+            let hi = _mm256_shuffle_epi8(tbl, _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4));
+            let (lo_abs, hi_abs) = (_mm256_abs_epi8(lo), _mm256_abs_epi8(hi));
+            for t in 0..NY {
+                let a = x[t].get_unchecked(b);
+                let s = _mm256_add_epi32(
+                    dot4(lo_abs, lo, quad(a, c), ones),
+                    dot4(hi_abs, hi, quad(a, 4 + c), ones),
+                );
+                isum[t] = _mm256_add_epi32(isum[t], s);
+            }
+        }
+        let dw = scales(&blk.d);
+        for t in 0..NY {
+            let s = _mm256_mul_ps(dw, _mm256_set1_ps(x[t].get_unchecked(b).d));
+            acc[t] = _mm256_add_ps(acc[t], _mm256_mul_ps(s, _mm256_cvtepi32_ps(isum[t])));
+        }
+    }
+    for t in 0..NY {
+        _mm256_storeu_ps(out[t].as_mut_ptr(), acc[t]);
+    }
+}
+
+/// # Safety
+/// Same as [`q4_tile`].
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_tile<const NY: usize>(
+    w: &[BlockQ8x8],
+    x: &[&[BlockQ8A]; NY],
+    out: &mut [[f32; ROWS]; NY],
+) {
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); NY];
+    for (b, blk) in w.iter().enumerate() {
+        let mut isum = [_mm256_setzero_si256(); NY];
+        for c in 0..8 {
+            let wv = _mm256_loadu_si256(blk.qs.as_ptr().add(c * 32) as *const __m256i);
+            // |-128| = 0x80 is 128 as the unsigned operand: still exact
+            let wabs = _mm256_abs_epi8(wv);
+            for t in 0..NY {
+                let d = dot4(wabs, wv, quad(x[t].get_unchecked(b), c), ones);
+                isum[t] = _mm256_add_epi32(isum[t], d);
+            }
+        }
+        let dw = scales(&blk.d);
+        for t in 0..NY {
+            let s = _mm256_mul_ps(dw, _mm256_set1_ps(x[t].get_unchecked(b).d));
+            acc[t] = _mm256_add_ps(acc[t], _mm256_mul_ps(s, _mm256_cvtepi32_ps(isum[t])));
+        }
+    }
+    for t in 0..NY {
+        _mm256_storeu_ps(out[t].as_mut_ptr(), acc[t]);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Activation quantization: amax by vmaxps, q = cvtps2dq(round_even(x · 127/amax)), packed to
+// int8 with saturation and a final max(-127); identical to the twin for finite inputs.
+// ---------------------------------------------------------------------------------------------
+
+pub(crate) fn quantize_q8a(x: &[f32], out: &mut [BlockQ8A]) {
+    assert_eq!(x.len() % QK, 0);
+    assert!(out.len() >= x.len() / QK);
+    let _ = Avx2::get();
+    // SAFETY: features checked by Avx2::get; lengths checked above.
+    unsafe { quantize_q8a_impl(x, out) }
+}
+
+/// # Safety
+/// * AVX2 + FMA + F16C available.
+/// * `x.len() % 32 == 0`, `out.len() >= x.len() / 32`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_q8a_impl(x: &[f32], out: &mut [BlockQ8A]) {
+    let absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (xb, ob) in x.chunks_exact(QK).zip(out.iter_mut()) {
+        let p = xb.as_ptr();
+        let v = [
+            _mm256_loadu_ps(p),
+            _mm256_loadu_ps(p.add(8)),
+            _mm256_loadu_ps(p.add(16)),
+            _mm256_loadu_ps(p.add(24)),
+        ];
+        let m = _mm256_max_ps(
+            _mm256_max_ps(_mm256_and_ps(v[0], absm), _mm256_and_ps(v[1], absm)),
+            _mm256_max_ps(_mm256_and_ps(v[2], absm), _mm256_and_ps(v[3], absm)),
+        );
+        let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        let m1 = _mm_max_ss(m2, _mm_shuffle_ps(m2, m2, 1));
+        let amax = _mm_cvtss_f32(m1);
+        let d = amax / 127.0;
+        let id = _mm256_set1_ps(if amax > 0.0 { 127.0 / amax } else { 0.0 });
+        const RN: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+        // NaN → 0 and ±inf → ±127 like the twin's `as i32` + clamp (amax subnormal makes
+        // id = inf); then the clamp keeps cvtps2dq in range.
+        let (lo, hi) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
+        let q: [__m256i; 4] = core::array::from_fn(|i| {
+            let r = _mm256_round_ps::<RN>(_mm256_mul_ps(v[i], id));
+            let r = _mm256_and_ps(r, _mm256_cmp_ps::<_CMP_ORD_Q>(r, r));
+            _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi))
+        });
+        let s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        let s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        let s2 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0b01_00_11_10));
+        let s1 = _mm_add_epi32(s2, _mm_shuffle_epi32(s2, 0b00_00_00_01));
+        let p16a = _mm256_packs_epi32(q[0], q[1]);
+        let p16b = _mm256_packs_epi32(q[2], q[3]);
+        let p8 = _mm256_packs_epi16(p16a, p16b);
+        let p8 = _mm256_permutevar8x32_epi32(p8, perm);
+        let p8 = _mm256_max_epi8(p8, _mm256_set1_epi8(-127));
+        _mm256_storeu_si256(ob.qs.as_mut_ptr() as *mut __m256i, p8);
+        ob.d = d;
+        ob.sum = _mm_cvtsi128_si32(s1);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Float vector ops: 4 × 8 lanes with FMA, lanes summed at the end (tolerance tests: the sum is
+// reassociated relative to the twin). axpy is multiply-then-add (bit-identical to the twin).
+// ---------------------------------------------------------------------------------------------
+
+#[inline(always)]
+unsafe fn hsum(v: __m256) -> f32 {
+    let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)))
+}
+
+/// Dot product where `load(i)` gives 8 weights at element `i` as f32.
+#[inline(always)]
+unsafe fn dot_with(n: usize, load: impl Fn(usize) -> __m256, b: *const f32) -> __m256 {
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 32 <= n {
+        for (u, a) in acc.iter_mut().enumerate() {
+            *a = _mm256_fmadd_ps(load(i + 8 * u), _mm256_loadu_ps(b.add(i + 8 * u)), *a);
+        }
+        i += 32;
+    }
+    while i + 8 <= n {
+        acc[0] = _mm256_fmadd_ps(load(i), _mm256_loadu_ps(b.add(i)), acc[0]);
+        i += 8;
+    }
+    _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]))
+}
+
+pub(crate) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let _ = Avx2::get();
+    // SAFETY: features checked above.
+    unsafe { dot_f32_impl(a, b) }
+}
+
+/// # Safety
+/// AVX2 + FMA available.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_f32_impl(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let pa = a.as_ptr();
+    let v = dot_with(n, |i| _mm256_loadu_ps(pa.add(i)), b.as_ptr());
+    let mut s = hsum(v);
+    for j in (n - n % 8)..n {
+        s += a[j] * b[j];
+    }
+    s
+}
+
+pub(crate) fn axpy_f32(a: f32, x: &[f32], y: &mut [f32]) {
+    let _ = Avx2::get();
+    // SAFETY: features checked above.
+    unsafe { axpy_impl(a, x, y) }
+}
+
+/// # Safety
+/// AVX2 available.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn axpy_impl(a: f32, x: &[f32], y: &mut [f32]) {
+    let n = x.len().min(y.len());
+    let va = _mm256_set1_ps(a);
+    let mut i = 0;
+    while i + 8 <= n {
+        let py = y.as_mut_ptr().add(i);
+        let r = _mm256_add_ps(_mm256_loadu_ps(py), _mm256_mul_ps(va, _mm256_loadu_ps(x.as_ptr().add(i))));
+        _mm256_storeu_ps(py, r);
+        i += 8;
+    }
+    for j in i..n {
+        y[j] += a * x[j];
+    }
+}
+
+/// Which 16-bit float the weights hold.
+#[derive(Clone, Copy, PartialEq)]
+enum H16 {
+    Bf16,
+    F16,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_w(
+    kind: Option<H16>,
+    w32: &[f32],
+    w16: &[u16],
+    n_rows: usize,
+    k: usize,
+    x: &[f32],
+    n_tok: usize,
+    y: &mut [f32],
+    ld_y: usize,
+) {
+    let _ = Avx2::get();
+    match kind {
+        None => assert!(w32.len() >= n_rows * k),
+        Some(_) => assert!(w16.len() >= n_rows * k),
+    }
+    assert!(x.len() >= n_tok * k);
+    if n_tok > 0 {
+        assert!(y.len() >= (n_tok - 1) * ld_y + n_rows);
+    }
+    // SAFETY: features checked above; lengths asserted.
+    unsafe { gemm_w_impl(kind, w32, w16, n_rows, k, x, n_tok, y, ld_y) }
+}
+
+/// Rows outer (a weight row is read from memory once), tokens inner.
+///
+/// # Safety
+/// * AVX2 + FMA + F16C available.
+/// * The weights hold `n_rows * k` values of the kind selected, `x` holds `n_tok * k`,
+///   `y` holds `(n_tok - 1) * ld_y + n_rows`.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn gemm_w_impl(
+    kind: Option<H16>,
+    w32: &[f32],
+    w16: &[u16],
+    n_rows: usize,
+    k: usize,
+    x: &[f32],
+    n_tok: usize,
+    y: &mut [f32],
+    ld_y: usize,
+) {
+    let tail = k - k % 8;
+    for r in 0..n_rows {
+        for t in 0..n_tok {
+            let xp = x.as_ptr().add(t * k);
+            let v = match kind {
+                None => {
+                    let p = w32.as_ptr().add(r * k);
+                    dot_with(k, |i| _mm256_loadu_ps(p.add(i)), xp)
+                }
+                Some(H16::Bf16) => {
+                    let p = w16.as_ptr().add(r * k);
+                    dot_with(
+                        k,
+                        |i| {
+                            let h = _mm_loadu_si128(p.add(i) as *const __m128i);
+                            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+                        },
+                        xp,
+                    )
+                }
+                Some(H16::F16) => {
+                    let p = w16.as_ptr().add(r * k);
+                    dot_with(k, |i| _mm256_cvtph_ps(_mm_loadu_si128(p.add(i) as *const __m128i)), xp)
+                }
+            };
+            let mut s = hsum(v);
+            for j in tail..k {
+                let wj = match kind {
+                    None => w32[r * k + j],
+                    Some(H16::Bf16) => half::bf16::from_bits(w16[r * k + j]).to_f32(),
+                    Some(H16::F16) => half::f16::from_bits(w16[r * k + j]).to_f32(),
+                };
+                s += wj * x[t * k + j];
+            }
+            y[t * ld_y + r] = s;
+        }
+    }
+}
+
+pub(crate) fn gemm_f32(
+    w: &[f32],
+    n_rows: usize,
+    k: usize,
+    x: &[f32],
+    n_tok: usize,
+    y: &mut [f32],
+    ld_y: usize,
+) {
+    gemm_w(None, w, &[], n_rows, k, x, n_tok, y, ld_y);
+}
+
+pub(crate) fn gemm_bf16(
+    w: &[u16],
+    n_rows: usize,
+    k: usize,
+    x: &[f32],
+    n_tok: usize,
+    y: &mut [f32],
+    ld_y: usize,
+) {
+    gemm_w(Some(H16::Bf16), &[], w, n_rows, k, x, n_tok, y, ld_y);
+}
+
+pub(crate) fn gemm_f16(
+    w: &[u16],
+    n_rows: usize,
+    k: usize,
+    x: &[f32],
+    n_tok: usize,
+    y: &mut [f32],
+    ld_y: usize,
+) {
+    gemm_w(Some(H16::F16), &[], w, n_rows, k, x, n_tok, y, ld_y);
+}
+
+pub(crate) fn scatter_add(
+    src: &[f32],
+    ld_src: usize,
+    n: usize,
+    rows: &[u32],
+    weights: &[f32],
+    dst: &mut [f32],
+    ld_dst: usize,
+) {
+    crate::driver::scatter_add_with(axpy_f32, src, ld_src, n, rows, weights, dst, ld_dst);
+}

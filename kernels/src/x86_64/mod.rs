@@ -1,0 +1,45 @@
+//! x86-64 tiers. The float vector ops of the AVX-512 tier are the AVX2 ones (they are
+//! bandwidth-bound; 512-bit versions would not change their speed).
+
+pub(crate) mod avx2;
+pub(crate) mod avx512;
+
+use crate::driver;
+use crate::{portable, CpuLevel, Kernels};
+use avx2::Avx2;
+use avx512::Avx512Vnni;
+
+/// AVX2 + FMA + F16C (Haswell / Zen 1 and later).
+pub(crate) const AVX2: Kernels = Kernels {
+    level: CpuLevel::Avx2,
+    quantize_q8a: avx2::quantize_q8a,
+    gemm_q4x8: driver::gemm_q4x8::<Avx2>,
+    gemm_q8x8: driver::gemm_q8x8::<Avx2>,
+    gemm_f32: avx2::gemm_f32,
+    gemm_bf16: avx2::gemm_bf16,
+    gemm_f16: avx2::gemm_f16,
+    dot_f32: avx2::dot_f32,
+    axpy_f32: avx2::axpy_f32,
+    rmsnorm: portable::rmsnorm,
+    softmax: portable::softmax,
+    silu_mul: portable::silu_mul,
+    gemm_q4x8_gather: driver::gemm_q4x8_gather::<Avx2>,
+    gemm_q8x8_gather: driver::gemm_q8x8_gather::<Avx2>,
+    ffn_gate_up_q4x8: driver::ffn_gate_up_q4x8::<Avx2>,
+    ffn_gate_up_q8x8: driver::ffn_gate_up_q8x8::<Avx2>,
+    scatter_add: avx2::scatter_add,
+    topk: crate::scalar::topk,
+    group_by_expert: crate::routing::group_by_expert,
+};
+
+/// AVX-512 F/BW/VL + VNNI (Cascade Lake, Ice Lake, Sapphire Rapids, Zen 4 and later).
+pub(crate) const AVX512VNNI: Kernels = Kernels {
+    level: CpuLevel::Avx512Vnni,
+    gemm_q4x8: driver::gemm_q4x8::<Avx512Vnni>,
+    gemm_q8x8: driver::gemm_q8x8::<Avx512Vnni>,
+    gemm_q4x8_gather: driver::gemm_q4x8_gather::<Avx512Vnni>,
+    gemm_q8x8_gather: driver::gemm_q8x8_gather::<Avx512Vnni>,
+    ffn_gate_up_q4x8: driver::ffn_gate_up_q4x8::<Avx512Vnni>,
+    ffn_gate_up_q8x8: driver::ffn_gate_up_q8x8::<Avx512Vnni>,
+    ..AVX2
+};

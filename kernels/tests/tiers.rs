@@ -1,0 +1,591 @@
+//! One shared routine per kernel, run for every level this CPU supports (`CpuLevel::available`,
+//! i.e. the detected level and every lower one) against the scalar twin and an f64 reference.
+//!
+//! Quantized products: every tier reproduces the twin's i32 block sums and its float order
+//! (`acc + (dw·da)·isum`, no FMA), so outputs must be **bit-identical** (tolerance 0). The
+//! integer sums are additionally checked exactly against an i64 reference with unit scales and
+//! `k ≤ 1024`, where every partial sum is an integer below 2^24 and so exact in f32.
+
+use ferroq_kernels::block::{q4_pos, q4x8_bytes, q8_pos, row_groups};
+use ferroq_kernels::{scalar, BlockQ4x8, BlockQ8A, BlockQ8x8, CpuLevel, Kernels, KVALUES, QK};
+
+// ---------------------------------------------------------------------------------------------
+// Budgets (provenance in each comment)
+// ---------------------------------------------------------------------------------------------
+
+/// Reassociated f32 sums (dot, float GEMMs): `|got − twin| ≤ F32_SUM_TOL · n · Σ|aᵢbᵢ|`.
+/// Both sides have the classical bound `γ_n ≈ n·ε` on `Σ|aᵢbᵢ|` (Higham, recursive summation);
+/// their difference is within twice that, taken as `2ε` per term.
+const F32_SUM_TOL: f32 = 2.0 * f32::EPSILON;
+/// Same against an exact f64 dot: one `γ_n` only.
+const F32_VS_F64_TOL: f64 = f32::EPSILON as f64;
+/// Elementwise ops using `wide`'s polynomial `exp` (softmax, SiLU): relative error measured
+/// up to 6.6e-6 (softmax entry 3e-7, i.e. `exp(-15)`); budget 2e-5.
+const EXP_REL_TOL: f32 = 2e-5;
+/// RMSNorm: sum of squares reassociated in f32 lanes before the f64 fold: `n·ε` relative on
+/// the mean, halved by the square root; 1e-6 covers n ≤ 8192.
+const RMSNORM_REL_TOL: f32 = 1e-6;
+/// Round-trip RMSE of `quantize_q4x8` on N(0,1) data (fixed seed, 64×4096), relative to the
+/// data's std. Measured 0.07387 (IQ4_NL codebook with the scale search of the twin, seed 5);
+/// budget +10 %.
+const Q4X8_RMSE_MAX: f64 = 0.081;
+/// Same for `quantize_q8x8`. Measured 0.005339 (amax/127 steps, f16 scale); budget +10 %.
+const Q8X8_RMSE_MAX: f64 = 0.0059;
+/// Quantized dot (weights and activations quantized) against the f64 dot of the unquantized
+/// data, relative to `‖w‖·‖x‖`, max over 64 rows × 4 tokens at k = 4096 (seed 4). Measured
+/// 0.00294 (Q4) and 0.000342 (Q8), identical on every tier; budget ~2× measured.
+const Q4_DOT_REL_ERR: f64 = 0.006;
+const Q8_DOT_REL_ERR: f64 = 0.0008;
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+fn tables() -> Vec<Kernels> {
+    let v: Vec<Kernels> = CpuLevel::available()
+        .into_iter()
+        .map(|l| Kernels::for_level(l).expect("available level has a table"))
+        .collect();
+    assert!(v.len() >= 2);
+    v
+}
+
+/// SplitMix64: fixed-seed, dependency-free.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn unif(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    fn gauss(&mut self) -> f32 {
+        let (u, v) = (self.unif().max(1e-300), self.unif());
+        ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn gauss_vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.gauss()).collect()
+    }
+}
+
+/// Output buffer for `n_out` rows with stride `ld`, filled with NaN.
+fn nan_buf(n_out: usize, ld: usize) -> Vec<f32> {
+    vec![f32::NAN; n_out.max(1) * ld]
+}
+
+/// Asserts the contract region is bit-identical to `want` and every other slot is still NaN.
+fn assert_gemm_out(what: &str, got: &[f32], want: &[f32], n_out: usize, n_rows: usize, ld: usize) {
+    for t in 0..n_out {
+        for r in 0..ld {
+            let (g, w) = (got[t * ld + r], want[t * ld + r]);
+            if r < n_rows {
+                assert!(!g.is_nan(), "{what}: y[{t}][{r}] not written");
+                assert_eq!(g.to_bits(), w.to_bits(), "{what}: y[{t}][{r}] = {g}, twin {w}");
+            } else {
+                assert!(g.is_nan(), "{what}: y[{t}][{r}] written past n_rows");
+            }
+        }
+    }
+}
+
+fn random_q4(rng: &mut Rng, n_rows: usize, k: usize, unit_scale: bool) -> Vec<BlockQ4x8> {
+    let n = row_groups(n_rows) * k / QK;
+    (0..n)
+        .map(|_| BlockQ4x8 {
+            d: std::array::from_fn(|_| {
+                if unit_scale {
+                    0x3C00
+                } else {
+                    half::f16::from_f32(rng.gauss() * 0.01).to_bits()
+                }
+            }),
+            qs: std::array::from_fn(|_| rng.next() as u8),
+        })
+        .collect()
+}
+
+fn random_q8(rng: &mut Rng, n_rows: usize, k: usize, unit_scale: bool) -> Vec<BlockQ8x8> {
+    let n = row_groups(n_rows) * k / QK;
+    (0..n)
+        .map(|_| BlockQ8x8 {
+            d: std::array::from_fn(|_| {
+                if unit_scale {
+                    0x3C00
+                } else {
+                    half::f16::from_f32(rng.gauss() * 0.01).to_bits()
+                }
+            }),
+            // the full i8 range including -128 (not produced by the converter, still exact)
+            qs: std::array::from_fn(|_| rng.next() as i8),
+        })
+        .collect()
+}
+
+/// Activation blocks with unit scale and random quants in [-127, 127].
+fn unit_acts(rng: &mut Rng, n: usize) -> Vec<BlockQ8A> {
+    (0..n)
+        .map(|_| {
+            let qs: [i8; 32] = std::array::from_fn(|_| (rng.below(255) as i32 - 127) as i8);
+            BlockQ8A { d: 1.0, sum: qs.iter().map(|&q| q as i32).sum(), qs }
+        })
+        .collect()
+}
+
+fn quant_acts(x: &[f32]) -> Vec<BlockQ8A> {
+    let mut a = vec![BlockQ8A { d: 0.0, sum: 0, qs: [0; 32] }; x.len() / QK];
+    scalar::quantize_q8a(x, &mut a);
+    a
+}
+
+fn q4_weight(b: &BlockQ4x8, r: usize, k: usize) -> i64 {
+    let (i, hi) = q4_pos(r, k);
+    let nib = if hi { b.qs[i] >> 4 } else { b.qs[i] & 15 };
+    KVALUES[nib as usize] as i64
+}
+
+const ROW_COUNTS: [usize; 7] = [1, 3, 7, 8, 9, 17, 24];
+const KS: [usize; 4] = [32, 64, 96, 1024];
+
+// ---------------------------------------------------------------------------------------------
+// Quantized products
+// ---------------------------------------------------------------------------------------------
+
+/// Exact integer sums: unit scales, k ≤ 1024 (|partial sums| ≤ 127·127·1024 < 2^24).
+#[test]
+fn q_gemm_integer_sums_exact() {
+    let mut rng = Rng(1);
+    for kt in tables() {
+        for &n_rows in &ROW_COUNTS {
+            for &k in &KS {
+                let nb = k / QK;
+                let w4 = random_q4(&mut rng, n_rows, k, true);
+                let w8 = random_q8(&mut rng, n_rows, k, true);
+                for n_tok in 1..=9 {
+                    let x = unit_acts(&mut rng, n_tok * nb);
+                    let ld = n_rows + 3;
+                    let mut y4 = nan_buf(n_tok, ld);
+                    let mut y8 = nan_buf(n_tok, ld);
+                    (kt.gemm_q4x8)(&w4, n_rows, k, &x, n_tok, &mut y4, ld);
+                    (kt.gemm_q8x8)(&w8, n_rows, k, &x, n_tok, &mut y8, ld);
+                    for t in 0..n_tok {
+                        for r in 0..n_rows {
+                            let (g, rr) = (r / 8, r % 8);
+                            let (mut s4, mut s8) = (0i64, 0i64);
+                            for b in 0..nb {
+                                let a = &x[t * nb + b];
+                                for c in 0..QK {
+                                    let q = a.qs[c] as i64;
+                                    s4 += q4_weight(&w4[g * nb + b], rr, c) * q;
+                                    s8 += w8[g * nb + b].qs[q8_pos(rr, c)] as i64 * q;
+                                }
+                            }
+                            let lv = kt.level.name();
+                            assert_eq!(y4[t * ld + r], s4 as f32, "{lv} q4 n={n_rows} k={k} t={t} r={r}");
+                            assert_eq!(y8[t * ld + r], s8 as f32, "{lv} q8 n={n_rows} k={k} t={t} r={r}");
+                        }
+                        for r in n_rows..ld {
+                            assert!(y4[t * ld + r].is_nan() && y8[t * ld + r].is_nan());
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Real scales and quantized activations against the twin, tolerance 0 (same float order).
+#[test]
+fn q_gemm_matches_twin_bitwise() {
+    let mut rng = Rng(2);
+    for kt in tables() {
+        for &n_rows in &ROW_COUNTS {
+            for &k in &[32, 96, 4096] {
+                let nb = k / QK;
+                let w4 = random_q4(&mut rng, n_rows, k, false);
+                let w8 = random_q8(&mut rng, n_rows, k, false);
+                for n_tok in [1, 2, 3, 4, 5, 8, 9, 13, 70] {
+                    let x = quant_acts(&rng.gauss_vec(n_tok * k));
+                    let ld = n_rows + 1;
+                    let lv = kt.level.name();
+                    let mut y = nan_buf(n_tok, ld);
+                    let mut r = nan_buf(n_tok, ld);
+                    (kt.gemm_q4x8)(&w4, n_rows, k, &x, n_tok, &mut y, ld);
+                    scalar::gemm_q4x8(&w4, n_rows, k, &x, n_tok, &mut r, ld);
+                    assert_gemm_out(&format!("{lv} q4 n={n_rows} k={k}"), &y, &r, n_tok, n_rows, ld);
+                    let mut y = nan_buf(n_tok, ld);
+                    let mut r = nan_buf(n_tok, ld);
+                    (kt.gemm_q8x8)(&w8, n_rows, k, &x, n_tok, &mut y, ld);
+                    scalar::gemm_q8x8(&w8, n_rows, k, &x, n_tok, &mut r, ld);
+                    assert_gemm_out(&format!("{lv} q8 n={n_rows} k={k}"), &y, &r, n_tok, n_rows, ld);
+                    let _ = nb;
+                }
+            }
+        }
+    }
+}
+
+/// Scale edge cases: 0, smallest f16 subnormal, largest subnormal, f16 max, negative,
+/// negative max, and an all-zero activation block (d = 0).
+#[test]
+fn q_gemm_scale_edges() {
+    let scales: [u16; 8] = [0x0000, 0x0001, 0x03FF, 0x7BFF, 0xBC00, 0xFBFF, 0x3C00, 0x8000];
+    let mut rng = Rng(3);
+    for kt in tables() {
+        let k = 128;
+        let mut w4 = random_q4(&mut rng, 8, k, true);
+        let mut w8 = random_q8(&mut rng, 8, k, true);
+        w4.iter_mut().for_each(|b| b.d = scales);
+        w8.iter_mut().for_each(|b| b.d = scales);
+        let mut xf = rng.gauss_vec(3 * k);
+        xf[32..64].iter_mut().for_each(|v| *v = 0.0); // zero block
+        xf[k..k + 32].iter_mut().for_each(|v| *v *= 1e-30); // tiny
+        xf[2 * k..2 * k + 32].iter_mut().for_each(|v| *v *= 1e30); // huge
+        let x = quant_acts(&xf);
+        for n_tok in 1..=3 {
+            let mut y = nan_buf(n_tok, 8);
+            let mut r = nan_buf(n_tok, 8);
+            (kt.gemm_q4x8)(&w4, 8, k, &x, n_tok, &mut y, 8);
+            scalar::gemm_q4x8(&w4, 8, k, &x, n_tok, &mut r, 8);
+            for (a, b) in y.iter().zip(&r) {
+                assert!(a.to_bits() == b.to_bits(), "{} q4 edges: {a} vs {b}", kt.level.name());
+            }
+            (kt.gemm_q8x8)(&w8, 8, k, &x, n_tok, &mut y, 8);
+            scalar::gemm_q8x8(&w8, 8, k, &x, n_tok, &mut r, 8);
+            for (a, b) in y.iter().zip(&r) {
+                assert!(a.to_bits() == b.to_bits(), "{} q8 edges: {a} vs {b}", kt.level.name());
+            }
+        }
+    }
+}
+
+/// All 256 packed-nibble bytes at every (row, byte) slot: one-hot activations pick single
+/// weights out of the product, compared with the byte's two codebook levels and the twin's
+/// dequantisation.
+#[test]
+fn q4_all_nibble_bytes() {
+    // block 0: qs[i] = i, block 1: qs[i] = 128 + i → every byte value appears in the row group
+    let w = [
+        BlockQ4x8 { d: [0x3C00; 8], qs: std::array::from_fn(|i| i as u8) },
+        BlockQ4x8 { d: [0x3C00; 8], qs: std::array::from_fn(|i| 128 + i as u8) },
+    ];
+    let k = 64;
+    let mut deq = vec![0.0f32; k];
+    for kt in tables() {
+        // one token per column: x[t] = e_t
+        let n_tok = k;
+        let mut x = vec![BlockQ8A { d: 1.0, sum: 0, qs: [0; 32] }; n_tok * 2];
+        for t in 0..n_tok {
+            x[t * 2 + t / 32].qs[t % 32] = 1;
+            x[t * 2 + t / 32].sum = 1;
+        }
+        let mut y = nan_buf(n_tok, 8);
+        (kt.gemm_q4x8)(&w, 8, k, &x, n_tok, &mut y, 8);
+        for r in 0..8 {
+            scalar::dequantize_row_q4x8(&w, r, k, &mut deq);
+            for col in 0..k {
+                let (i, hi) = q4_pos(r, col % 32);
+                let byte = w[col / 32].qs[i];
+                let lvl = KVALUES[if hi { byte >> 4 } else { byte & 15 } as usize] as f32;
+                assert_eq!(y[col * 8 + r], lvl, "{} byte {byte:#04x}", kt.level.name());
+                assert_eq!(deq[col], lvl);
+            }
+        }
+    }
+}
+
+/// Quantized products against the f64 dot of the unquantized data (error budget).
+#[test]
+fn q_gemm_vs_f64_reference() {
+    let (n_rows, k, n_tok) = (64, 4096, 4);
+    let mut rng = Rng(4);
+    let wf = rng.gauss_vec(n_rows * k);
+    let xf = rng.gauss_vec(n_tok * k);
+    let mut w4 = vec![BlockQ4x8 { d: [0; 8], qs: [0; 128] }; q4x8_bytes(n_rows, k) / 144];
+    scalar::quantize_q4x8(&wf, n_rows, k, &mut w4);
+    let mut w8 = vec![BlockQ8x8 { d: [0; 8], qs: [0; 256] }; row_groups(n_rows) * k / QK];
+    scalar::quantize_q8x8(&wf, n_rows, k, &mut w8);
+    for kt in tables() {
+        let mut x = vec![BlockQ8A { d: 0.0, sum: 0, qs: [0; 32] }; n_tok * k / QK];
+        (kt.quantize_q8a)(&xf, &mut x);
+        let mut y4 = nan_buf(n_tok, n_rows);
+        let mut y8 = nan_buf(n_tok, n_rows);
+        (kt.gemm_q4x8)(&w4, n_rows, k, &x, n_tok, &mut y4, n_rows);
+        (kt.gemm_q8x8)(&w8, n_rows, k, &x, n_tok, &mut y8, n_rows);
+        let (mut e4, mut e8) = (0.0f64, 0.0f64);
+        for t in 0..n_tok {
+            for r in 0..n_rows {
+                let wr = &wf[r * k..(r + 1) * k];
+                let xt = &xf[t * k..(t + 1) * k];
+                let exact: f64 = wr.iter().zip(xt).map(|(&a, &b)| a as f64 * b as f64).sum();
+                let nw: f64 = wr.iter().map(|&a| (a as f64).powi(2)).sum::<f64>().sqrt();
+                let nx: f64 = xt.iter().map(|&a| (a as f64).powi(2)).sum::<f64>().sqrt();
+                e4 = e4.max((y4[t * n_rows + r] as f64 - exact).abs() / (nw * nx));
+                e8 = e8.max((y8[t * n_rows + r] as f64 - exact).abs() / (nw * nx));
+            }
+        }
+        eprintln!("{}: q4 dot rel err {e4:.5}, q8 {e8:.6}", kt.level.name());
+        assert!(e4 <= Q4_DOT_REL_ERR, "q4 dot error {e4}");
+        assert!(e8 <= Q8_DOT_REL_ERR, "q8 dot error {e8}");
+    }
+}
+
+/// Round-trip RMSE budgets of the weight quantizers (scalar: the converter's code).
+#[test]
+fn weight_roundtrip_rmse() {
+    let (rows, cols) = (64, 4096);
+    let mut rng = Rng(5);
+    let wf = rng.gauss_vec(rows * cols);
+    let mut w4 = vec![BlockQ4x8 { d: [0; 8], qs: [0; 128] }; row_groups(rows) * cols / QK];
+    let mut w8 = vec![BlockQ8x8 { d: [0; 8], qs: [0; 256] }; row_groups(rows) * cols / QK];
+    scalar::quantize_q4x8(&wf, rows, cols, &mut w4);
+    scalar::quantize_q8x8(&wf, rows, cols, &mut w8);
+    let (mut s4, mut s8, mut sx) = (0.0f64, 0.0f64, 0.0f64);
+    let mut row = vec![0.0f32; cols];
+    for r in 0..rows {
+        let orig = &wf[r * cols..(r + 1) * cols];
+        scalar::dequantize_row_q4x8(&w4, r, cols, &mut row);
+        s4 += orig.iter().zip(&row).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>();
+        scalar::dequantize_row_q8x8(&w8, r, cols, &mut row);
+        s8 += orig.iter().zip(&row).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>();
+        sx += orig.iter().map(|&a| (a as f64).powi(2)).sum::<f64>();
+    }
+    let (r4, r8) = ((s4 / sx).sqrt(), (s8 / sx).sqrt());
+    eprintln!("relative RMSE: q4x8 {r4:.5}, q8x8 {r8:.6}");
+    assert!(r4 <= Q4X8_RMSE_MAX && r8 <= Q8X8_RMSE_MAX);
+}
+
+#[test]
+fn quantize_q8a_bit_identical() {
+    let mut rng = Rng(6);
+    for kt in tables() {
+        for nblk in [1, 2, 3, 7, 33] {
+            let mut x = rng.gauss_vec(nblk * QK);
+            // ties: amax 127 → id = 1, so v.5 values round to even
+            x[..8].copy_from_slice(&[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5]);
+            if nblk > 1 {
+                x[32..64].iter_mut().for_each(|v| *v = 0.0);
+            }
+            if nblk > 2 {
+                x[64..96].iter_mut().enumerate().for_each(|(i, v)| *v = (i as f32 - 16.0) * 1e-38);
+            }
+            if nblk > 3 {
+                x[96..128].iter_mut().for_each(|v| *v *= 3e37);
+            }
+            let mut a = vec![BlockQ8A { d: -1.0, sum: 99, qs: [99; 32] }; nblk];
+            let mut b = a.clone();
+            (kt.quantize_q8a)(&x, &mut a);
+            scalar::quantize_q8a(&x, &mut b);
+            assert_eq!(a, b, "{}", kt.level.name());
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Expert routing
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn routing_kernels_match_twins() {
+    let mut rng = Rng(7);
+    for kt in tables() {
+        let lv = kt.level.name();
+        for &(n_rows, k) in &[(9usize, 64usize), (24, 96), (40, 1024)] {
+            let nb = k / QK;
+            let n_x = 13;
+            let x = quant_acts(&rng.gauss_vec(n_x * k));
+            let g4 = random_q4(&mut rng, n_rows, k, false);
+            let u4 = random_q4(&mut rng, n_rows, k, false);
+            let g8 = random_q8(&mut rng, n_rows, k, false);
+            let u8_ = random_q8(&mut rng, n_rows, k, false);
+            for n_sel in [1, 2, 5, 9, 12] {
+                // repeated and out-of-order rows
+                let rows: Vec<u32> = (0..n_sel).map(|_| rng.below(n_x as u64) as u32).collect();
+                let ld = n_rows + 2;
+                macro_rules! cmp {
+                    ($name:literal, $call:expr, $twin:expr) => {{
+                        let mut y = nan_buf(n_sel, ld);
+                        let mut r = nan_buf(n_sel, ld);
+                        $call(&mut y);
+                        $twin(&mut r);
+                        assert_gemm_out(&format!("{lv} {} n={n_rows}", $name), &y, &r, n_sel, n_rows, ld);
+                    }};
+                }
+                cmp!("gather q4", |y: &mut [f32]| (kt.gemm_q4x8_gather)(&g4, n_rows, k, &x, &rows, y, ld),
+                    |y: &mut [f32]| scalar::gemm_q4x8_gather(&g4, n_rows, k, &x, &rows, y, ld));
+                cmp!("gather q8", |y: &mut [f32]| (kt.gemm_q8x8_gather)(&g8, n_rows, k, &x, &rows, y, ld),
+                    |y: &mut [f32]| scalar::gemm_q8x8_gather(&g8, n_rows, k, &x, &rows, y, ld));
+                cmp!("gate_up q4", |y: &mut [f32]| (kt.ffn_gate_up_q4x8)(&g4, &u4, n_rows, k, &x, &rows, y, ld),
+                    |y: &mut [f32]| scalar::ffn_gate_up_q4x8(&g4, &u4, n_rows, k, &x, &rows, y, ld));
+                cmp!("gate_up q8", |y: &mut [f32]| (kt.ffn_gate_up_q8x8)(&g8, &u8_, n_rows, k, &x, &rows, y, ld),
+                    |y: &mut [f32]| scalar::ffn_gate_up_q8x8(&g8, &u8_, n_rows, k, &x, &rows, y, ld));
+                // the gather equals the plain product on the same rows
+                let mut y = nan_buf(n_sel, ld);
+                (kt.gemm_q4x8_gather)(&g4, n_rows, k, &x, &rows, &mut y, ld);
+                for (i, &row) in rows.iter().enumerate() {
+                    let mut one = nan_buf(1, n_rows);
+                    let xr = &x[row as usize * nb..(row as usize + 1) * nb];
+                    (kt.gemm_q4x8)(&g4, n_rows, k, xr, 1, &mut one, n_rows);
+                    assert_eq!(&y[i * ld..i * ld + n_rows], &one[..]);
+                }
+            }
+            // weighted scatter-add, with repeated destinations
+            let n = n_rows;
+            let rows: Vec<u32> = (0..7).map(|_| rng.below(4) as u32).collect();
+            let wts = rng.gauss_vec(7);
+            let src = rng.gauss_vec(7 * (n + 1));
+            let mut d1 = rng.gauss_vec(4 * (n + 3));
+            let mut d2 = d1.clone();
+            (kt.scatter_add)(&src, n + 1, n, &rows, &wts, &mut d1, n + 3);
+            scalar::scatter_add(&src, n + 1, n, &rows, &wts, &mut d2, n + 3);
+            assert_eq!(d1, d2, "{lv} scatter_add");
+        }
+        // top-k and grouping
+        for n_exp in [16usize, 128] {
+            let n_tok = 37;
+            let top = 2;
+            let mut expert_of = vec![0u32; n_tok * top];
+            for t in 0..n_tok {
+                let logits = rng.gauss_vec(n_exp);
+                let (mut i1, mut v1, mut i2, mut v2) = (vec![0; top], vec![0.0; top], vec![0; top], vec![0.0; top]);
+                (kt.topk)(&logits, top, &mut i1, &mut v1);
+                scalar::topk(&logits, top, &mut i2, &mut v2);
+                assert_eq!((i1.clone(), v1), (i2, v2));
+                expert_of[t * top..(t + 1) * top].copy_from_slice(&i1);
+            }
+            let m = expert_of.len();
+            let (mut c1, mut o1, mut p1, mut v1) = (vec![0; n_exp], vec![0; n_exp + 1], vec![0; m], vec![0; m]);
+            let (mut c2, mut o2, mut p2, mut v2) = (vec![0; n_exp], vec![0; n_exp + 1], vec![0; m], vec![0; m]);
+            (kt.group_by_expert)(&expert_of, n_exp, &mut c1, &mut o1, &mut p1, &mut v1);
+            scalar::group_by_expert(&expert_of, n_exp, &mut c2, &mut o2, &mut p2, &mut v2);
+            assert_eq!((c1, o1, p1, v1), (c2, o2, p2, v2), "{lv} group_by_expert");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Float kernels
+// ---------------------------------------------------------------------------------------------
+
+fn sum_abs(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| (*x as f64 * *y as f64).abs()).sum()
+}
+
+#[test]
+fn float_dot_axpy() {
+    let mut rng = Rng(8);
+    for kt in tables() {
+        for n in (0..=70).chain([255, 1000, 4097]) {
+            let a = rng.gauss_vec(n);
+            let b = rng.gauss_vec(n);
+            let got = (kt.dot_f32)(&a, &b);
+            let twin = scalar::dot_f32(&a, &b);
+            let exact: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+            let s = sum_abs(&a, &b);
+            let lv = kt.level.name();
+            assert!(((got - twin).abs() as f64) <= F32_SUM_TOL as f64 * n as f64 * s + 1e-30, "{lv} dot n={n}");
+            assert!((got as f64 - exact).abs() <= F32_VS_F64_TOL * n as f64 * s + 1e-30, "{lv} dot f64 n={n}");
+            let mut y1 = rng.gauss_vec(n);
+            let mut y2 = y1.clone();
+            (kt.axpy_f32)(0.37, &a, &mut y1);
+            scalar::axpy_f32(0.37, &a, &mut y2);
+            assert_eq!(y1, y2, "{lv} axpy n={n}");
+        }
+    }
+}
+
+#[test]
+fn float_gemms() {
+    let mut rng = Rng(9);
+    for kt in tables() {
+        let lv = kt.level.name();
+        for k in [1usize, 7, 8, 9, 31, 64, 70, 577] {
+            for n_rows in [1usize, 3, 8, 9] {
+                for n_tok in [1usize, 2, 5, 9] {
+                    let wf = rng.gauss_vec(n_rows * k);
+                    let x = rng.gauss_vec(n_tok * k);
+                    let wb: Vec<u16> = wf.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+                    let wh: Vec<u16> = wf.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
+                    let ld = n_rows + 2;
+                    let run = |name: &str, f: &dyn Fn(&mut [f32]), twin: &dyn Fn(&mut [f32])| {
+                        let mut y = nan_buf(n_tok, ld);
+                        let mut r = nan_buf(n_tok, ld);
+                        f(&mut y);
+                        twin(&mut r);
+                        for t in 0..n_tok {
+                            for row in 0..ld {
+                                let (g, w) = (y[t * ld + row], r[t * ld + row]);
+                                if row >= n_rows {
+                                    assert!(g.is_nan(), "{lv} {name}: wrote past n_rows");
+                                    continue;
+                                }
+                                let s = sum_abs(&wf[row * k..(row + 1) * k], &x[t * k..(t + 1) * k]) * 1.01;
+                                let tol = F32_SUM_TOL as f64 * k as f64 * s + 1e-30;
+                                assert!(((g - w).abs() as f64) <= tol, "{lv} {name} k={k}: {g} vs {w}");
+                            }
+                        }
+                    };
+                    run("gemm_f32", &|y| (kt.gemm_f32)(&wf, n_rows, k, &x, n_tok, y, ld),
+                        &|y| scalar::gemm_f32(&wf, n_rows, k, &x, n_tok, y, ld));
+                    run("gemm_bf16", &|y| (kt.gemm_bf16)(&wb, n_rows, k, &x, n_tok, y, ld),
+                        &|y| scalar::gemm_bf16(&wb, n_rows, k, &x, n_tok, y, ld));
+                    run("gemm_f16", &|y| (kt.gemm_f16)(&wh, n_rows, k, &x, n_tok, y, ld),
+                        &|y| scalar::gemm_f16(&wh, n_rows, k, &x, n_tok, y, ld));
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn float_elementwise() {
+    let mut rng = Rng(10);
+    for kt in tables() {
+        let lv = kt.level.name();
+        for n in [1usize, 7, 8, 9, 33, 576, 5120] {
+            let x: Vec<f32> = rng.gauss_vec(n).iter().map(|v| v * 4.0).collect();
+            let w = rng.gauss_vec(n);
+            for wopt in [None, Some(&w[..])] {
+                let mut a = vec![f32::NAN; n];
+                let mut b = vec![f32::NAN; n];
+                (kt.rmsnorm)(&x, wopt, 1e-5, &mut a);
+                scalar::rmsnorm(&x, wopt, 1e-5, &mut b);
+                for (p, q) in a.iter().zip(&b) {
+                    assert!((p - q).abs() <= RMSNORM_REL_TOL * q.abs().max(1e-30), "{lv} rmsnorm {p} {q}");
+                }
+            }
+            let mut a = x.clone();
+            let mut b = x.clone();
+            (kt.softmax)(&mut a);
+            scalar::softmax(&mut b);
+            for (p, q) in a.iter().zip(&b) {
+                assert!((p - q).abs() <= EXP_REL_TOL * q.abs() + 1e-30, "{lv} softmax {p} {q}");
+            }
+            let g: Vec<f32> = rng.gauss_vec(n).iter().map(|v| v * 6.0).collect();
+            let mut a = vec![f32::NAN; n];
+            let mut b = vec![f32::NAN; n];
+            (kt.silu_mul)(&g, &w, &mut a);
+            scalar::silu_mul(&g, &w, &mut b);
+            for (p, q) in a.iter().zip(&b) {
+                assert!((p - q).abs() <= EXP_REL_TOL * q.abs() + 1e-30, "{lv} silu_mul {p} {q}");
+            }
+        }
+    }
+}
+
+#[test]
+fn levels_and_env_lowering() {
+    let avail = CpuLevel::available();
+    assert_eq!(avail[0], CpuLevel::Scalar);
+    for l in &avail {
+        assert_eq!(Kernels::for_level(*l).unwrap().level, *l);
+        assert_eq!(CpuLevel::parse(l.name()), Some(*l));
+    }
+    println!("levels on this machine: {:?}", avail);
+}
