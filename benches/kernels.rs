@@ -29,14 +29,22 @@ fn tiers(with_scalar: bool) -> Vec<Kernels> {
 /// Deterministic pseudo-random bytes (the kernels' speed does not depend on the values).
 fn fill_bytes(buf: &mut [u8], mut s: u64) {
     for b in buf.iter_mut() {
-        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         *b = (s >> 33) as u8;
     }
 }
 
 fn q4_weights(rows: usize, k: usize) -> Vec<BlockQ4x8> {
     let n = row_groups(rows) * k / QK;
-    let mut v = vec![BlockQ4x8 { d: [0x2000; 8], qs: [0; 128] }; n];
+    let mut v = vec![
+        BlockQ4x8 {
+            d: [0x2000; 8],
+            qs: [0; 128]
+        };
+        n
+    ];
     fill_bytes(bytemuck::cast_slice_mut(&mut v), 1);
     v.iter_mut().for_each(|b| b.d = [0x2000; 8]);
     v
@@ -44,15 +52,30 @@ fn q4_weights(rows: usize, k: usize) -> Vec<BlockQ4x8> {
 
 fn q8_weights(rows: usize, k: usize) -> Vec<BlockQ8x8> {
     let n = row_groups(rows) * k / QK;
-    let mut v = vec![BlockQ8x8 { d: [0x2000; 8], qs: [0; 256] }; n];
+    let mut v = vec![
+        BlockQ8x8 {
+            d: [0x2000; 8],
+            qs: [0; 256]
+        };
+        n
+    ];
     fill_bytes(bytemuck::cast_slice_mut(&mut v), 2);
     v.iter_mut().for_each(|b| b.d = [0x2000; 8]);
     v
 }
 
 fn acts(n_tok: usize, k: usize) -> Vec<BlockQ8A> {
-    let x: Vec<f32> = (0..n_tok * k).map(|i| ((i * 7919) % 255) as f32 - 127.0).collect();
-    let mut a = vec![BlockQ8A { d: 0.0, sum: 0, qs: [0; 32] }; n_tok * k / QK];
+    let x: Vec<f32> = (0..n_tok * k)
+        .map(|i| ((i * 7919) % 255) as f32 - 127.0)
+        .collect();
+    let mut a = vec![
+        BlockQ8A {
+            d: 0.0,
+            sum: 0,
+            qs: [0; 32]
+        };
+        n_tok * k / QK
+    ];
     scalar::quantize_q8a(&x, &mut a);
     a
 }
@@ -77,7 +100,9 @@ fn membw(c: &mut Criterion) {
     // touch every page so the bench measures reads, not page faults
     buf.iter_mut().enumerate().for_each(|(i, v)| *v = i as u64);
     let mut g = c.benchmark_group("membw");
-    g.sample_size(10).measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_millis(500));
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(3))
+        .warm_up_time(Duration::from_millis(500));
     g.throughput(Throughput::Bytes(n as u64));
     g.bench_function("read_1GiB", |b| {
         b.iter(|| {
@@ -96,7 +121,9 @@ fn membw(c: &mut Criterion) {
 
 fn matvec(c: &mut Criterion) {
     let mut g = c.benchmark_group("q4_matvec");
-    g.sample_size(10).measurement_time(Duration::from_secs(1)).warm_up_time(Duration::from_millis(300));
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(1))
+        .warm_up_time(Duration::from_millis(300));
     for &(name, rows, k) in MATVEC_SHAPES {
         let w = q4_weights(rows, k);
         let x = acts(1, k);
@@ -110,7 +137,9 @@ fn matvec(c: &mut Criterion) {
     }
     g.finish();
     let mut g = c.benchmark_group("q8_matvec");
-    g.sample_size(10).measurement_time(Duration::from_secs(1)).warm_up_time(Duration::from_millis(300));
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(1))
+        .warm_up_time(Duration::from_millis(300));
     for &(name, rows, k) in &MATVEC_SHAPES[..5] {
         let w = q8_weights(rows, k);
         let x = acts(1, k);
@@ -124,21 +153,33 @@ fn matvec(c: &mut Criterion) {
     }
     g.finish();
     let mut g = c.benchmark_group("f32_matvec");
-    g.sample_size(10).measurement_time(Duration::from_secs(1)).warm_up_time(Duration::from_millis(300));
-    for &(name, rows, k) in &[("smol_1536x576", 1536usize, 576usize), ("scout_1024x5120", 1024, 5120)] {
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(1))
+        .warm_up_time(Duration::from_millis(300));
+    for &(name, rows, k) in &[
+        ("smol_1536x576", 1536usize, 576usize),
+        ("scout_1024x5120", 1024, 5120),
+    ] {
         let w: Vec<f32> = (0..rows * k).map(|i| (i % 13) as f32).collect();
-        let wb: Vec<u16> = w.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+        let wb: Vec<u16> = w
+            .iter()
+            .map(|&v| half::bf16::from_f32(v).to_bits())
+            .collect();
         let x = vec![0.5f32; k];
         let mut y = vec![0.0f32; rows];
         for kt in tiers(false) {
             g.throughput(Throughput::Bytes((rows * k * 4) as u64));
-            g.bench_with_input(BenchmarkId::new(format!("f32/{}", kt.level.name()), name), &(), |b, _| {
-                b.iter(|| (kt.gemm_f32)(black_box(&w), rows, k, &x, 1, &mut y, rows))
-            });
+            g.bench_with_input(
+                BenchmarkId::new(format!("f32/{}", kt.level.name()), name),
+                &(),
+                |b, _| b.iter(|| (kt.gemm_f32)(black_box(&w), rows, k, &x, 1, &mut y, rows)),
+            );
             g.throughput(Throughput::Bytes((rows * k * 2) as u64));
-            g.bench_with_input(BenchmarkId::new(format!("bf16/{}", kt.level.name()), name), &(), |b, _| {
-                b.iter(|| (kt.gemm_bf16)(black_box(&wb), rows, k, &x, 1, &mut y, rows))
-            });
+            g.bench_with_input(
+                BenchmarkId::new(format!("bf16/{}", kt.level.name()), name),
+                &(),
+                |b, _| b.iter(|| (kt.gemm_bf16)(black_box(&wb), rows, k, &x, 1, &mut y, rows)),
+            );
         }
     }
     g.finish();
@@ -146,8 +187,13 @@ fn matvec(c: &mut Criterion) {
 
 fn gemm64(c: &mut Criterion) {
     let mut g = c.benchmark_group("q4_gemm64");
-    g.sample_size(10).measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_millis(300));
-    for &(name, rows, k) in &[("scout_2048x5120", 2048usize, 5120usize), ("smol_1536x576", 1536, 576)] {
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(2))
+        .warm_up_time(Duration::from_millis(300));
+    for &(name, rows, k) in &[
+        ("scout_2048x5120", 2048usize, 5120usize),
+        ("smol_1536x576", 1536, 576),
+    ] {
         let n_tok = 64;
         let w = q4_weights(rows, k);
         let x = acts(n_tok, k);
@@ -165,43 +211,83 @@ fn gemm64(c: &mut Criterion) {
 fn moe(c: &mut Criterion) {
     let (hidden, ff) = (512usize, 1024usize);
     let mut g = c.benchmark_group("moe");
-    g.sample_size(10).measurement_time(Duration::from_secs(1)).warm_up_time(Duration::from_millis(300));
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(1))
+        .warm_up_time(Duration::from_millis(300));
     for &n_exp in &[16usize, 128] {
         let gate: Vec<Vec<BlockQ4x8>> = (0..n_exp).map(|_| q4_weights(ff, hidden)).collect();
         let up: Vec<Vec<BlockQ4x8>> = (0..n_exp).map(|_| q4_weights(ff, hidden)).collect();
         let down: Vec<Vec<BlockQ4x8>> = (0..n_exp).map(|_| q4_weights(hidden, ff)).collect();
         for &n_tok in &[1usize, 512] {
             let x = acts(n_tok, hidden);
-            let logits: Vec<f32> = (0..n_tok * n_exp).map(|i| ((i * 2654435761) % 1000) as f32).collect();
+            let logits: Vec<f32> = (0..n_tok * n_exp)
+                .map(|i| ((i * 2654435761) % 1000) as f32)
+                .collect();
             let mut out = vec![0.0f32; n_tok * hidden];
             let (mut idx, mut val) = (vec![0u32; n_tok], vec![0.0f32; n_tok]);
             let (mut cnt, mut off) = (vec![0u32; n_exp], vec![0u32; n_exp + 1]);
             let (mut perm, mut inv) = (vec![0u32; n_tok], vec![0u32; n_tok]);
             let mut h = vec![0.0f32; n_tok * ff];
-            let mut hq = vec![BlockQ8A { d: 0.0, sum: 0, qs: [0; 32] }; n_tok * ff / QK];
+            let mut hq = vec![
+                BlockQ8A {
+                    d: 0.0,
+                    sum: 0,
+                    qs: [0; 32]
+                };
+                n_tok * ff / QK
+            ];
             let mut o = vec![0.0f32; n_tok * hidden];
             let all: Vec<u32> = (0..n_tok as u32).collect();
             for kt in tiers(false) {
-                g.bench_with_input(BenchmarkId::new(kt.level.name(), format!("{n_exp}x{n_tok}")), &(), |b, _| {
-                    b.iter(|| {
-                        for t in 0..n_tok {
-                            (kt.topk)(&logits[t * n_exp..(t + 1) * n_exp], 1, &mut idx[t..t + 1], &mut val[t..t + 1]);
-                        }
-                        (kt.group_by_expert)(&idx, n_exp, &mut cnt, &mut off, &mut perm, &mut inv);
-                        for e in 0..n_exp {
-                            let (s, n) = (off[e] as usize, cnt[e] as usize);
-                            if n == 0 {
-                                continue;
+                g.bench_with_input(
+                    BenchmarkId::new(kt.level.name(), format!("{n_exp}x{n_tok}")),
+                    &(),
+                    |b, _| {
+                        b.iter(|| {
+                            for t in 0..n_tok {
+                                (kt.topk)(
+                                    &logits[t * n_exp..(t + 1) * n_exp],
+                                    1,
+                                    &mut idx[t..t + 1],
+                                    &mut val[t..t + 1],
+                                );
                             }
-                            let rows = &perm[s..s + n];
-                            (kt.ffn_gate_up_q4x8)(&gate[e], &up[e], ff, hidden, &x, rows, &mut h, ff);
-                            (kt.quantize_q8a)(&h[..n * ff], &mut hq[..n * ff / QK]);
-                            (kt.gemm_q4x8_gather)(&down[e], hidden, ff, &hq, &all[..n], &mut o, hidden);
-                            (kt.scatter_add)(&o, hidden, hidden, rows, &val[s..s + n], &mut out, hidden);
-                        }
-                        black_box(&out);
-                    })
-                });
+                            (kt.group_by_expert)(
+                                &idx, n_exp, &mut cnt, &mut off, &mut perm, &mut inv,
+                            );
+                            for e in 0..n_exp {
+                                let (s, n) = (off[e] as usize, cnt[e] as usize);
+                                if n == 0 {
+                                    continue;
+                                }
+                                let rows = &perm[s..s + n];
+                                (kt.ffn_gate_up_q4x8)(
+                                    &gate[e], &up[e], ff, hidden, &x, rows, &mut h, ff,
+                                );
+                                (kt.quantize_q8a)(&h[..n * ff], &mut hq[..n * ff / QK]);
+                                (kt.gemm_q4x8_gather)(
+                                    &down[e],
+                                    hidden,
+                                    ff,
+                                    &hq,
+                                    &all[..n],
+                                    &mut o,
+                                    hidden,
+                                );
+                                (kt.scatter_add)(
+                                    &o,
+                                    hidden,
+                                    hidden,
+                                    rows,
+                                    &val[s..s + n],
+                                    &mut out,
+                                    hidden,
+                                );
+                            }
+                            black_box(&out);
+                        })
+                    },
+                );
             }
         }
     }

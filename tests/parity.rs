@@ -281,3 +281,19 @@ fn fixtures_listed() {
         assert!(fixture_dir(f).join("expected.safetensors").exists(), "{f}");
     }
 }
+
+/// Output is bit-identical whatever the thread count (issue 5), on a quantized model.
+#[test]
+fn thread_count_does_not_change_logits() {
+    let e = expected("llama4-scout-tiny");
+    let path = convert("llama4-scout-tiny", "q4", &[]);
+    let model = Model::open(&path).unwrap();
+    let mut outs = vec![];
+    for threads in [1, 2, 3] {
+        let mut st = State::with_threads(&model, e.ids.len(), e.ids.len(), true, threads);
+        model.forward(&mut st, &e.ids, Logits::All).unwrap();
+        outs.push(st.logits().to_vec());
+    }
+    assert!(outs[1..].iter().all(|o| o == &outs[0]));
+    std::fs::remove_file(path).ok();
+}

@@ -95,7 +95,10 @@ pub struct ConvertOptions {
 
 impl Default for ConvertOptions {
     fn default() -> Self {
-        ConvertOptions { quant: Quant::Q4, rope_freq_bf16: false }
+        ConvertOptions {
+            quant: Quant::Q4,
+            rope_freq_bf16: false,
+        }
     }
 }
 

@@ -5,9 +5,9 @@
 //! kernels crate's scalar twins, the same code the runtime's tests trust).
 
 pub mod convert;
+pub mod gguf;
 pub mod hf;
 pub mod safetensors;
 pub mod safetensors_write;
-pub mod gguf;
 pub mod source;
 pub mod synth;

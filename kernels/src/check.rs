@@ -30,31 +30,66 @@ fn quantize_q8a<T: TierTable>(x: &[f32], out: &mut [BlockQ8A]) {
     (T::K.quantize_q8a)(x, out);
     let mut r = out[..x.len() / 32].to_vec();
     scalar::quantize_q8a(x, &mut r);
-    assert!(r[..] == out[..x.len() / 32], "check-kernels: quantize_q8a differs from its twin");
+    assert!(
+        r[..] == out[..x.len() / 32],
+        "check-kernels: quantize_q8a differs from its twin"
+    );
 }
 
-fn gemm_q4x8<T: TierTable>(w: &[BlockQ4x8], n: usize, k: usize, x: &[BlockQ8A], t: usize, y: &mut [f32], ld: usize) {
+fn gemm_q4x8<T: TierTable>(
+    w: &[BlockQ4x8],
+    n: usize,
+    k: usize,
+    x: &[BlockQ8A],
+    t: usize,
+    y: &mut [f32],
+    ld: usize,
+) {
     (T::K.gemm_q4x8)(w, n, k, x, t, y, ld);
     let mut r = y.to_vec();
     scalar::gemm_q4x8(w, n, k, x, t, &mut r, ld);
     exact("gemm_q4x8", y, &r);
 }
 
-fn gemm_q8x8<T: TierTable>(w: &[BlockQ8x8], n: usize, k: usize, x: &[BlockQ8A], t: usize, y: &mut [f32], ld: usize) {
+fn gemm_q8x8<T: TierTable>(
+    w: &[BlockQ8x8],
+    n: usize,
+    k: usize,
+    x: &[BlockQ8A],
+    t: usize,
+    y: &mut [f32],
+    ld: usize,
+) {
     (T::K.gemm_q8x8)(w, n, k, x, t, y, ld);
     let mut r = y.to_vec();
     scalar::gemm_q8x8(w, n, k, x, t, &mut r, ld);
     exact("gemm_q8x8", y, &r);
 }
 
-fn gemm_q4x8_gather<T: TierTable>(w: &[BlockQ4x8], n: usize, k: usize, x: &[BlockQ8A], rows: &[u32], y: &mut [f32], ld: usize) {
+fn gemm_q4x8_gather<T: TierTable>(
+    w: &[BlockQ4x8],
+    n: usize,
+    k: usize,
+    x: &[BlockQ8A],
+    rows: &[u32],
+    y: &mut [f32],
+    ld: usize,
+) {
     (T::K.gemm_q4x8_gather)(w, n, k, x, rows, y, ld);
     let mut r = y.to_vec();
     scalar::gemm_q4x8_gather(w, n, k, x, rows, &mut r, ld);
     exact("gemm_q4x8_gather", y, &r);
 }
 
-fn gemm_q8x8_gather<T: TierTable>(w: &[BlockQ8x8], n: usize, k: usize, x: &[BlockQ8A], rows: &[u32], y: &mut [f32], ld: usize) {
+fn gemm_q8x8_gather<T: TierTable>(
+    w: &[BlockQ8x8],
+    n: usize,
+    k: usize,
+    x: &[BlockQ8A],
+    rows: &[u32],
+    y: &mut [f32],
+    ld: usize,
+) {
     (T::K.gemm_q8x8_gather)(w, n, k, x, rows, y, ld);
     let mut r = y.to_vec();
     scalar::gemm_q8x8_gather(w, n, k, x, rows, &mut r, ld);
@@ -62,7 +97,16 @@ fn gemm_q8x8_gather<T: TierTable>(w: &[BlockQ8x8], n: usize, k: usize, x: &[Bloc
 }
 
 #[allow(clippy::too_many_arguments)]
-fn ffn_gate_up_q4x8<T: TierTable>(g: &[BlockQ4x8], u: &[BlockQ4x8], n: usize, k: usize, x: &[BlockQ8A], rows: &[u32], y: &mut [f32], ld: usize) {
+fn ffn_gate_up_q4x8<T: TierTable>(
+    g: &[BlockQ4x8],
+    u: &[BlockQ4x8],
+    n: usize,
+    k: usize,
+    x: &[BlockQ8A],
+    rows: &[u32],
+    y: &mut [f32],
+    ld: usize,
+) {
     (T::K.ffn_gate_up_q4x8)(g, u, n, k, x, rows, y, ld);
     let mut r = y.to_vec();
     scalar::ffn_gate_up_q4x8(g, u, n, k, x, rows, &mut r, ld);
@@ -70,7 +114,16 @@ fn ffn_gate_up_q4x8<T: TierTable>(g: &[BlockQ4x8], u: &[BlockQ4x8], n: usize, k:
 }
 
 #[allow(clippy::too_many_arguments)]
-fn ffn_gate_up_q8x8<T: TierTable>(g: &[BlockQ8x8], u: &[BlockQ8x8], n: usize, k: usize, x: &[BlockQ8A], rows: &[u32], y: &mut [f32], ld: usize) {
+fn ffn_gate_up_q8x8<T: TierTable>(
+    g: &[BlockQ8x8],
+    u: &[BlockQ8x8],
+    n: usize,
+    k: usize,
+    x: &[BlockQ8A],
+    rows: &[u32],
+    y: &mut [f32],
+    ld: usize,
+) {
     (T::K.ffn_gate_up_q8x8)(g, u, n, k, x, rows, y, ld);
     let mut r = y.to_vec();
     scalar::ffn_gate_up_q8x8(g, u, n, k, x, rows, &mut r, ld);
@@ -81,15 +134,33 @@ fn dot_scale(w: &[f32], x: &[f32]) -> f32 {
     w.iter().zip(x).map(|(a, b)| (a * b).abs()).sum()
 }
 
-fn gemm_f32<T: TierTable>(w: &[f32], n: usize, k: usize, x: &[f32], t: usize, y: &mut [f32], ld: usize) {
+fn gemm_f32<T: TierTable>(
+    w: &[f32],
+    n: usize,
+    k: usize,
+    x: &[f32],
+    t: usize,
+    y: &mut [f32],
+    ld: usize,
+) {
     (T::K.gemm_f32)(w, n, k, x, t, y, ld);
     let mut r = y.to_vec();
     scalar::gemm_f32(w, n, k, x, t, &mut r, ld);
-    let s = (0..n).map(|i| dot_scale(&w[i * k..(i + 1) * k], &x[..k])).fold(0.0f32, f32::max);
+    let s = (0..n)
+        .map(|i| dot_scale(&w[i * k..(i + 1) * k], &x[..k]))
+        .fold(0.0f32, f32::max);
     close("gemm_f32", y, &r, s);
 }
 
-fn gemm_bf16<T: TierTable>(w: &[u16], n: usize, k: usize, x: &[f32], t: usize, y: &mut [f32], ld: usize) {
+fn gemm_bf16<T: TierTable>(
+    w: &[u16],
+    n: usize,
+    k: usize,
+    x: &[f32],
+    t: usize,
+    y: &mut [f32],
+    ld: usize,
+) {
     (T::K.gemm_bf16)(w, n, k, x, t, y, ld);
     let mut r = y.to_vec();
     scalar::gemm_bf16(w, n, k, x, t, &mut r, ld);
@@ -97,7 +168,15 @@ fn gemm_bf16<T: TierTable>(w: &[u16], n: usize, k: usize, x: &[f32], t: usize, y
     close("gemm_bf16", y, &r, s);
 }
 
-fn gemm_f16<T: TierTable>(w: &[u16], n: usize, k: usize, x: &[f32], t: usize, y: &mut [f32], ld: usize) {
+fn gemm_f16<T: TierTable>(
+    w: &[u16],
+    n: usize,
+    k: usize,
+    x: &[f32],
+    t: usize,
+    y: &mut [f32],
+    ld: usize,
+) {
     (T::K.gemm_f16)(w, n, k, x, t, y, ld);
     let mut r = y.to_vec();
     scalar::gemm_f16(w, n, k, x, t, &mut r, ld);
@@ -139,18 +218,36 @@ fn silu_mul<T: TierTable>(g: &[f32], u: &[f32], out: &mut [f32]) {
     close("silu_mul", out, &r, 0.0);
 }
 
-fn scatter_add<T: TierTable>(src: &[f32], ld_src: usize, n: usize, rows: &[u32], w: &[f32], dst: &mut [f32], ld_dst: usize) {
+fn scatter_add<T: TierTable>(
+    src: &[f32],
+    ld_src: usize,
+    n: usize,
+    rows: &[u32],
+    w: &[f32],
+    dst: &mut [f32],
+    ld_dst: usize,
+) {
     let mut r = dst.to_vec();
     (T::K.scatter_add)(src, ld_src, n, rows, w, dst, ld_dst);
     scalar::scatter_add(src, ld_src, n, rows, w, &mut r, ld_dst);
     exact("scatter_add", dst, &r);
 }
 
-fn group_by_expert<T: TierTable>(e: &[u32], n: usize, c: &mut [u32], o: &mut [u32], p: &mut [u32], i: &mut [u32]) {
+fn group_by_expert<T: TierTable>(
+    e: &[u32],
+    n: usize,
+    c: &mut [u32],
+    o: &mut [u32],
+    p: &mut [u32],
+    i: &mut [u32],
+) {
     (T::K.group_by_expert)(e, n, c, o, p, i);
     let (mut c2, mut o2, mut p2, mut i2) = (c.to_vec(), o.to_vec(), p.to_vec(), i.to_vec());
     scalar::group_by_expert(e, n, &mut c2, &mut o2, &mut p2, &mut i2);
-    assert!(c == &c2[..] && o == &o2[..] && p == &p2[..] && i == &i2[..], "check-kernels: group_by_expert");
+    assert!(
+        c == &c2[..] && o == &o2[..] && p == &p2[..] && i == &i2[..],
+        "check-kernels: group_by_expert"
+    );
 }
 
 /// The checking table of tier `T`.

@@ -64,7 +64,18 @@ pub(crate) fn gate_up<B, T: Tile<B>>(
     y: &mut [f32],
     ld_y: usize,
 ) {
-    run(t, w_gate, Some(w_up), n_rows, k, x, Some(rows), rows.len(), y, ld_y);
+    run(
+        t,
+        w_gate,
+        Some(w_up),
+        n_rows,
+        k,
+        x,
+        Some(rows),
+        rows.len(),
+        y,
+        ld_y,
+    );
 }
 
 /// Shape checks shared by every quantized product (done once per call, not in the hot loop).
@@ -87,7 +98,10 @@ pub(crate) fn check_shapes<B>(
         w.len(),
         n_rows.div_ceil(ROWS) * nb
     );
-    assert!(ld_y >= n_rows || n_out <= 1, "ld_y = {ld_y} < n_rows = {n_rows}");
+    assert!(
+        ld_y >= n_rows || n_out <= 1,
+        "ld_y = {ld_y} < n_rows = {n_rows}"
+    );
     if n_out > 0 {
         assert!(y.len() >= (n_out - 1) * ld_y + n_rows, "y too short");
     }
@@ -138,7 +152,18 @@ fn run<B, T: Tile<B>>(
             let mut s = c0;
             for i in 0..n_tiles {
                 let ny = base + usize::from(i < extra);
-                let a = Args { wg, ug, g, n_rows, nb, x, rows, s, y: &mut *y, ld_y };
+                let a = Args {
+                    wg,
+                    ug,
+                    g,
+                    n_rows,
+                    nb,
+                    x,
+                    rows,
+                    s,
+                    y: &mut *y,
+                    ld_y,
+                };
                 match ny {
                     1 => one::<B, T, 1>(t, a),
                     2 => one::<B, T, 2>(t, a),
@@ -239,7 +264,17 @@ pub(crate) fn gemm_q4x8_gather<T: Tier>(
     y: &mut [f32],
     ld_y: usize,
 ) {
-    gemm(T::get(), w, n_rows, k, x_all, Some(rows), rows.len(), y, ld_y);
+    gemm(
+        T::get(),
+        w,
+        n_rows,
+        k,
+        x_all,
+        Some(rows),
+        rows.len(),
+        y,
+        ld_y,
+    );
 }
 
 pub(crate) fn gemm_q8x8_gather<T: Tier>(
@@ -251,7 +286,17 @@ pub(crate) fn gemm_q8x8_gather<T: Tier>(
     y: &mut [f32],
     ld_y: usize,
 ) {
-    gemm(T::get(), w, n_rows, k, x_all, Some(rows), rows.len(), y, ld_y);
+    gemm(
+        T::get(),
+        w,
+        n_rows,
+        k,
+        x_all,
+        Some(rows),
+        rows.len(),
+        y,
+        ld_y,
+    );
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -138,9 +138,8 @@ pub(crate) fn quantize_q8a(x: &[f32], out: &mut [BlockQ8A]) {
     assert_eq!(x.len() % QK, 0);
     assert!(out.len() >= x.len() / QK);
     for (xb, ob) in x.chunks_exact(QK).zip(out.iter_mut()) {
-        let v: [f32x8; 4] = core::array::from_fn(|i| {
-            f32x8::new(xb[i * 8..i * 8 + 8].try_into().unwrap())
-        });
+        let v: [f32x8; 4] =
+            core::array::from_fn(|i| f32x8::new(xb[i * 8..i * 8 + 8].try_into().unwrap()));
         let m = v[0].abs().max(v[1].abs()).max(v[2].abs().max(v[3].abs()));
         let amax = m.to_array().iter().fold(0.0f32, |a, &b| a.max(b));
         let d = amax / 127.0;
@@ -265,7 +264,16 @@ pub(crate) fn gemm_bf16(
     y: &mut [f32],
     ld_y: usize,
 ) {
-    gemm_h16(|h| bf16::from_bits(h).to_f32(), w, n_rows, k, x, n_tok, y, ld_y);
+    gemm_h16(
+        |h| bf16::from_bits(h).to_f32(),
+        w,
+        n_rows,
+        k,
+        x,
+        n_tok,
+        y,
+        ld_y,
+    );
 }
 
 pub(crate) fn gemm_f16(
@@ -277,7 +285,16 @@ pub(crate) fn gemm_f16(
     y: &mut [f32],
     ld_y: usize,
 ) {
-    gemm_h16(|h| f16::from_bits(h).to_f32(), w, n_rows, k, x, n_tok, y, ld_y);
+    gemm_h16(
+        |h| f16::from_bits(h).to_f32(),
+        w,
+        n_rows,
+        k,
+        x,
+        n_tok,
+        y,
+        ld_y,
+    );
 }
 
 pub(crate) fn rmsnorm(x: &[f32], w: Option<&[f32]>, eps: f32, out: &mut [f32]) {

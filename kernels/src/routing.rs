@@ -15,7 +15,10 @@ pub fn group_by_expert(
 ) {
     assert!(counts.len() >= n_experts && offsets.len() > n_experts);
     assert!(perm.len() >= expert_of.len() && inv.len() >= expert_of.len());
-    assert!(expert_of.iter().all(|&e| (e as usize) < n_experts), "expert index out of range");
+    assert!(
+        expert_of.iter().all(|&e| (e as usize) < n_experts),
+        "expert index out of range"
+    );
     // 1. histogram
     counts[..n_experts].iter_mut().for_each(|c| *c = 0);
     for &e in expert_of {

@@ -87,7 +87,11 @@ fn assert_gemm_out(what: &str, got: &[f32], want: &[f32], n_out: usize, n_rows: 
             let (g, w) = (got[t * ld + r], want[t * ld + r]);
             if r < n_rows {
                 assert!(!g.is_nan(), "{what}: y[{t}][{r}] not written");
-                assert_eq!(g.to_bits(), w.to_bits(), "{what}: y[{t}][{r}] = {g}, twin {w}");
+                assert_eq!(
+                    g.to_bits(),
+                    w.to_bits(),
+                    "{what}: y[{t}][{r}] = {g}, twin {w}"
+                );
             } else {
                 assert!(g.is_nan(), "{what}: y[{t}][{r}] written past n_rows");
             }
@@ -133,13 +137,24 @@ fn unit_acts(rng: &mut Rng, n: usize) -> Vec<BlockQ8A> {
     (0..n)
         .map(|_| {
             let qs: [i8; 32] = std::array::from_fn(|_| (rng.below(255) as i32 - 127) as i8);
-            BlockQ8A { d: 1.0, sum: qs.iter().map(|&q| q as i32).sum(), qs }
+            BlockQ8A {
+                d: 1.0,
+                sum: qs.iter().map(|&q| q as i32).sum(),
+                qs,
+            }
         })
         .collect()
 }
 
 fn quant_acts(x: &[f32]) -> Vec<BlockQ8A> {
-    let mut a = vec![BlockQ8A { d: 0.0, sum: 0, qs: [0; 32] }; x.len() / QK];
+    let mut a = vec![
+        BlockQ8A {
+            d: 0.0,
+            sum: 0,
+            qs: [0; 32]
+        };
+        x.len() / QK
+    ];
     scalar::quantize_q8a(x, &mut a);
     a
 }
@@ -187,8 +202,16 @@ fn q_gemm_integer_sums_exact() {
                                 }
                             }
                             let lv = kt.level.name();
-                            assert_eq!(y4[t * ld + r], s4 as f32, "{lv} q4 n={n_rows} k={k} t={t} r={r}");
-                            assert_eq!(y8[t * ld + r], s8 as f32, "{lv} q8 n={n_rows} k={k} t={t} r={r}");
+                            assert_eq!(
+                                y4[t * ld + r],
+                                s4 as f32,
+                                "{lv} q4 n={n_rows} k={k} t={t} r={r}"
+                            );
+                            assert_eq!(
+                                y8[t * ld + r],
+                                s8 as f32,
+                                "{lv} q8 n={n_rows} k={k} t={t} r={r}"
+                            );
                         }
                         for r in n_rows..ld {
                             assert!(y4[t * ld + r].is_nan() && y8[t * ld + r].is_nan());
@@ -218,12 +241,26 @@ fn q_gemm_matches_twin_bitwise() {
                     let mut r = nan_buf(n_tok, ld);
                     (kt.gemm_q4x8)(&w4, n_rows, k, &x, n_tok, &mut y, ld);
                     scalar::gemm_q4x8(&w4, n_rows, k, &x, n_tok, &mut r, ld);
-                    assert_gemm_out(&format!("{lv} q4 n={n_rows} k={k}"), &y, &r, n_tok, n_rows, ld);
+                    assert_gemm_out(
+                        &format!("{lv} q4 n={n_rows} k={k}"),
+                        &y,
+                        &r,
+                        n_tok,
+                        n_rows,
+                        ld,
+                    );
                     let mut y = nan_buf(n_tok, ld);
                     let mut r = nan_buf(n_tok, ld);
                     (kt.gemm_q8x8)(&w8, n_rows, k, &x, n_tok, &mut y, ld);
                     scalar::gemm_q8x8(&w8, n_rows, k, &x, n_tok, &mut r, ld);
-                    assert_gemm_out(&format!("{lv} q8 n={n_rows} k={k}"), &y, &r, n_tok, n_rows, ld);
+                    assert_gemm_out(
+                        &format!("{lv} q8 n={n_rows} k={k}"),
+                        &y,
+                        &r,
+                        n_tok,
+                        n_rows,
+                        ld,
+                    );
                     let _ = nb;
                 }
             }
@@ -235,7 +272,9 @@ fn q_gemm_matches_twin_bitwise() {
 /// negative max, and an all-zero activation block (d = 0).
 #[test]
 fn q_gemm_scale_edges() {
-    let scales: [u16; 8] = [0x0000, 0x0001, 0x03FF, 0x7BFF, 0xBC00, 0xFBFF, 0x3C00, 0x8000];
+    let scales: [u16; 8] = [
+        0x0000, 0x0001, 0x03FF, 0x7BFF, 0xBC00, 0xFBFF, 0x3C00, 0x8000,
+    ];
     let mut rng = Rng(3);
     for kt in tables() {
         let k = 128;
@@ -254,12 +293,20 @@ fn q_gemm_scale_edges() {
             (kt.gemm_q4x8)(&w4, 8, k, &x, n_tok, &mut y, 8);
             scalar::gemm_q4x8(&w4, 8, k, &x, n_tok, &mut r, 8);
             for (a, b) in y.iter().zip(&r) {
-                assert!(a.to_bits() == b.to_bits(), "{} q4 edges: {a} vs {b}", kt.level.name());
+                assert!(
+                    a.to_bits() == b.to_bits(),
+                    "{} q4 edges: {a} vs {b}",
+                    kt.level.name()
+                );
             }
             (kt.gemm_q8x8)(&w8, 8, k, &x, n_tok, &mut y, 8);
             scalar::gemm_q8x8(&w8, 8, k, &x, n_tok, &mut r, 8);
             for (a, b) in y.iter().zip(&r) {
-                assert!(a.to_bits() == b.to_bits(), "{} q8 edges: {a} vs {b}", kt.level.name());
+                assert!(
+                    a.to_bits() == b.to_bits(),
+                    "{} q8 edges: {a} vs {b}",
+                    kt.level.name()
+                );
             }
         }
     }
@@ -272,15 +319,28 @@ fn q_gemm_scale_edges() {
 fn q4_all_nibble_bytes() {
     // block 0: qs[i] = i, block 1: qs[i] = 128 + i → every byte value appears in the row group
     let w = [
-        BlockQ4x8 { d: [0x3C00; 8], qs: std::array::from_fn(|i| i as u8) },
-        BlockQ4x8 { d: [0x3C00; 8], qs: std::array::from_fn(|i| 128 + i as u8) },
+        BlockQ4x8 {
+            d: [0x3C00; 8],
+            qs: std::array::from_fn(|i| i as u8),
+        },
+        BlockQ4x8 {
+            d: [0x3C00; 8],
+            qs: std::array::from_fn(|i| 128 + i as u8),
+        },
     ];
     let k = 64;
     let mut deq = vec![0.0f32; k];
     for kt in tables() {
         // one token per column: x[t] = e_t
         let n_tok = k;
-        let mut x = vec![BlockQ8A { d: 1.0, sum: 0, qs: [0; 32] }; n_tok * 2];
+        let mut x = vec![
+            BlockQ8A {
+                d: 1.0,
+                sum: 0,
+                qs: [0; 32]
+            };
+            n_tok * 2
+        ];
         for t in 0..n_tok {
             x[t * 2 + t / 32].qs[t % 32] = 1;
             x[t * 2 + t / 32].sum = 1;
@@ -307,12 +367,31 @@ fn q_gemm_vs_f64_reference() {
     let mut rng = Rng(4);
     let wf = rng.gauss_vec(n_rows * k);
     let xf = rng.gauss_vec(n_tok * k);
-    let mut w4 = vec![BlockQ4x8 { d: [0; 8], qs: [0; 128] }; q4x8_bytes(n_rows, k) / 144];
+    let mut w4 = vec![
+        BlockQ4x8 {
+            d: [0; 8],
+            qs: [0; 128]
+        };
+        q4x8_bytes(n_rows, k) / 144
+    ];
     scalar::quantize_q4x8(&wf, n_rows, k, &mut w4);
-    let mut w8 = vec![BlockQ8x8 { d: [0; 8], qs: [0; 256] }; row_groups(n_rows) * k / QK];
+    let mut w8 = vec![
+        BlockQ8x8 {
+            d: [0; 8],
+            qs: [0; 256]
+        };
+        row_groups(n_rows) * k / QK
+    ];
     scalar::quantize_q8x8(&wf, n_rows, k, &mut w8);
     for kt in tables() {
-        let mut x = vec![BlockQ8A { d: 0.0, sum: 0, qs: [0; 32] }; n_tok * k / QK];
+        let mut x = vec![
+            BlockQ8A {
+                d: 0.0,
+                sum: 0,
+                qs: [0; 32]
+            };
+            n_tok * k / QK
+        ];
         (kt.quantize_q8a)(&xf, &mut x);
         let mut y4 = nan_buf(n_tok, n_rows);
         let mut y8 = nan_buf(n_tok, n_rows);
@@ -342,8 +421,20 @@ fn weight_roundtrip_rmse() {
     let (rows, cols) = (64, 4096);
     let mut rng = Rng(5);
     let wf = rng.gauss_vec(rows * cols);
-    let mut w4 = vec![BlockQ4x8 { d: [0; 8], qs: [0; 128] }; row_groups(rows) * cols / QK];
-    let mut w8 = vec![BlockQ8x8 { d: [0; 8], qs: [0; 256] }; row_groups(rows) * cols / QK];
+    let mut w4 = vec![
+        BlockQ4x8 {
+            d: [0; 8],
+            qs: [0; 128]
+        };
+        row_groups(rows) * cols / QK
+    ];
+    let mut w8 = vec![
+        BlockQ8x8 {
+            d: [0; 8],
+            qs: [0; 256]
+        };
+        row_groups(rows) * cols / QK
+    ];
     scalar::quantize_q4x8(&wf, rows, cols, &mut w4);
     scalar::quantize_q8x8(&wf, rows, cols, &mut w8);
     let (mut s4, mut s8, mut sx) = (0.0f64, 0.0f64, 0.0f64);
@@ -351,9 +442,17 @@ fn weight_roundtrip_rmse() {
     for r in 0..rows {
         let orig = &wf[r * cols..(r + 1) * cols];
         scalar::dequantize_row_q4x8(&w4, r, cols, &mut row);
-        s4 += orig.iter().zip(&row).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>();
+        s4 += orig
+            .iter()
+            .zip(&row)
+            .map(|(a, b)| ((a - b) as f64).powi(2))
+            .sum::<f64>();
         scalar::dequantize_row_q8x8(&w8, r, cols, &mut row);
-        s8 += orig.iter().zip(&row).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>();
+        s8 += orig
+            .iter()
+            .zip(&row)
+            .map(|(a, b)| ((a - b) as f64).powi(2))
+            .sum::<f64>();
         sx += orig.iter().map(|&a| (a as f64).powi(2)).sum::<f64>();
     }
     let (r4, r8) = ((s4 / sx).sqrt(), (s8 / sx).sqrt());
@@ -373,12 +472,22 @@ fn quantize_q8a_bit_identical() {
                 x[32..64].iter_mut().for_each(|v| *v = 0.0);
             }
             if nblk > 2 {
-                x[64..96].iter_mut().enumerate().for_each(|(i, v)| *v = (i as f32 - 16.0) * 1e-38);
+                x[64..96]
+                    .iter_mut()
+                    .enumerate()
+                    .for_each(|(i, v)| *v = (i as f32 - 16.0) * 1e-38);
             }
             if nblk > 3 {
                 x[96..128].iter_mut().for_each(|v| *v *= 3e37);
             }
-            let mut a = vec![BlockQ8A { d: -1.0, sum: 99, qs: [99; 32] }; nblk];
+            let mut a = vec![
+                BlockQ8A {
+                    d: -1.0,
+                    sum: 99,
+                    qs: [99; 32]
+                };
+                nblk
+            ];
             let mut b = a.clone();
             (kt.quantize_q8a)(&x, &mut a);
             scalar::quantize_q8a(&x, &mut b);
@@ -414,17 +523,38 @@ fn routing_kernels_match_twins() {
                         let mut r = nan_buf(n_sel, ld);
                         $call(&mut y);
                         $twin(&mut r);
-                        assert_gemm_out(&format!("{lv} {} n={n_rows}", $name), &y, &r, n_sel, n_rows, ld);
+                        assert_gemm_out(
+                            &format!("{lv} {} n={n_rows}", $name),
+                            &y,
+                            &r,
+                            n_sel,
+                            n_rows,
+                            ld,
+                        );
                     }};
                 }
-                cmp!("gather q4", |y: &mut [f32]| (kt.gemm_q4x8_gather)(&g4, n_rows, k, &x, &rows, y, ld),
-                    |y: &mut [f32]| scalar::gemm_q4x8_gather(&g4, n_rows, k, &x, &rows, y, ld));
-                cmp!("gather q8", |y: &mut [f32]| (kt.gemm_q8x8_gather)(&g8, n_rows, k, &x, &rows, y, ld),
-                    |y: &mut [f32]| scalar::gemm_q8x8_gather(&g8, n_rows, k, &x, &rows, y, ld));
-                cmp!("gate_up q4", |y: &mut [f32]| (kt.ffn_gate_up_q4x8)(&g4, &u4, n_rows, k, &x, &rows, y, ld),
-                    |y: &mut [f32]| scalar::ffn_gate_up_q4x8(&g4, &u4, n_rows, k, &x, &rows, y, ld));
-                cmp!("gate_up q8", |y: &mut [f32]| (kt.ffn_gate_up_q8x8)(&g8, &u8_, n_rows, k, &x, &rows, y, ld),
-                    |y: &mut [f32]| scalar::ffn_gate_up_q8x8(&g8, &u8_, n_rows, k, &x, &rows, y, ld));
+                cmp!(
+                    "gather q4",
+                    |y: &mut [f32]| (kt.gemm_q4x8_gather)(&g4, n_rows, k, &x, &rows, y, ld),
+                    |y: &mut [f32]| scalar::gemm_q4x8_gather(&g4, n_rows, k, &x, &rows, y, ld)
+                );
+                cmp!(
+                    "gather q8",
+                    |y: &mut [f32]| (kt.gemm_q8x8_gather)(&g8, n_rows, k, &x, &rows, y, ld),
+                    |y: &mut [f32]| scalar::gemm_q8x8_gather(&g8, n_rows, k, &x, &rows, y, ld)
+                );
+                cmp!(
+                    "gate_up q4",
+                    |y: &mut [f32]| (kt.ffn_gate_up_q4x8)(&g4, &u4, n_rows, k, &x, &rows, y, ld),
+                    |y: &mut [f32]| scalar::ffn_gate_up_q4x8(&g4, &u4, n_rows, k, &x, &rows, y, ld)
+                );
+                cmp!(
+                    "gate_up q8",
+                    |y: &mut [f32]| (kt.ffn_gate_up_q8x8)(&g8, &u8_, n_rows, k, &x, &rows, y, ld),
+                    |y: &mut [f32]| scalar::ffn_gate_up_q8x8(
+                        &g8, &u8_, n_rows, k, &x, &rows, y, ld
+                    )
+                );
                 // the gather equals the plain product on the same rows
                 let mut y = nan_buf(n_sel, ld);
                 (kt.gemm_q4x8_gather)(&g4, n_rows, k, &x, &rows, &mut y, ld);
@@ -453,15 +583,18 @@ fn routing_kernels_match_twins() {
             let mut expert_of = vec![0u32; n_tok * top];
             for t in 0..n_tok {
                 let logits = rng.gauss_vec(n_exp);
-                let (mut i1, mut v1, mut i2, mut v2) = (vec![0; top], vec![0.0; top], vec![0; top], vec![0.0; top]);
+                let (mut i1, mut v1, mut i2, mut v2) =
+                    (vec![0; top], vec![0.0; top], vec![0; top], vec![0.0; top]);
                 (kt.topk)(&logits, top, &mut i1, &mut v1);
                 scalar::topk(&logits, top, &mut i2, &mut v2);
                 assert_eq!((i1.clone(), v1), (i2, v2));
                 expert_of[t * top..(t + 1) * top].copy_from_slice(&i1);
             }
             let m = expert_of.len();
-            let (mut c1, mut o1, mut p1, mut v1) = (vec![0; n_exp], vec![0; n_exp + 1], vec![0; m], vec![0; m]);
-            let (mut c2, mut o2, mut p2, mut v2) = (vec![0; n_exp], vec![0; n_exp + 1], vec![0; m], vec![0; m]);
+            let (mut c1, mut o1, mut p1, mut v1) =
+                (vec![0; n_exp], vec![0; n_exp + 1], vec![0; m], vec![0; m]);
+            let (mut c2, mut o2, mut p2, mut v2) =
+                (vec![0; n_exp], vec![0; n_exp + 1], vec![0; m], vec![0; m]);
             (kt.group_by_expert)(&expert_of, n_exp, &mut c1, &mut o1, &mut p1, &mut v1);
             scalar::group_by_expert(&expert_of, n_exp, &mut c2, &mut o2, &mut p2, &mut v2);
             assert_eq!((c1, o1, p1, v1), (c2, o2, p2, v2), "{lv} group_by_expert");
@@ -474,7 +607,10 @@ fn routing_kernels_match_twins() {
 // ---------------------------------------------------------------------------------------------
 
 fn sum_abs(a: &[f32], b: &[f32]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| (*x as f64 * *y as f64).abs()).sum()
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 * *y as f64).abs())
+        .sum()
 }
 
 #[test]
@@ -489,8 +625,14 @@ fn float_dot_axpy() {
             let exact: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
             let s = sum_abs(&a, &b);
             let lv = kt.level.name();
-            assert!(((got - twin).abs() as f64) <= F32_SUM_TOL as f64 * n as f64 * s + 1e-30, "{lv} dot n={n}");
-            assert!((got as f64 - exact).abs() <= F32_VS_F64_TOL * n as f64 * s + 1e-30, "{lv} dot f64 n={n}");
+            assert!(
+                ((got - twin).abs() as f64) <= F32_SUM_TOL as f64 * n as f64 * s + 1e-30,
+                "{lv} dot n={n}"
+            );
+            assert!(
+                (got as f64 - exact).abs() <= F32_VS_F64_TOL * n as f64 * s + 1e-30,
+                "{lv} dot f64 n={n}"
+            );
             let mut y1 = rng.gauss_vec(n);
             let mut y2 = y1.clone();
             (kt.axpy_f32)(0.37, &a, &mut y1);
@@ -510,8 +652,14 @@ fn float_gemms() {
                 for n_tok in [1usize, 2, 5, 9] {
                     let wf = rng.gauss_vec(n_rows * k);
                     let x = rng.gauss_vec(n_tok * k);
-                    let wb: Vec<u16> = wf.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
-                    let wh: Vec<u16> = wf.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
+                    let wb: Vec<u16> = wf
+                        .iter()
+                        .map(|&v| half::bf16::from_f32(v).to_bits())
+                        .collect();
+                    let wh: Vec<u16> = wf
+                        .iter()
+                        .map(|&v| half::f16::from_f32(v).to_bits())
+                        .collect();
                     let ld = n_rows + 2;
                     let run = |name: &str, f: &dyn Fn(&mut [f32]), twin: &dyn Fn(&mut [f32])| {
                         let mut y = nan_buf(n_tok, ld);
@@ -525,18 +673,32 @@ fn float_gemms() {
                                     assert!(g.is_nan(), "{lv} {name}: wrote past n_rows");
                                     continue;
                                 }
-                                let s = sum_abs(&wf[row * k..(row + 1) * k], &x[t * k..(t + 1) * k]) * 1.01;
+                                let s =
+                                    sum_abs(&wf[row * k..(row + 1) * k], &x[t * k..(t + 1) * k])
+                                        * 1.01;
                                 let tol = F32_SUM_TOL as f64 * k as f64 * s + 1e-30;
-                                assert!(((g - w).abs() as f64) <= tol, "{lv} {name} k={k}: {g} vs {w}");
+                                assert!(
+                                    ((g - w).abs() as f64) <= tol,
+                                    "{lv} {name} k={k}: {g} vs {w}"
+                                );
                             }
                         }
                     };
-                    run("gemm_f32", &|y| (kt.gemm_f32)(&wf, n_rows, k, &x, n_tok, y, ld),
-                        &|y| scalar::gemm_f32(&wf, n_rows, k, &x, n_tok, y, ld));
-                    run("gemm_bf16", &|y| (kt.gemm_bf16)(&wb, n_rows, k, &x, n_tok, y, ld),
-                        &|y| scalar::gemm_bf16(&wb, n_rows, k, &x, n_tok, y, ld));
-                    run("gemm_f16", &|y| (kt.gemm_f16)(&wh, n_rows, k, &x, n_tok, y, ld),
-                        &|y| scalar::gemm_f16(&wh, n_rows, k, &x, n_tok, y, ld));
+                    run(
+                        "gemm_f32",
+                        &|y| (kt.gemm_f32)(&wf, n_rows, k, &x, n_tok, y, ld),
+                        &|y| scalar::gemm_f32(&wf, n_rows, k, &x, n_tok, y, ld),
+                    );
+                    run(
+                        "gemm_bf16",
+                        &|y| (kt.gemm_bf16)(&wb, n_rows, k, &x, n_tok, y, ld),
+                        &|y| scalar::gemm_bf16(&wb, n_rows, k, &x, n_tok, y, ld),
+                    );
+                    run(
+                        "gemm_f16",
+                        &|y| (kt.gemm_f16)(&wh, n_rows, k, &x, n_tok, y, ld),
+                        &|y| scalar::gemm_f16(&wh, n_rows, k, &x, n_tok, y, ld),
+                    );
                 }
             }
         }
@@ -557,7 +719,10 @@ fn float_elementwise() {
                 (kt.rmsnorm)(&x, wopt, 1e-5, &mut a);
                 scalar::rmsnorm(&x, wopt, 1e-5, &mut b);
                 for (p, q) in a.iter().zip(&b) {
-                    assert!((p - q).abs() <= RMSNORM_REL_TOL * q.abs().max(1e-30), "{lv} rmsnorm {p} {q}");
+                    assert!(
+                        (p - q).abs() <= RMSNORM_REL_TOL * q.abs().max(1e-30),
+                        "{lv} rmsnorm {p} {q}"
+                    );
                 }
             }
             let mut a = x.clone();
@@ -565,7 +730,10 @@ fn float_elementwise() {
             (kt.softmax)(&mut a);
             scalar::softmax(&mut b);
             for (p, q) in a.iter().zip(&b) {
-                assert!((p - q).abs() <= EXP_REL_TOL * q.abs() + 1e-30, "{lv} softmax {p} {q}");
+                assert!(
+                    (p - q).abs() <= EXP_REL_TOL * q.abs() + 1e-30,
+                    "{lv} softmax {p} {q}"
+                );
             }
             let g: Vec<f32> = rng.gauss_vec(n).iter().map(|v| v * 6.0).collect();
             let mut a = vec![f32::NAN; n];
@@ -573,7 +741,10 @@ fn float_elementwise() {
             (kt.silu_mul)(&g, &w, &mut a);
             scalar::silu_mul(&g, &w, &mut b);
             for (p, q) in a.iter().zip(&b) {
-                assert!((p - q).abs() <= EXP_REL_TOL * q.abs() + 1e-30, "{lv} silu_mul {p} {q}");
+                assert!(
+                    (p - q).abs() <= EXP_REL_TOL * q.abs() + 1e-30,
+                    "{lv} silu_mul {p} {q}"
+                );
             }
         }
     }

@@ -56,7 +56,15 @@ pub fn run(args: Args) -> Result<()> {
         ProgressEvent::Note(n) => bar.println(format!("note: {n}")),
         ProgressEvent::Done { .. } => bar.finish_and_clear(),
     };
-    let report = convert(&ck, &args.output, &ConvertOptions { quant, rope_freq_bf16: args.rope_freq == "bf16" }, &progress)?;
+    let report = convert(
+        &ck,
+        &args.output,
+        &ConvertOptions {
+            quant,
+            rope_freq_bf16: args.rope_freq == "bf16",
+        },
+        &progress,
+    )?;
     bar.finish_and_clear();
     println!(
         "wrote {} ({} tensors, {:.1} MiB, quant {}) in {:.2} s",

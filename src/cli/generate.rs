@@ -13,6 +13,9 @@ pub struct Args {
     /// Comma-separated prompt token ids.
     #[arg(long, value_delimiter = ',', required = true)]
     ids: Vec<u32>,
+    /// Threads (0 = all cores). Results do not depend on it.
+    #[arg(short = 't', long, default_value_t = 0)]
+    threads: usize,
     /// Number of tokens to generate.
     #[arg(short = 'n', long, default_value_t = 16)]
     n_predict: usize,
@@ -21,7 +24,7 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let model = Model::open(&a.model)?;
     let ctx = a.ids.len() + a.n_predict;
-    let mut st = State::new(&model, ctx, a.ids.len().max(1), false);
+    let mut st = State::with_threads(&model, ctx, a.ids.len().max(1), false, a.threads);
     model.forward(&mut st, &a.ids, Logits::Last)?;
     let mut out = Vec::with_capacity(a.n_predict);
     for i in 0..a.n_predict {

@@ -12,6 +12,9 @@ pub struct Args {
     /// Comma-separated token ids.
     #[arg(long, value_delimiter = ',', required = true)]
     ids: Vec<u32>,
+    /// Threads (0 = all cores). Results do not depend on it.
+    #[arg(short = 't', long, default_value_t = 0)]
+    threads: usize,
     /// Output safetensors file (tensor `logits` [T, V] f32).
     #[arg(short, long)]
     output: PathBuf,
@@ -28,7 +31,7 @@ pub fn run(a: Args) -> Result<()> {
     let c = &model.config;
     let (t, v, hs, nl) = (a.ids.len(), c.vocab_size, c.hidden_size, c.num_layers);
     let batch = if a.decode { 1 } else { t };
-    let mut st = State::new(&model, t, batch, true);
+    let mut st = State::with_threads(&model, t, batch, true, a.threads);
     let mut logits = vec![0f32; t * v];
     let mut hidden = if a.hidden {
         vec![0f32; (nl + 1) * t * hs]

@@ -3,9 +3,11 @@
 
 use super::config::RopeStyle;
 use super::weights::{FfnWeights, Model, W};
-use crate::ops::{self, matmul, quantize_for, Act, Mat};
+use crate::ops::{self, matmul, quantize_for, Act, Mat, Par, SCRATCH_LEN};
+use crate::pool::{ThreadPool, Tile};
 use crate::{Error, Result};
 use ferroq_kernels::{scalar, BlockQ8A, QK};
+use std::sync::Mutex;
 
 /// Which logits a forward call computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,7 +36,6 @@ pub struct State {
     k: Vec<f32>,       // (B, n_kv * D)
     v: Vec<f32>,       // (B, n_kv * D)
     att: Vec<f32>,     // (B, n_h * D) attention output
-    scores: Vec<f32>,  // (max_ctx,)
     cos: Vec<f32>,     // (B, D/2)
     sin: Vec<f32>,     // (B, D/2)
     gate: Vec<f32>,    // (B * k_exp, I_max)
@@ -51,12 +52,33 @@ pub struct State {
     ys: Vec<f32>,      // (B * k_exp, H) expert outputs
     logits: Vec<f32>,  // (B or 1, V)
     n_logits: usize,
+    // threads: a pool for this session and one scratch buffer per pool thread
+    pool: Option<ThreadPool>,
+    scratch: Vec<Mutex<Vec<f32>>>, // (threads,) × max(SCRATCH_LEN, max_ctx)
 }
 
 impl State {
     /// A session state for up to `max_ctx` tokens, processing up to `max_batch` tokens per
     /// forward call. With `all_logits`, the logits buffer holds `max_batch` rows.
     pub fn new(model: &Model, max_ctx: usize, max_batch: usize, all_logits: bool) -> State {
+        Self::with_threads(model, max_ctx, max_batch, all_logits, 1)
+    }
+
+    /// [`State::new`] running the heavy ops on `threads` threads (0 = all cores). Results are
+    /// identical whatever the thread count.
+    pub fn with_threads(
+        model: &Model,
+        max_ctx: usize,
+        max_batch: usize,
+        all_logits: bool,
+        threads: usize,
+    ) -> State {
+        let pool = if threads == 1 {
+            None
+        } else {
+            Some(ThreadPool::new(threads))
+        };
+        let n_threads = pool.as_ref().map_or(1, |p| p.n_threads());
         let c = &model.config;
         let max_batch = max_batch.max(1);
         let (hd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
@@ -88,7 +110,6 @@ impl State {
             k: vec![0.0; max_batch * kvd],
             v: vec![0.0; max_batch * kvd],
             att: vec![0.0; max_batch * hd],
-            scores: vec![0.0; max_ctx],
             cos: vec![0.0; max_batch * c.head_dim / 2],
             sin: vec![0.0; max_batch * c.head_dim / 2],
             gate: vec![0.0; bk * i_max],
@@ -104,7 +125,16 @@ impl State {
             ys: vec![0.0; bk * c.hidden_size],
             logits: vec![0.0; if all_logits { max_batch } else { 1 } * c.vocab_size],
             n_logits: 0,
+            pool,
+            scratch: (0..n_threads)
+                .map(|_| Mutex::new(vec![0.0; SCRATCH_LEN.max(max_ctx)]))
+                .collect(),
         }
+    }
+
+    /// Threads the heavy ops run on.
+    pub fn threads(&self) -> usize {
+        self.pool.as_ref().map_or(1, |p| p.n_threads())
     }
 
     /// Context capacity in tokens.
@@ -184,6 +214,13 @@ impl Model {
         let (nh, nkv) = (c.num_heads, c.num_kv_heads);
         let (qd, kvd) = (nh * d, nkv * d);
         let pos0 = st.pos;
+        // the pool and scratch are moved out for the call (no allocation) so that `par` can be
+        // shared by every op while the buffers of `st` are borrowed mutably
+        let (pool, scratch) = (st.pool.take(), std::mem::take(&mut st.scratch));
+        let par = Par {
+            pool: pool.as_ref(),
+            scratch: &scratch,
+        };
 
         // ---- embedding (no scaling) ----
         let emb = self.mat(self.tok_embeddings);
@@ -217,9 +254,9 @@ impl Model {
                 n_tok: n,
                 q8,
             };
-            matmul(kern, wq, qd, &a, &mut st.q, qd);
-            matmul(kern, wk, kvd, &a, &mut st.k, kvd);
-            matmul(kern, wv, kvd, &a, &mut st.v, kvd);
+            matmul(kern, &par, wq, qd, &a, &mut st.q, qd);
+            matmul(kern, &par, wk, kvd, &a, &mut st.k, kvd);
+            matmul(kern, &par, wv, kvd, &a, &mut st.v, kvd);
 
             for t in 0..n {
                 let p = pos0 + t;
@@ -258,29 +295,45 @@ impl Model {
                     .copy_from_slice(&st.v[t * kvd..(t + 1) * kvd]);
             }
 
-            // causal attention over the cache (chunked layers: only the current chunk), GQA
+            // causal attention over the cache (chunked layers: only the current chunk), GQA;
+            // one task per (token, head)
             let scale = 1.0 / (d as f32).sqrt();
             let rep = nh / nkv;
-            let (kc, vc) = (&st.k_cache[li], &st.v_cache[li]);
-            for t in 0..n {
+            let (kc, vc, qb) = (&st.k_cache[li], &st.v_cache[li], &st.q);
+            let chunk = if spec.chunked {
+                c.attention_chunk_size
+            } else {
+                None
+            };
+            let head = |mut tile: Tile, thread: usize| {
+                let (t, hh) = (tile.toks().start, tile.rows().start / d);
                 let p = pos0 + t;
-                let start = match (spec.chunked, c.attention_chunk_size) {
-                    (true, Some(cs)) => (p / cs) * cs,
-                    _ => 0,
-                };
-                for hh in 0..nh {
-                    let kh = hh / rep;
-                    let q = &st.q[t * qd + hh * d..t * qd + (hh + 1) * d];
-                    let sc = &mut st.scores[..p + 1 - start];
-                    for (j, s) in (start..=p).zip(sc.iter_mut()) {
-                        *s = (kern.dot_f32)(q, &kc[j * kvd + kh * d..j * kvd + (kh + 1) * d])
-                            * scale;
-                    }
-                    (kern.softmax)(sc);
-                    let o = &mut st.att[t * qd + hh * d..t * qd + (hh + 1) * d];
-                    o.iter_mut().for_each(|v| *v = 0.0);
-                    for (j, &s) in (start..=p).zip(sc.iter()) {
-                        (kern.axpy_f32)(s, &vc[j * kvd + kh * d..j * kvd + (kh + 1) * d], o);
+                let start = chunk.map_or(0, |cs| (p / cs) * cs);
+                let kh = hh / rep;
+                let q = &qb[t * qd + hh * d..t * qd + (hh + 1) * d];
+                let mut scratch = par.scratch[thread]
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                let sc = &mut scratch[..p + 1 - start];
+                for (j, s) in (start..=p).zip(sc.iter_mut()) {
+                    *s = (kern.dot_f32)(q, &kc[j * kvd + kh * d..j * kvd + (kh + 1) * d]) * scale;
+                }
+                (kern.softmax)(sc);
+                let o = tile.out(t);
+                o.iter_mut().for_each(|v| *v = 0.0);
+                for (j, &s) in (start..=p).zip(sc.iter()) {
+                    (kern.axpy_f32)(s, &vc[j * kvd + kh * d..j * kvd + (kh + 1) * d], o);
+                }
+            };
+            match par.pool {
+                Some(pool) => pool.run_tiles(&mut st.att, n, qd, d, 1, &head),
+                None => {
+                    let out = crate::pool::SharedOut::new(&mut st.att, n, qd);
+                    for t in 0..n {
+                        for hh in 0..nh {
+                            // SAFETY: one tile at a time, dropped before the next is made.
+                            head(unsafe { out.tile(hh * d..(hh + 1) * d, t..t + 1) }, 0);
+                        }
                     }
                 }
             }
@@ -292,7 +345,7 @@ impl Model {
                 n_tok: n,
                 q8,
             };
-            matmul(kern, wo, hs, &a, &mut st.y, hs);
+            matmul(kern, &par, wo, hs, &a, &mut st.y, hs);
             for (h, y) in st.h[..n * hs].iter_mut().zip(&st.y) {
                 *h += y;
             }
@@ -305,6 +358,7 @@ impl Model {
                     let w = [self.mat(*gate), self.mat(*up), self.mat(*down)];
                     swiglu(
                         kern,
+                        &par,
                         w,
                         hs,
                         c.intermediate_size,
@@ -321,7 +375,7 @@ impl Model {
                     shared,
                     experts,
                 } => {
-                    self.moe(st, *router, shared.as_ref(), experts, n);
+                    self.moe(st, &par, *router, shared.as_ref(), experts, n);
                 }
             }
             for (h, y) in st.h[..n * hs].iter_mut().zip(&st.y) {
@@ -337,6 +391,7 @@ impl Model {
         let rows = match want {
             Logits::None => {
                 st.n_logits = 0;
+                (st.pool, st.scratch) = (pool, scratch);
                 return Ok(());
             }
             Logits::Last => n - 1..n,
@@ -361,8 +416,17 @@ impl Model {
             n_tok: m,
             q8,
         };
-        matmul(kern, out, c.vocab_size, &a, &mut st.logits, c.vocab_size);
+        matmul(
+            kern,
+            &par,
+            out,
+            c.vocab_size,
+            &a,
+            &mut st.logits,
+            c.vocab_size,
+        );
         st.n_logits = m * c.vocab_size;
+        (st.pool, st.scratch) = (pool, scratch);
         Ok(())
     }
 
@@ -371,6 +435,7 @@ impl Model {
     fn moe(
         &self,
         st: &mut State,
+        par: &Par,
         router: W,
         shared: Option<&[W; 3]>,
         experts: &[[W; 3]],
@@ -386,7 +451,15 @@ impl Model {
             n_tok: n,
             q8: &[],
         };
-        matmul(kern, Mat::F32(self.vec(router)), ne, &a, &mut st.router, ne);
+        matmul(
+            kern,
+            par,
+            Mat::F32(self.vec(router)),
+            ne,
+            &a,
+            &mut st.router,
+            ne,
+        );
         for t in 0..n {
             scalar::topk(
                 &st.router[t * ne..(t + 1) * ne],
@@ -417,6 +490,7 @@ impl Model {
                 let w = [self.mat(w[0]), self.mat(w[1]), self.mat(w[2])];
                 swiglu(
                     kern,
+                    par,
                     w,
                     hs,
                     c.moe_intermediate_size,
@@ -452,6 +526,7 @@ impl Model {
             let (x, y) = (&st.xs[o0 * hs..o1 * hs], &mut st.ys[o0 * hs..o1 * hs]);
             swiglu(
                 kern,
+                par,
                 w,
                 hs,
                 c.moe_intermediate_size,
@@ -481,6 +556,7 @@ impl Model {
 #[allow(clippy::too_many_arguments)]
 fn swiglu(
     kern: &ferroq_kernels::Kernels,
+    par: &Par,
     w: [Mat; 3],
     hs: usize,
     inter: usize,
@@ -499,8 +575,8 @@ fn swiglu(
         n_tok: m,
         q8: qa,
     };
-    matmul(kern, wg, inter, &a, gate, inter);
-    matmul(kern, wu, inter, &a, up, inter);
+    matmul(kern, par, wg, inter, &a, gate, inter);
+    matmul(kern, par, wu, inter, &a, up, inter);
     // gate <- silu(gate) * up
     let (g, u) = (&mut gate[..m * inter], &up[..m * inter]);
     for (gv, &uv) in g.iter_mut().zip(u) {
@@ -513,5 +589,5 @@ fn swiglu(
         n_tok: m,
         q8: qa,
     };
-    matmul(kern, wd, hs, &a, y, hs);
+    matmul(kern, par, wd, hs, &a, y, hs);
 }

@@ -41,7 +41,12 @@ impl Tier for NeonDot {
 impl Tile<BlockQ4x8> for NeonDot {
     const NYMAX: usize = 4;
     #[inline]
-    fn tile<const NY: usize>(self, w: &[BlockQ4x8], x: &[&[BlockQ8A]; NY], out: &mut [[f32; ROWS]; NY]) {
+    fn tile<const NY: usize>(
+        self,
+        w: &[BlockQ4x8],
+        x: &[&[BlockQ8A]; NY],
+        out: &mut [[f32; ROWS]; NY],
+    ) {
         assert!(x.iter().all(|xt| xt.len() >= w.len()));
         // SAFETY: `self` proves NEON + dotprod (NeonDot::detect); x[t] hold w.len() blocks.
         unsafe { q_tile::<NY, true>(w.as_ptr() as *const u8, 144, w.len(), x, out) }
@@ -51,7 +56,12 @@ impl Tile<BlockQ4x8> for NeonDot {
 impl Tile<BlockQ8x8> for NeonDot {
     const NYMAX: usize = 4;
     #[inline]
-    fn tile<const NY: usize>(self, w: &[BlockQ8x8], x: &[&[BlockQ8A]; NY], out: &mut [[f32; ROWS]; NY]) {
+    fn tile<const NY: usize>(
+        self,
+        w: &[BlockQ8x8],
+        x: &[&[BlockQ8A]; NY],
+        out: &mut [[f32; ROWS]; NY],
+    ) {
         assert!(x.iter().all(|xt| xt.len() >= w.len()));
         // SAFETY: as for the Q4x8 tile.
         unsafe { q_tile::<NY, false>(w.as_ptr() as *const u8, 272, w.len(), x, out) }
@@ -83,7 +93,11 @@ pub(crate) unsafe fn q_tile<const NY: usize, const Q4: bool>(
     let mut acc = [(vdupq_n_f32(0.0), vdupq_n_f32(0.0)); NY];
     for b in 0..nb {
         let blk = w.add(b * stride);
-        let wv = if Q4 { unpack_q4(blk.add(16), kv) } else { load_q8(blk.add(16) as *const i8) };
+        let wv = if Q4 {
+            unpack_q4(blk.add(16), kv)
+        } else {
+            load_q8(blk.add(16) as *const i8)
+        };
         let dw = scales(blk as *const u16);
         for t in 0..NY {
             let a = x[t].get_unchecked(b);

@@ -46,7 +46,12 @@ impl Tier for NeonI8mm {
 impl Tile<BlockQ4x8> for NeonI8mm {
     const NYMAX: usize = 4;
     #[inline]
-    fn tile<const NY: usize>(self, w: &[BlockQ4x8], x: &[&[BlockQ8A]; NY], out: &mut [[f32; ROWS]; NY]) {
+    fn tile<const NY: usize>(
+        self,
+        w: &[BlockQ4x8],
+        x: &[&[BlockQ8A]; NY],
+        out: &mut [[f32; ROWS]; NY],
+    ) {
         assert!(x.iter().all(|xt| xt.len() >= w.len()));
         let p = w.as_ptr() as *const u8;
         // SAFETY: `self` proves NEON + dotprod + i8mm (NeonI8mm::detect); x[t] hold w.len()
@@ -64,7 +69,12 @@ impl Tile<BlockQ4x8> for NeonI8mm {
 impl Tile<BlockQ8x8> for NeonI8mm {
     const NYMAX: usize = 4;
     #[inline]
-    fn tile<const NY: usize>(self, w: &[BlockQ8x8], x: &[&[BlockQ8A]; NY], out: &mut [[f32; ROWS]; NY]) {
+    fn tile<const NY: usize>(
+        self,
+        w: &[BlockQ8x8],
+        x: &[&[BlockQ8A]; NY],
+        out: &mut [[f32; ROWS]; NY],
+    ) {
         assert!(x.iter().all(|xt| xt.len() >= w.len()));
         let p = w.as_ptr() as *const u8;
         // SAFETY: as for the Q4x8 tile.
@@ -89,13 +99,19 @@ macro_rules! smmla {
 #[inline(always)]
 unsafe fn zip32(a: int8x16_t, b: int8x16_t) -> (int8x16_t, int8x16_t) {
     let (a, b) = (vreinterpretq_s32_s8(a), vreinterpretq_s32_s8(b));
-    (vreinterpretq_s8_s32(vzip1q_s32(a, b)), vreinterpretq_s8_s32(vzip2q_s32(a, b)))
+    (
+        vreinterpretq_s8_s32(vzip1q_s32(a, b)),
+        vreinterpretq_s8_s32(vzip2q_s32(a, b)),
+    )
 }
 
 #[inline(always)]
 unsafe fn zip64(a: int8x16_t, b: int8x16_t) -> (int8x16_t, int8x16_t) {
     let (a, b) = (vreinterpretq_s64_s8(a), vreinterpretq_s64_s8(b));
-    (vreinterpretq_s8_s64(vzip1q_s64(a, b)), vreinterpretq_s8_s64(vzip2q_s64(a, b)))
+    (
+        vreinterpretq_s8_s64(vzip1q_s64(a, b)),
+        vreinterpretq_s8_s64(vzip2q_s64(a, b)),
+    )
 }
 
 /// # Safety
@@ -114,7 +130,11 @@ unsafe fn q_tile<const NY: usize, const Q4: bool>(
     let mut acc = [(vdupq_n_f32(0.0), vdupq_n_f32(0.0)); NY];
     for b in 0..nb {
         let blk = w.add(b * stride);
-        let wv = if Q4 { unpack_q4(blk.add(16), kv) } else { load_q8(blk.add(16) as *const i8) };
+        let wv = if Q4 {
+            unpack_q4(blk.add(16), kv)
+        } else {
+            load_q8(blk.add(16) as *const i8)
+        };
         // wm[g][p]: column group g (8 columns), row pair p (rows 2p, 2p+1)
         let mut wm = [[vdupq_n_s8(0); 4]; 4];
         for g in 0..4 {

@@ -42,7 +42,12 @@ impl Tier for Neon {
 impl Tile<BlockQ4x8> for Neon {
     const NYMAX: usize = 4;
     #[inline]
-    fn tile<const NY: usize>(self, w: &[BlockQ4x8], x: &[&[BlockQ8A]; NY], out: &mut [[f32; ROWS]; NY]) {
+    fn tile<const NY: usize>(
+        self,
+        w: &[BlockQ4x8],
+        x: &[&[BlockQ8A]; NY],
+        out: &mut [[f32; ROWS]; NY],
+    ) {
         assert!(x.iter().all(|xt| xt.len() >= w.len()));
         // SAFETY: `self` proves NEON (Neon::detect); every x[t] holds w.len() blocks.
         unsafe { q_tile::<NY, true>(w.as_ptr() as *const u8, 144, w.len(), x, out) }
@@ -52,7 +57,12 @@ impl Tile<BlockQ4x8> for Neon {
 impl Tile<BlockQ8x8> for Neon {
     const NYMAX: usize = 4;
     #[inline]
-    fn tile<const NY: usize>(self, w: &[BlockQ8x8], x: &[&[BlockQ8A]; NY], out: &mut [[f32; ROWS]; NY]) {
+    fn tile<const NY: usize>(
+        self,
+        w: &[BlockQ8x8],
+        x: &[&[BlockQ8A]; NY],
+        out: &mut [[f32; ROWS]; NY],
+    ) {
         assert!(x.iter().all(|xt| xt.len() >= w.len()));
         // SAFETY: as for the Q4x8 tile.
         unsafe { q_tile::<NY, false>(w.as_ptr() as *const u8, 272, w.len(), x, out) }
@@ -66,7 +76,10 @@ impl Tile<BlockQ8x8> for Neon {
 #[inline(always)]
 pub(crate) unsafe fn scales(d: *const u16) -> (float32x4_t, float32x4_t) {
     let h = vld1q_u16(d);
-    (f16x4_to_f32(vmovl_u16(vget_low_u16(h))), f16x4_to_f32(vmovl_high_u16(h)))
+    (
+        f16x4_to_f32(vmovl_u16(vget_low_u16(h))),
+        f16x4_to_f32(vmovl_high_u16(h)),
+    )
 }
 
 #[inline(always)]
@@ -75,9 +88,16 @@ unsafe fn f16x4_to_f32(h: uint32x4_t) -> float32x4_t {
     let em = vandq_u32(h, vdupq_n_u32(0x7fff));
     let shifted = vshlq_n_u32::<13>(em);
     // exponent rebias by multiplication: exact for normals and subnormals
-    let f = vmulq_f32(vreinterpretq_f32_u32(shifted), vdupq_n_f32(f32::from_bits((127 + 112) << 23)));
+    let f = vmulq_f32(
+        vreinterpretq_f32_u32(shifted),
+        vdupq_n_f32(f32::from_bits((127 + 112) << 23)),
+    );
     let infnan = vorrq_u32(shifted, vdupq_n_u32(0x7f80_0000));
-    let bits = vbslq_u32(vcgeq_u32(em, vdupq_n_u32(0x7c00)), infnan, vreinterpretq_u32_f32(f));
+    let bits = vbslq_u32(
+        vcgeq_u32(em, vdupq_n_u32(0x7c00)),
+        infnan,
+        vreinterpretq_u32_f32(f),
+    );
     vreinterpretq_f32_u32(vorrq_u32(bits, sign))
 }
 
@@ -138,7 +158,11 @@ unsafe fn q_tile<const NY: usize, const Q4: bool>(
     for b in 0..nb {
         let blk = w.add(b * stride);
         // d is the first field of both block types; qs follows at byte 16
-        let wv = if Q4 { unpack_q4(blk.add(16), kv) } else { load_q8(blk.add(16) as *const i8) };
+        let wv = if Q4 {
+            unpack_q4(blk.add(16), kv)
+        } else {
+            load_q8(blk.add(16) as *const i8)
+        };
         let dw = scales(blk as *const u16);
         for t in 0..NY {
             let a = x[t].get_unchecked(b);
@@ -227,7 +251,11 @@ unsafe fn dot_impl(a: &[f32], b: &[f32]) -> f32 {
     let mut i = 0;
     while i + 16 <= n {
         for (u, ac) in acc.iter_mut().enumerate() {
-            *ac = vfmaq_f32(*ac, vld1q_f32(pa.add(i + 4 * u)), vld1q_f32(pb.add(i + 4 * u)));
+            *ac = vfmaq_f32(
+                *ac,
+                vld1q_f32(pa.add(i + 4 * u)),
+                vld1q_f32(pb.add(i + 4 * u)),
+            );
         }
         i += 16;
     }
@@ -235,7 +263,10 @@ unsafe fn dot_impl(a: &[f32], b: &[f32]) -> f32 {
         acc[0] = vfmaq_f32(acc[0], vld1q_f32(pa.add(i)), vld1q_f32(pb.add(i)));
         i += 4;
     }
-    let mut s = vaddvq_f32(vaddq_f32(vaddq_f32(acc[0], acc[1]), vaddq_f32(acc[2], acc[3])));
+    let mut s = vaddvq_f32(vaddq_f32(
+        vaddq_f32(acc[0], acc[1]),
+        vaddq_f32(acc[2], acc[3]),
+    ));
     for j in i..n {
         s += a[j] * b[j];
     }
@@ -257,7 +288,10 @@ unsafe fn axpy_impl(a: f32, x: &[f32], y: &mut [f32]) {
     let mut i = 0;
     while i + 4 <= n {
         let py = y.as_mut_ptr().add(i);
-        vst1q_f32(py, vaddq_f32(vld1q_f32(py), vmulq_f32(va, vld1q_f32(x.as_ptr().add(i)))));
+        vst1q_f32(
+            py,
+            vaddq_f32(vld1q_f32(py), vmulq_f32(va, vld1q_f32(x.as_ptr().add(i)))),
+        );
         i += 4;
     }
     for j in i..n {

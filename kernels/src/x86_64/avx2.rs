@@ -306,7 +306,10 @@ unsafe fn axpy_impl(a: f32, x: &[f32], y: &mut [f32]) {
     let mut i = 0;
     while i + 8 <= n {
         let py = y.as_mut_ptr().add(i);
-        let r = _mm256_add_ps(_mm256_loadu_ps(py), _mm256_mul_ps(va, _mm256_loadu_ps(x.as_ptr().add(i))));
+        let r = _mm256_add_ps(
+            _mm256_loadu_ps(py),
+            _mm256_mul_ps(va, _mm256_loadu_ps(x.as_ptr().add(i))),
+        );
         _mm256_storeu_ps(py, r);
         i += 8;
     }
@@ -388,7 +391,11 @@ unsafe fn gemm_w_impl(
                 }
                 Some(H16::F16) => {
                     let p = w16.as_ptr().add(r * k);
-                    dot_with(k, |i| _mm256_cvtph_ps(_mm_loadu_si128(p.add(i) as *const __m128i)), xp)
+                    dot_with(
+                        k,
+                        |i| _mm256_cvtph_ps(_mm_loadu_si128(p.add(i) as *const __m128i)),
+                        xp,
+                    )
                 }
             };
             let mut s = hsum(v);
