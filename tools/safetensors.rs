@@ -279,6 +279,33 @@ impl SafetensorsSource {
         Ok(())
     }
 
+    /// Drop the pages of bytes `start..end` of a shard from our resident set once they have been
+    /// converted, so that a conversion's RSS stays at about one tensor instead of growing to the
+    /// whole checkpoint (file pages of a mapping count as resident). Only whole 64 KiB units
+    /// inside the range are dropped (a multiple of every common page size); a failure is
+    /// ignored, this is only a hint.
+    fn release(&self, shard: usize, start: usize, end: usize) {
+        #[cfg(unix)]
+        {
+            const UNIT: usize = 64 << 10;
+            let (a, b) = (start.next_multiple_of(UNIT), end / UNIT * UNIT);
+            if b > a {
+                // SAFETY: the mapping is a read-only, private mapping of a file that we never
+                // write, so it holds no modified (copy-on-write) pages. MADV_DONTNEED on such
+                // a range only drops the page references: the next access (by any thread)
+                // faults the same bytes back in from the file, so no live borrow of the
+                // mapping can observe a change. `a..b` lies inside the mapping.
+                let _ = unsafe {
+                    self.shards[shard].map.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        a,
+                        b - a,
+                    )
+                };
+            }
+        }
+    }
+
     /// Bytes of `name`, with its entry.
     fn raw(&self, name: &str) -> Result<(&SrcTensor, &Entry, &[u8])> {
         let &i = self
@@ -354,7 +381,9 @@ impl TensorSource for SafetensorsSource {
 
     fn read_f32(&self, name: &str, out: &mut Vec<f32>) -> Result<()> {
         let (t, e, bytes) = self.raw(name)?;
-        to_f32(name, &t.dtype, e.dtype, bytes, out)
+        to_f32(name, &t.dtype, e.dtype, bytes, out)?;
+        self.release(e.shard, e.start, e.end);
+        Ok(())
     }
 
     fn read_f32_outer(&self, name: &str, index: usize, out: &mut Vec<f32>) -> Result<()> {
@@ -376,6 +405,9 @@ impl TensorSource for SafetensorsSource {
             e.dtype,
             &bytes[index * slice..(index + 1) * slice],
             out,
-        )
+        )?;
+        let start = e.start + index * slice;
+        self.release(e.shard, start, start + slice);
+        Ok(())
     }
 }

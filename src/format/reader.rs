@@ -194,8 +194,12 @@ impl FqmFile {
             b: &b[dir_r],
             pos: 0,
         };
-        let mut tensors = Vec::with_capacity(n_tensors as usize);
-        let mut index = HashMap::with_capacity(n_tensors as usize);
+        // a corrupt count must not make us reserve gigabytes: an entry takes at least
+        // MIN_ENTRY bytes of the directory
+        const MIN_ENTRY: u64 = 2 + 1 + 1 + 1 + 8 + 8;
+        let cap = n_tensors.min(dir_len / MIN_ENTRY) as usize;
+        let mut tensors = Vec::with_capacity(cap);
+        let mut index = HashMap::with_capacity(cap);
         for i in 0..n_tensors {
             let trunc = || Error::format(path, format!("tensor directory truncated at entry {i}"));
             let name_len = cur.u16().ok_or_else(trunc)? as usize;
