@@ -8,6 +8,9 @@ pub mod format;
 pub mod model;
 #[path = "../tools/mod.rs"]
 pub mod tools;
+pub mod tokenizer;
+pub mod chat;
+pub mod sampling;
 
 pub use error::{Error, Result};
 pub use ferroq_kernels as kernels;
