@@ -26,6 +26,8 @@ enum Cmd {
     Logits(cli::logits::Args),
     /// Greedy generation from token ids; prints the generated ids as JSON.
     Generate(cli::generate::Args),
+    /// Text to token ids (one JSON string per line with --jsonl), or ids to text (--decode).
+    Tokenize(cli::tokenize::Args),
 }
 
 fn main() {
@@ -35,6 +37,7 @@ fn main() {
         Cmd::Inspect(a) => cli::inspect::run(a),
         Cmd::Logits(a) => cli::logits::run(a),
         Cmd::Generate(a) => cli::generate::run(a),
+        Cmd::Tokenize(a) => cli::tokenize::run(a),
     };
     if let Err(e) = r {
         eprintln!("ferroq: error: {e}");

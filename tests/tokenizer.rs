@@ -236,3 +236,63 @@ fn bad_input_is_an_error_not_a_panic() {
     let e = Tokenizer::from_file("/nonexistent/tokenizer.json").err().unwrap();
     assert!(e.to_string().contains("/nonexistent/tokenizer.json"));
 }
+
+fn run_cli(args: &[&str], stdin: &[u8]) -> (bool, String, String) {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferroq"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    let o = child.wait_with_output().unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn cli_tokenize_jsonl_roundtrip_and_errors() {
+    let dir = env!("CARGO_TARGET_TMPDIR");
+    let path = format!("{dir}/smollm2-tokenizer.json");
+    std::fs::write(&path, fixture("smollm2/tokenizer.json.gz")).unwrap();
+    let g = golden("smollm2");
+    let mut input = String::new();
+    let mut want = String::new();
+    for (text, ids) in g.iter().take(50) {
+        input.push_str(&serde_json::to_string(text).unwrap());
+        input.push('\n');
+        want.push_str(&serde_json::to_string(ids).unwrap());
+        want.push('\n');
+    }
+    let (ok, out, err) = run_cli(&["tokenize", "-t", &path, "--jsonl"], input.as_bytes());
+    assert!(ok, "{err}");
+    assert_eq!(out, want);
+    let (ok, back, err) = run_cli(&["tokenize", "-t", &path, "--jsonl", "--decode"], out.as_bytes());
+    assert!(ok, "{err}");
+    assert_eq!(back, input);
+    // Llama 4 from tokenizer.model, with BOS.
+    let mpath = format!("{dir}/llama4-tokenizer.model");
+    std::fs::write(&mpath, fixture("llama4/tokenizer.model.gz")).unwrap();
+    let (ok, out, err) = run_cli(&["tokenize", "-t", &mpath, "--jsonl", "--bos"], b"\"Hello, world!\"\n");
+    assert!(ok, "{err}");
+    assert_eq!(out, "[200000,19873,24,3817,13]\n");
+    // Errors: invalid JSON, invalid UTF-8, bad ids, .fqm not wired, missing file.
+    for (args, input, needle) in [
+        (vec!["tokenize", "-t", &path, "--jsonl"], &b"\"ok\"\nnot json\n"[..], "line 2"),
+        (vec!["tokenize", "-t", &path, "--jsonl"], b"\"\xff\"\n", "UTF-8"),
+        (vec!["tokenize", "-t", &path, "--jsonl", "--decode"], b"[1, 99999999]\n", "99999999"),
+        (vec!["tokenize", "-t", "model.fqm", "--jsonl"], b"", "fqm"),
+        (vec!["tokenize", "-t", "/nonexistent.json", "--jsonl"], b"", "nonexistent"),
+    ] {
+        let (ok, _, err) = run_cli(&args, input);
+        assert!(!ok, "{args:?} should fail");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}

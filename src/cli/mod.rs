@@ -4,3 +4,4 @@ pub mod convert;
 pub mod generate;
 pub mod inspect;
 pub mod logits;
+pub mod tokenize;
