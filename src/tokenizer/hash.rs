@@ -51,7 +51,9 @@ impl Hasher for FxHasher {
     }
     #[inline]
     fn finish(&self) -> u64 {
-        self.hash
+        // The multiply leaves the low bits weak; hashbrown picks buckets from them.
+        let h = self.hash;
+        (h ^ (h >> 32)).wrapping_mul(SEED).rotate_left(26)
     }
 }
 

@@ -171,8 +171,10 @@ pub(crate) fn load(bytes: &[u8]) -> Result<Tokenizer> {
     for (rank, tok) in by_rank.iter().enumerate() {
         let Some(tok) = tok else { continue };
         for k in 1..tok.len() {
-            if let (Some(&l), Some(&r)) = (vocab.get(&tok[..k]), vocab.get(&tok[k..])) {
-                triples.push((rank as u32, l, r));
+            if let Some(&l) = vocab.get(&tok[..k]) {
+                if let Some(&r) = vocab.get(&tok[k..]) {
+                    triples.push((rank as u32, l, r));
+                }
             }
         }
     }
