@@ -9,7 +9,10 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ferroq::tokenizer::Tokenizer;
 
 fn fixture(path: &str) -> Vec<u8> {
-    let full = format!("{}/tests/fixtures/tokenizers/{path}", env!("CARGO_MANIFEST_DIR"));
+    let full = format!(
+        "{}/tests/fixtures/tokenizers/{path}",
+        env!("CARGO_MANIFEST_DIR")
+    );
     let raw = std::fs::read(&full).unwrap();
     let mut out = Vec::new();
     flate2::read::GzDecoder::new(&raw[..])
@@ -23,13 +26,27 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("encode_corpus");
     g.throughput(Throughput::Bytes(corpus.len() as u64));
     for (name, tok) in [
-        ("smollm2", Tokenizer::from_hf_json(&fixture("smollm2/tokenizer.json.gz"))),
-        ("llama3", Tokenizer::from_hf_json(&fixture("llama3/tokenizer.json.gz"))),
-        ("llama4", Tokenizer::from_hf_json(&fixture("llama4/tokenizer.json.gz"))),
-        ("llama4_model", Tokenizer::from_tiktoken(&fixture("llama4/tokenizer.model.gz"))),
+        (
+            "smollm2",
+            Tokenizer::from_hf_json(&fixture("smollm2/tokenizer.json.gz")),
+        ),
+        (
+            "llama3",
+            Tokenizer::from_hf_json(&fixture("llama3/tokenizer.json.gz")),
+        ),
+        (
+            "llama4",
+            Tokenizer::from_hf_json(&fixture("llama4/tokenizer.json.gz")),
+        ),
+        (
+            "llama4_model",
+            Tokenizer::from_tiktoken(&fixture("llama4/tokenizer.model.gz")),
+        ),
     ] {
         let tok = tok.unwrap();
-        g.bench_function(name, |b| b.iter(|| tok.encode(std::hint::black_box(&corpus), false)));
+        g.bench_function(name, |b| {
+            b.iter(|| tok.encode(std::hint::black_box(&corpus), false))
+        });
     }
     g.finish();
     let tok = Tokenizer::from_hf_json(&fixture("llama4/tokenizer.json.gz")).unwrap();

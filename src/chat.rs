@@ -85,9 +85,12 @@ impl ChatTemplate {
         env.set_lstrip_blocks(true);
         env.set_keep_trailing_newline(false);
         env.set_unknown_method_callback(py_method);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<Value, minijinja::Error> {
-            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<Value, minijinja::Error> {
+                Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
         env.add_template_owned(NAME, template.to_string())
             .map_err(template_err)?;
         Ok(ChatTemplate {
@@ -217,13 +220,28 @@ fn py_method(state: &State, value: &Value, method: &str, args: &[Value]) -> JRes
         ValueKind::String => {
             let s = value.as_str().unwrap_or("");
             match method {
-                "strip" => Ok(Value::from(py_strip(s, arg_str(&args, 0)?.as_deref(), true, true))),
-                "lstrip" => Ok(Value::from(py_strip(s, arg_str(&args, 0)?.as_deref(), true, false))),
-                "rstrip" => Ok(Value::from(py_strip(s, arg_str(&args, 0)?.as_deref(), false, true))),
+                "strip" => Ok(Value::from(py_strip(
+                    s,
+                    arg_str(&args, 0)?.as_deref(),
+                    true,
+                    true,
+                ))),
+                "lstrip" => Ok(Value::from(py_strip(
+                    s,
+                    arg_str(&args, 0)?.as_deref(),
+                    true,
+                    false,
+                ))),
+                "rstrip" => Ok(Value::from(py_strip(
+                    s,
+                    arg_str(&args, 0)?.as_deref(),
+                    false,
+                    true,
+                ))),
                 "upper" => Ok(Value::from(s.to_uppercase())),
                 "lower" => Ok(Value::from(s.to_lowercase())),
-                "title" => state.apply_filter("title", &[value.clone()]),
-                "capitalize" => state.apply_filter("capitalize", &[value.clone()]),
+                "title" => state.apply_filter("title", std::slice::from_ref(value)),
+                "capitalize" => state.apply_filter("capitalize", std::slice::from_ref(value)),
                 "startswith" | "endswith" => {
                     let test = |p: &str| {
                         if method == "startswith" {
@@ -252,7 +270,9 @@ fn py_method(state: &State, value: &Value, method: &str, args: &[Value]) -> JRes
                 "split" | "rsplit" => {
                     let sep = arg_str(&args, 0)?;
                     let parts: Vec<Value> = match sep {
-                        Some(sep) if !sep.is_empty() => s.split(sep.as_str()).map(Value::from).collect(),
+                        Some(sep) if !sep.is_empty() => {
+                            s.split(sep.as_str()).map(Value::from).collect()
+                        }
                         Some(_) => return Err(bad("split: empty separator")),
                         None => s.split_whitespace().map(Value::from).collect(),
                     };
@@ -283,13 +303,17 @@ fn py_method(state: &State, value: &Value, method: &str, args: &[Value]) -> JRes
                     }
                     Ok(Value::from(out))
                 }
-                "isdigit" => Ok(Value::from(!s.is_empty() && s.chars().all(|c| c.is_ascii_digit()))),
-                "isspace" => Ok(Value::from(!s.is_empty() && s.chars().all(char::is_whitespace))),
+                "isdigit" => Ok(Value::from(
+                    !s.is_empty() && s.chars().all(|c| c.is_ascii_digit()),
+                )),
+                "isspace" => Ok(Value::from(
+                    !s.is_empty() && s.chars().all(char::is_whitespace),
+                )),
                 _ => Err(minijinja::Error::from(ErrorKind::UnknownMethod)),
             }
         }
         ValueKind::Map => match method {
-            "items" => state.apply_filter("items", &[value.clone()]),
+            "items" => state.apply_filter("items", std::slice::from_ref(value)),
             "keys" => Ok(Value::from(value.try_iter()?.collect::<Vec<_>>())),
             "values" => {
                 let mut v = Vec::new();
@@ -341,11 +365,27 @@ fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
 /// Python's `datetime.now().strftime(fmt)` for the common directives (UTC).
 pub fn strftime(fmt: &str, unix_seconds: i64) -> String {
     const MONTHS: [&str; 12] = [
-        "January", "February", "March", "April", "May", "June", "July", "August", "September",
-        "October", "November", "December",
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
     ];
     const DAYS: [&str; 7] = [
-        "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday",
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
     ];
     let days = unix_seconds.div_euclid(86_400);
     let secs = unix_seconds.rem_euclid(86_400);

@@ -3,14 +3,14 @@
 //! Layers (one way): CLI (`main.rs`) → [`model`] → [`ops`] → `ferroq_kernels`.
 //! See `ARCHITECTURE.md`.
 
+pub mod chat;
 pub mod error;
 pub mod format;
 pub mod model;
+pub mod sampling;
+pub mod tokenizer;
 #[path = "../tools/mod.rs"]
 pub mod tools;
-pub mod tokenizer;
-pub mod chat;
-pub mod sampling;
 
 pub use error::{Error, Result};
 pub use ferroq_kernels as kernels;

@@ -143,8 +143,7 @@ impl Sampler {
 
     fn apply_penalties(&mut self, logits: &mut [f32], history: &[u32]) {
         let c = &self.cfg;
-        if c.repetition_penalty == 1.0 && c.presence_penalty == 0.0 && c.frequency_penalty == 0.0
-        {
+        if c.repetition_penalty == 1.0 && c.presence_penalty == 0.0 && c.frequency_penalty == 0.0 {
             return;
         }
         let window = if c.penalty_last_n == 0 || c.penalty_last_n >= history.len() {
@@ -290,7 +289,12 @@ pub fn argmax(logits: &[f32]) -> u32 {
 pub fn stop_ids_from_generation_config(json: &[u8]) -> Result<Vec<u32>> {
     let v: serde_json::Value = serde_json::from_slice(json)
         .map_err(|e| Error::format("generation_config.json", format!("invalid JSON: {e}")))?;
-    let bad = || Error::format("generation_config.json", "`eos_token_id` is not an id or a list of ids");
+    let bad = || {
+        Error::format(
+            "generation_config.json",
+            "`eos_token_id` is not an id or a list of ids",
+        )
+    };
     let one = |x: &serde_json::Value| x.as_u64().and_then(|x| u32::try_from(x).ok());
     match v.get("eos_token_id") {
         None | Some(serde_json::Value::Null) => Ok(Vec::new()),

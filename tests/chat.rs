@@ -39,7 +39,11 @@ fn check(model: &str, tmpl: &ChatTemplate, tok: &Tokenizer) {
             .iter()
             .map(|x| x.as_u64().unwrap() as u32)
             .collect();
-        assert_eq!(encode_chat(tok, tmpl, &msgs, agp).unwrap(), ids, "{model} {msgs:?}");
+        assert_eq!(
+            encode_chat(tok, tmpl, &msgs, agp).unwrap(),
+            ids,
+            "{model} {msgs:?}"
+        );
     }
 }
 
@@ -78,8 +82,8 @@ fn llama4_template_matches_transformers_and_spec() {
             ids,
             vec![
                 200000, 200005, 15651, 200006, 368, 4662, 583, 262, 19933, 43910, 200008, 200005,
-                1556, 200006, 368, 3668, 373, 220, 30, 23, 30, 43, 200008, 200005, 140680,
-                200006, 368
+                1556, 200006, 368, 3668, 373, 220, 30, 23, 30, 43, 200008, 200005, 140680, 200006,
+                368
             ]
         );
         assert_eq!(ids.iter().filter(|&&i| i == 200000).count(), 1);
@@ -119,7 +123,10 @@ fn python_helpers() {
 
 #[test]
 fn strftime_directives() {
-    assert_eq!(strftime("%Y-%m-%d %H:%M:%S %A %j", 0), "1970-01-01 00:00:00 Thursday 001");
+    assert_eq!(
+        strftime("%Y-%m-%d %H:%M:%S %A %j", 0),
+        "1970-01-01 00:00:00 Thursday 001"
+    );
     assert_eq!(strftime("%d %B %Y %a", 951_782_400), "29 February 2000 Tue");
     assert_eq!(strftime("%j %%", 1_703_980_800), "365 %"); // 2023-12-31
 }

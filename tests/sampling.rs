@@ -1,9 +1,13 @@
 //! Sampler behaviour and stop conditions.
 
-use ferroq::sampling::{argmax, stop_ids_from_generation_config, Sampler, SamplerConfig, Stop, StopCondition};
+use ferroq::sampling::{
+    argmax, stop_ids_from_generation_config, Sampler, SamplerConfig, Stop, StopCondition,
+};
 
 fn logits() -> Vec<f32> {
-    (0..1000).map(|i| ((i * 7919 % 1000) as f32) / 100.0).collect()
+    (0..1000)
+        .map(|i| ((i * 7919 % 1000) as f32) / 100.0)
+        .collect()
 }
 
 #[test]
@@ -39,7 +43,10 @@ fn same_seed_same_output() {
     };
     let a = run(&cfg);
     assert_eq!(a, run(&cfg));
-    let b = run(&SamplerConfig { seed: 43, ..cfg.clone() });
+    let b = run(&SamplerConfig {
+        seed: 43,
+        ..cfg.clone()
+    });
     assert_ne!(a, b);
     // More than one distinct token is drawn at temperature 1.5.
     let mut d = a.clone();
@@ -126,9 +133,24 @@ fn penalties() {
 #[test]
 fn config_validation() {
     assert!(SamplerConfig::default().validate().is_ok());
-    assert!(SamplerConfig { temperature: f32::NAN, ..Default::default() }.validate().is_err());
-    assert!(SamplerConfig { top_p: 0.0, ..Default::default() }.validate().is_err());
-    assert!(SamplerConfig { repetition_penalty: 0.0, ..Default::default() }.validate().is_err());
+    assert!(SamplerConfig {
+        temperature: f32::NAN,
+        ..Default::default()
+    }
+    .validate()
+    .is_err());
+    assert!(SamplerConfig {
+        top_p: 0.0,
+        ..Default::default()
+    }
+    .validate()
+    .is_err());
+    assert!(SamplerConfig {
+        repetition_penalty: 0.0,
+        ..Default::default()
+    }
+    .validate()
+    .is_err());
 }
 
 #[test]
@@ -158,7 +180,10 @@ fn generation_config_stop_ids() {
         stop_ids_from_generation_config(br#"{"eos_token_id": [200001, 200007, 200008]}"#).unwrap(),
         vec![200001, 200007, 200008]
     );
-    assert_eq!(stop_ids_from_generation_config(br#"{"eos_token_id": 2}"#).unwrap(), vec![2]);
+    assert_eq!(
+        stop_ids_from_generation_config(br#"{"eos_token_id": 2}"#).unwrap(),
+        vec![2]
+    );
     assert!(stop_ids_from_generation_config(br#"{"eos_token_id": "x"}"#).is_err());
     assert!(stop_ids_from_generation_config(b"{").is_err());
 }

@@ -6,7 +6,10 @@ use std::sync::OnceLock;
 use ferroq::tokenizer::{Tokenizer, TokenizerKind};
 
 fn fixture(path: &str) -> Vec<u8> {
-    let full = format!("{}/tests/fixtures/tokenizers/{path}", env!("CARGO_MANIFEST_DIR"));
+    let full = format!(
+        "{}/tests/fixtures/tokenizers/{path}",
+        env!("CARGO_MANIFEST_DIR")
+    );
     let raw = std::fs::read(&full).unwrap_or_else(|e| panic!("{full}: {e}"));
     if full.ends_with(".gz") {
         let mut out = Vec::new();
@@ -63,7 +66,10 @@ fn check_golden(tok: &Tokenizer, model: &str) {
         if &got != ids {
             bad += 1;
             if bad < 5 {
-                eprintln!("{model} line {}: {text:?}\n  want {ids:?}\n  got  {got:?}", i + 1);
+                eprintln!(
+                    "{model} line {}: {text:?}\n  want {ids:?}\n  got  {got:?}",
+                    i + 1
+                );
             }
         }
     }
@@ -129,7 +135,10 @@ fn llama4_specials_match_tokenizer_json() {
     }
     assert_eq!(b.token_to_id("<|eot|>"), Some(200008));
     assert_eq!(b.token_to_id("<|patch|>"), Some(200092));
-    assert_eq!(b.token_to_id("<|reserved_special_token_903|>"), Some(202047));
+    assert_eq!(
+        b.token_to_id("<|reserved_special_token_903|>"),
+        Some(202047)
+    );
     // Same token strings for the base vocabulary too.
     for id in (0..200000u32).step_by(997) {
         assert_eq!(a.id_to_token(id), b.id_to_token(id), "id {id}");
@@ -226,14 +235,22 @@ fn bad_input_is_an_error_not_a_panic() {
     ] {
         assert!(Tokenizer::from_hf_json(bad).is_err());
     }
-    for bad in [&b""[..], b"!!!! 0\n", b"YQ== x\n", b"YQ== 0\nYQ== 1\n", b"YQ== 0\n"] {
+    for bad in [
+        &b""[..],
+        b"!!!! 0\n",
+        b"YQ== x\n",
+        b"YQ== 0\nYQ== 1\n",
+        b"YQ== 0\n",
+    ] {
         assert!(Tokenizer::from_tiktoken(bad).is_err());
     }
     assert_eq!(
         TokenizerKind::detect(None, b"  {\"a\":1}"),
         TokenizerKind::HfJson
     );
-    let e = Tokenizer::from_file("/nonexistent/tokenizer.json").err().unwrap();
+    let e = Tokenizer::from_file("/nonexistent/tokenizer.json")
+        .err()
+        .unwrap();
     assert!(e.to_string().contains("/nonexistent/tokenizer.json"));
 }
 
@@ -273,22 +290,44 @@ fn cli_tokenize_jsonl_roundtrip_and_errors() {
     let (ok, out, err) = run_cli(&["tokenize", "-t", &path, "--jsonl"], input.as_bytes());
     assert!(ok, "{err}");
     assert_eq!(out, want);
-    let (ok, back, err) = run_cli(&["tokenize", "-t", &path, "--jsonl", "--decode"], out.as_bytes());
+    let (ok, back, err) = run_cli(
+        &["tokenize", "-t", &path, "--jsonl", "--decode"],
+        out.as_bytes(),
+    );
     assert!(ok, "{err}");
     assert_eq!(back, input);
     // Llama 4 from tokenizer.model, with BOS.
     let mpath = format!("{dir}/llama4-tokenizer.model");
     std::fs::write(&mpath, fixture("llama4/tokenizer.model.gz")).unwrap();
-    let (ok, out, err) = run_cli(&["tokenize", "-t", &mpath, "--jsonl", "--bos"], b"\"Hello, world!\"\n");
+    let (ok, out, err) = run_cli(
+        &["tokenize", "-t", &mpath, "--jsonl", "--bos"],
+        b"\"Hello, world!\"\n",
+    );
     assert!(ok, "{err}");
     assert_eq!(out, "[200000,19873,24,3817,13]\n");
     // Errors: invalid JSON, invalid UTF-8, bad ids, .fqm not wired, missing file.
     for (args, input, needle) in [
-        (vec!["tokenize", "-t", &path, "--jsonl"], &b"\"ok\"\nnot json\n"[..], "line 2"),
-        (vec!["tokenize", "-t", &path, "--jsonl"], b"\"\xff\"\n", "UTF-8"),
-        (vec!["tokenize", "-t", &path, "--jsonl", "--decode"], b"[1, 99999999]\n", "99999999"),
+        (
+            vec!["tokenize", "-t", &path, "--jsonl"],
+            &b"\"ok\"\nnot json\n"[..],
+            "line 2",
+        ),
+        (
+            vec!["tokenize", "-t", &path, "--jsonl"],
+            b"\"\xff\"\n",
+            "UTF-8",
+        ),
+        (
+            vec!["tokenize", "-t", &path, "--jsonl", "--decode"],
+            b"[1, 99999999]\n",
+            "99999999",
+        ),
         (vec!["tokenize", "-t", "model.fqm", "--jsonl"], b"", "fqm"),
-        (vec!["tokenize", "-t", "/nonexistent.json", "--jsonl"], b"", "nonexistent"),
+        (
+            vec!["tokenize", "-t", "/nonexistent.json", "--jsonl"],
+            b"",
+            "nonexistent",
+        ),
     ] {
         let (ok, _, err) = run_cli(&args, input);
         assert!(!ok, "{args:?} should fail");

@@ -159,7 +159,10 @@ impl AddedVocab {
                     .chars()
                     .next_back()
                     .is_none_or(|c| !is_word_char(c));
-                let after_ok = text[stop..end].chars().next().is_none_or(|c| !is_word_char(c));
+                let after_ok = text[stop..end]
+                    .chars()
+                    .next()
+                    .is_none_or(|c| !is_word_char(c));
                 if !before_ok || !after_ok {
                     // Like HF's non-overlapping match iterator: resume after this match.
                     i = stop0;

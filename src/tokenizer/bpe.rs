@@ -118,10 +118,14 @@ impl Bpe {
             ids.remove(at + 1);
             ranks.remove(at);
             if at + 1 < ids.len() {
-                ranks[at] = self.merge_of(ids[at], ids[at + 1]).map_or(u32::MAX, |m| m.0);
+                ranks[at] = self
+                    .merge_of(ids[at], ids[at + 1])
+                    .map_or(u32::MAX, |m| m.0);
             }
             if at > 0 {
-                ranks[at - 1] = self.merge_of(ids[at - 1], ids[at]).map_or(u32::MAX, |m| m.0);
+                ranks[at - 1] = self
+                    .merge_of(ids[at - 1], ids[at])
+                    .map_or(u32::MAX, |m| m.0);
             }
         }
     }

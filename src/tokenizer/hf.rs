@@ -93,7 +93,10 @@ impl<'de> Deserialize<'de> for Merge {
                     _ => Err(E::custom(format!("merge {s:?} is not two tokens"))),
                 }
             }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<Merge, A::Error> {
+            fn visit_seq<A: SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> std::result::Result<Merge, A::Error> {
                 let a: String = seq
                     .next_element()?
                     .ok_or_else(|| de::Error::custom("merge pair is empty"))?;
@@ -115,11 +118,7 @@ fn type_of(v: &Value) -> &str {
 }
 
 /// Translate the pre-tokenizer into split steps. Returns whether a ByteLevel step was seen.
-fn parse_pretok(
-    v: &Value,
-    steps: &mut Vec<SplitStep>,
-    prefix_space: &mut bool,
-) -> Result<bool> {
+fn parse_pretok(v: &Value, steps: &mut Vec<SplitStep>, prefix_space: &mut bool) -> Result<bool> {
     match type_of(v) {
         "Sequence" => {
             let list = v
@@ -133,7 +132,9 @@ fn parse_pretok(
             Ok(byte_level)
         }
         "Split" => {
-            let pat = v.get("pattern").ok_or_else(|| err("Split without `pattern`"))?;
+            let pat = v
+                .get("pattern")
+                .ok_or_else(|| err("Split without `pattern`"))?;
             let re = if let Some(r) = pat.get("Regex").and_then(Value::as_str) {
                 PieceRegex::new(r)?
             } else if let Some(s) = pat.get("String").and_then(Value::as_str) {
@@ -155,7 +156,10 @@ fn parse_pretok(
             Ok(false)
         }
         "ByteLevel" => {
-            if v.get("add_prefix_space").and_then(Value::as_bool).unwrap_or(true) {
+            if v.get("add_prefix_space")
+                .and_then(Value::as_bool)
+                .unwrap_or(true)
+            {
                 if !steps.is_empty() {
                     return Err(err(
                         "ByteLevel with add_prefix_space after another pre-tokenizer is not supported",
@@ -269,11 +273,9 @@ pub(crate) fn load(bytes: &[u8]) -> Result<Tokenizer> {
     let mut vocab = fx_map(m.vocab.len());
     for (s, &id) in &m.vocab {
         let raw = bytelevel::decode_str(s);
-        match &raw {
-            Some(b) => {
-                vocab.insert(b.clone().into_boxed_slice(), id);
-            }
-            None => {} // cannot come out of byte-level pre-tokenization
+        // Tokens outside the byte-level alphabet cannot come out of pre-tokenization.
+        if let Some(b) = &raw {
+            vocab.insert(b.clone().into_boxed_slice(), id);
         }
         parts.set(id, s, raw.unwrap_or_else(|| s.as_bytes().to_vec()), false);
     }

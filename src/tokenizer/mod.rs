@@ -394,10 +394,7 @@ mod tests {
         ];
         for (r, (l, rr)) in m.iter().enumerate() {
             let cat = [*l, *rr].concat();
-            merges.insert(
-                ((id(l) as u64) << 32) | id(rr) as u64,
-                (r as u32, id(&cat)),
-            );
+            merges.insert(((id(l) as u64) << 32) | id(rr) as u64, (r as u32, id(&cat)));
         }
         let mut byte_ids = [None; 256];
         for b in [b'a', b'b', b'c'] {
@@ -418,7 +415,11 @@ mod tests {
                     b"abcx"[(seed >> 60) as usize % 4]
                 })
                 .collect();
-            assert_eq!(bpe.encode_forced(&w, false), bpe.encode_forced(&w, true), "{w:?}");
+            assert_eq!(
+                bpe.encode_forced(&w, false),
+                bpe.encode_forced(&w, true),
+                "{w:?}"
+            );
         }
     }
 }

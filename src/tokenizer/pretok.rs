@@ -37,7 +37,10 @@ pub(crate) struct PieceRegex {
 }
 
 fn regex_err(pattern: &str, e: fancy_regex::Error) -> Error {
-    Error::config("pre_tokenizer.pattern", format!("bad regex {pattern:?}: {e}"))
+    Error::config(
+        "pre_tokenizer.pattern",
+        format!("bad regex {pattern:?}: {e}"),
+    )
 }
 
 impl PieceRegex {
@@ -291,12 +294,16 @@ mod tests {
         let mut out = Vec::new();
         let mut s = String::new();
         let f = std::fs::File::open(format!("{dir}/corpus.txt.gz")).unwrap();
-        flate2::read::GzDecoder::new(f).read_to_string(&mut s).unwrap();
+        flate2::read::GzDecoder::new(f)
+            .read_to_string(&mut s)
+            .unwrap();
         out.push(s);
         for m in ["llama4", "llama3", "smollm2"] {
             let mut g = String::new();
             let f = std::fs::File::open(format!("{dir}/{m}/golden.jsonl.gz")).unwrap();
-            flate2::read::GzDecoder::new(f).read_to_string(&mut g).unwrap();
+            flate2::read::GzDecoder::new(f)
+                .read_to_string(&mut g)
+                .unwrap();
             for line in g.lines() {
                 let v: serde_json::Value = serde_json::from_str(line).unwrap();
                 out.push(v["text"].as_str().unwrap().to_string());
@@ -315,7 +322,11 @@ mod tests {
             assert_ne!(fast.fix, WsFix::Exact);
             let exact = PieceRegex::exact(pat).unwrap();
             for t in &texts {
-                assert_eq!(pieces(&fast, t), pieces(&exact, t), "pattern {pat} text {t:?}");
+                assert_eq!(
+                    pieces(&fast, t),
+                    pieces(&exact, t),
+                    "pattern {pat} text {t:?}"
+                );
             }
         }
     }

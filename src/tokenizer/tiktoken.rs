@@ -82,7 +82,11 @@ pub fn llama4_special_tokens() -> Vec<String> {
     for i in 0..6 {
         v.push(format!("<|text_post_train_reserved_special_token_{i}|>"));
     }
-    for s in ["<|python_start|>", "<|python_end|>", "<|finetune_right_pad|>"] {
+    for s in [
+        "<|python_start|>",
+        "<|python_end|>",
+        "<|finetune_right_pad|>",
+    ] {
         v.push(s.to_string());
     }
     for i in 8..8 + 61 {
@@ -132,10 +136,7 @@ pub(crate) fn load(bytes: &[u8]) -> Result<Tokenizer> {
         }
         let mut it = line.split(|&b| b == b' ');
         let (Some(tok), Some(rank), None) = (it.next(), it.next(), it.next()) else {
-            return Err(err(format!(
-                "line {}: expected `base64 rank`",
-                lineno + 1
-            )));
+            return Err(err(format!("line {}: expected `base64 rank`", lineno + 1)));
         };
         let tok = base64_decode(tok)
             .ok_or_else(|| err(format!("line {}: invalid base64", lineno + 1)))?;
