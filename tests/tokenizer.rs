@@ -335,3 +335,26 @@ fn cli_tokenize_jsonl_roundtrip_and_errors() {
         assert!(!err.contains("panicked"), "{err}");
     }
 }
+
+#[test]
+fn golden_added_token_flags_and_split_behaviors() {
+    // Small tokenizer trained with HF `tokenizers` (fixtures/tokenizers/flags/gen.py): added
+    // tokens with lstrip/rstrip/single_word/normalized, Split with Isolated and
+    // MergedWithPrevious, ByteLevel with its own regex, merges without ignore_merges.
+    let tok = Tokenizer::from_hf_json(&fixture("flags/tokenizer.json.gz")).unwrap();
+    let text = String::from_utf8(fixture("flags/golden.jsonl")).unwrap();
+    let mut n = 0;
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let s = v["text"].as_str().unwrap();
+        let ids: Vec<u32> = v["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(tok.encode(s, false), ids, "{s:?}");
+        n += 1;
+    }
+    assert_eq!(n, 8);
+}
