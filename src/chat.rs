@@ -91,6 +91,7 @@ impl ChatTemplate {
                 Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
             },
         );
+        env.add_filter("tojson", tojson);
         env.add_template_owned(NAME, template.to_string())
             .map_err(template_err)?;
         Ok(ChatTemplate {
@@ -335,6 +336,153 @@ fn py_method(state: &State, value: &Value, method: &str, args: &[Value]) -> JRes
         },
         _ => Err(minijinja::Error::from(ErrorKind::UnknownMethod)),
     }
+}
+
+/// `tojson` as transformers defines it: Python's `json.dumps(x, ensure_ascii=False,
+/// indent=indent, separators=separators, sort_keys=sort_keys)` (no HTML escaping).
+fn tojson(value: &Value, args: Kwargs) -> JResult {
+    let indent: Option<usize> = args.get("indent")?;
+    let sort_keys: Option<bool> = args.get("sort_keys")?;
+    let ensure_ascii: Option<bool> = args.get("ensure_ascii")?;
+    let separators: Option<Value> = args.get("separators")?;
+    args.assert_all_used()?;
+    let (item_sep, key_sep) = match separators {
+        Some(v) if !v.is_none() => {
+            let a = v.get_item_by_index(0)?;
+            let b = v.get_item_by_index(1)?;
+            (
+                a.as_str().unwrap_or(",").to_string(),
+                b.as_str().unwrap_or(": ").to_string(),
+            )
+        }
+        _ => (
+            if indent.is_some() { "," } else { ", " }.to_string(),
+            ": ".to_string(),
+        ),
+    };
+    let opts = JsonOpts {
+        indent,
+        sort_keys: sort_keys.unwrap_or(false),
+        ensure_ascii: ensure_ascii.unwrap_or(false),
+        item_sep,
+        key_sep,
+    };
+    let mut out = String::new();
+    write_json(value, &opts, 0, &mut out)?;
+    Ok(Value::from_safe_string(out))
+}
+
+struct JsonOpts {
+    indent: Option<usize>,
+    sort_keys: bool,
+    ensure_ascii: bool,
+    item_sep: String,
+    key_sep: String,
+}
+
+fn json_str(s: &str, ascii: bool, out: &mut String) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            c if (c as u32) < 0x20 || (ascii && (c as u32) > 0x7e) => {
+                let mut buf = [0u16; 2];
+                for u in c.encode_utf16(&mut buf) {
+                    out.push_str(&format!("\\u{:04x}", u));
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+fn newline(o: &JsonOpts, level: usize, out: &mut String) {
+    if let Some(n) = o.indent {
+        out.push('\n');
+        out.extend(std::iter::repeat_n(' ', n * level));
+    }
+}
+
+fn write_json(
+    v: &Value,
+    o: &JsonOpts,
+    level: usize,
+    out: &mut String,
+) -> std::result::Result<(), minijinja::Error> {
+    if level > 64 {
+        return Err(bad("tojson: nesting too deep"));
+    }
+    match v.kind() {
+        ValueKind::Undefined | ValueKind::None => out.push_str("null"),
+        ValueKind::Bool => out.push_str(if v.is_true() { "true" } else { "false" }),
+        ValueKind::Number => {
+            if let Ok(i) = i64::try_from(v.clone()) {
+                out.push_str(&i.to_string());
+            } else if let Ok(f) = f64::try_from(v.clone()) {
+                if f.is_finite() {
+                    out.push_str(&format!("{f:?}"));
+                } else if f.is_nan() {
+                    out.push_str("NaN");
+                } else {
+                    out.push_str(if f > 0.0 { "Infinity" } else { "-Infinity" });
+                }
+            } else {
+                out.push_str(&v.to_string());
+            }
+        }
+        ValueKind::String => json_str(v.as_str().unwrap_or(""), o.ensure_ascii, out),
+        ValueKind::Map => {
+            let mut keys: Vec<Value> = v.try_iter()?.collect();
+            if o.sort_keys {
+                keys.sort();
+            }
+            if keys.is_empty() {
+                out.push_str("{}");
+                return Ok(());
+            }
+            out.push('{');
+            for (i, k) in keys.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(&o.item_sep);
+                }
+                newline(o, level + 1, out);
+                match k.as_str() {
+                    Some(s) => json_str(s, o.ensure_ascii, out),
+                    None => json_str(&k.to_string(), o.ensure_ascii, out),
+                }
+                out.push_str(&o.key_sep);
+                write_json(&v.get_item(k)?, o, level + 1, out)?;
+            }
+            newline(o, level, out);
+            out.push('}');
+        }
+        ValueKind::Seq | ValueKind::Iterable => {
+            let items: Vec<Value> = v.try_iter()?.collect();
+            if items.is_empty() {
+                out.push_str("[]");
+                return Ok(());
+            }
+            out.push('[');
+            for (i, it) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(&o.item_sep);
+                }
+                newline(o, level + 1, out);
+                write_json(it, o, level + 1, out)?;
+            }
+            newline(o, level, out);
+            out.push(']');
+        }
+        _ => json_str(&v.to_string(), o.ensure_ascii, out),
+    }
+    Ok(())
 }
 
 /// Days since 1970-01-01 → (year, month 1..=12, day 1..=31) (proleptic Gregorian).

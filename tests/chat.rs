@@ -130,3 +130,21 @@ fn strftime_directives() {
     assert_eq!(strftime("%d %B %Y %a", 951_782_400), "29 February 2000 Tue");
     assert_eq!(strftime("%j %%", 1_703_980_800), "365 %"); // 2023-12-31
 }
+
+#[test]
+fn tojson_is_pythons_json_dumps() {
+    // Expected strings from Python: json.dumps(messages, ensure_ascii=False) and indent=2.
+    let t = ChatTemplate::new(
+        "{{ messages | tojson }}|{{ messages[0] | tojson(indent=2) }}|{{ [] | tojson }}",
+        None,
+        None,
+    )
+    .unwrap();
+    let out = t
+        .render(&[Message::new("user", "a<b & 'c' é\t\u{1}")], false)
+        .unwrap();
+    assert_eq!(
+        out,
+        "[{\"role\": \"user\", \"content\": \"a<b & 'c' é\\t\\u0001\"}]|{\n  \"role\": \"user\",\n  \"content\": \"a<b & 'c' é\\t\\u0001\"\n}|[]"
+    );
+}
