@@ -3,11 +3,14 @@
 //! Layers (one way): CLI (`main.rs`) → [`model`] → [`ops`] → `ferroq_kernels`.
 //! See `ARCHITECTURE.md`.
 
+pub mod chat;
 pub mod error;
 pub mod format;
 pub mod model;
 pub mod ops;
 pub mod pool;
+pub mod sampling;
+pub mod tokenizer;
 #[path = "../tools/mod.rs"]
 pub mod tools;
 

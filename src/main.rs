@@ -28,6 +28,8 @@ enum Cmd {
     Generate(cli::generate::Args),
     /// Write a random-weight Hugging Face checkpoint of a named shape (for speed tests).
     Synth(cli::synth::Args),
+    /// Text to token ids (one JSON string per line with --jsonl), or ids to text (--decode).
+    Tokenize(cli::tokenize::Args),
 }
 
 fn main() {
@@ -38,6 +40,7 @@ fn main() {
         Cmd::Logits(a) => cli::logits::run(a),
         Cmd::Generate(a) => cli::generate::run(a),
         Cmd::Synth(a) => cli::synth::run(a),
+        Cmd::Tokenize(a) => cli::tokenize::run(a),
     };
     if let Err(e) = r {
         eprintln!("ferroq: error: {e}");

@@ -5,3 +5,4 @@ pub mod generate;
 pub mod inspect;
 pub mod logits;
 pub mod synth;
+pub mod tokenize;
