@@ -46,6 +46,52 @@ fn empty_run(c: &mut Criterion) {
     g.finish();
 }
 
+/// About `iters * 4` cycles of dependent float work.
+fn spin_work(iters: usize) -> f32 {
+    let mut x = black_box(1.0f32);
+    for _ in 0..iters {
+        x = x * 1.000_000_1 + 1e-7;
+    }
+    x
+}
+
+/// Decode-sized work: 10 µs-ish of compute split into 2 or 8 tasks. Shows whether a second
+/// thread pays off at this granularity (ideal: half the 1-thread time).
+fn small_work(c: &mut Criterion) {
+    let mut g = c.benchmark_group("pool_work_6000iters");
+    g.sample_size(30)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    const TOTAL: usize = 6000;
+    for threads in [1, 2] {
+        let pool = ThreadPool::new(threads);
+        let rp = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        for tasks in [2usize, 8] {
+            let id = format!("{threads}t_{tasks}tasks");
+            g.bench_function(BenchmarkId::new("ferroq", &id), |b| {
+                b.iter(|| {
+                    pool.run(tasks, &|_, _| {
+                        black_box(spin_work(TOTAL / tasks));
+                    })
+                })
+            });
+            g.bench_function(BenchmarkId::new("rayon_par_iter", &id), |b| {
+                rp.install(|| {
+                    b.iter(|| {
+                        (0..tasks).into_par_iter().for_each(|_| {
+                            black_box(spin_work(TOTAL / tasks));
+                        })
+                    })
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
 fn sum_u64(x: &[u64]) -> u64 {
     let mut acc = [0u64; 8];
     let mut it = x.chunks_exact(8);
@@ -85,5 +131,5 @@ fn parallel_read(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, empty_run, parallel_read);
+criterion_group!(benches, empty_run, small_work, parallel_read);
 criterion_main!(benches);

@@ -208,3 +208,14 @@ fn bandwidth_probe_returns_a_rate() {
     let gbs = measure_read_bandwidth(4 << 20, 2);
     assert!(gbs.is_finite() && gbs > 0.0, "{gbs}");
 }
+
+/// Not a check: prints the machine's read bandwidth (what `ferroq bench` will report).
+/// `cargo test -j2 --test pool -- --ignored --nocapture read_bandwidth_report`
+#[test]
+#[ignore]
+fn read_bandwidth_report() {
+    for threads in [1, 2] {
+        let gbs = measure_read_bandwidth(1 << 30, threads);
+        println!("read bandwidth, 1 GiB, {threads} thread(s): {gbs:.1} GB/s");
+    }
+}
