@@ -325,7 +325,8 @@ impl ThreadPool {
     fn round(&self, n: usize, f: &TaskFn<'_>) {
         let s = &*self.shared;
         let fref: &TaskFn<'_> = f;
-        let epoch = (s.j.ticket.load(Relaxed) >> IDX_BITS) + 1;
+        // 40-bit epoch, wrapping (a worker would have to stall for 2^40 jobs to be confused).
+        let epoch = ((s.j.ticket.load(Relaxed) >> IDX_BITS) + 1) & (u64::MAX >> IDX_BITS);
         // Release: a worker that reads these new values also sees the previous epoch closed.
         s.j.job
             .store(&fref as *const &TaskFn<'_> as *mut (), Release);
