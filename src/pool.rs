@@ -161,8 +161,7 @@ impl Shared {
 
     /// Worker: wait for an epoch other than `seen`; `None` on shutdown.
     fn wait_job(&self, seen: u64) -> Option<u64> {
-        let start = Instant::now();
-        let mut spins = 0u32;
+        let mut backoff = Backoff::new(self.spin);
         loop {
             let e = self.j.ticket.load(Acquire) >> IDX_BITS;
             if e != seen {
@@ -171,9 +170,7 @@ impl Shared {
             if self.shutdown.load(Relaxed) {
                 return None;
             }
-            std::hint::spin_loop();
-            spins = spins.wrapping_add(1);
-            if spins % 128 == 0 && start.elapsed() > self.spin {
+            if !backoff.snooze() {
                 break;
             }
         }
@@ -195,12 +192,9 @@ impl Shared {
 
     /// Caller: wait until `n` tasks are done.
     fn wait_done(&self, n: usize) {
-        let start = Instant::now();
-        let mut spins = 0u32;
+        let mut backoff = Backoff::new(self.spin);
         while self.done.load(Acquire) != n {
-            std::hint::spin_loop();
-            spins = spins.wrapping_add(1);
-            if spins % 128 == 0 && start.elapsed() > self.spin {
+            if !backoff.snooze() {
                 let mut g = lock(&self.done_lock);
                 self.caller_waiting.store(true, SeqCst);
                 while self.done.load(SeqCst) != n {
@@ -209,6 +203,41 @@ impl Shared {
                 self.caller_waiting.store(false, SeqCst);
                 return;
             }
+        }
+    }
+}
+
+/// Busy-wait policy: pure spinning first (a few µs: the other thread is running and about to
+/// answer), then spinning with `yield_now` (on an oversubscribed machine the thread we wait for
+/// may be waiting for our core), until `limit` has passed; then the caller sleeps.
+struct Backoff {
+    start: Instant,
+    limit: Duration,
+    spins: u32,
+}
+
+/// Pure spin iterations before yielding (about 2-5 µs).
+const PURE_SPINS: u32 = 2048;
+
+impl Backoff {
+    fn new(limit: Duration) -> Backoff {
+        Backoff {
+            start: Instant::now(),
+            limit,
+            spins: 0,
+        }
+    }
+
+    /// Wait a little; `false` once the spin time is over (time to sleep).
+    #[inline]
+    fn snooze(&mut self) -> bool {
+        self.spins = self.spins.wrapping_add(1);
+        if self.spins < PURE_SPINS {
+            std::hint::spin_loop();
+            self.spins % 256 != 0 || self.start.elapsed() <= self.limit
+        } else {
+            std::thread::yield_now();
+            self.start.elapsed() <= self.limit
         }
     }
 }
