@@ -19,9 +19,16 @@
 //! the calling thread claims tasks the same way, so a job whose workers are still asleep is
 //! simply finished by the caller. Each task index runs exactly once. The caller then waits (spin,
 //! then sleep on a condition variable) until all claimed tasks have finished, and closes the
-//! epoch so that a late worker can never claim a task of a finished job. Waiting workers spin
-//! for [`DEFAULT_SPIN`] after their last job (ops of one token follow each other within
-//! microseconds), then park on a condition variable.
+//! epoch so that a late worker can never claim a task of a finished job. Waiting threads spin
+//! (a few µs of `pause`, then `yield_now`, which matters on an oversubscribed machine) for up
+//! to [`DEFAULT_SPIN`] after their last job (ops of one token follow each other within
+//! microseconds), then park on a condition variable; waking parked workers costs one futex
+//! call. Everything shared lives in a few cache-line-padded words allocated once in `new`.
+//!
+//! # Choosing `n_tasks`
+//! A task claimed by a thread that then gets descheduled delays the whole call, so prefer a few
+//! tasks per thread (e.g. 4 × `n_threads()` row blocks of a decode matmul, each a few µs of
+//! work) over exactly one per thread; tiny jobs (< ~1 µs of total work) are faster inline.
 //!
 //! # Determinism
 //! The pool decides only *which thread* runs a task, never *what* a task computes: every task
