@@ -19,9 +19,16 @@
 //! the calling thread claims tasks the same way, so a job whose workers are still asleep is
 //! simply finished by the caller. Each task index runs exactly once. The caller then waits (spin,
 //! then sleep on a condition variable) until all claimed tasks have finished, and closes the
-//! epoch so that a late worker can never claim a task of a finished job. Waiting workers spin
-//! for [`DEFAULT_SPIN`] after their last job (ops of one token follow each other within
-//! microseconds), then park on a condition variable.
+//! epoch so that a late worker can never claim a task of a finished job. Waiting threads spin
+//! (a few µs of `pause`, then `yield_now`, which matters on an oversubscribed machine) for up
+//! to [`DEFAULT_SPIN`] after their last job (ops of one token follow each other within
+//! microseconds), then park on a condition variable; waking parked workers costs one futex
+//! call. Everything shared lives in a few cache-line-padded words allocated once in `new`.
+//!
+//! # Choosing `n_tasks`
+//! A task claimed by a thread that then gets descheduled delays the whole call, so prefer a few
+//! tasks per thread (e.g. 4 × `n_threads()` row blocks of a decode matmul, each a few µs of
+//! work) over exactly one per thread; tiny jobs (< ~1 µs of total work) are faster inline.
 //!
 //! # Determinism
 //! The pool decides only *which thread* runs a task, never *what* a task computes: every task
@@ -57,19 +64,37 @@ const ROUND: usize = (IDX_MASK - 1) as usize;
 /// How long an idle worker (or a waiting caller) spins before sleeping.
 pub const DEFAULT_SPIN: Duration = Duration::from_micros(100);
 
-struct Shared {
+/// Keeps a value on its own cache lines (128 bytes: adjacent-line prefetch pairs lines).
+#[repr(align(128))]
+struct Pad<T>(T);
+
+impl<T> std::ops::Deref for Pad<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+/// What a job is: written by the caller, then read and claimed by all threads. One cache line,
+/// so publishing a job moves a single line to each worker.
+struct JobLine {
     /// `epoch << IDX_BITS | next task index`. Index `IDX_MASK` = epoch closed.
     ticket: AtomicU64,
     /// Points at a `&TaskFn` on the caller's stack; valid while the current epoch is open and
     /// has unfinished tasks.
     job: AtomicPtr<()>,
     n_tasks: AtomicUsize,
+}
+
+struct Shared {
+    j: Pad<JobLine>,
     /// Tasks of the current job that have finished (or were skipped after a panic).
-    done: AtomicUsize,
+    done: Pad<AtomicUsize>,
+    /// A `run` is in progress (reentrancy and concurrent-use guard). Caller-only line.
+    busy: Pad<AtomicBool>,
+    // Read-mostly below.
     panicked: AtomicBool,
     panic: Mutex<Option<Box<dyn Any + Send>>>,
-    /// A `run` is in progress (reentrancy and concurrent-use guard).
-    busy: AtomicBool,
     shutdown: AtomicBool,
     /// Workers parked (or about to park) on `wake_cv`.
     sleepers: AtomicUsize,
@@ -89,12 +114,13 @@ fn lock(m: &Mutex<()>) -> MutexGuard<'_, ()> {
 impl Shared {
     /// Claim and run tasks of `epoch` until none are left; returns how many this thread ran.
     fn work(&self, epoch: u64, thread: usize) -> usize {
-        let job = self.job.load(Acquire);
-        let n = self.n_tasks.load(Acquire) as u64;
-        let mut cur = self.ticket.load(Acquire);
+        let job = self.j.job.load(Acquire);
+        let n = self.j.n_tasks.load(Acquire) as u64;
+        let mut cur = self.j.ticket.load(Acquire);
         let mut ran = 0;
         while cur >> IDX_BITS == epoch && (cur & IDX_MASK) < n {
             match self
+                .j
                 .ticket
                 .compare_exchange_weak(cur, cur + 1, AcqRel, Acquire)
             {
@@ -107,7 +133,7 @@ impl Shared {
                     let f: &TaskFn<'_> = unsafe { *(job as *const &TaskFn<'_>) };
                     self.run_task(f, (cur & IDX_MASK) as usize, thread);
                     ran += 1;
-                    cur = self.ticket.load(Acquire);
+                    cur = self.j.ticket.load(Acquire);
                 }
                 Err(now) => cur = now,
             }
@@ -133,7 +159,7 @@ impl Shared {
         if ran == 0 {
             return;
         }
-        let n = self.n_tasks.load(Acquire);
+        let n = self.j.n_tasks.load(Acquire);
         if self.done.fetch_add(ran, SeqCst) + ran == n && self.caller_waiting.load(SeqCst) {
             let _g = lock(&self.done_lock);
             self.done_cv.notify_all();
@@ -142,26 +168,23 @@ impl Shared {
 
     /// Worker: wait for an epoch other than `seen`; `None` on shutdown.
     fn wait_job(&self, seen: u64) -> Option<u64> {
-        let start = Instant::now();
-        let mut spins = 0u32;
+        let mut backoff = Backoff::new(self.spin);
         loop {
-            let e = self.ticket.load(Acquire) >> IDX_BITS;
+            let e = self.j.ticket.load(Acquire) >> IDX_BITS;
             if e != seen {
                 return Some(e);
             }
             if self.shutdown.load(Relaxed) {
                 return None;
             }
-            std::hint::spin_loop();
-            spins = spins.wrapping_add(1);
-            if spins % 128 == 0 && start.elapsed() > self.spin {
+            if !backoff.snooze() {
                 break;
             }
         }
         let mut g = lock(&self.wake_lock);
         self.sleepers.fetch_add(1, SeqCst);
         let r = loop {
-            let e = self.ticket.load(SeqCst) >> IDX_BITS;
+            let e = self.j.ticket.load(SeqCst) >> IDX_BITS;
             if e != seen {
                 break Some(e);
             }
@@ -176,12 +199,9 @@ impl Shared {
 
     /// Caller: wait until `n` tasks are done.
     fn wait_done(&self, n: usize) {
-        let start = Instant::now();
-        let mut spins = 0u32;
+        let mut backoff = Backoff::new(self.spin);
         while self.done.load(Acquire) != n {
-            std::hint::spin_loop();
-            spins = spins.wrapping_add(1);
-            if spins % 128 == 0 && start.elapsed() > self.spin {
+            if !backoff.snooze() {
                 let mut g = lock(&self.done_lock);
                 self.caller_waiting.store(true, SeqCst);
                 while self.done.load(SeqCst) != n {
@@ -194,8 +214,43 @@ impl Shared {
     }
 }
 
+/// Busy-wait policy: pure spinning first (a few µs: the other thread is running and about to
+/// answer), then spinning with `yield_now` (on an oversubscribed machine the thread we wait for
+/// may be waiting for our core), until `limit` has passed; then the caller sleeps.
+struct Backoff {
+    start: Instant,
+    limit: Duration,
+    spins: u32,
+}
+
+/// Pure spin iterations before yielding (about 2-5 µs).
+const PURE_SPINS: u32 = 2048;
+
+impl Backoff {
+    fn new(limit: Duration) -> Backoff {
+        Backoff {
+            start: Instant::now(),
+            limit,
+            spins: 0,
+        }
+    }
+
+    /// Wait a little; `false` once the spin time is over (time to sleep).
+    #[inline]
+    fn snooze(&mut self) -> bool {
+        self.spins = self.spins.wrapping_add(1);
+        if self.spins < PURE_SPINS {
+            std::hint::spin_loop();
+            self.spins % 256 != 0 || self.start.elapsed() <= self.limit
+        } else {
+            std::thread::yield_now();
+            self.start.elapsed() <= self.limit
+        }
+    }
+}
+
 fn worker(s: Arc<Shared>, thread: usize) {
-    let mut seen = s.ticket.load(Acquire) >> IDX_BITS;
+    let mut seen = s.j.ticket.load(Acquire) >> IDX_BITS;
     while let Some(epoch) = s.wait_job(seen) {
         seen = epoch;
         let ran = s.work(epoch, thread);
@@ -236,13 +291,15 @@ impl ThreadPool {
             n_threads
         };
         let shared = Arc::new(Shared {
-            ticket: AtomicU64::new(IDX_MASK), // epoch 0, closed
-            job: AtomicPtr::new(std::ptr::null_mut()),
-            n_tasks: AtomicUsize::new(0),
-            done: AtomicUsize::new(0),
+            j: Pad(JobLine {
+                ticket: AtomicU64::new(IDX_MASK), // epoch 0, closed
+                job: AtomicPtr::new(std::ptr::null_mut()),
+                n_tasks: AtomicUsize::new(0),
+            }),
+            done: Pad(AtomicUsize::new(0)),
+            busy: Pad(AtomicBool::new(false)),
             panicked: AtomicBool::new(false),
             panic: Mutex::new(None),
-            busy: AtomicBool::new(false),
             shutdown: AtomicBool::new(false),
             sleepers: AtomicUsize::new(0),
             wake_lock: Mutex::new(()),
@@ -304,14 +361,18 @@ impl ThreadPool {
     fn round(&self, n: usize, f: &TaskFn<'_>) {
         let s = &*self.shared;
         let fref: &TaskFn<'_> = f;
-        let epoch = (s.ticket.load(Relaxed) >> IDX_BITS) + 1;
+        // 40-bit epoch, wrapping (a worker would have to stall for 2^40 jobs to be confused).
+        let epoch = ((s.j.ticket.load(Relaxed) >> IDX_BITS) + 1) & (u64::MAX >> IDX_BITS);
         // Release: a worker that reads these new values also sees the previous epoch closed.
-        s.job.store(&fref as *const &TaskFn<'_> as *mut (), Release);
-        s.n_tasks.store(n, Release);
+        s.j.job
+            .store(&fref as *const &TaskFn<'_> as *mut (), Release);
+        s.j.n_tasks.store(n, Release);
         s.done.store(0, Relaxed);
-        s.panicked.store(false, Relaxed);
+        if s.panicked.load(Relaxed) {
+            s.panicked.store(false, Relaxed); // written only after a panic: read-mostly line
+        }
         // Publish (SeqCst: pairs with the `sleepers` check below and the workers' park path).
-        s.ticket.store(epoch << IDX_BITS, SeqCst);
+        s.j.ticket.store(epoch << IDX_BITS, SeqCst);
         if s.sleepers.load(SeqCst) > 0 {
             let _g = lock(&s.wake_lock);
             s.wake_cv.notify_all();
@@ -321,7 +382,7 @@ impl ThreadPool {
         s.wait_done(n);
         // Close the epoch before `job`/`n_tasks` can be rewritten: a late worker's CAS on this
         // epoch now fails.
-        s.ticket.store(epoch << IDX_BITS | IDX_MASK, SeqCst);
+        s.j.ticket.store(epoch << IDX_BITS | IDX_MASK, SeqCst);
         if s.panicked.load(Acquire) {
             let p = s
                 .panic

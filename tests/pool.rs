@@ -8,6 +8,34 @@ use std::time::Duration;
 
 use ferroq::pool::{measure_read_bandwidth, ThreadPool};
 
+/// Counts heap allocations made by threads that opted in (`COUNT_ALLOCS`), to check that a
+/// `run` allocates nothing.
+struct CountingAlloc;
+
+static ALLOCS: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    static COUNT_ALLOCS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+// SAFETY: forwards to the system allocator unchanged; only bumps a counter.
+unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        if COUNT_ALLOCS.with(|c| c.get()) {
+            ALLOCS.fetch_add(1, Relaxed);
+        }
+        // SAFETY: same contract as our caller's.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: same contract as our caller's.
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CountingAlloc = CountingAlloc;
+
 fn pools() -> Vec<ThreadPool> {
     let mut v: Vec<ThreadPool> = (1..=4).map(ThreadPool::new).collect();
     // Spin 0: threads sleep at once, exercising the park / wake paths.
@@ -34,6 +62,27 @@ fn every_task_runs_exactly_once() {
         for n in [0, 1, 2, 3, 4, 7, 64, 1000, 100_000] {
             check_once(&pool, n);
         }
+    }
+}
+
+/// Every thread that runs a task starts counting its allocations (workers included).
+#[test]
+fn run_does_not_allocate() {
+    for pool in pools() {
+        pool.run(8, &|_, _| {}); // warm up (first use of thread locals etc.)
+        let mut y = vec![0.0f32; 4 * 64];
+        COUNT_ALLOCS.with(|c| c.set(true));
+        let before = ALLOCS.load(Relaxed);
+        for _ in 0..1000 {
+            pool.run(8, &|_, _| COUNT_ALLOCS.with(|c| c.set(true)));
+            pool.run_tiles(&mut y, 4, 64, 16, 2, &|mut tile, _| {
+                let t = tile.toks().start;
+                tile.out(t)[0] = 1.0;
+            });
+        }
+        let n = ALLOCS.load(Relaxed) - before;
+        COUNT_ALLOCS.with(|c| c.set(false));
+        assert_eq!(n, 0, "{} threads: {n} allocations", pool.n_threads());
     }
 }
 
@@ -207,4 +256,15 @@ fn bandwidth_probe_returns_a_rate() {
     // Small buffer: only checks that it runs and returns something finite and positive.
     let gbs = measure_read_bandwidth(4 << 20, 2);
     assert!(gbs.is_finite() && gbs > 0.0, "{gbs}");
+}
+
+/// Not a check: prints the machine's read bandwidth (what `ferroq bench` will report).
+/// `cargo test -j2 --test pool -- --ignored --nocapture read_bandwidth_report`
+#[test]
+#[ignore]
+fn read_bandwidth_report() {
+    for threads in [1, 2] {
+        let gbs = measure_read_bandwidth(1 << 30, threads);
+        println!("read bandwidth, 1 GiB, {threads} thread(s): {gbs:.1} GB/s");
+    }
 }

@@ -94,7 +94,9 @@ impl Shape {
             chunk_size: 8192,
             tie_embeddings: false,
             rope_theta: 500000.0,
-            rope_llama3: Some((16.0, 1.0, 1.0, 8192)),
+            // Llama 3 style scaling. (Scout's own high_freq_factor == low_freq_factor == 1 is a
+            // degenerate band that transformers warns about; speed does not depend on it.)
+            rope_llama3: Some((16.0, 1.0, 4.0, 8192)),
             max_position_embeddings: 131072,
             rms_norm_eps: 1e-5,
             bos_token_id: 200000,
