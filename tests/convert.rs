@@ -47,7 +47,15 @@ fn quiet(_: ProgressEvent) {}
 
 fn run(dir: &Path, out: &Path, quant: Quant) -> ferroq::Result<ferroq::tools::convert::Report> {
     let ck = open_hf_dir(dir)?;
-    convert(&ck, out, &ConvertOptions { quant, ..Default::default() }, &quiet)
+    convert(
+        &ck,
+        out,
+        &ConvertOptions {
+            quant,
+            ..Default::default()
+        },
+        &quiet,
+    )
 }
 
 /// A source tensor for [`write_st`]: name, safetensors dtype, shape, little-endian bytes.
@@ -396,11 +404,19 @@ fn multimodal_prefix_per_expert_layout_and_f32_source_match_the_plain_layout() {
     let notes = RefCell::new(Vec::new());
     let ck = open_hf_dir(&mm).unwrap();
     let mm_out = d.join("mm.fqm");
-    convert(&ck, &mm_out, &ConvertOptions { quant: Quant::Q4, ..Default::default() }, &|ev| {
-        if let ProgressEvent::Note(n) = ev {
-            notes.borrow_mut().push(n)
-        }
-    })
+    convert(
+        &ck,
+        &mm_out,
+        &ConvertOptions {
+            quant: Quant::Q4,
+            ..Default::default()
+        },
+        &|ev| {
+            if let ProgressEvent::Note(n) = ev {
+                notes.borrow_mut().push(n)
+            }
+        },
+    )
     .unwrap();
     assert!(
         notes

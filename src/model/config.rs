@@ -127,10 +127,16 @@ impl ModelConfig {
                 "chunked layers need a chunk size > 0",
             );
         }
-        if !(self.rms_norm_eps >= 0.0) || !self.rope_theta.is_finite() || self.rope_theta <= 0.0 {
+        if !self.rms_norm_eps.is_finite()
+            || self.rms_norm_eps < 0.0
+            || !self.rope_theta.is_finite()
+            || self.rope_theta <= 0.0
+        {
             return err("rms_norm_eps/rope_theta", "must be finite and positive");
         }
-        if self.layers.iter().any(|l| l.temp_tune) && !(self.floor_scale > 0.0) {
+        if self.layers.iter().any(|l| l.temp_tune)
+            && (self.floor_scale.is_nan() || self.floor_scale <= 0.0)
+        {
             return err("floor_scale", "must be > 0");
         }
         Ok(())
