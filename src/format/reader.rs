@@ -286,6 +286,11 @@ impl FqmFile {
         &self.tensors
     }
 
+    /// Position of tensor `name` in [`FqmFile::tensors`], if present.
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.index.get(name).copied()
+    }
+
     /// The tensor called `name`, if present.
     pub fn get(&self, name: &str) -> Option<TensorView<'_>> {
         let info = &self.tensors[*self.index.get(name)?];

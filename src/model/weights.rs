@@ -76,13 +76,9 @@ impl Model {
         // check the whole table first, so a bad file fails at open, not mid-forward
         let mut ids = std::collections::HashMap::new();
         for spec in tensor_table(&config) {
-            let idx = file
-                .tensors()
-                .iter()
-                .position(|t| t.name == spec.name)
-                .ok_or_else(|| {
-                    Error::format(file.path(), format!("tensor `{}` is missing", spec.name))
-                })?;
+            let idx = file.index_of(&spec.name).ok_or_else(|| {
+                Error::format(file.path(), format!("tensor `{}` is missing", spec.name))
+            })?;
             let info = &file.tensors()[idx];
             if info.shape != spec.shape {
                 return Err(Error::format(
