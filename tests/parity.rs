@@ -254,6 +254,8 @@ macro_rules! per_fixture {
             fn q8() { check_quantized($name, "q8", MIN_COSINE_Q8) }
             #[test]
             fn q4() { check_quantized($name, "q4", MIN_COSINE_Q4) }
+            // transformers fixtures only: their generator cast the model with
+            // `model.to(torch.bfloat16)`, rounding the RoPE frequencies
             #[test]
             fn f32_rope_freq_bf16() {
                 let e = expected($name);
@@ -273,6 +275,31 @@ per_fixture! {
     llama3_tiny: "llama3-tiny";
     llama4_scout_tiny: "llama4-scout-tiny";
     llama4_maverick_tiny: "llama4-maverick-tiny";
+}
+
+/// A configuration the transformers fixtures do not cover (top-2 routing, GQA 4:1, head_dim 32,
+/// NoPE every 3rd layer from an empty `no_rope_layers`, MoE every 2nd layer from
+/// `interleave_moe_layer_step`, chunk 5 crossed by 13 tokens, tied embeddings), against an
+/// independent float64 numpy implementation of the spec (`make_reference.py` beside it).
+mod llama4_topk2_ref {
+    use super::*;
+    const NAME: &str = "llama4-topk2-ref";
+    #[test]
+    fn f32() {
+        check_unquantized(NAME, "f32")
+    }
+    #[test]
+    fn bf16() {
+        check_unquantized(NAME, "bf16")
+    }
+    #[test]
+    fn q8() {
+        check_quantized(NAME, "q8", MIN_COSINE_Q8)
+    }
+    #[test]
+    fn q4() {
+        check_quantized(NAME, "q4", MIN_COSINE_Q4)
+    }
 }
 
 #[test]
