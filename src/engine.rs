@@ -95,24 +95,25 @@ pub fn tokenizer_from_fqm(file: &FqmFile) -> Result<Tokenizer> {
         .get("tokenizer")
         .and_then(|t| t.get("kind"))
         .and_then(|k| k.as_str());
-    let (name, kind) =
-        match kind {
-            Some("hf_json") => ("blob.tokenizer.json", TokenizerKind::HfJson),
-            Some("tiktoken") => ("blob.tokenizer.model", TokenizerKind::Tiktoken),
-            Some(other) => return Err(Error::format(
+    let (name, kind) = match kind {
+        Some("hf_json") => ("blob.tokenizer.json", TokenizerKind::HfJson),
+        Some("tiktoken") => ("blob.tokenizer.model", TokenizerKind::Tiktoken),
+        Some(other) => {
+            return Err(Error::format(
                 file.path(),
                 format!(
                     "metadata `tokenizer.kind` is {other:?}, expected \"hf_json\" or \"tiktoken\""
                 ),
-            )),
-            None => {
-                return Err(Error::format(
-                    file.path(),
-                    "this model has no tokenizer (metadata `tokenizer.kind` is null); \
+            ))
+        }
+        None => {
+            return Err(Error::format(
+                file.path(),
+                "this model has no tokenizer (metadata `tokenizer.kind` is null); \
                  it can only be run from token ids (`ferroq generate --ids`)",
-                ))
-            }
-        };
+            ))
+        }
+    };
     let bytes = blob(file, name)?;
     let mut tok = Tokenizer::from_bytes(bytes, kind)
         .map_err(|e| Error::format(file.path(), format!("`{name}`: {}", e)))?;
