@@ -597,6 +597,9 @@ impl Session {
         if self.engine.template.is_none() {
             return Err(no_template_error());
         }
+        if user.trim().is_empty() {
+            return Err(Error::Input("the message is empty".into()));
+        }
         self.messages.push(Message::new("user", user));
         let r = self
             .engine
