@@ -227,11 +227,7 @@ fn chat_two_turns_reuse_the_cache() {
         p2 < 25,
         "turn 2 processed {p2} prompt tokens: only the new turn"
     );
-    assert_eq!(
-        so.lines().filter(|l| !l.is_empty()).count() >= 2,
-        true,
-        "{so}"
-    );
+    assert!(so.lines().filter(|l| !l.is_empty()).count() >= 2, "{so}");
 }
 
 /// llama3-tiny (no tokenizer) and llama3-tiny + the SmolLM2 tokenizer.json (no chat
