@@ -3,7 +3,9 @@
 //! Layers (one way): CLI (`main.rs`) → [`model`] → [`ops`] → `ferroq_kernels`.
 //! See `ARCHITECTURE.md`.
 
+pub mod capi;
 pub mod chat;
+pub mod engine;
 pub mod error;
 pub mod format;
 pub mod model;

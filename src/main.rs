@@ -30,6 +30,10 @@ enum Cmd {
     Synth(cli::synth::Args),
     /// Text to token ids (one JSON string per line with --jsonl), or ids to text (--decode).
     Tokenize(cli::tokenize::Args),
+    /// Generate text from a prompt, streamed as it comes (timings on stderr).
+    Run(cli::run::Args),
+    /// Interactive multi-turn chat (one message per stdin line), keeping the KV cache.
+    Chat(cli::chat::Args),
 }
 
 fn main() {
@@ -41,6 +45,8 @@ fn main() {
         Cmd::Generate(a) => cli::generate::run(a),
         Cmd::Synth(a) => cli::synth::run(a),
         Cmd::Tokenize(a) => cli::tokenize::run(a),
+        Cmd::Run(a) => cli::run::run(a),
+        Cmd::Chat(a) => cli::chat::run(a),
     };
     if let Err(e) = r {
         eprintln!("ferroq: error: {e}");

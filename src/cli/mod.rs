@@ -1,8 +1,10 @@
 //! One module per subcommand.
 
+pub mod chat;
 pub mod convert;
 pub mod generate;
 pub mod inspect;
 pub mod logits;
+pub mod run;
 pub mod synth;
 pub mod tokenize;

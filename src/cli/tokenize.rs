@@ -8,7 +8,8 @@ use ferroq::{Error, Result};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// tokenizer.json (Hugging Face) or tokenizer.model (Meta Llama 4, tiktoken format).
+    /// tokenizer.json (Hugging Face), tokenizer.model (Meta Llama 4, tiktoken format), or a
+    /// .fqm model (its stored tokenizer).
     #[arg(short = 't', long = "tokenizer", value_name = "FILE")]
     pub tokenizer: PathBuf,
     /// Read one JSON string per stdin line and print one JSON array of ids per line
@@ -27,16 +28,11 @@ pub struct Args {
     pub skip_special: bool,
 }
 
-/// Load the tokenizer of a tokenizer file or a model. The `.fqm` branch is the hook for the
-/// tokenizer stored inside a model file: get its raw bytes and kind from the `.fqm` reader and
-/// call [`Tokenizer::from_bytes`].
+/// Load the tokenizer of a tokenizer file or of a `.fqm` model (its stored tokenizer).
 pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
     if path.extension().and_then(|e| e.to_str()) == Some("fqm") {
-        return Err(Error::format(
-            path,
-            "reading the tokenizer from a .fqm model is not supported yet; \
-             pass tokenizer.json or tokenizer.model",
-        ));
+        let file = ferroq::format::FqmFile::open(path)?;
+        return ferroq::engine::tokenizer_from_fqm(&file);
     }
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     tokenizer_from_bytes(path, &bytes, TokenizerKind::detect(Some(path), &bytes))

@@ -374,3 +374,39 @@ pub fn smollm2_gguf(test: &str) -> Option<PathBuf> {
     }
     panic!("{} failed ({}):\n{stderr}", script.display(), out.status);
 }
+
+/// SmolLM2 converted to `.fqm` with `--quant quant` by the `ferroq` binary `bin`, cached in
+/// `cache_dir` (a test's `CARGO_TARGET_TMPDIR`) and keyed by the binary's size and mtime so a
+/// rebuilt converter converts again. `None` when the GGUF is unavailable (see [`smollm2_gguf`]).
+pub fn smollm2_fqm(test: &str, bin: &Path, cache_dir: &Path, quant: &str) -> Option<PathBuf> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let gguf = smollm2_gguf(test)?;
+    let md = std::fs::metadata(bin).unwrap_or_else(|e| panic!("{}: {e}", bin.display()));
+    let stamp = md
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs());
+    let out = cache_dir.join(format!("smollm2-{quant}-{}-{stamp}.fqm", md.len()));
+    if out.is_file() {
+        return Some(out);
+    }
+    std::fs::create_dir_all(cache_dir).unwrap();
+    let tmp = cache_dir.join(format!("smollm2-{quant}.{}.tmp.fqm", std::process::id()));
+    let st = std::process::Command::new(bin)
+        .arg("convert")
+        .arg(&gguf)
+        .arg("-o")
+        .arg(&tmp)
+        .args(["--quant", quant])
+        .output()
+        .expect("run ferroq convert");
+    assert!(
+        st.status.success(),
+        "ferroq convert --quant {quant} failed: {}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    std::fs::rename(&tmp, &out).unwrap();
+    Some(out)
+}

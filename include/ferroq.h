@@ -1,0 +1,103 @@
+/*
+ * ferroq.h: C API of ferroq (pure-Rust CPU inference for Llama models). Link with the static
+ * library `libferroq.a` (plus -lpthread -ldl -lm) or the shared `libferroq.so`.
+ *
+ * Ownership and threads:
+ *   - ferroq_engine: a loaded model (weights, tokenizer, chat template). Immutable and
+ *     thread-safe: any number of threads and sessions may use one engine at once.
+ *     Free with ferroq_engine_free. A session keeps its engine alive, so the engine may be
+ *     freed before its sessions.
+ *   - ferroq_session: one conversation with its own KV cache. Use a session from one thread
+ *     at a time. Free with ferroq_session_free.
+ *   - Strings returned through `char **` out-parameters belong to the caller: free them with
+ *     ferroq_string_free. Strings passed in are only read during the call.
+ *   - All strings are UTF-8.
+ *
+ * Errors: functions return NULL or a negative number and set a per-thread message read with
+ * ferroq_last_error(). No Rust panic crosses this boundary (it becomes an error). NULL
+ * pointers are reported as errors, never dereferenced.
+ */
+#ifndef FERROQ_H
+#define FERROQ_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct FerroqEngine ferroq_engine;
+typedef struct FerroqSession ferroq_session;
+
+typedef struct ferroq_session_params {
+    size_t ctx;     /* context in tokens; 0 = min(4096, the model's maximum) */
+    size_t batch;   /* prompt tokens per forward pass; 0 = default */
+    size_t threads; /* 0 = all cores */
+} ferroq_session_params;
+
+typedef struct ferroq_gen_params {
+    size_t max_tokens;
+    float temperature; /* 0 = greedy */
+    size_t top_k;      /* 0 = off */
+    float top_p;       /* 1 = off */
+    float min_p;       /* 0 = off */
+    float repeat_penalty;   /* 1 = off */
+    float presence_penalty; /* 0 = off */
+    float frequency_penalty;/* 0 = off */
+    uint64_t seed;
+    int chat;          /* non-zero: prompt is the next user message of the session's chat */
+    const char *const *stop; /* n_stop stop strings (NULL if n_stop == 0) */
+    size_t n_stop;
+} ferroq_gen_params;
+
+/* Called for each generated token with the text it completes (`piece`, `len` bytes, NOT
+ * NUL-terminated, possibly empty) and once with id -1 for text released at the end.
+ * Return 0 to continue, non-zero to stop. */
+typedef int (*ferroq_token_cb)(void *user, int64_t id, const char *piece, size_t len);
+
+/* The last error of the calling thread, or NULL. Valid until the next ferroq call on it. */
+const char *ferroq_last_error(void);
+
+/* Open a .fqm model. NULL on error. */
+ferroq_engine *ferroq_engine_open(const char *path);
+void ferroq_engine_free(ferroq_engine *engine); /* NULL allowed */
+double ferroq_engine_load_ms(const ferroq_engine *engine);
+
+ferroq_session_params ferroq_session_params_default(void);
+/* greedy, 256 tokens, raw prompt, no stop strings */
+ferroq_gen_params ferroq_gen_params_default(void);
+
+/* params may be NULL (defaults). NULL on error. */
+ferroq_session *ferroq_session_new(const ferroq_engine *engine,
+                                   const ferroq_session_params *params);
+void ferroq_session_free(ferroq_session *session); /* NULL allowed */
+/* Forget the conversation and the cache. 0, or -1 on error. */
+int ferroq_session_reset(ferroq_session *session);
+
+/* Generate an answer to `prompt`. params may be NULL (defaults); cb may be NULL. If text_out
+ * is not NULL it receives the whole answer (free with ferroq_string_free). The cache of the
+ * longest common prefix with the previous call is reused. Returns the number of generated
+ * tokens, or -1 on error (empty prompt, prompt longer than the context, no chat template
+ * with chat != 0, ...). */
+int64_t ferroq_generate(ferroq_session *session, const char *prompt,
+                        const ferroq_gen_params *params, ferroq_token_cb cb, void *user,
+                        char **text_out);
+
+void ferroq_string_free(char *s); /* NULL allowed */
+
+/* Token ids of `text`; writes up to `cap` of them to `out` and returns the total count
+ * (retry with a larger buffer if it exceeds cap), or -1 on error. */
+int64_t ferroq_tokenize(const ferroq_engine *engine, const char *text, int add_bos,
+                        uint32_t *out, size_t cap);
+
+/* Text of `n` ids; writes up to cap-1 bytes and a NUL to `out` and returns the full length
+ * in bytes (retry with a larger buffer if it is >= cap), or -1 on error. */
+int64_t ferroq_detokenize(const ferroq_engine *engine, const uint32_t *ids, size_t n,
+                          int skip_special, char *out, size_t cap);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* FERROQ_H */
