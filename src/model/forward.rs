@@ -9,6 +9,11 @@ use crate::{Error, Result};
 use ferroq_kernels::{scalar, BlockQ8A, QK};
 use std::sync::Mutex;
 
+/// Keys per attention tile (scores of `rep` heads × this many keys live in the scratch).
+const ATT_TILE: usize = 64;
+/// Attention calls with less work than this (multiply-adds) run on the calling thread.
+const MIN_PARALLEL_ATTN: usize = 1 << 17;
+
 /// Which logits a forward call computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Logits {
@@ -54,7 +59,7 @@ pub struct State {
     n_logits: usize,
     // threads: a pool for this session and one scratch buffer per pool thread
     pool: Option<ThreadPool>,
-    scratch: Vec<Mutex<Vec<f32>>>, // (threads,) × max(SCRATCH_LEN, max_ctx)
+    scratch: Vec<Mutex<Vec<f32>>>, // (threads,) × max(SCRATCH_LEN, n_heads × (ATT_TILE + 2))
 }
 
 impl State {
@@ -127,7 +132,7 @@ impl State {
             n_logits: 0,
             pool,
             scratch: (0..n_threads)
-                .map(|_| Mutex::new(vec![0.0; SCRATCH_LEN.max(max_ctx)]))
+                .map(|_| Mutex::new(vec![0.0; SCRATCH_LEN.max(c.num_heads * (ATT_TILE + 2))]))
                 .collect(),
         }
     }
@@ -295,8 +300,11 @@ impl Model {
                     .copy_from_slice(&st.v[t * kvd..(t + 1) * kvd]);
             }
 
-            // causal attention over the cache (chunked layers: only the current chunk), GQA;
-            // one task per (token, head)
+            // causal attention over the cache (chunked layers: only the current chunk), flash
+            // style: online softmax over tiles of ATT_TILE keys, one task per (token, KV head)
+            // running the `rep` query heads of the group against each K/V tile while it is in
+            // L1 (GQA without repeating K/V). Each output is computed by one task in a fixed
+            // order: the result does not depend on the thread count.
             let scale = 1.0 / (d as f32).sqrt();
             let rep = nh / nkv;
             let (kc, vc, qb) = (&st.k_cache[li], &st.v_cache[li], &st.q);
@@ -305,34 +313,66 @@ impl Model {
             } else {
                 None
             };
-            let head = |mut tile: Tile, thread: usize| {
-                let (t, hh) = (tile.toks().start, tile.rows().start / d);
+            let group = |mut tile: Tile, thread: usize| {
+                let (t, kh) = (tile.toks().start, tile.rows().start / (rep * d));
                 let p = pos0 + t;
                 let start = chunk.map_or(0, |cs| (p / cs) * cs);
-                let kh = hh / rep;
-                let q = &qb[t * qd + hh * d..t * qd + (hh + 1) * d];
                 let mut scratch = par.scratch[thread]
                     .lock()
                     .unwrap_or_else(|e| e.into_inner());
-                let sc = &mut scratch[..p + 1 - start];
-                for (j, s) in (start..=p).zip(sc.iter_mut()) {
-                    *s = (kern.dot_f32)(q, &kc[j * kvd + kh * d..j * kvd + (kh + 1) * d]) * scale;
-                }
-                (kern.softmax)(sc);
+                let (sc, ml) = scratch.split_at_mut(rep * ATT_TILE);
                 let o = tile.out(t);
                 o.iter_mut().for_each(|v| *v = 0.0);
-                for (j, &s) in (start..=p).zip(sc.iter()) {
-                    (kern.axpy_f32)(s, &vc[j * kvd + kh * d..j * kvd + (kh + 1) * d], o);
+                for r in 0..rep {
+                    (ml[2 * r], ml[2 * r + 1]) = (f32::NEG_INFINITY, 0.0);
+                }
+                let mut j0 = start;
+                while j0 <= p {
+                    let nk = (p + 1 - j0).min(ATT_TILE);
+                    let (kt, vt) = (&kc[j0 * kvd + kh * d..], &vc[j0 * kvd + kh * d..]);
+                    for r in 0..rep {
+                        let hh = kh * rep + r;
+                        let q = &qb[t * qd + hh * d..t * qd + (hh + 1) * d];
+                        let s = &mut sc[r * ATT_TILE..r * ATT_TILE + nk];
+                        (kern.attn_scores)(q, kt, kvd, scale, s);
+                        let m_old = ml[2 * r];
+                        let m_new = s.iter().fold(m_old, |m, &v| m.max(v));
+                        let mut sum = 0.0f32;
+                        for x in s.iter_mut() {
+                            *x = (*x - m_new).exp();
+                            sum += *x;
+                        }
+                        let or = &mut o[r * d..(r + 1) * d];
+                        if m_old != m_new && m_old != f32::NEG_INFINITY {
+                            let corr = (m_old - m_new).exp();
+                            or.iter_mut().for_each(|v| *v *= corr);
+                            ml[2 * r + 1] *= corr;
+                        }
+                        ml[2 * r + 1] += sum;
+                        ml[2 * r] = m_new;
+                        (kern.attn_values)(s, vt, kvd, or);
+                    }
+                    j0 += nk;
+                }
+                for r in 0..rep {
+                    let inv = 1.0 / ml[2 * r + 1];
+                    o[r * d..(r + 1) * d].iter_mut().for_each(|v| *v *= inv);
                 }
             };
+            // the work of this call, in multiply-adds; small calls (decode at short context)
+            // are not worth a pool round
+            let work = n * (pos0 + n) * qd;
             match par.pool {
-                Some(pool) => pool.run_tiles(&mut st.att, n, qd, d, 1, &head),
-                None => {
+                Some(pool) if work >= MIN_PARALLEL_ATTN => {
+                    pool.run_tiles(&mut st.att, n, qd, rep * d, 1, &group)
+                }
+                _ => {
                     let out = crate::pool::SharedOut::new(&mut st.att, n, qd);
                     for t in 0..n {
-                        for hh in 0..nh {
+                        for kh in 0..nkv {
+                            let rows = kh * rep * d..(kh + 1) * rep * d;
                             // SAFETY: one tile at a time, dropped before the next is made.
-                            head(unsafe { out.tile(hh * d..(hh + 1) * d, t..t + 1) }, 0);
+                            group(unsafe { out.tile(rows, t..t + 1) }, 0);
                         }
                     }
                 }
