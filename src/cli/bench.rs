@@ -71,6 +71,21 @@ pub fn peak_rss_mb() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+/// CPU seconds (user + system) used by this process so far, from /proc/self/stat (clock ticks
+/// of 1/100 s); 0 where unavailable. The machine may be shared: `cpu / (wall · threads)` tells
+/// how much of the requested cores the run actually got.
+fn cpu_seconds() -> f64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            // fields after the parenthesised command name; utime and stime are fields 14, 15
+            let rest = &s[s.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
 fn mat_bytes(m: Mat) -> usize {
     match m {
         Mat::F32(w) => std::mem::size_of_val(w),
@@ -144,14 +159,18 @@ pub fn run(a: Args) -> Result<()> {
         .collect();
 
     let mut pp = Vec::new();
+    let (mut pp_wall, mut pp_cpu, mut tg_wall, mut tg_cpu) = (0.0, 0.0, 0.0, 0.0);
     if a.n_prompt > 0 {
         for rep in 0..=a.reps {
             st.reset();
-            let t = Instant::now();
+            let (t, c0) = (Instant::now(), cpu_seconds());
             for ch in prompt.chunks(batch) {
                 model.forward(&mut st, ch, Logits::Last)?;
             }
             let dt = t.elapsed().as_secs_f64();
+            if rep > 0 {
+                (pp_wall, pp_cpu) = (pp_wall + dt, pp_cpu + cpu_seconds() - c0);
+            }
             eprintln!(
                 "bench: pp{} rep {rep}{}: {:.1} t/s",
                 a.n_prompt,
@@ -168,12 +187,15 @@ pub fn run(a: Args) -> Result<()> {
         for rep in 0..=a.reps {
             st.reset();
             let mut tok = prompt.first().copied().unwrap_or(1);
-            let t = Instant::now();
+            let (t, c0) = (Instant::now(), cpu_seconds());
             for _ in 0..a.n_gen {
                 model.forward(&mut st, &[tok], Logits::Last)?;
                 tok = argmax(st.logits());
             }
             let dt = t.elapsed().as_secs_f64();
+            if rep > 0 {
+                (tg_wall, tg_cpu) = (tg_wall + dt, tg_cpu + cpu_seconds() - c0);
+            }
             eprintln!(
                 "bench: tg{} rep {rep}{}: {:.1} t/s",
                 a.n_gen,
@@ -198,6 +220,14 @@ pub fn run(a: Args) -> Result<()> {
     let tg_gbs = tg_m * bpt as f64 / 1e9;
     let bound = if bpt > 0 { bw * 1e9 / bpt as f64 } else { 0.0 };
     let share = if bw > 0.0 { tg_gbs / bw } else { 0.0 };
+    let share_of = |cpu: f64, wall: f64| {
+        if wall > 0.0 {
+            cpu / (wall * threads as f64)
+        } else {
+            0.0
+        }
+    };
+    let (pp_cpu_share, tg_cpu_share) = (share_of(pp_cpu, pp_wall), share_of(tg_cpu, tg_wall));
     let name = a.model.display().to_string();
     if a.json {
         let o = serde_json::json!({
@@ -219,6 +249,8 @@ pub fn run(a: Args) -> Result<()> {
             "machine_read_gbs": bw,
             "tg_bound_tps": bound,
             "tg_bandwidth_share": share,
+            "pp_cpu_share": pp_cpu_share,
+            "tg_cpu_share": tg_cpu_share,
         });
         println!("{o}");
     } else {
@@ -238,6 +270,12 @@ pub fn run(a: Args) -> Result<()> {
             println!("| tg{} | {tg_m:.1} ± {tg_s:.1} |", a.n_gen);
         }
         println!("load {load_ms:.1} ms, peak RSS {rss:.1} MiB");
+        println!(
+            "CPU time / (wall x threads): pp {:.0} %, tg {:.0} % (below 100 %: the cores were \
+             shared with other processes)",
+            pp_cpu_share * 100.0,
+            tg_cpu_share * 100.0
+        );
         println!(
             "weights read per generated token {:.1} MB; tg reads {tg_gbs:.2} GB/s = {:.0} % of \
              the measured {bw:.2} GB/s ({threads} threads; bound {bound:.0} t/s)",

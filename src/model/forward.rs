@@ -53,6 +53,7 @@ pub struct State {
     counts: Vec<u32>,  // (E,)
     offsets: Vec<u32>, // (E + 1,)
     perm: Vec<u32>,    // (B * k_exp,)
+    iota: Vec<u32>,    // 0, 1, .. (B * k_exp) (row indices of a plain product)
     xs: Vec<f32>,      // (B * k_exp, H) routed, score-scaled expert inputs
     ys: Vec<f32>,      // (B * k_exp, H) expert outputs
     logits: Vec<f32>,  // (B or 1, V)
@@ -126,6 +127,7 @@ impl State {
             counts: vec![0; c.num_experts],
             offsets: vec![0; c.num_experts + 1],
             perm: vec![0; bk],
+            iota: (0..bk as u32).collect(),
             xs: vec![0.0; bk * c.hidden_size],
             ys: vec![0.0; bk * c.hidden_size],
             logits: vec![0.0; if all_logits { max_batch } else { 1 } * c.vocab_size],
@@ -259,9 +261,14 @@ impl Model {
                 n_tok: n,
                 q8,
             };
-            matmul(kern, &par, wq, qd, &a, &mut st.q, qd);
-            matmul(kern, &par, wk, kvd, &a, &mut st.k, kvd);
-            matmul(kern, &par, wv, kvd, &a, &mut st.v, kvd);
+            ops::matmul_n(
+                kern,
+                &par,
+                [wq, wk, wv],
+                [qd, kvd, kvd],
+                &a,
+                [&mut st.q, &mut st.k, &mut st.v],
+            );
 
             for t in 0..n {
                 let p = pos0 + t;
@@ -405,6 +412,7 @@ impl Model {
                         &st.xn,
                         n,
                         &mut st.q8,
+                        &st.iota,
                         &mut st.gate,
                         &mut st.up,
                         &mut st.y,
@@ -537,6 +545,7 @@ impl Model {
                     &st.xn,
                     n,
                     &mut st.q8,
+                    &st.iota,
                     &mut st.gate,
                     &mut st.up,
                     &mut st.y,
@@ -573,6 +582,7 @@ impl Model {
                 x,
                 o1 - o0,
                 &mut st.q8,
+                &st.iota,
                 &mut st.gate,
                 &mut st.up,
                 y,
@@ -603,6 +613,7 @@ fn swiglu(
     x: &[f32],
     m: usize,
     q8: &mut [BlockQ8A],
+    iota: &[u32],
     gate: &mut [f32],
     up: &mut [f32],
     y: &mut [f32],
@@ -615,13 +626,9 @@ fn swiglu(
         n_tok: m,
         q8: qa,
     };
-    matmul(kern, par, wg, inter, &a, gate, inter);
-    matmul(kern, par, wu, inter, &a, up, inter);
-    // gate <- silu(gate) * up
-    let (g, u) = (&mut gate[..m * inter], &up[..m * inter]);
-    for (gv, &uv) in g.iter_mut().zip(u) {
-        *gv = scalar::silu(*gv) * uv;
-    }
+    // gate <- silu(gate x) * (up x)
+    ops::gate_up(kern, par, wg, wu, inter, &a, iota, gate, up);
+    let g = &gate[..m * inter];
     let qa = quantize_for(kern, g, inter, m, q8, &[wd]);
     let a = Act {
         x: g,
