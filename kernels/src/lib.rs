@@ -172,6 +172,10 @@ pub type ScatterAddFn = fn(&[f32], usize, usize, &[u32], &[f32], &mut [f32], usi
 pub type AttnScoresFn = fn(&[f32], &[f32], usize, f32, &mut [f32]);
 /// Weighted sum of value rows into `o`, `attn_values(p, v, ld_v, o)`. Twin: [`scalar::attn_values`].
 pub type AttnValuesFn = fn(&[f32], &[f32], usize, &mut [f32]);
+/// [`AttnScoresFn`] with f16 keys (bits). Twin: [`scalar::attn_scores_f16`].
+pub type AttnScoresF16Fn = fn(&[f32], &[u16], usize, f32, &mut [f32]);
+/// [`AttnValuesFn`] with f16 values (bits). Twin: [`scalar::attn_values_f16`].
+pub type AttnValuesF16Fn = fn(&[f32], &[u16], usize, &mut [f32]);
 /// Top-k, `topk(logits, k, idx, val)`. Twin: [`scalar::topk`].
 pub type TopkFn = fn(&[f32], usize, &mut [u32], &mut [f32]);
 /// Grouping by expert, `group_by_expert(expert_of, n_experts, counts, offsets, perm, inv)`.
@@ -204,6 +208,8 @@ pub struct Kernels {
     // Attention.
     pub attn_scores: AttnScoresFn,
     pub attn_values: AttnValuesFn,
+    pub attn_scores_f16: AttnScoresF16Fn,
+    pub attn_values_f16: AttnValuesF16Fn,
 }
 
 /// The scalar reference table.
@@ -229,6 +235,8 @@ pub(crate) const SCALAR: Kernels = Kernels {
     group_by_expert: scalar::group_by_expert,
     attn_scores: scalar::attn_scores,
     attn_values: scalar::attn_values,
+    attn_scores_f16: scalar::attn_scores_f16,
+    attn_values_f16: scalar::attn_values_f16,
 };
 
 /// A tier's table as a type, so that `check-kernels` can wrap it in generic (capture-free)

@@ -412,4 +412,6 @@ pub(crate) const KERNELS: Kernels = Kernels {
     group_by_expert: crate::routing::group_by_expert,
     attn_scores,
     attn_values,
+    attn_scores_f16: crate::scalar::attn_scores_f16,
+    attn_values_f16: crate::scalar::attn_values_f16,
 };

@@ -12,7 +12,7 @@
 //! stderr; the report (or one JSON object with `--json`) to stdout.
 
 use ferroq::model::weights::FfnWeights;
-use ferroq::model::{Logits, Model, State};
+use ferroq::model::{KvType, Logits, Model, State};
 use ferroq::ops::Mat;
 use ferroq::Result;
 use std::path::PathBuf;
@@ -41,9 +41,16 @@ pub struct Args {
     /// Bytes of the buffer used to measure the machine's read bandwidth (0 skips it).
     #[arg(long, default_value_t = 512 << 20)]
     bw_bytes: usize,
+    /// KV cache type: f16 (default) or f32.
+    #[arg(long, default_value = "f16", value_parser = parse_kv)]
+    kv: KvType,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
+}
+
+fn parse_kv(s: &str) -> std::result::Result<KvType, String> {
+    KvType::parse(s).ok_or_else(|| format!("unknown KV cache type `{s}` (f16, f32)"))
 }
 
 /// Mean and sample standard deviation.
@@ -146,7 +153,7 @@ pub fn run(a: Args) -> Result<()> {
     };
     let batch = a.batch.clamp(1, a.n_prompt.max(1));
     let ctx = a.n_prompt.max(a.n_gen).max(1);
-    let mut st = State::with_threads(&model, ctx, batch, false, threads);
+    let mut st = State::with_kv(&model, ctx, batch, false, threads, a.kv);
     // fixed pseudo-random prompt ids (xorshift), away from the special tokens at the start
     let mut s = 0x9E37_79B9_7F4A_7C15u64;
     let prompt: Vec<u32> = (0..a.n_prompt)
@@ -234,6 +241,7 @@ pub fn run(a: Args) -> Result<()> {
             "model": name,
             "kernels": model.kernels.level.name(),
             "threads": threads,
+            "kv": format!("{:?}", a.kv).to_lowercase(),
             "n_prompt": a.n_prompt,
             "n_gen": a.n_gen,
             "batch": batch,

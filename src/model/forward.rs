@@ -14,6 +14,40 @@ const ATT_TILE: usize = 64;
 /// Attention calls with less work than this (multiply-adds) run on the calling thread.
 const MIN_PARALLEL_ATTN: usize = 1 << 17;
 
+/// Element type of the KV cache.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvType {
+    /// 4 bytes per element: exact.
+    F32,
+    /// 2 bytes per element (IEEE half): the default; keys and values are rounded to f16.
+    #[default]
+    F16,
+}
+
+impl KvType {
+    /// Parse `f32` / `f16` (CLI flags).
+    pub fn parse(s: &str) -> Option<KvType> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "f32" => Some(KvType::F32),
+            "f16" => Some(KvType::F16),
+            _ => None,
+        }
+    }
+}
+
+/// Per layer: `[max_ctx, n_kv * head_dim]` keys (after RoPE / QK norm) and values.
+enum KvCache {
+    F32(Vec<Vec<f32>>, Vec<Vec<f32>>),
+    F16(Vec<Vec<u16>>, Vec<Vec<u16>>),
+}
+
+/// One layer's cache, borrowed.
+#[derive(Clone, Copy)]
+enum KvLayer<'a> {
+    F32(&'a [f32], &'a [f32]),
+    F16(&'a [u16], &'a [u16]),
+}
+
 /// Which logits a forward call computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Logits {
@@ -31,9 +65,7 @@ pub struct State {
     pub pos: usize,
     max_ctx: usize,
     max_batch: usize,
-    // KV cache, per layer: [max_ctx, n_kv * head_dim]; keys after RoPE / QK norm
-    k_cache: Vec<Vec<f32>>,
-    v_cache: Vec<Vec<f32>>,
+    kv: KvCache,
     h: Vec<f32>,       // (B, H) residual stream
     xn: Vec<f32>,      // (B, max(H, n_h*D)) normed input of a block
     q8: Vec<BlockQ8A>, // (B, max_k / 32) quantized activations
@@ -66,18 +98,33 @@ pub struct State {
 impl State {
     /// A session state for up to `max_ctx` tokens, processing up to `max_batch` tokens per
     /// forward call. With `all_logits`, the logits buffer holds `max_batch` rows.
+    ///
+    /// This is the reference configuration (one thread, exact f32 KV cache) the parity tests
+    /// use; [`State::with_threads`] is the fast one (f16 KV cache).
     pub fn new(model: &Model, max_ctx: usize, max_batch: usize, all_logits: bool) -> State {
-        Self::with_threads(model, max_ctx, max_batch, all_logits, 1)
+        Self::with_kv(model, max_ctx, max_batch, all_logits, 1, KvType::F32)
     }
 
     /// [`State::new`] running the heavy ops on `threads` threads (0 = all cores). Results are
-    /// identical whatever the thread count.
+    /// identical whatever the thread count. The KV cache is f16 ([`KvType::default`]).
     pub fn with_threads(
         model: &Model,
         max_ctx: usize,
         max_batch: usize,
         all_logits: bool,
         threads: usize,
+    ) -> State {
+        Self::with_kv(model, max_ctx, max_batch, all_logits, threads, KvType::default())
+    }
+
+    /// [`State::with_threads`] with a chosen KV cache type.
+    pub fn with_kv(
+        model: &Model,
+        max_ctx: usize,
+        max_batch: usize,
+        all_logits: bool,
+        threads: usize,
+        kv: KvType,
     ) -> State {
         let pool = if threads == 1 {
             None
@@ -96,12 +143,19 @@ impl State {
             pos: 0,
             max_ctx,
             max_batch,
-            k_cache: (0..c.num_layers)
-                .map(|_| vec![0.0; max_ctx * kvd])
-                .collect(),
-            v_cache: (0..c.num_layers)
-                .map(|_| vec![0.0; max_ctx * kvd])
-                .collect(),
+            kv: {
+                let n = max_ctx * kvd;
+                match kv {
+                    KvType::F32 => KvCache::F32(
+                        (0..c.num_layers).map(|_| vec![0.0; n]).collect(),
+                        (0..c.num_layers).map(|_| vec![0.0; n]).collect(),
+                    ),
+                    KvType::F16 => KvCache::F16(
+                        (0..c.num_layers).map(|_| vec![0; n]).collect(),
+                        (0..c.num_layers).map(|_| vec![0; n]).collect(),
+                    ),
+                }
+            },
             h: vec![0.0; max_batch * c.hidden_size],
             xn: vec![0.0; max_batch * wide],
             q8: vec![
@@ -142,6 +196,14 @@ impl State {
     /// Threads the heavy ops run on.
     pub fn threads(&self) -> usize {
         self.pool.as_ref().map_or(1, |p| p.n_threads())
+    }
+
+    /// The KV cache element type.
+    pub fn kv_type(&self) -> KvType {
+        match self.kv {
+            KvCache::F32(..) => KvType::F32,
+            KvCache::F16(..) => KvType::F16,
+        }
     }
 
     /// Context capacity in tokens.
@@ -302,9 +364,21 @@ impl Model {
                     q.iter_mut().for_each(|v| *v *= s);
                 }
                 // append to the cache
-                st.k_cache[li][p * kvd..(p + 1) * kvd].copy_from_slice(k);
-                st.v_cache[li][p * kvd..(p + 1) * kvd]
-                    .copy_from_slice(&st.v[t * kvd..(t + 1) * kvd]);
+                let v = &st.v[t * kvd..(t + 1) * kvd];
+                match &mut st.kv {
+                    KvCache::F32(kc, vc) => {
+                        kc[li][p * kvd..(p + 1) * kvd].copy_from_slice(k);
+                        vc[li][p * kvd..(p + 1) * kvd].copy_from_slice(v);
+                    }
+                    KvCache::F16(kc, vc) => {
+                        let to_h = |x: &f32| half::f16::from_f32(*x).to_bits();
+                        for (dst, src) in [(&mut kc[li], &*k), (&mut vc[li], v)] {
+                            for (o, x) in dst[p * kvd..(p + 1) * kvd].iter_mut().zip(src) {
+                                *o = to_h(x);
+                            }
+                        }
+                    }
+                }
             }
 
             // causal attention over the cache (chunked layers: only the current chunk), flash
@@ -314,7 +388,11 @@ impl Model {
             // order: the result does not depend on the thread count.
             let scale = 1.0 / (d as f32).sqrt();
             let rep = nh / nkv;
-            let (kc, vc, qb) = (&st.k_cache[li], &st.v_cache[li], &st.q);
+            let qb = &st.q;
+            let kvl = match &st.kv {
+                KvCache::F32(k, v) => KvLayer::F32(&k[li], &v[li]),
+                KvCache::F16(k, v) => KvLayer::F16(&k[li], &v[li]),
+            };
             let chunk = if spec.chunked {
                 c.attention_chunk_size
             } else {
@@ -336,12 +414,17 @@ impl Model {
                 let mut j0 = start;
                 while j0 <= p {
                     let nk = (p + 1 - j0).min(ATT_TILE);
-                    let (kt, vt) = (&kc[j0 * kvd + kh * d..], &vc[j0 * kvd + kh * d..]);
+                    let off = j0 * kvd + kh * d;
                     for r in 0..rep {
                         let hh = kh * rep + r;
                         let q = &qb[t * qd + hh * d..t * qd + (hh + 1) * d];
                         let s = &mut sc[r * ATT_TILE..r * ATT_TILE + nk];
-                        (kern.attn_scores)(q, kt, kvd, scale, s);
+                        match kvl {
+                            KvLayer::F32(kc, _) => (kern.attn_scores)(q, &kc[off..], kvd, scale, s),
+                            KvLayer::F16(kc, _) => {
+                                (kern.attn_scores_f16)(q, &kc[off..], kvd, scale, s)
+                            }
+                        }
                         let m_old = ml[2 * r];
                         let m_new = s.iter().fold(m_old, |m, &v| m.max(v));
                         let mut sum = 0.0f32;
@@ -357,7 +440,10 @@ impl Model {
                         }
                         ml[2 * r + 1] += sum;
                         ml[2 * r] = m_new;
-                        (kern.attn_values)(s, vt, kvd, or);
+                        match kvl {
+                            KvLayer::F32(_, vc) => (kern.attn_values)(s, &vc[off..], kvd, or),
+                            KvLayer::F16(_, vc) => (kern.attn_values_f16)(s, &vc[off..], kvd, or),
+                        }
                     }
                     j0 += nk;
                 }

@@ -466,7 +466,51 @@ pub(crate) fn scatter_add(
 // (per element the twin's order: `o = o + p·v` for keys in order, so it is bit-identical).
 // ---------------------------------------------------------------------------------------------
 
+/// A KV-cache element: f32 or f16 bits.
+trait Kv: Copy {
+    /// 8 elements at `p` as f32.
+    ///
+    /// # Safety
+    /// AVX2 + F16C available; `p..p + 8` readable.
+    unsafe fn load8(p: *const Self) -> __m256;
+    fn f32(self) -> f32;
+}
+
+impl Kv for f32 {
+    #[inline(always)]
+    unsafe fn load8(p: *const f32) -> __m256 {
+        _mm256_loadu_ps(p)
+    }
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        self
+    }
+}
+
+impl Kv for u16 {
+    #[inline(always)]
+    unsafe fn load8(p: *const u16) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        half::f16::from_bits(self).to_f32()
+    }
+}
+
+pub(crate) fn attn_scores_f16(q: &[f32], k: &[u16], ld_k: usize, scale: f32, s: &mut [f32]) {
+    attn_scores_t(q, k, ld_k, scale, s)
+}
+
+pub(crate) fn attn_values_f16(p: &[f32], v: &[u16], ld_v: usize, o: &mut [f32]) {
+    attn_values_t(p, v, ld_v, o)
+}
+
 pub(crate) fn attn_scores(q: &[f32], k: &[f32], ld_k: usize, scale: f32, s: &mut [f32]) {
+    attn_scores_t(q, k, ld_k, scale, s)
+}
+
+fn attn_scores_t<E: Kv>(q: &[f32], k: &[E], ld_k: usize, scale: f32, s: &mut [f32]) {
     let _ = Avx2::get();
     let d = q.len();
     if let Some(n) = s.len().checked_sub(1) {
@@ -480,20 +524,20 @@ pub(crate) fn attn_scores(q: &[f32], k: &[f32], ld_k: usize, scale: f32, s: &mut
 /// # Safety
 /// AVX2 + FMA available; `k.len() >= (s.len() - 1) * ld_k + q.len()` when `s` is not empty.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn attn_scores_impl(q: &[f32], k: &[f32], ld_k: usize, scale: f32, s: &mut [f32]) {
+unsafe fn attn_scores_impl<E: Kv>(q: &[f32], k: &[E], ld_k: usize, scale: f32, s: &mut [f32]) {
     let d = q.len();
     let d8 = d - d % 8;
     let (qp, kp) = (q.as_ptr(), k.as_ptr());
     let n = s.len();
     let mut j = 0;
     while j + 4 <= n {
-        let kr: [*const f32; 4] = core::array::from_fn(|u| kp.add((j + u) * ld_k));
+        let kr: [*const E; 4] = core::array::from_fn(|u| kp.add((j + u) * ld_k));
         let mut acc = [_mm256_setzero_ps(); 4];
         let mut c = 0;
         while c < d8 {
             let qv = _mm256_loadu_ps(qp.add(c));
             for u in 0..4 {
-                acc[u] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kr[u].add(c)), acc[u]);
+                acc[u] = _mm256_fmadd_ps(qv, E::load8(kr[u].add(c)), acc[u]);
             }
             c += 8;
         }
@@ -505,7 +549,7 @@ unsafe fn attn_scores_impl(q: &[f32], k: &[f32], ld_k: usize, scale: f32, s: &mu
             let mut t = [0.0f32; 4];
             for (u, tu) in t.iter_mut().enumerate() {
                 for cc in d8..d {
-                    *tu += *qp.add(cc) * *kr[u].add(cc);
+                    *tu += *qp.add(cc) * (*kr[u].add(cc)).f32();
                 }
             }
             r = _mm_add_ps(r, _mm_loadu_ps(t.as_ptr()));
@@ -514,12 +558,27 @@ unsafe fn attn_scores_impl(q: &[f32], k: &[f32], ld_k: usize, scale: f32, s: &mu
         j += 4;
     }
     while j < n {
-        s[j] = dot_f32_impl(q, core::slice::from_raw_parts(kp.add(j * ld_k), d)) * scale;
+        let kr = kp.add(j * ld_k);
+        let mut acc = _mm256_setzero_ps();
+        let mut c = 0;
+        while c < d8 {
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(c)), E::load8(kr.add(c)), acc);
+            c += 8;
+        }
+        let mut t = hsum(acc);
+        for cc in d8..d {
+            t += *qp.add(cc) * (*kr.add(cc)).f32();
+        }
+        s[j] = t * scale;
         j += 1;
     }
 }
 
 pub(crate) fn attn_values(p: &[f32], v: &[f32], ld_v: usize, o: &mut [f32]) {
+    attn_values_t(p, v, ld_v, o)
+}
+
+fn attn_values_t<E: Kv>(p: &[f32], v: &[E], ld_v: usize, o: &mut [f32]) {
     let _ = Avx2::get();
     let d = o.len();
     if let Some(n) = p.len().checked_sub(1) {
@@ -533,7 +592,7 @@ pub(crate) fn attn_values(p: &[f32], v: &[f32], ld_v: usize, o: &mut [f32]) {
 /// # Safety
 /// AVX2 available; `v.len() >= (p.len() - 1) * ld_v + o.len()` when `p` is not empty.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn attn_values_impl(p: &[f32], v: &[f32], ld_v: usize, o: &mut [f32]) {
+unsafe fn attn_values_impl<E: Kv>(p: &[f32], v: &[E], ld_v: usize, o: &mut [f32]) {
     let d = o.len();
     let (vp, op) = (v.as_ptr(), o.as_mut_ptr());
     let mut c = 0;
@@ -544,7 +603,7 @@ unsafe fn attn_values_impl(p: &[f32], v: &[f32], ld_v: usize, o: &mut [f32]) {
             let pv = _mm256_set1_ps(pj);
             let row = vp.add(j * ld_v + c);
             for (u, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_add_ps(*a, _mm256_mul_ps(pv, _mm256_loadu_ps(row.add(8 * u))));
+                *a = _mm256_add_ps(*a, _mm256_mul_ps(pv, E::load8(row.add(8 * u))));
             }
         }
         for (u, a) in acc.iter().enumerate() {
@@ -555,7 +614,7 @@ unsafe fn attn_values_impl(p: &[f32], v: &[f32], ld_v: usize, o: &mut [f32]) {
     while c + 8 <= d {
         let mut a = _mm256_loadu_ps(op.add(c));
         for (j, &pj) in p.iter().enumerate() {
-            let x = _mm256_loadu_ps(vp.add(j * ld_v + c));
+            let x = E::load8(vp.add(j * ld_v + c));
             a = _mm256_add_ps(a, _mm256_mul_ps(_mm256_set1_ps(pj), x));
         }
         _mm256_storeu_ps(op.add(c), a);
@@ -564,7 +623,7 @@ unsafe fn attn_values_impl(p: &[f32], v: &[f32], ld_v: usize, o: &mut [f32]) {
     for cc in c..d {
         let mut a = *op.add(cc);
         for (j, &pj) in p.iter().enumerate() {
-            a += pj * *vp.add(j * ld_v + cc);
+            a += pj * (*vp.add(j * ld_v + cc)).f32();
         }
         *op.add(cc) = a;
     }
