@@ -651,28 +651,62 @@ impl Model {
                 *o = x * s;
             }
         }
-        // each routed expert on its rows (only selected experts' weights are read)
+        // routed experts: the inputs of all pairs are quantized once (in expert order), each
+        // chosen expert runs fused gate/up+SiLU on its rows, the intermediate activations of all
+        // pairs are quantized once, then each expert's down projection. Only the chosen experts'
+        // weights are read.
+        let Some(first) = experts.first() else {
+            return;
+        };
+        let inter = c.moe_intermediate_size;
+        let nbh = hs / QK;
+        let qa = quantize_for(kern, &st.xs, hs, pairs, &mut st.q8, &[self.mat(first[0])]);
         for (e, w) in experts.iter().enumerate() {
             let (o0, o1) = (st.offsets[e] as usize, st.offsets[e + 1] as usize);
             if o0 == o1 {
                 continue;
             }
-            let w = [self.mat(w[0]), self.mat(w[1]), self.mat(w[2])];
-            let (x, y) = (&st.xs[o0 * hs..o1 * hs], &mut st.ys[o0 * hs..o1 * hs]);
-            swiglu(
+            let a = Act {
+                x: &st.xs[o0 * hs..o1 * hs],
+                k: hs,
+                n_tok: o1 - o0,
+                q8: if qa.is_empty() {
+                    qa
+                } else {
+                    &qa[o0 * nbh..o1 * nbh]
+                },
+            };
+            ops::gate_up(
                 kern,
                 par,
-                w,
-                hs,
-                c.moe_intermediate_size,
-                x,
-                o1 - o0,
-                &mut st.q8,
+                self.mat(w[0]),
+                self.mat(w[1]),
+                inter,
+                &a,
                 &st.iota,
-                &mut st.gate,
-                &mut st.up,
-                y,
+                &mut st.gate[o0 * inter..o1 * inter],
+                &mut st.up[o0 * inter..o1 * inter],
             );
+        }
+        let nbi = inter / QK;
+        let qg = quantize_for(kern, &st.gate, inter, pairs, &mut st.q8, &[self.mat(first[2])]);
+        for (e, w) in experts.iter().enumerate() {
+            let (o0, o1) = (st.offsets[e] as usize, st.offsets[e + 1] as usize);
+            if o0 == o1 {
+                continue;
+            }
+            let a = Act {
+                x: &st.gate[o0 * inter..o1 * inter],
+                k: inter,
+                n_tok: o1 - o0,
+                q8: if qg.is_empty() {
+                    qg
+                } else {
+                    &qg[o0 * nbi..o1 * nbi]
+                },
+            };
+            let y = &mut st.ys[o0 * hs..o1 * hs];
+            matmul(kern, par, self.mat(w[2]), hs, &a, y, hs);
         }
         // scatter-add back to tokens
         for j in 0..pairs {
