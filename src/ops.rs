@@ -292,8 +292,10 @@ pub fn gate_up(
     up: &mut [f32],
 ) {
     let (k, n) = (a.k, a.n_tok);
-    let fused = matches!((wg, wu), (Mat::Q4(_), Mat::Q4(_)) | (Mat::Q8(_), Mat::Q8(_)))
-        && !a.q8.is_empty();
+    let fused = matches!(
+        (wg, wu),
+        (Mat::Q4(_), Mat::Q4(_)) | (Mat::Q8(_), Mat::Q8(_))
+    ) && !a.q8.is_empty();
     if !fused {
         matmul_n(kern, par, [wg, wu], [inter, inter], a, [&mut *y, &mut *up]);
         let (g, u) = (&mut y[..n * inter], &up[..n * inter]);
@@ -311,7 +313,9 @@ pub fn gate_up(
                 inter,
                 row_block(inter, threads),
                 tok_block(n),
-                &|tile: Tile, thread| tile_task(kern, par, wg, Some(wu), iota, inter, a, tile, thread),
+                &|tile: Tile, thread| {
+                    tile_task(kern, par, wg, Some(wu), iota, inter, a, tile, thread)
+                },
             ),
         _ => gate_up_serial(kern, wg, wu, inter, k, a.q8, &iota[..n], y, inter),
     }

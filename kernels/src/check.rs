@@ -225,7 +225,12 @@ fn attn_scores_f16<T: TierTable>(q: &[f32], k: &[u16], ld_k: usize, scale: f32, 
             .iter()
             .map(|&h| half::f16::from_bits(h).to_f32())
             .collect();
-        close("attn_scores_f16", &[*g], &[*w], dot_scale(q, &kf) * scale.abs());
+        close(
+            "attn_scores_f16",
+            &[*g],
+            &[*w],
+            dot_scale(q, &kf) * scale.abs(),
+        );
     }
 }
 

@@ -778,7 +778,8 @@ fn attention_kernels() {
                 for j in 0..n {
                     let sa = sum_abs(&q, &k[j * ld..j * ld + d]) * 0.125;
                     assert!(
-                        ((s1[j] - s2[j]).abs() as f64) <= F32_SUM_TOL as f64 * d as f64 * sa + 1e-30,
+                        ((s1[j] - s2[j]).abs() as f64)
+                            <= F32_SUM_TOL as f64 * d as f64 * sa + 1e-30,
                         "{lv} attn_scores d={d} n={n} j={j}"
                     );
                 }
@@ -789,14 +790,21 @@ fn attention_kernels() {
                 scalar::attn_values(&p, &k, ld, &mut o2);
                 assert_eq!(o1, o2, "{lv} attn_values d={d} n={n}");
                 // f16 keys/values: the same against the f16 twins
-                let kh: Vec<u16> = k.iter().map(|&x| half::f16::from_f32(x).to_bits()).collect();
-                let kf: Vec<f32> = kh.iter().map(|&h| half::f16::from_bits(h).to_f32()).collect();
+                let kh: Vec<u16> = k
+                    .iter()
+                    .map(|&x| half::f16::from_f32(x).to_bits())
+                    .collect();
+                let kf: Vec<f32> = kh
+                    .iter()
+                    .map(|&h| half::f16::from_bits(h).to_f32())
+                    .collect();
                 (kt.attn_scores_f16)(&q, &kh, ld, 0.125, &mut s1);
                 scalar::attn_scores_f16(&q, &kh, ld, 0.125, &mut s2);
                 for j in 0..n {
                     let sa = sum_abs(&q, &kf[j * ld..j * ld + d]) * 0.125;
                     assert!(
-                        ((s1[j] - s2[j]).abs() as f64) <= F32_SUM_TOL as f64 * d as f64 * sa + 1e-30,
+                        ((s1[j] - s2[j]).abs() as f64)
+                            <= F32_SUM_TOL as f64 * d as f64 * sa + 1e-30,
                         "{lv} attn_scores_f16 d={d} n={n} j={j}"
                     );
                 }

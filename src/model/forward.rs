@@ -114,7 +114,14 @@ impl State {
         all_logits: bool,
         threads: usize,
     ) -> State {
-        Self::with_kv(model, max_ctx, max_batch, all_logits, threads, KvType::default())
+        Self::with_kv(
+            model,
+            max_ctx,
+            max_batch,
+            all_logits,
+            threads,
+            KvType::default(),
+        )
     }
 
     /// [`State::with_threads`] with a chosen KV cache type.
@@ -689,7 +696,14 @@ impl Model {
             );
         }
         let nbi = inter / QK;
-        let qg = quantize_for(kern, &st.gate, inter, pairs, &mut st.q8, &[self.mat(first[2])]);
+        let qg = quantize_for(
+            kern,
+            &st.gate,
+            inter,
+            pairs,
+            &mut st.q8,
+            &[self.mat(first[2])],
+        );
         for (e, w) in experts.iter().enumerate() {
             let (o0, o1) = (st.offsets[e] as usize, st.offsets[e + 1] as usize);
             if o0 == o1 {
