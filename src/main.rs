@@ -18,6 +18,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Prompt processing and generation speed (like llama-bench).
+    Bench(cli::bench::Args),
     /// Convert a Hugging Face checkpoint directory or a GGUF file to a .fqm model.
     Convert(cli::convert::Args),
     /// Print a model's architecture, config and tensor table.
@@ -39,6 +41,7 @@ enum Cmd {
 fn main() {
     let cli = Cli::parse();
     let r = match cli.cmd {
+        Cmd::Bench(a) => cli::bench::run(a),
         Cmd::Convert(a) => cli::convert::run(a),
         Cmd::Inspect(a) => cli::inspect::run(a),
         Cmd::Logits(a) => cli::logits::run(a),

@@ -2,7 +2,7 @@
 //! RoPE, attention, SwiGLU. No knowledge of Llama 4; everything heavy goes through the
 //! `Kernels` table of `ferroq_kernels` (detected once, stored in the model).
 
-use crate::pool::{ThreadPool, Tile};
+use crate::pool::{SharedOut, ThreadPool, Tile};
 use ferroq_kernels::{BlockQ4x8, BlockQ8A, BlockQ8x8, Kernels, QK, ROWS};
 use std::sync::Mutex;
 
@@ -118,6 +118,92 @@ fn mat_rows(w: Mat<'_>, k: usize, r0: usize, r1: usize) -> Mat<'_> {
     }
 }
 
+/// Rows per task: about 4 tasks per thread, a multiple of 16 (whole 8-row groups, and no false
+/// sharing of output cache lines), capped by the scratch size.
+fn row_block(rows: usize, threads: usize) -> usize {
+    rows.div_ceil(threads * 4)
+        .next_multiple_of(16)
+        .clamp(16, MAX_ROW_BLOCK)
+}
+
+fn tok_block(n: usize) -> usize {
+    if n == 1 {
+        1
+    } else {
+        TOK_BLOCK
+    }
+}
+
+/// One task of a tiled product: weight rows `tile.rows()` (clipped to `rows`) × tokens
+/// `tile.toks()`. With `up`, the task computes `silu(w x) · (up x)` (fused gate/up).
+#[allow(clippy::too_many_arguments)]
+fn tile_task(
+    kern: &Kernels,
+    par: &Par,
+    w: Mat,
+    up: Option<Mat>,
+    iota: &[u32],
+    rows: usize,
+    a: &Act,
+    mut tile: Tile,
+    thread: usize,
+) {
+    let (rr, tt) = (tile.rows(), tile.toks());
+    if rr.start >= rows {
+        return; // padding columns of y beyond `rows`
+    }
+    let k = a.k;
+    let nb = k / QK;
+    let r1 = rr.end.min(rows);
+    let m = r1 - rr.start;
+    let wt = mat_rows(w, k, rr.start, r1);
+    let ut = up.map(|u| mat_rows(u, k, rr.start, r1));
+    let (x, q8) = (
+        &a.x[tt.start * k..tt.end * k],
+        if a.q8.is_empty() {
+            a.q8
+        } else {
+            &a.q8[tt.start * nb..tt.end * nb]
+        },
+    );
+    let run = |out: &mut [f32], ld: usize| match ut {
+        None => matmul_serial(kern, wt, m, k, x, q8, tt.len(), out, ld),
+        Some(ut) => gate_up_serial(kern, wt, ut, m, k, a.q8, &iota[tt.clone()], out, ld),
+    };
+    if tt.len() == 1 {
+        run(&mut tile.out(tt.start)[..m], m);
+    } else {
+        let mut s = par.scratch[thread]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        run(&mut s[..tt.len() * m], m);
+        for (i, t) in tt.enumerate() {
+            tile.out(t)[..m].copy_from_slice(&s[i * m..(i + 1) * m]);
+        }
+    }
+}
+
+/// Fused `y = silu(G x) · (U x)` for quantized G, U (of one type) on activations `x_all` rows
+/// `rows` (token indices).
+#[allow(clippy::too_many_arguments)]
+fn gate_up_serial(
+    kern: &Kernels,
+    g: Mat,
+    u: Mat,
+    n_rows: usize,
+    k: usize,
+    x_all: &[BlockQ8A],
+    rows: &[u32],
+    y: &mut [f32],
+    ld_y: usize,
+) {
+    match (g, u) {
+        (Mat::Q4(g), Mat::Q4(u)) => (kern.ffn_gate_up_q4x8)(g, u, n_rows, k, x_all, rows, y, ld_y),
+        (Mat::Q8(g), Mat::Q8(u)) => (kern.ffn_gate_up_q8x8)(g, u, n_rows, k, x_all, rows, y, ld_y),
+        _ => unreachable!("gate_up_serial: checked by the caller"),
+    }
+}
+
 /// `y[t * ld_y + r] = Σ_k W[r][k] · x[t][k]` for `r < rows`.
 ///
 /// With a pool, the output is cut into tiles of weight rows × tokens, one task each. Every
@@ -130,50 +216,109 @@ pub fn matmul(kern: &Kernels, par: &Par, w: Mat, rows: usize, a: &Act, y: &mut [
         Some(p) if threads > 1 && rows * k >= MIN_PARALLEL_WEIGHTS && rows >= 32 => p,
         _ => return matmul_serial(kern, w, rows, k, a.x, a.q8, n, y, ld_y),
     };
-    // rows per task: about 4 tasks per thread, a multiple of 16 (whole 8-row groups, and no
-    // false sharing of output cache lines), capped by the scratch size
-    let row_block = rows
-        .div_ceil(threads * 4)
-        .next_multiple_of(16)
-        .clamp(16, MAX_ROW_BLOCK);
-    let tok_block = if n == 1 { 1 } else { TOK_BLOCK };
-    let nb = k / QK;
     pool.run_tiles(
         y,
         n,
         ld_y,
-        row_block,
-        tok_block,
-        &|mut tile: Tile, thread| {
-            let (rr, tt) = (tile.rows(), tile.toks());
-            if rr.start >= rows {
-                return; // padding columns of y beyond `rows`
-            }
-            let r1 = rr.end.min(rows);
-            let m = r1 - rr.start;
-            let wt = mat_rows(w, k, rr.start, r1);
-            let (x, q8) = (
-                &a.x[tt.start * k..tt.end * k],
-                if a.q8.is_empty() {
-                    a.q8
-                } else {
-                    &a.q8[tt.start * nb..tt.end * nb]
-                },
-            );
-            if tt.len() == 1 {
-                let out = tile.out(tt.start);
-                matmul_serial(kern, wt, m, k, x, q8, 1, &mut out[..m], m);
-            } else {
-                let mut s = par.scratch[thread]
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
-                matmul_serial(kern, wt, m, k, x, q8, tt.len(), &mut s[..tt.len() * m], m);
-                for (i, t) in tt.enumerate() {
-                    tile.out(t)[..m].copy_from_slice(&s[i * m..(i + 1) * m]);
-                }
-            }
-        },
+        row_block(rows, threads),
+        tok_block(n),
+        &|tile: Tile, thread| tile_task(kern, par, w, None, &[], rows, a, tile, thread),
     );
+}
+
+/// `N` products of the same activations in ONE pool round (q/k/v): `ys[i][t * rows[i] + r] =
+/// Σ_k ws[i][r][k] · x[t][k]`. Same tiling per product as [`matmul`], so the results are
+/// identical to `N` calls of it.
+pub fn matmul_n<const N: usize>(
+    kern: &Kernels,
+    par: &Par,
+    ws: [Mat; N],
+    rows: [usize; N],
+    a: &Act,
+    ys: [&mut [f32]; N],
+) {
+    let (k, n) = (a.k, a.n_tok);
+    let threads = par.threads();
+    let total: usize = rows.iter().sum();
+    let pool = match par.pool {
+        Some(p) if threads > 1 && total * k >= MIN_PARALLEL_WEIGHTS => p,
+        _ => {
+            for (i, y) in ys.into_iter().enumerate() {
+                matmul_serial(kern, ws[i], rows[i], k, a.x, a.q8, n, y, rows[i]);
+            }
+            return;
+        }
+    };
+    let tb = tok_block(n);
+    let n_tb = n.div_ceil(tb);
+    let rbs: [usize; N] = core::array::from_fn(|i| row_block(rows[i], threads));
+    let n_rbs: [usize; N] = core::array::from_fn(|i| rows[i].div_ceil(rbs[i]));
+    let mut i = 0;
+    let outs: [SharedOut; N] = ys.map(|y| {
+        i += 1;
+        SharedOut::new(y, n, rows[i - 1])
+    });
+    let n_tasks: usize = n_rbs.iter().map(|b| b * n_tb).sum();
+    pool.run(n_tasks, &|mut task, thread| {
+        let mut i = 0;
+        while task >= n_rbs[i] * n_tb {
+            task -= n_rbs[i] * n_tb;
+            i += 1;
+        }
+        let (rb, t) = (task / n_tb, task % n_tb);
+        let rr = rb * rbs[i]..((rb + 1) * rbs[i]).min(rows[i]);
+        let toks = t * tb..((t + 1) * tb).min(n);
+        // SAFETY: each task index runs once; distinct tasks of product i get disjoint
+        // (rows × toks) tiles of its own output (the blocks partition rows and tokens).
+        let tile = unsafe { outs[i].tile(rr, toks) };
+        tile_task(kern, par, ws[i], None, &[], rows[i], a, tile, thread);
+    });
+}
+
+/// SwiGLU gate/up: `y[t * inter + r] = silu((G x_t)[r]) · (U x_t)[r]`. Quantized G and U of one
+/// type use the fused kernel (one pool round, both weight tiles against the activation tile
+/// while it is in cache); otherwise two products and a separate SiLU. `iota` holds `0..n`.
+/// `up` is scratch for the unfused path.
+#[allow(clippy::too_many_arguments)]
+pub fn gate_up(
+    kern: &Kernels,
+    par: &Par,
+    wg: Mat,
+    wu: Mat,
+    inter: usize,
+    a: &Act,
+    iota: &[u32],
+    y: &mut [f32],
+    up: &mut [f32],
+) {
+    let (k, n) = (a.k, a.n_tok);
+    let fused = matches!(
+        (wg, wu),
+        (Mat::Q4(_), Mat::Q4(_)) | (Mat::Q8(_), Mat::Q8(_))
+    ) && !a.q8.is_empty();
+    if !fused {
+        matmul_n(kern, par, [wg, wu], [inter, inter], a, [&mut *y, &mut *up]);
+        let (g, u) = (&mut y[..n * inter], &up[..n * inter]);
+        for (gv, &uv) in g.iter_mut().zip(u) {
+            *gv = ferroq_kernels::scalar::silu(*gv) * uv;
+        }
+        return;
+    }
+    let threads = par.threads();
+    match par.pool {
+        Some(pool) if threads > 1 && 2 * inter * k >= MIN_PARALLEL_WEIGHTS && inter >= 32 => pool
+            .run_tiles(
+                y,
+                n,
+                inter,
+                row_block(inter, threads),
+                tok_block(n),
+                &|tile: Tile, thread| {
+                    tile_task(kern, par, wg, Some(wu), iota, inter, a, tile, thread)
+                },
+            ),
+        _ => gate_up_serial(kern, wg, wu, inter, k, a.q8, &iota[..n], y, inter),
+    }
 }
 
 /// Row `row` of `w` (`cols` wide) as f32 (embedding lookup).

@@ -197,6 +197,50 @@ fn axpy_f32<T: TierTable>(a: f32, x: &[f32], y: &mut [f32]) {
     exact("axpy_f32", y, &r);
 }
 
+fn attn_scores<T: TierTable>(q: &[f32], k: &[f32], ld_k: usize, scale: f32, s: &mut [f32]) {
+    (T::K.attn_scores)(q, k, ld_k, scale, s);
+    let mut r = s.to_vec();
+    scalar::attn_scores(q, k, ld_k, scale, &mut r);
+    let d = q.len();
+    for (j, (g, w)) in s.iter().zip(&r).enumerate() {
+        let sc = dot_scale(q, &k[j * ld_k..j * ld_k + d]) * scale.abs();
+        close("attn_scores", &[*g], &[*w], sc);
+    }
+}
+
+fn attn_values<T: TierTable>(p: &[f32], v: &[f32], ld_v: usize, o: &mut [f32]) {
+    let mut r = o.to_vec();
+    (T::K.attn_values)(p, v, ld_v, o);
+    scalar::attn_values(p, v, ld_v, &mut r);
+    exact("attn_values", o, &r);
+}
+
+fn attn_scores_f16<T: TierTable>(q: &[f32], k: &[u16], ld_k: usize, scale: f32, s: &mut [f32]) {
+    (T::K.attn_scores_f16)(q, k, ld_k, scale, s);
+    let mut r = s.to_vec();
+    scalar::attn_scores_f16(q, k, ld_k, scale, &mut r);
+    let d = q.len();
+    for (j, (g, w)) in s.iter().zip(&r).enumerate() {
+        let kf: Vec<f32> = k[j * ld_k..j * ld_k + d]
+            .iter()
+            .map(|&h| half::f16::from_bits(h).to_f32())
+            .collect();
+        close(
+            "attn_scores_f16",
+            &[*g],
+            &[*w],
+            dot_scale(q, &kf) * scale.abs(),
+        );
+    }
+}
+
+fn attn_values_f16<T: TierTable>(p: &[f32], v: &[u16], ld_v: usize, o: &mut [f32]) {
+    let mut r = o.to_vec();
+    (T::K.attn_values_f16)(p, v, ld_v, o);
+    scalar::attn_values_f16(p, v, ld_v, &mut r);
+    exact("attn_values_f16", o, &r);
+}
+
 fn rmsnorm<T: TierTable>(x: &[f32], w: Option<&[f32]>, eps: f32, out: &mut [f32]) {
     (T::K.rmsnorm)(x, w, eps, out);
     let mut r = out.to_vec();
@@ -272,5 +316,9 @@ pub(crate) fn wrap<T: TierTable>() -> Kernels {
         scatter_add: scatter_add::<T>,
         topk: T::K.topk,
         group_by_expert: group_by_expert::<T>,
+        attn_scores: attn_scores::<T>,
+        attn_values: attn_values::<T>,
+        attn_scores_f16: attn_scores_f16::<T>,
+        attn_values_f16: attn_values_f16::<T>,
     }
 }

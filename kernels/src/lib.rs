@@ -167,6 +167,15 @@ pub type GateUpQ8Fn =
 /// `dst[rows[i] * ld_dst + j] += weights[i] · src[i * ld_src + j]` for `j < n`, in order of `i`.
 /// Twin: [`scalar::scatter_add`].
 pub type ScatterAddFn = fn(&[f32], usize, usize, &[u32], &[f32], &mut [f32], usize);
+/// Attention scores of one query against `s.len()` key rows, `attn_scores(q, k, ld_k, scale, s)`.
+/// Twin: [`scalar::attn_scores`].
+pub type AttnScoresFn = fn(&[f32], &[f32], usize, f32, &mut [f32]);
+/// Weighted sum of value rows into `o`, `attn_values(p, v, ld_v, o)`. Twin: [`scalar::attn_values`].
+pub type AttnValuesFn = fn(&[f32], &[f32], usize, &mut [f32]);
+/// [`AttnScoresFn`] with f16 keys (bits). Twin: [`scalar::attn_scores_f16`].
+pub type AttnScoresF16Fn = fn(&[f32], &[u16], usize, f32, &mut [f32]);
+/// [`AttnValuesFn`] with f16 values (bits). Twin: [`scalar::attn_values_f16`].
+pub type AttnValuesF16Fn = fn(&[f32], &[u16], usize, &mut [f32]);
 /// Top-k, `topk(logits, k, idx, val)`. Twin: [`scalar::topk`].
 pub type TopkFn = fn(&[f32], usize, &mut [u32], &mut [f32]);
 /// Grouping by expert, `group_by_expert(expert_of, n_experts, counts, offsets, perm, inv)`.
@@ -196,6 +205,11 @@ pub struct Kernels {
     pub scatter_add: ScatterAddFn,
     pub topk: TopkFn,
     pub group_by_expert: GroupFn,
+    // Attention.
+    pub attn_scores: AttnScoresFn,
+    pub attn_values: AttnValuesFn,
+    pub attn_scores_f16: AttnScoresF16Fn,
+    pub attn_values_f16: AttnValuesF16Fn,
 }
 
 /// The scalar reference table.
@@ -219,6 +233,10 @@ pub(crate) const SCALAR: Kernels = Kernels {
     scatter_add: scalar::scatter_add,
     topk: scalar::topk,
     group_by_expert: scalar::group_by_expert,
+    attn_scores: scalar::attn_scores,
+    attn_values: scalar::attn_values,
+    attn_scores_f16: scalar::attn_scores_f16,
+    attn_values_f16: scalar::attn_values_f16,
 };
 
 /// A tier's table as a type, so that `check-kernels` can wrap it in generic (capture-free)

@@ -374,6 +374,22 @@ pub(crate) fn scatter_add(
     driver::scatter_add_with(axpy_f32, src, ld_src, n, rows, weights, dst, ld_dst);
 }
 
+/// Attention scores with this tier's dot product.
+pub(crate) fn attn_scores(q: &[f32], k: &[f32], ld_k: usize, scale: f32, s: &mut [f32]) {
+    let d = q.len();
+    for (j, sj) in s.iter_mut().enumerate() {
+        *sj = dot_f32(q, &k[j * ld_k..j * ld_k + d]) * scale;
+    }
+}
+
+/// Attention values with this tier's axpy (bit-identical to the twin).
+pub(crate) fn attn_values(p: &[f32], v: &[f32], ld_v: usize, o: &mut [f32]) {
+    let d = o.len();
+    for (j, &pj) in p.iter().enumerate() {
+        axpy_f32(pj, &v[j * ld_v..j * ld_v + d], o);
+    }
+}
+
 pub(crate) const KERNELS: Kernels = Kernels {
     level: CpuLevel::Portable,
     quantize_q8a,
@@ -394,4 +410,8 @@ pub(crate) const KERNELS: Kernels = Kernels {
     scatter_add,
     topk: crate::scalar::topk,
     group_by_expert: crate::routing::group_by_expert,
+    attn_scores,
+    attn_values,
+    attn_scores_f16: crate::scalar::attn_scores_f16,
+    attn_values_f16: crate::scalar::attn_values_f16,
 };

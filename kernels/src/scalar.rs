@@ -387,6 +387,47 @@ pub fn axpy_f32(a: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
+/// Attention scores: `s[j] = dot(q, k[j * ld_k ..][..q.len()]) · scale` for `j < s.len()`
+/// (the dot in the order of [`dot_f32`]; SIMD tiers reassociate it: tolerance-tested).
+pub fn attn_scores(q: &[f32], k: &[f32], ld_k: usize, scale: f32, s: &mut [f32]) {
+    let d = q.len();
+    for (j, sj) in s.iter_mut().enumerate() {
+        *sj = dot_f32(q, &k[j * ld_k..j * ld_k + d]) * scale;
+    }
+}
+
+/// Attention values: `o[c] += p[j] · v[j * ld_v + c]` for `j = 0, 1, ..` in order, `c < o.len()`
+/// (each step is [`axpy_f32`]: every tier is bit-identical to this).
+pub fn attn_values(p: &[f32], v: &[f32], ld_v: usize, o: &mut [f32]) {
+    let d = o.len();
+    for (j, &pj) in p.iter().enumerate() {
+        axpy_f32(pj, &v[j * ld_v..j * ld_v + d], o);
+    }
+}
+
+/// [`attn_scores`] with f16 keys (bits), each converted to f32 exactly before the product.
+pub fn attn_scores_f16(q: &[f32], k: &[u16], ld_k: usize, scale: f32, s: &mut [f32]) {
+    let d = q.len();
+    for (j, sj) in s.iter_mut().enumerate() {
+        let row = &k[j * ld_k..j * ld_k + d];
+        let mut acc = 0.0f32;
+        for (x, &h) in q.iter().zip(row) {
+            acc += x * f16::from_bits(h).to_f32();
+        }
+        *sj = acc * scale;
+    }
+}
+
+/// [`attn_values`] with f16 values (bits): `o[c] += p[j] · f32(v[j][c])`, keys in order.
+pub fn attn_values_f16(p: &[f32], v: &[u16], ld_v: usize, o: &mut [f32]) {
+    let d = o.len();
+    for (j, &pj) in p.iter().enumerate() {
+        for (oc, &h) in o.iter_mut().zip(&v[j * ld_v..j * ld_v + d]) {
+            *oc += pj * f16::from_bits(h).to_f32();
+        }
+    }
+}
+
 /// RMSNorm: `out = x / sqrt(mean(x²) + eps) * w` (no weight when `w` is `None`).
 pub fn rmsnorm(x: &[f32], w: Option<&[f32]>, eps: f32, out: &mut [f32]) {
     // 1. mean of squares, accumulated in f64 for a length-independent error

@@ -760,3 +760,60 @@ fn levels_and_env_lowering() {
     }
     println!("levels on this machine: {:?}", avail);
 }
+
+#[test]
+fn attention_kernels() {
+    let mut rng = Rng(10);
+    for kt in tables() {
+        let lv = kt.level.name();
+        for d in [1usize, 7, 8, 64, 72, 128, 130] {
+            for n in [0usize, 1, 3, 4, 5, 9, 33] {
+                let ld = d + 5;
+                let q = rng.gauss_vec(d);
+                let k = rng.gauss_vec(n * ld + d);
+                let mut s1 = vec![0.0f32; n];
+                let mut s2 = vec![0.0f32; n];
+                (kt.attn_scores)(&q, &k, ld, 0.125, &mut s1);
+                scalar::attn_scores(&q, &k, ld, 0.125, &mut s2);
+                for j in 0..n {
+                    let sa = sum_abs(&q, &k[j * ld..j * ld + d]) * 0.125;
+                    assert!(
+                        ((s1[j] - s2[j]).abs() as f64)
+                            <= F32_SUM_TOL as f64 * d as f64 * sa + 1e-30,
+                        "{lv} attn_scores d={d} n={n} j={j}"
+                    );
+                }
+                let p = rng.gauss_vec(n);
+                let mut o1 = rng.gauss_vec(d);
+                let mut o2 = o1.clone();
+                (kt.attn_values)(&p, &k, ld, &mut o1);
+                scalar::attn_values(&p, &k, ld, &mut o2);
+                assert_eq!(o1, o2, "{lv} attn_values d={d} n={n}");
+                // f16 keys/values: the same against the f16 twins
+                let kh: Vec<u16> = k
+                    .iter()
+                    .map(|&x| half::f16::from_f32(x).to_bits())
+                    .collect();
+                let kf: Vec<f32> = kh
+                    .iter()
+                    .map(|&h| half::f16::from_bits(h).to_f32())
+                    .collect();
+                (kt.attn_scores_f16)(&q, &kh, ld, 0.125, &mut s1);
+                scalar::attn_scores_f16(&q, &kh, ld, 0.125, &mut s2);
+                for j in 0..n {
+                    let sa = sum_abs(&q, &kf[j * ld..j * ld + d]) * 0.125;
+                    assert!(
+                        ((s1[j] - s2[j]).abs() as f64)
+                            <= F32_SUM_TOL as f64 * d as f64 * sa + 1e-30,
+                        "{lv} attn_scores_f16 d={d} n={n} j={j}"
+                    );
+                }
+                let mut o1 = rng.gauss_vec(d);
+                let mut o2 = o1.clone();
+                (kt.attn_values_f16)(&p, &kh, ld, &mut o1);
+                scalar::attn_values_f16(&p, &kh, ld, &mut o2);
+                assert_eq!(o1, o2, "{lv} attn_values_f16 d={d} n={n}");
+            }
+        }
+    }
+}

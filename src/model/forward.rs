@@ -9,6 +9,45 @@ use crate::{Error, Result};
 use ferroq_kernels::{scalar, BlockQ8A, QK};
 use std::sync::Mutex;
 
+/// Keys per attention tile (scores of `rep` heads × this many keys live in the scratch).
+const ATT_TILE: usize = 64;
+/// Attention calls with less work than this (multiply-adds) run on the calling thread.
+const MIN_PARALLEL_ATTN: usize = 1 << 17;
+
+/// Element type of the KV cache.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvType {
+    /// 4 bytes per element: exact.
+    F32,
+    /// 2 bytes per element (IEEE half): the default; keys and values are rounded to f16.
+    #[default]
+    F16,
+}
+
+impl KvType {
+    /// Parse `f32` / `f16` (CLI flags).
+    pub fn parse(s: &str) -> Option<KvType> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "f32" => Some(KvType::F32),
+            "f16" => Some(KvType::F16),
+            _ => None,
+        }
+    }
+}
+
+/// Per layer: `[max_ctx, n_kv * head_dim]` keys (after RoPE / QK norm) and values.
+enum KvCache {
+    F32(Vec<Vec<f32>>, Vec<Vec<f32>>),
+    F16(Vec<Vec<u16>>, Vec<Vec<u16>>),
+}
+
+/// One layer's cache, borrowed.
+#[derive(Clone, Copy)]
+enum KvLayer<'a> {
+    F32(&'a [f32], &'a [f32]),
+    F16(&'a [u16], &'a [u16]),
+}
+
 /// Which logits a forward call computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Logits {
@@ -26,9 +65,7 @@ pub struct State {
     pub pos: usize,
     max_ctx: usize,
     max_batch: usize,
-    // KV cache, per layer: [max_ctx, n_kv * head_dim]; keys after RoPE / QK norm
-    k_cache: Vec<Vec<f32>>,
-    v_cache: Vec<Vec<f32>>,
+    kv: KvCache,
     h: Vec<f32>,       // (B, H) residual stream
     xn: Vec<f32>,      // (B, max(H, n_h*D)) normed input of a block
     q8: Vec<BlockQ8A>, // (B, max_k / 32) quantized activations
@@ -48,30 +85,53 @@ pub struct State {
     counts: Vec<u32>,  // (E,)
     offsets: Vec<u32>, // (E + 1,)
     perm: Vec<u32>,    // (B * k_exp,)
+    iota: Vec<u32>,    // 0, 1, .. (B * k_exp) (row indices of a plain product)
     xs: Vec<f32>,      // (B * k_exp, H) routed, score-scaled expert inputs
     ys: Vec<f32>,      // (B * k_exp, H) expert outputs
     logits: Vec<f32>,  // (B or 1, V)
     n_logits: usize,
     // threads: a pool for this session and one scratch buffer per pool thread
     pool: Option<ThreadPool>,
-    scratch: Vec<Mutex<Vec<f32>>>, // (threads,) × max(SCRATCH_LEN, max_ctx)
+    scratch: Vec<Mutex<Vec<f32>>>, // (threads,) × max(SCRATCH_LEN, n_heads × (ATT_TILE + 2))
 }
 
 impl State {
     /// A session state for up to `max_ctx` tokens, processing up to `max_batch` tokens per
     /// forward call. With `all_logits`, the logits buffer holds `max_batch` rows.
+    ///
+    /// This is the reference configuration (one thread, exact f32 KV cache) the parity tests
+    /// use; [`State::with_threads`] is the fast one (f16 KV cache).
     pub fn new(model: &Model, max_ctx: usize, max_batch: usize, all_logits: bool) -> State {
-        Self::with_threads(model, max_ctx, max_batch, all_logits, 1)
+        Self::with_kv(model, max_ctx, max_batch, all_logits, 1, KvType::F32)
     }
 
     /// [`State::new`] running the heavy ops on `threads` threads (0 = all cores). Results are
-    /// identical whatever the thread count.
+    /// identical whatever the thread count. The KV cache is f16 ([`KvType::default`]).
     pub fn with_threads(
         model: &Model,
         max_ctx: usize,
         max_batch: usize,
         all_logits: bool,
         threads: usize,
+    ) -> State {
+        Self::with_kv(
+            model,
+            max_ctx,
+            max_batch,
+            all_logits,
+            threads,
+            KvType::default(),
+        )
+    }
+
+    /// [`State::with_threads`] with a chosen KV cache type.
+    pub fn with_kv(
+        model: &Model,
+        max_ctx: usize,
+        max_batch: usize,
+        all_logits: bool,
+        threads: usize,
+        kv: KvType,
     ) -> State {
         let pool = if threads == 1 {
             None
@@ -90,12 +150,19 @@ impl State {
             pos: 0,
             max_ctx,
             max_batch,
-            k_cache: (0..c.num_layers)
-                .map(|_| vec![0.0; max_ctx * kvd])
-                .collect(),
-            v_cache: (0..c.num_layers)
-                .map(|_| vec![0.0; max_ctx * kvd])
-                .collect(),
+            kv: {
+                let n = max_ctx * kvd;
+                match kv {
+                    KvType::F32 => KvCache::F32(
+                        (0..c.num_layers).map(|_| vec![0.0; n]).collect(),
+                        (0..c.num_layers).map(|_| vec![0.0; n]).collect(),
+                    ),
+                    KvType::F16 => KvCache::F16(
+                        (0..c.num_layers).map(|_| vec![0; n]).collect(),
+                        (0..c.num_layers).map(|_| vec![0; n]).collect(),
+                    ),
+                }
+            },
             h: vec![0.0; max_batch * c.hidden_size],
             xn: vec![0.0; max_batch * wide],
             q8: vec![
@@ -121,13 +188,14 @@ impl State {
             counts: vec![0; c.num_experts],
             offsets: vec![0; c.num_experts + 1],
             perm: vec![0; bk],
+            iota: (0..bk as u32).collect(),
             xs: vec![0.0; bk * c.hidden_size],
             ys: vec![0.0; bk * c.hidden_size],
             logits: vec![0.0; if all_logits { max_batch } else { 1 } * c.vocab_size],
             n_logits: 0,
             pool,
             scratch: (0..n_threads)
-                .map(|_| Mutex::new(vec![0.0; SCRATCH_LEN.max(max_ctx)]))
+                .map(|_| Mutex::new(vec![0.0; SCRATCH_LEN.max(c.num_heads * (ATT_TILE + 2))]))
                 .collect(),
         }
     }
@@ -135,6 +203,14 @@ impl State {
     /// Threads the heavy ops run on.
     pub fn threads(&self) -> usize {
         self.pool.as_ref().map_or(1, |p| p.n_threads())
+    }
+
+    /// The KV cache element type.
+    pub fn kv_type(&self) -> KvType {
+        match self.kv {
+            KvCache::F32(..) => KvType::F32,
+            KvCache::F16(..) => KvType::F16,
+        }
     }
 
     /// Context capacity in tokens.
@@ -254,9 +330,14 @@ impl Model {
                 n_tok: n,
                 q8,
             };
-            matmul(kern, &par, wq, qd, &a, &mut st.q, qd);
-            matmul(kern, &par, wk, kvd, &a, &mut st.k, kvd);
-            matmul(kern, &par, wv, kvd, &a, &mut st.v, kvd);
+            ops::matmul_n(
+                kern,
+                &par,
+                [wq, wk, wv],
+                [qd, kvd, kvd],
+                &a,
+                [&mut st.q, &mut st.k, &mut st.v],
+            );
 
             for t in 0..n {
                 let p = pos0 + t;
@@ -290,49 +371,108 @@ impl Model {
                     q.iter_mut().for_each(|v| *v *= s);
                 }
                 // append to the cache
-                st.k_cache[li][p * kvd..(p + 1) * kvd].copy_from_slice(k);
-                st.v_cache[li][p * kvd..(p + 1) * kvd]
-                    .copy_from_slice(&st.v[t * kvd..(t + 1) * kvd]);
+                let v = &st.v[t * kvd..(t + 1) * kvd];
+                match &mut st.kv {
+                    KvCache::F32(kc, vc) => {
+                        kc[li][p * kvd..(p + 1) * kvd].copy_from_slice(k);
+                        vc[li][p * kvd..(p + 1) * kvd].copy_from_slice(v);
+                    }
+                    KvCache::F16(kc, vc) => {
+                        let to_h = |x: &f32| half::f16::from_f32(*x).to_bits();
+                        for (dst, src) in [(&mut kc[li], &*k), (&mut vc[li], v)] {
+                            for (o, x) in dst[p * kvd..(p + 1) * kvd].iter_mut().zip(src) {
+                                *o = to_h(x);
+                            }
+                        }
+                    }
+                }
             }
 
-            // causal attention over the cache (chunked layers: only the current chunk), GQA;
-            // one task per (token, head)
+            // causal attention over the cache (chunked layers: only the current chunk), flash
+            // style: online softmax over tiles of ATT_TILE keys, one task per (token, KV head)
+            // running the `rep` query heads of the group against each K/V tile while it is in
+            // L1 (GQA without repeating K/V). Each output is computed by one task in a fixed
+            // order: the result does not depend on the thread count.
             let scale = 1.0 / (d as f32).sqrt();
             let rep = nh / nkv;
-            let (kc, vc, qb) = (&st.k_cache[li], &st.v_cache[li], &st.q);
+            let qb = &st.q;
+            let kvl = match &st.kv {
+                KvCache::F32(k, v) => KvLayer::F32(&k[li], &v[li]),
+                KvCache::F16(k, v) => KvLayer::F16(&k[li], &v[li]),
+            };
             let chunk = if spec.chunked {
                 c.attention_chunk_size
             } else {
                 None
             };
-            let head = |mut tile: Tile, thread: usize| {
-                let (t, hh) = (tile.toks().start, tile.rows().start / d);
+            let group = |mut tile: Tile, thread: usize| {
+                let (t, kh) = (tile.toks().start, tile.rows().start / (rep * d));
                 let p = pos0 + t;
                 let start = chunk.map_or(0, |cs| (p / cs) * cs);
-                let kh = hh / rep;
-                let q = &qb[t * qd + hh * d..t * qd + (hh + 1) * d];
                 let mut scratch = par.scratch[thread]
                     .lock()
                     .unwrap_or_else(|e| e.into_inner());
-                let sc = &mut scratch[..p + 1 - start];
-                for (j, s) in (start..=p).zip(sc.iter_mut()) {
-                    *s = (kern.dot_f32)(q, &kc[j * kvd + kh * d..j * kvd + (kh + 1) * d]) * scale;
-                }
-                (kern.softmax)(sc);
+                let (sc, ml) = scratch.split_at_mut(rep * ATT_TILE);
                 let o = tile.out(t);
                 o.iter_mut().for_each(|v| *v = 0.0);
-                for (j, &s) in (start..=p).zip(sc.iter()) {
-                    (kern.axpy_f32)(s, &vc[j * kvd + kh * d..j * kvd + (kh + 1) * d], o);
+                for r in 0..rep {
+                    (ml[2 * r], ml[2 * r + 1]) = (f32::NEG_INFINITY, 0.0);
+                }
+                let mut j0 = start;
+                while j0 <= p {
+                    let nk = (p + 1 - j0).min(ATT_TILE);
+                    let off = j0 * kvd + kh * d;
+                    for r in 0..rep {
+                        let hh = kh * rep + r;
+                        let q = &qb[t * qd + hh * d..t * qd + (hh + 1) * d];
+                        let s = &mut sc[r * ATT_TILE..r * ATT_TILE + nk];
+                        match kvl {
+                            KvLayer::F32(kc, _) => (kern.attn_scores)(q, &kc[off..], kvd, scale, s),
+                            KvLayer::F16(kc, _) => {
+                                (kern.attn_scores_f16)(q, &kc[off..], kvd, scale, s)
+                            }
+                        }
+                        let m_old = ml[2 * r];
+                        let m_new = s.iter().fold(m_old, |m, &v| m.max(v));
+                        let mut sum = 0.0f32;
+                        for x in s.iter_mut() {
+                            *x = (*x - m_new).exp();
+                            sum += *x;
+                        }
+                        let or = &mut o[r * d..(r + 1) * d];
+                        if m_old != m_new && m_old != f32::NEG_INFINITY {
+                            let corr = (m_old - m_new).exp();
+                            or.iter_mut().for_each(|v| *v *= corr);
+                            ml[2 * r + 1] *= corr;
+                        }
+                        ml[2 * r + 1] += sum;
+                        ml[2 * r] = m_new;
+                        match kvl {
+                            KvLayer::F32(_, vc) => (kern.attn_values)(s, &vc[off..], kvd, or),
+                            KvLayer::F16(_, vc) => (kern.attn_values_f16)(s, &vc[off..], kvd, or),
+                        }
+                    }
+                    j0 += nk;
+                }
+                for r in 0..rep {
+                    let inv = 1.0 / ml[2 * r + 1];
+                    o[r * d..(r + 1) * d].iter_mut().for_each(|v| *v *= inv);
                 }
             };
+            // the work of this call, in multiply-adds; small calls (decode at short context)
+            // are not worth a pool round
+            let work = n * (pos0 + n) * qd;
             match par.pool {
-                Some(pool) => pool.run_tiles(&mut st.att, n, qd, d, 1, &head),
-                None => {
+                Some(pool) if work >= MIN_PARALLEL_ATTN => {
+                    pool.run_tiles(&mut st.att, n, qd, rep * d, 1, &group)
+                }
+                _ => {
                     let out = crate::pool::SharedOut::new(&mut st.att, n, qd);
                     for t in 0..n {
-                        for hh in 0..nh {
+                        for kh in 0..nkv {
+                            let rows = kh * rep * d..(kh + 1) * rep * d;
                             // SAFETY: one tile at a time, dropped before the next is made.
-                            head(unsafe { out.tile(hh * d..(hh + 1) * d, t..t + 1) }, 0);
+                            group(unsafe { out.tile(rows, t..t + 1) }, 0);
                         }
                     }
                 }
@@ -365,6 +505,7 @@ impl Model {
                         &st.xn,
                         n,
                         &mut st.q8,
+                        &st.iota,
                         &mut st.gate,
                         &mut st.up,
                         &mut st.y,
@@ -497,6 +638,7 @@ impl Model {
                     &st.xn,
                     n,
                     &mut st.q8,
+                    &st.iota,
                     &mut st.gate,
                     &mut st.up,
                     &mut st.y,
@@ -516,27 +658,69 @@ impl Model {
                 *o = x * s;
             }
         }
-        // each routed expert on its rows (only selected experts' weights are read)
+        // routed experts: the inputs of all pairs are quantized once (in expert order), each
+        // chosen expert runs fused gate/up+SiLU on its rows, the intermediate activations of all
+        // pairs are quantized once, then each expert's down projection. Only the chosen experts'
+        // weights are read.
+        let Some(first) = experts.first() else {
+            return;
+        };
+        let inter = c.moe_intermediate_size;
+        let nbh = hs / QK;
+        let qa = quantize_for(kern, &st.xs, hs, pairs, &mut st.q8, &[self.mat(first[0])]);
         for (e, w) in experts.iter().enumerate() {
             let (o0, o1) = (st.offsets[e] as usize, st.offsets[e + 1] as usize);
             if o0 == o1 {
                 continue;
             }
-            let w = [self.mat(w[0]), self.mat(w[1]), self.mat(w[2])];
-            let (x, y) = (&st.xs[o0 * hs..o1 * hs], &mut st.ys[o0 * hs..o1 * hs]);
-            swiglu(
+            let a = Act {
+                x: &st.xs[o0 * hs..o1 * hs],
+                k: hs,
+                n_tok: o1 - o0,
+                q8: if qa.is_empty() {
+                    qa
+                } else {
+                    &qa[o0 * nbh..o1 * nbh]
+                },
+            };
+            ops::gate_up(
                 kern,
                 par,
-                w,
-                hs,
-                c.moe_intermediate_size,
-                x,
-                o1 - o0,
-                &mut st.q8,
-                &mut st.gate,
-                &mut st.up,
-                y,
+                self.mat(w[0]),
+                self.mat(w[1]),
+                inter,
+                &a,
+                &st.iota,
+                &mut st.gate[o0 * inter..o1 * inter],
+                &mut st.up[o0 * inter..o1 * inter],
             );
+        }
+        let nbi = inter / QK;
+        let qg = quantize_for(
+            kern,
+            &st.gate,
+            inter,
+            pairs,
+            &mut st.q8,
+            &[self.mat(first[2])],
+        );
+        for (e, w) in experts.iter().enumerate() {
+            let (o0, o1) = (st.offsets[e] as usize, st.offsets[e + 1] as usize);
+            if o0 == o1 {
+                continue;
+            }
+            let a = Act {
+                x: &st.gate[o0 * inter..o1 * inter],
+                k: inter,
+                n_tok: o1 - o0,
+                q8: if qg.is_empty() {
+                    qg
+                } else {
+                    &qg[o0 * nbi..o1 * nbi]
+                },
+            };
+            let y = &mut st.ys[o0 * hs..o1 * hs];
+            matmul(kern, par, self.mat(w[2]), hs, &a, y, hs);
         }
         // scatter-add back to tokens
         for j in 0..pairs {
@@ -563,6 +747,7 @@ fn swiglu(
     x: &[f32],
     m: usize,
     q8: &mut [BlockQ8A],
+    iota: &[u32],
     gate: &mut [f32],
     up: &mut [f32],
     y: &mut [f32],
@@ -575,13 +760,9 @@ fn swiglu(
         n_tok: m,
         q8: qa,
     };
-    matmul(kern, par, wg, inter, &a, gate, inter);
-    matmul(kern, par, wu, inter, &a, up, inter);
-    // gate <- silu(gate) * up
-    let (g, u) = (&mut gate[..m * inter], &up[..m * inter]);
-    for (gv, &uv) in g.iter_mut().zip(u) {
-        *gv = scalar::silu(*gv) * uv;
-    }
+    // gate <- silu(gate x) * (up x)
+    ops::gate_up(kern, par, wg, wu, inter, &a, iota, gate, up);
+    let g = &gate[..m * inter];
     let qa = quantize_for(kern, g, inter, m, q8, &[wd]);
     let a = Act {
         x: g,

@@ -8,5 +8,5 @@ pub use tensors::{tensor_table, Role, TensorSpec};
 pub mod forward;
 pub mod weights;
 
-pub use forward::{Logits, State};
+pub use forward::{KvType, Logits, State};
 pub use weights::Model;

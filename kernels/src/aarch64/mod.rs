@@ -32,6 +32,10 @@ pub(crate) const NEON: Kernels = Kernels {
     scatter_add: neon::scatter_add,
     topk: crate::scalar::topk,
     group_by_expert: crate::routing::group_by_expert,
+    attn_scores: portable::attn_scores,
+    attn_values: portable::attn_values,
+    attn_scores_f16: crate::scalar::attn_scores_f16,
+    attn_values_f16: crate::scalar::attn_values_f16,
 };
 
 /// NEON + dotprod (Cortex-A55/A76 and later, Neoverse N1, Apple M1, Graviton 2).

@@ -459,3 +459,172 @@ pub(crate) fn scatter_add(
 ) {
     crate::driver::scatter_add_with(axpy_f32, src, ld_src, n, rows, weights, dst, ld_dst);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Attention: scores of one query against 4 keys at a time (4 FMA chains, one `vhaddps`
+// transpose-reduce for the 4 sums), and the value sum with the output row held in registers
+// (per element the twin's order: `o = o + p·v` for keys in order, so it is bit-identical).
+// ---------------------------------------------------------------------------------------------
+
+/// A KV-cache element: f32 or f16 bits.
+trait Kv: Copy {
+    /// 8 elements at `p` as f32.
+    ///
+    /// # Safety
+    /// AVX2 + F16C available; `p..p + 8` readable.
+    unsafe fn load8(p: *const Self) -> __m256;
+    fn f32(self) -> f32;
+}
+
+impl Kv for f32 {
+    #[inline(always)]
+    unsafe fn load8(p: *const f32) -> __m256 {
+        _mm256_loadu_ps(p)
+    }
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        self
+    }
+}
+
+impl Kv for u16 {
+    #[inline(always)]
+    unsafe fn load8(p: *const u16) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        half::f16::from_bits(self).to_f32()
+    }
+}
+
+pub(crate) fn attn_scores_f16(q: &[f32], k: &[u16], ld_k: usize, scale: f32, s: &mut [f32]) {
+    attn_scores_t(q, k, ld_k, scale, s)
+}
+
+pub(crate) fn attn_values_f16(p: &[f32], v: &[u16], ld_v: usize, o: &mut [f32]) {
+    attn_values_t(p, v, ld_v, o)
+}
+
+pub(crate) fn attn_scores(q: &[f32], k: &[f32], ld_k: usize, scale: f32, s: &mut [f32]) {
+    attn_scores_t(q, k, ld_k, scale, s)
+}
+
+fn attn_scores_t<E: Kv>(q: &[f32], k: &[E], ld_k: usize, scale: f32, s: &mut [f32]) {
+    let _ = Avx2::get();
+    let d = q.len();
+    if let Some(n) = s.len().checked_sub(1) {
+        assert!(k.len() >= n * ld_k + d, "attn_scores: keys too short");
+    }
+    // SAFETY: features checked above; key row j < s.len() spans k[j * ld_k .. j * ld_k + d],
+    // inside `k` by the assertion.
+    unsafe { attn_scores_impl(q, k, ld_k, scale, s) }
+}
+
+/// # Safety
+/// AVX2 + FMA available; `k.len() >= (s.len() - 1) * ld_k + q.len()` when `s` is not empty.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn attn_scores_impl<E: Kv>(q: &[f32], k: &[E], ld_k: usize, scale: f32, s: &mut [f32]) {
+    let d = q.len();
+    let d8 = d - d % 8;
+    let (qp, kp) = (q.as_ptr(), k.as_ptr());
+    let n = s.len();
+    let mut j = 0;
+    while j + 4 <= n {
+        let kr: [*const E; 4] = core::array::from_fn(|u| kp.add((j + u) * ld_k));
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut c = 0;
+        while c < d8 {
+            let qv = _mm256_loadu_ps(qp.add(c));
+            for u in 0..4 {
+                acc[u] = _mm256_fmadd_ps(qv, E::load8(kr[u].add(c)), acc[u]);
+            }
+            c += 8;
+        }
+        let h01 = _mm256_hadd_ps(acc[0], acc[1]);
+        let h23 = _mm256_hadd_ps(acc[2], acc[3]);
+        let h = _mm256_hadd_ps(h01, h23);
+        let mut r = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+        if d8 < d {
+            let mut t = [0.0f32; 4];
+            for (u, tu) in t.iter_mut().enumerate() {
+                for cc in d8..d {
+                    *tu += *qp.add(cc) * (*kr[u].add(cc)).f32();
+                }
+            }
+            r = _mm_add_ps(r, _mm_loadu_ps(t.as_ptr()));
+        }
+        _mm_storeu_ps(s.as_mut_ptr().add(j), _mm_mul_ps(r, _mm_set1_ps(scale)));
+        j += 4;
+    }
+    while j < n {
+        let kr = kp.add(j * ld_k);
+        let mut acc = _mm256_setzero_ps();
+        let mut c = 0;
+        while c < d8 {
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(c)), E::load8(kr.add(c)), acc);
+            c += 8;
+        }
+        let mut t = hsum(acc);
+        for cc in d8..d {
+            t += *qp.add(cc) * (*kr.add(cc)).f32();
+        }
+        s[j] = t * scale;
+        j += 1;
+    }
+}
+
+pub(crate) fn attn_values(p: &[f32], v: &[f32], ld_v: usize, o: &mut [f32]) {
+    attn_values_t(p, v, ld_v, o)
+}
+
+fn attn_values_t<E: Kv>(p: &[f32], v: &[E], ld_v: usize, o: &mut [f32]) {
+    let _ = Avx2::get();
+    let d = o.len();
+    if let Some(n) = p.len().checked_sub(1) {
+        assert!(v.len() >= n * ld_v + d, "attn_values: values too short");
+    }
+    // SAFETY: features checked above; value row j < p.len() spans v[j * ld_v .. j * ld_v + d],
+    // inside `v` by the assertion.
+    unsafe { attn_values_impl(p, v, ld_v, o) }
+}
+
+/// # Safety
+/// AVX2 available; `v.len() >= (p.len() - 1) * ld_v + o.len()` when `p` is not empty.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn attn_values_impl<E: Kv>(p: &[f32], v: &[E], ld_v: usize, o: &mut [f32]) {
+    let d = o.len();
+    let (vp, op) = (v.as_ptr(), o.as_mut_ptr());
+    let mut c = 0;
+    // 64 columns in 8 registers, then 8 at a time, then scalar
+    while c + 64 <= d {
+        let mut acc: [__m256; 8] = core::array::from_fn(|u| _mm256_loadu_ps(op.add(c + 8 * u)));
+        for (j, &pj) in p.iter().enumerate() {
+            let pv = _mm256_set1_ps(pj);
+            let row = vp.add(j * ld_v + c);
+            for (u, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_add_ps(*a, _mm256_mul_ps(pv, E::load8(row.add(8 * u))));
+            }
+        }
+        for (u, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(op.add(c + 8 * u), *a);
+        }
+        c += 64;
+    }
+    while c + 8 <= d {
+        let mut a = _mm256_loadu_ps(op.add(c));
+        for (j, &pj) in p.iter().enumerate() {
+            let x = E::load8(vp.add(j * ld_v + c));
+            a = _mm256_add_ps(a, _mm256_mul_ps(_mm256_set1_ps(pj), x));
+        }
+        _mm256_storeu_ps(op.add(c), a);
+        c += 8;
+    }
+    for cc in c..d {
+        let mut a = *op.add(cc);
+        for (j, &pj) in p.iter().enumerate() {
+            a += pj * (*vp.add(j * ld_v + cc)).f32();
+        }
+        *op.add(cc) = a;
+    }
+}

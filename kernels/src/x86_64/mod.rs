@@ -30,6 +30,10 @@ pub(crate) const AVX2: Kernels = Kernels {
     scatter_add: avx2::scatter_add,
     topk: crate::scalar::topk,
     group_by_expert: crate::routing::group_by_expert,
+    attn_scores: avx2::attn_scores,
+    attn_values: avx2::attn_values,
+    attn_scores_f16: avx2::attn_scores_f16,
+    attn_values_f16: avx2::attn_values_f16,
 };
 
 /// AVX-512 F/BW/VL + VNNI (Cascade Lake, Ice Lake, Sapphire Rapids, Zen 4 and later).
