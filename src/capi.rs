@@ -215,6 +215,7 @@ pub unsafe extern "C" fn ferroq_session_new(
                 ctx: p.ctx,
                 batch: p.batch,
                 threads: p.threads,
+                kv: None,
             },
         )?;
         Ok(Box::into_raw(Box::new(FerroqSession(s))))

@@ -26,7 +26,7 @@ use std::time::Instant;
 
 use crate::chat::{no_template_error, ChatTemplate, Message};
 use crate::format::{DType, FqmFile};
-use crate::model::{Logits, Model, State};
+use crate::model::{KvType, Logits, Model, State};
 use crate::sampling::{Sampler, SamplerConfig, Stop, StopCondition};
 use crate::tokenizer::{Tokenizer, TokenizerKind};
 use crate::{Error, Result};
@@ -264,6 +264,8 @@ pub struct SessionOptions {
     pub batch: usize,
     /// Threads of the forward pass (0 = all cores).
     pub threads: usize,
+    /// KV cache type (`None`: f32 for unquantized models, f16 for quantized ones).
+    pub kv: Option<KvType>,
 }
 
 impl Default for SessionOptions {
@@ -272,6 +274,7 @@ impl Default for SessionOptions {
             ctx: 0,
             batch: DEFAULT_BATCH,
             threads: 0,
+            kv: None,
         }
     }
 }
@@ -404,7 +407,8 @@ impl Session {
             opts.batch
         }
         .min(ctx);
-        let state = State::with_threads(&engine.model, ctx, batch, false, opts.threads);
+        let kv = opts.kv.unwrap_or(engine.model.default_kv());
+        let state = State::with_kv(&engine.model, ctx, batch, false, opts.threads, kv);
         let vocab = engine.model.config.vocab_size;
         Ok(Session {
             state,

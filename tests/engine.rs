@@ -24,6 +24,7 @@ fn opts(ctx: usize) -> SessionOptions {
         ctx,
         batch: 16,
         threads: 1,
+        kv: None,
     }
 }
 

@@ -324,3 +324,47 @@ fn thread_count_does_not_change_logits() {
     assert!(outs[1..].iter().all(|o| o == &outs[0]));
     std::fs::remove_file(path).ok();
 }
+
+/// The `ferroq logits` and `ferroq generate` commands (what other tools call) keep the same
+/// accuracy as the library with their default settings (KV cache type chosen by the model).
+#[test]
+fn cli_logits_and_generate_match_transformers() {
+    for name in FIXTURES {
+        let e = expected(name);
+        let model = convert(name, "bf16", &[]);
+        let ids: Vec<String> = e.ids.iter().map(|i| i.to_string()).collect();
+        for decode in [false, true] {
+            let out = tmp_path("logits").with_extension("safetensors");
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferroq"));
+            cmd.args(["logits", "-m"])
+                .arg(&model)
+                .args(["--ids", &ids.join(",")])
+                .arg("-o")
+                .arg(&out);
+            if decode {
+                cmd.arg("--decode");
+            }
+            let st = cmd.output().unwrap();
+            assert!(
+                st.status.success(),
+                "{}",
+                String::from_utf8_lossy(&st.stderr)
+            );
+            let got = read_safetensors(&out);
+            let d = max_abs_diff(&got["logits"].1, &e.logits);
+            eprintln!("{name} bf16 CLI logits (decode {decode}): max|Δ| = {d:.3e}");
+            assert!(d <= MAX_ABS_LOGIT_DIFF, "{name}: CLI logits max|Δ| {d}");
+            std::fs::remove_file(out).ok();
+        }
+        let st = Command::new(env!("CARGO_BIN_EXE_ferroq"))
+            .args(["generate", "-m"])
+            .arg(&model)
+            .args(["--ids", &ids.join(","), "-n", &e.greedy.len().to_string()])
+            .output()
+            .unwrap();
+        assert!(st.status.success());
+        let got: Vec<u32> = serde_json::from_slice(&st.stdout).unwrap();
+        assert_eq!(got, e.greedy, "{name}: CLI greedy ids");
+        std::fs::remove_file(model).ok();
+    }
+}

@@ -41,6 +41,7 @@ pub fn run(a: Args) -> Result<()> {
             ctx: a.model.ctx,
             batch: a.model.batch,
             threads: a.model.threads,
+            kv: None,
         },
     )?;
     if let Some(s) = &a.system {

@@ -1,7 +1,7 @@
 //! `ferroq generate`: greedy continuation of token ids (KV cache, no stop tokens), printed as a
 //! JSON array.
 
-use ferroq::model::{Logits, Model, State};
+use ferroq::model::{KvType, Logits, Model, State};
 use ferroq::Result;
 use std::path::PathBuf;
 
@@ -16,6 +16,9 @@ pub struct Args {
     /// Threads (0 = all cores). Results do not depend on it.
     #[arg(short = 't', long, default_value_t = 0)]
     threads: usize,
+    /// KV cache type: f32 or f16 (default: f32 for unquantized models, f16 for quantized ones).
+    #[arg(long, value_parser = parse_kv)]
+    kv: Option<KvType>,
     /// Number of tokens to generate.
     #[arg(short = 'n', long, default_value_t = 16)]
     n_predict: usize,
@@ -24,7 +27,14 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let model = Model::open(&a.model)?;
     let ctx = a.ids.len() + a.n_predict;
-    let mut st = State::with_threads(&model, ctx, a.ids.len().max(1), false, a.threads);
+    let mut st = State::with_kv(
+        &model,
+        ctx,
+        a.ids.len().max(1),
+        false,
+        a.threads,
+        a.kv.unwrap_or(model.default_kv()),
+    );
     model.forward(&mut st, &a.ids, Logits::Last)?;
     let mut out = Vec::with_capacity(a.n_predict);
     for i in 0..a.n_predict {
@@ -47,4 +57,9 @@ pub fn argmax(x: &[f32]) -> u32 {
         }
     }
     best as u32
+}
+
+/// Parse `--kv`.
+pub fn parse_kv(s: &str) -> std::result::Result<KvType, String> {
+    KvType::parse(s).ok_or_else(|| format!("unknown KV cache type `{s}` (f32, f16)"))
 }

@@ -1,6 +1,6 @@
 //! `ferroq logits`: logits of every position for a list of token ids, written as safetensors.
 
-use ferroq::model::{Logits, Model, State};
+use ferroq::model::{KvType, Logits, Model, State};
 use ferroq::{Error, Result};
 use std::path::PathBuf;
 
@@ -15,6 +15,9 @@ pub struct Args {
     /// Threads (0 = all cores). Results do not depend on it.
     #[arg(short = 't', long, default_value_t = 0)]
     threads: usize,
+    /// KV cache type: f32 or f16 (default: f32 for unquantized models, f16 for quantized ones).
+    #[arg(long, value_parser = parse_kv)]
+    kv: Option<KvType>,
     /// Output safetensors file (tensor `logits` [T, V] f32).
     #[arg(short, long)]
     output: PathBuf,
@@ -31,7 +34,14 @@ pub fn run(a: Args) -> Result<()> {
     let c = &model.config;
     let (t, v, hs, nl) = (a.ids.len(), c.vocab_size, c.hidden_size, c.num_layers);
     let batch = if a.decode { 1 } else { t };
-    let mut st = State::with_threads(&model, t, batch, true, a.threads);
+    let mut st = State::with_kv(
+        &model,
+        t,
+        batch,
+        true,
+        a.threads,
+        a.kv.unwrap_or(model.default_kv()),
+    );
     let mut logits = vec![0f32; t * v];
     let mut hidden = if a.hidden {
         vec![0f32; (nl + 1) * t * hs]
@@ -87,4 +97,9 @@ pub fn write_safetensors_f32(
     let tmp = path.with_extension("safetensors.tmp");
     std::fs::write(&tmp, &buf).map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// Parse `--kv`.
+pub fn parse_kv(s: &str) -> std::result::Result<KvType, String> {
+    KvType::parse(s).ok_or_else(|| format!("unknown KV cache type `{s}` (f32, f16)"))
 }

@@ -211,6 +211,7 @@ pub fn run(a: Args) -> Result<()> {
         ctx: ctx.min(ids.len() + a.n_predict.max(1)),
         batch: a.model.batch,
         threads: a.model.threads,
+        kv: None,
     };
     let mut session = Session::new(engine.clone(), &opts)?;
     let gen = GenOptions {

@@ -199,6 +199,25 @@ impl Model {
         bytemuck::cast_slice(&self.file.bytes()[info.offset..info.offset + info.nbytes])
     }
 
+    /// Whether the attention/FFN matrices are quantized (Q4x8/Q8x8) rather than float.
+    pub fn is_quantized(&self) -> bool {
+        self.layers
+            .iter()
+            .any(|l| matches!(self.file.tensors()[l.wq.0].dtype, DType::Q4x8 | DType::Q8x8))
+    }
+
+    /// The KV cache type to use when the user does not choose: f32 for unquantized models
+    /// (their logits are compared with transformers to 1e-3, and an f16 cache alone moves them
+    /// by up to ~1e-3 on the fixtures), f16 for quantized models (half the cache traffic; its
+    /// error is far below the weights' quantization error).
+    pub fn default_kv(&self) -> super::forward::KvType {
+        if self.is_quantized() {
+            super::forward::KvType::F16
+        } else {
+            super::forward::KvType::F32
+        }
+    }
+
     /// An embedded raw file (`blob.tokenizer.json`, ...).
     pub fn blob(&self, name: &str) -> Option<&[u8]> {
         self.file
