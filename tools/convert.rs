@@ -304,6 +304,13 @@ fn plan(
             }
         }
         let mut dtype = quant.dtype_for(spec.role);
+        if dtype == DType::Q4x8 {
+            if let Ok(keep) = std::env::var("FQ_KEEP8") {
+                if keep.split(',').any(|k| !k.is_empty() && n.contains(k)) {
+                    dtype = DType::Q8x8;
+                }
+            }
+        }
         if matches!(dtype, DType::Q4x8 | DType::Q8x8)
             && spec.shape.len() == 2
             && spec.shape[1] % QK != 0

@@ -57,17 +57,92 @@ fn nearest_level(v: f32) -> usize {
     MID.partition_point(|&m| m < v)
 }
 
-/// Quantize 32 weights to the 4-bit codebook, searching the scale that minimises the squared
-/// error. Returns `(d, q)` with `d` already rounded to f16.
-///
-/// For each trial inverse scale (around the ones that map the largest-magnitude weight to either
-/// end of the codebook) the levels are assigned by rounding, the scale is refit by least squares
-/// (`d = Σxv / Σv²`), and the trial with the lowest error `Σx² − (Σxv)²/Σv²` wins (the same
-/// search as ggml's IQ4_NL quantizer, without an importance matrix).
-pub fn quantize_block_q4(x: &[f32]) -> (f16, [u8; QK]) {
-    debug_assert_eq!(x.len(), QK);
-    let mut q = [0u8; QK];
-    // 1. the value of largest magnitude fixes the scale's order of magnitude and sign
+fn fq_mode() -> u32 {
+    static M: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *M.get_or_init(|| std::env::var("FQ_MODE").ok().and_then(|s| s.parse().ok()).unwrap_or(0))
+}
+
+/// Weighted error of levels `q` with scale `d`.
+fn werr(x: &[f32], w: &[f32], d: f32, q: &[u8; QK]) -> f32 {
+    let mut e = 0.0;
+    for k in 0..QK {
+        let r = x[k] - d * KVALUES[q[k] as usize] as f32;
+        e += w[k] * r * r;
+    }
+    e
+}
+
+fn assign(x: &[f32], d: f32, q: &mut [u8; QK]) {
+    let id = 1.0 / d;
+    for (qi, &v) in q.iter_mut().zip(x) {
+        *qi = nearest_level(v * id) as u8;
+    }
+}
+
+/// Exhaustive: every assignment reachable by nearest rounding for some scale.
+fn search_exhaustive(x: &[f32], w: &[f32]) -> (f32, f32) {
+    let mut best = (f32::NEG_INFINITY, 0.0f32);
+    let mut ev: Vec<(f32, usize, i32)> = Vec::with_capacity(QK * 8);
+    for s in [1.0f32, -1.0] {
+        ev.clear();
+        let (mut sxv, mut svv) = (0.0f32, 0.0f32);
+        let mut lv = [8usize; QK];
+        for k in 0..QK {
+            let y = s * x[k];
+            let l = KVALUES[8] as f32;
+            sxv += w[k] * y * l;
+            svv += w[k] * l * l;
+            if y > 0.0 {
+                for i in 8..15 {
+                    ev.push((MID[i] / y, k, 1));
+                }
+            } else if y < 0.0 {
+                for i in (0..8).rev() {
+                    ev.push((MID[i] / y, k, -1));
+                }
+            }
+        }
+        ev.sort_by(|a, b| a.0.total_cmp(&b.0));
+        for (n, &(t, k, dir)) in ev.iter().enumerate() {
+            let y = s * x[k];
+            let old = KVALUES[lv[k]] as f32;
+            lv[k] = (lv[k] as i32 + dir) as usize;
+            let new = KVALUES[lv[k]] as f32;
+            sxv += w[k] * y * (new - old);
+            svv += w[k] * (new * new - old * old);
+            if n + 1 < ev.len() && ev[n + 1].0 == t {
+                continue;
+            }
+            if svv > 0.0 && sxv * sxv / svv > best.0 {
+                best = (sxv * sxv / svv, s * sxv / svv);
+            }
+        }
+    }
+    (best.0, best.1)
+}
+
+fn search_grid(x: &[f32], w: &[f32], max: f32, ntry: i32, step: f32) -> (f32, f32) {
+    let mut best = (f32::NEG_INFINITY, 0.0f32);
+    for anchor in [KVALUES[0] as f32, KVALUES[15] as f32] {
+        for itry in -ntry..=ntry {
+            let id = (anchor + itry as f32 * step * anchor.signum()) / max;
+            let (mut sxv, mut svv) = (0.0f32, 0.0f32);
+            for k in 0..QK {
+                let l = KVALUES[nearest_level(x[k] * id)] as f32;
+                sxv += w[k] * x[k] * l;
+                svv += w[k] * l * l;
+            }
+            if svv > 0.0 && sxv * sxv / svv > best.0 {
+                best = (sxv * sxv / svv, sxv / svv);
+            }
+        }
+    }
+    best
+}
+
+/// Weighted quantization of one block (experimental driver).
+pub fn quantize_block_q4_weighted(x: &[f32], w: &[f32], mode: u32) -> (f16, [u8; QK]) {
+    let mut q = [8u8; QK];
     let (mut amax, mut max) = (0.0f32, 0.0f32);
     for &v in x {
         if v.abs() > amax {
@@ -78,34 +153,73 @@ pub fn quantize_block_q4(x: &[f32]) -> (f16, [u8; QK]) {
     if amax == 0.0 || !amax.is_finite() {
         return (f16::ZERO, [8; QK]);
     }
-    // 2. trial scales; keep the one with the largest (Σxv)²/Σv² (= lowest squared error)
-    const NTRY: i32 = 7;
-    let mut best = (f32::NEG_INFINITY, 0.0f32);
-    for anchor in [KVALUES[0] as f32, KVALUES[15] as f32] {
-        for itry in -NTRY..=NTRY {
-            let id = (anchor + itry as f32 * anchor.signum()) / max;
+    let best = match mode % 10 {
+        0 => search_grid(x, w, max, 7, 1.0),
+        1 => search_grid(x, w, max, 28, 0.5),
+        _ => search_exhaustive(x, w),
+    };
+    let mut d = f16::from_f32(best.1);
+    if d.to_f32() == 0.0 || !d.to_f32().is_finite() {
+        return (f16::ZERO, [8; QK]);
+    }
+    assign(x, d.to_f32(), &mut q);
+    if mode >= 10 {
+        // alternate: refit the scale for the assignment, round to f16, reassign
+        let mut e = werr(x, w, d.to_f32(), &q);
+        for _ in 0..4 {
             let (mut sxv, mut svv) = (0.0f32, 0.0f32);
-            for &v in x {
-                let l = KVALUES[nearest_level(v * id)] as f32;
-                sxv += v * l;
-                svv += l * l;
+            for k in 0..QK {
+                let l = KVALUES[q[k] as usize] as f32;
+                sxv += w[k] * x[k] * l;
+                svv += w[k] * l * l;
             }
-            if svv > 0.0 && sxv * sxv / svv > best.0 {
-                best = (sxv * sxv / svv, sxv / svv);
+            if svv <= 0.0 {
+                break;
+            }
+            let d2 = f16::from_f32(sxv / svv);
+            let mut q2 = [8u8; QK];
+            if d2.to_f32() == 0.0 || !d2.to_f32().is_finite() {
+                break;
+            }
+            assign(x, d2.to_f32(), &mut q2);
+            let e2 = werr(x, w, d2.to_f32(), &q2);
+            if e2 < e {
+                e = e2;
+                d = d2;
+                q = q2;
+            } else {
+                break;
             }
         }
     }
-    // 3. round the scale to f16 and assign the final levels with that exact scale
-    let d = f16::from_f32(best.1);
-    let df = d.to_f32();
-    if df == 0.0 || !df.is_finite() {
-        return (f16::ZERO, [8; QK]);
-    }
-    let id = 1.0 / df;
-    for (qi, &v) in q.iter_mut().zip(x) {
-        *qi = nearest_level(v * id) as u8;
-    }
     (d, q)
+}
+
+/// Quantize 32 weights (experimental mode switch).
+pub fn quantize_block_q4(x: &[f32]) -> (f16, [u8; QK]) {
+    let mode = fq_mode();
+    let mut w = [1.0f32; QK];
+    match (mode / 100) % 10 {
+        1 => {
+            for k in 0..QK {
+                w[k] = x[k] * x[k];
+            }
+        }
+        2 => {
+            let s2: f32 = x.iter().map(|v| v * v).sum::<f32>() * 2.0 / QK as f32;
+            for k in 0..QK {
+                w[k] = s2 + x[k] * x[k];
+            }
+        }
+        3 => {
+            let s2: f32 = (x.iter().map(|v| v * v).sum::<f32>() / QK as f32).sqrt();
+            for k in 0..QK {
+                w[k] = s2 + x[k].abs();
+            }
+        }
+        _ => {}
+    }
+    quantize_block_q4_weighted(x, &w, mode % 100)
 }
 
 /// Quantize a row-major `rows × cols` f32 matrix into `Q4x8` blocks (`cols % 32 == 0`).
