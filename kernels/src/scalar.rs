@@ -57,60 +57,71 @@ fn nearest_level(v: f32) -> usize {
     MID.partition_point(|&m| m < v)
 }
 
-fn fq_mode() -> u32 {
-    static M: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    *M.get_or_init(|| std::env::var("FQ_MODE").ok().and_then(|s| s.parse().ok()).unwrap_or(0))
+/// Quantize 32 weights to the 4-bit codebook with the scale that minimises the squared error.
+/// Returns `(d, q)` with `d` already rounded to f16. Same as [`quantize_block_q4_weighted`]
+/// with every weight of importance 1.
+pub fn quantize_block_q4(x: &[f32]) -> (f16, [u8; QK]) {
+    quantize_block_q4_weighted(x, &[1.0; QK])
 }
 
-/// Weighted error of levels `q` with scale `d`.
-fn werr(x: &[f32], w: &[f32], d: f32, q: &[u8; QK]) -> f32 {
-    let mut e = 0.0;
-    for k in 0..QK {
-        let r = x[k] - d * KVALUES[q[k] as usize] as f32;
-        e += w[k] * r * r;
+/// Quantize 32 weights to the 4-bit codebook minimising the importance-weighted squared error
+/// `Σ w[k] (x[k] − d·KVALUES[q[k]])²` (`w[k] ≥ 0`; all zero means uniform).
+///
+/// The search is exhaustive over the scale: as the inverse scale `t` grows from 0 (for each
+/// sign of `d`), the nearest-level assignment of `x[k]·t` only changes where `x[k]·t` crosses
+/// one of the 15 midpoints of the codebook. Those at most 2 × 32 × 8 crossings are sorted and
+/// swept, updating `Σwxv` and `Σwv²` by one level at a time, and every assignment is scored
+/// with its least-squares scale (`d = Σwxv / Σwv²`, error `Σwx² − (Σwxv)²/Σwv²`). The best
+/// scale is rounded to f16 and the levels are reassigned with that exact scale.
+pub fn quantize_block_q4_weighted(x: &[f32], w: &[f32]) -> (f16, [u8; QK]) {
+    debug_assert_eq!(x.len(), QK);
+    debug_assert_eq!(w.len(), QK);
+    // 1. degenerate blocks
+    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    if amax == 0.0 || !amax.is_finite() {
+        return (f16::ZERO, [8; QK]);
     }
-    e
-}
-
-fn assign(x: &[f32], d: f32, q: &mut [u8; QK]) {
-    let id = 1.0 / d;
-    for (qi, &v) in q.iter_mut().zip(x) {
-        *qi = nearest_level(v * id) as u8;
-    }
-}
-
-/// Exhaustive: every assignment reachable by nearest rounding for some scale.
-fn search_exhaustive(x: &[f32], w: &[f32]) -> (f32, f32) {
+    let uniform = [1.0f32; QK];
+    let w = if w.iter().any(|&v| v > 0.0) { w } else { &uniform[..] };
+    // 2. sweep the crossings of each sign; an event key is (t as f32 bits, k, up) packed in a
+    //    u64 (t > 0, so its bits sort like the value)
     let mut best = (f32::NEG_INFINITY, 0.0f32);
-    let mut ev: Vec<(f32, usize, i32)> = Vec::with_capacity(QK * 8);
+    let mut ev = [0u64; QK * 8];
     for s in [1.0f32, -1.0] {
-        ev.clear();
+        let mut n = 0;
         let (mut sxv, mut svv) = (0.0f32, 0.0f32);
-        let mut lv = [8usize; QK];
+        let mut lv = [8u8; QK];
+        let l0 = KVALUES[8] as f32;
         for k in 0..QK {
             let y = s * x[k];
-            let l = KVALUES[8] as f32;
-            sxv += w[k] * y * l;
-            svv += w[k] * l * l;
-            if y > 0.0 {
-                for i in 8..15 {
-                    ev.push((MID[i] / y, k, 1));
-                }
+            sxv += w[k] * y * l0;
+            svv += w[k] * l0 * l0;
+            // crossings outward from level 8: up through MID[8..15] or down through MID[0..8]
+            let (mids, up) = if y > 0.0 {
+                (&MID[8..15], 1u64)
             } else if y < 0.0 {
-                for i in (0..8).rev() {
-                    ev.push((MID[i] / y, k, -1));
-                }
+                (&MID[0..8], 0u64)
+            } else {
+                continue;
+            };
+            let iy = 1.0 / y;
+            for &m in mids {
+                ev[n] = ((m * iy).to_bits() as u64) << 32 | (k as u64) << 1 | up;
+                n += 1;
             }
         }
-        ev.sort_by(|a, b| a.0.total_cmp(&b.0));
-        for (n, &(t, k, dir)) in ev.iter().enumerate() {
+        let ev = &mut ev[..n];
+        ev.sort_unstable();
+        for (j, &e) in ev.iter().enumerate() {
+            let k = ((e >> 1) & 0xFF) as usize;
             let y = s * x[k];
-            let old = KVALUES[lv[k]] as f32;
-            lv[k] = (lv[k] as i32 + dir) as usize;
-            let new = KVALUES[lv[k]] as f32;
+            let old = KVALUES[lv[k] as usize] as f32;
+            lv[k] = if e & 1 == 1 { lv[k] + 1 } else { lv[k] - 1 };
+            let new = KVALUES[lv[k] as usize] as f32;
             sxv += w[k] * y * (new - old);
             svv += w[k] * (new * new - old * old);
-            if n + 1 < ev.len() && ev[n + 1].0 == t {
+            // score once all crossings at the same t are applied
+            if j + 1 < ev.len() && ev[j + 1] >> 32 == e >> 32 {
                 continue;
             }
             if svv > 0.0 && sxv * sxv / svv > best.0 {
@@ -118,130 +129,57 @@ fn search_exhaustive(x: &[f32], w: &[f32]) -> (f32, f32) {
             }
         }
     }
-    (best.0, best.1)
-}
-
-fn search_grid(x: &[f32], w: &[f32], max: f32, ntry: i32, step: f32) -> (f32, f32) {
-    let mut best = (f32::NEG_INFINITY, 0.0f32);
-    for anchor in [KVALUES[0] as f32, KVALUES[15] as f32] {
-        for itry in -ntry..=ntry {
-            let id = (anchor + itry as f32 * step * anchor.signum()) / max;
-            let (mut sxv, mut svv) = (0.0f32, 0.0f32);
-            for k in 0..QK {
-                let l = KVALUES[nearest_level(x[k] * id)] as f32;
-                sxv += w[k] * x[k] * l;
-                svv += w[k] * l * l;
-            }
-            if svv > 0.0 && sxv * sxv / svv > best.0 {
-                best = (sxv * sxv / svv, sxv / svv);
-            }
-        }
+    // 3. round the scale to f16 and assign the final levels with that exact scale
+    let d = f16::from_f32(best.1);
+    let df = d.to_f32();
+    if df == 0.0 || !df.is_finite() {
+        return (f16::ZERO, [8; QK]);
     }
-    best
-}
-
-/// Weighted quantization of one block (experimental driver).
-pub fn quantize_block_q4_weighted(x: &[f32], w: &[f32], mode: u32) -> (f16, [u8; QK]) {
+    let id = 1.0 / df;
     let mut q = [8u8; QK];
-    let (mut amax, mut max) = (0.0f32, 0.0f32);
-    for &v in x {
-        if v.abs() > amax {
-            amax = v.abs();
-            max = v;
-        }
-    }
-    if amax == 0.0 || !amax.is_finite() {
-        return (f16::ZERO, [8; QK]);
-    }
-    let best = match mode % 10 {
-        0 => search_grid(x, w, max, 7, 1.0),
-        1 => search_grid(x, w, max, 28, 0.5),
-        _ => search_exhaustive(x, w),
-    };
-    let mut d = f16::from_f32(best.1);
-    if d.to_f32() == 0.0 || !d.to_f32().is_finite() {
-        return (f16::ZERO, [8; QK]);
-    }
-    assign(x, d.to_f32(), &mut q);
-    if mode >= 10 {
-        // alternate: refit the scale for the assignment, round to f16, reassign
-        let mut e = werr(x, w, d.to_f32(), &q);
-        for _ in 0..4 {
-            let (mut sxv, mut svv) = (0.0f32, 0.0f32);
-            for k in 0..QK {
-                let l = KVALUES[q[k] as usize] as f32;
-                sxv += w[k] * x[k] * l;
-                svv += w[k] * l * l;
-            }
-            if svv <= 0.0 {
-                break;
-            }
-            let d2 = f16::from_f32(sxv / svv);
-            let mut q2 = [8u8; QK];
-            if d2.to_f32() == 0.0 || !d2.to_f32().is_finite() {
-                break;
-            }
-            assign(x, d2.to_f32(), &mut q2);
-            let e2 = werr(x, w, d2.to_f32(), &q2);
-            if e2 < e {
-                e = e2;
-                d = d2;
-                q = q2;
-            } else {
-                break;
-            }
-        }
+    for (qi, &v) in q.iter_mut().zip(x) {
+        *qi = nearest_level(v * id) as u8;
     }
     (d, q)
-}
-
-/// Quantize 32 weights (experimental mode switch).
-pub fn quantize_block_q4(x: &[f32]) -> (f16, [u8; QK]) {
-    let mode = fq_mode();
-    let mut w = [1.0f32; QK];
-    match (mode / 100) % 10 {
-        1 => {
-            for k in 0..QK {
-                w[k] = x[k] * x[k];
-            }
-        }
-        2 => {
-            let s2: f32 = x.iter().map(|v| v * v).sum::<f32>() * 2.0 / QK as f32;
-            for k in 0..QK {
-                w[k] = s2 + x[k] * x[k];
-            }
-        }
-        3 => {
-            let s2: f32 = (x.iter().map(|v| v * v).sum::<f32>() / QK as f32).sqrt();
-            for k in 0..QK {
-                w[k] = s2 + x[k].abs();
-            }
-        }
-        _ => {}
-    }
-    quantize_block_q4_weighted(x, &w, mode % 100)
 }
 
 /// Quantize a row-major `rows × cols` f32 matrix into `Q4x8` blocks (`cols % 32 == 0`).
 /// `out` must hold `row_groups(rows) * cols / 32` blocks. Rows past `rows` get zero scales.
 pub fn quantize_q4x8(w: &[f32], rows: usize, cols: usize, out: &mut [BlockQ4x8]) {
+    quantize_q4x8_weighted(w, rows, cols, None, out)
+}
+
+/// [`quantize_q4x8`] minimising the error weighted by a per-column importance `col_w[cols]`
+/// (e.g. the expected square of each input activation); `None` is uniform.
+pub fn quantize_q4x8_weighted(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    col_w: Option<&[f32]>,
+    out: &mut [BlockQ4x8],
+) {
     assert_eq!(cols % QK, 0);
     assert_eq!(w.len(), rows * cols);
+    if let Some(cw) = col_w {
+        assert_eq!(cw.len(), cols);
+    }
     let nb = cols / QK;
     assert!(out.len() >= rows.div_ceil(ROWS) * nb);
+    let uniform = [1.0f32; QK];
     for (g, group) in out.chunks_mut(nb).take(rows.div_ceil(ROWS)).enumerate() {
         for (b, blk) in group.iter_mut().enumerate() {
             *blk = BlockQ4x8 {
                 d: [0; ROWS],
                 qs: [0x88; 128],
             };
+            let cw = col_w.map_or(&uniform[..], |c| &c[b * QK..(b + 1) * QK]);
             for r in 0..ROWS {
                 let row = g * ROWS + r;
                 if row >= rows {
                     continue;
                 }
                 let x = &w[row * cols + b * QK..row * cols + (b + 1) * QK];
-                let (d, q) = quantize_block_q4(x);
+                let (d, q) = quantize_block_q4_weighted(x, cw);
                 blk.d[r] = d.to_bits();
                 for (k, &qk) in q.iter().enumerate() {
                     let (i, hi) = q4_pos(r, k);
