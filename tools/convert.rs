@@ -572,14 +572,19 @@ fn column_importance(
     let l = format!("layers.{i}.");
     let get = |t: &str| load_named(planned, &format!("{l}{t}"), src, cfg);
     let sq = |v: Vec<f32>| v.into_iter().map(|x| x * x).collect::<Vec<f32>>();
-    let (gate, up, norm_ffn): (String, String, &str) = if let Some(e) = what.strip_prefix("experts.") {
-        let e = e.split('.').next().unwrap_or("");
-        (format!("experts.{e}.gate"), format!("experts.{e}.up"), "ffn_norm")
-    } else if what.starts_with("shared_") {
-        ("shared_gate".into(), "shared_up".into(), "ffn_norm")
-    } else {
-        ("ffn_gate".into(), "ffn_up".into(), "ffn_norm")
-    };
+    let (gate, up, norm_ffn): (String, String, &str) =
+        if let Some(e) = what.strip_prefix("experts.") {
+            let e = e.split('.').next().unwrap_or("");
+            (
+                format!("experts.{e}.gate"),
+                format!("experts.{e}.up"),
+                "ffn_norm",
+            )
+        } else if what.starts_with("shared_") {
+            ("shared_gate".into(), "shared_up".into(), "ffn_norm")
+        } else {
+            ("ffn_gate".into(), "ffn_up".into(), "ffn_norm")
+        };
     let mut imp = match what {
         "wq" | "wk" | "wv" => get("attn_norm")?.map(sq),
         "wo" => {

@@ -82,7 +82,11 @@ pub fn quantize_block_q4_weighted(x: &[f32], w: &[f32]) -> (f16, [u8; QK]) {
         return (f16::ZERO, [8; QK]);
     }
     let uniform = [1.0f32; QK];
-    let w = if w.iter().any(|&v| v > 0.0) { w } else { &uniform[..] };
+    let w = if w.iter().any(|&v| v > 0.0) {
+        w
+    } else {
+        &uniform[..]
+    };
     // 2. sweep the crossings of each sign; an event key is (t as f32 bits, k, up) packed in a
     //    u64 (t > 0, so its bits sort like the value)
     let mut best = (f32::NEG_INFINITY, 0.0f32);
