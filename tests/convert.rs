@@ -170,8 +170,8 @@ fn expected_dtype(q: Quant, role: Role) -> DType {
         (Quant::F32, _) | (_, Role::Norm | Role::Router) => DType::F32,
         (Quant::Bf16, _) => DType::Bf16,
         (Quant::Q8, _) => DType::Q8x8,
-        (Quant::Q4, Role::Embedding | Role::Output) => DType::Q8x8,
-        (Quant::Q4, _) => DType::Q4x8,
+        (Quant::Q4 | Quant::Q4m, Role::Embedding | Role::Output) => DType::Q8x8,
+        (Quant::Q4 | Quant::Q4m, _) => DType::Q4x8,
     }
 }
 

@@ -30,7 +30,7 @@ use crate::format::{DType, FqmWriter, EXPERT_ALIGN, TENSOR_ALIGN};
 use crate::model::{tensor_table, Arch, ModelConfig, Role, TensorSpec};
 use crate::{Error, Result};
 use ferroq_kernels::block::{row_groups, BlockQ4x8, BlockQ8x8, QK, ROWS};
-use ferroq_kernels::scalar::{quantize_q4x8, quantize_q8x8};
+use ferroq_kernels::scalar::{quantize_q4x8_weighted, quantize_q8x8};
 use rayon::prelude::*;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -41,6 +41,8 @@ use std::time::{Duration, Instant};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Quant {
     Q4,
+    /// q4 with the value and FFN down projections at q8x8 (≈5.6 bits per weight on SmolLM2).
+    Q4m,
     Q8,
     Bf16,
     F32,
@@ -50,6 +52,7 @@ impl Quant {
     pub fn name(self) -> &'static str {
         match self {
             Quant::Q4 => "q4",
+            Quant::Q4m => "q4m",
             Quant::Q8 => "q8",
             Quant::Bf16 => "bf16",
             Quant::F32 => "f32",
@@ -62,8 +65,8 @@ impl Quant {
             (Quant::F32, _) | (_, Role::Norm) | (_, Role::Router) => DType::F32,
             (Quant::Bf16, _) => DType::Bf16,
             (Quant::Q8, _) => DType::Q8x8,
-            (Quant::Q4, Role::Embedding | Role::Output) => DType::Q8x8,
-            (Quant::Q4, _) => DType::Q4x8,
+            (Quant::Q4 | Quant::Q4m, Role::Embedding | Role::Output) => DType::Q8x8,
+            (Quant::Q4 | Quant::Q4m, _) => DType::Q4x8,
         }
     }
 }
@@ -73,12 +76,13 @@ impl std::str::FromStr for Quant {
     fn from_str(s: &str) -> Result<Quant> {
         match s.to_ascii_lowercase().as_str() {
             "q4" => Ok(Quant::Q4),
+            "q4m" => Ok(Quant::Q4m),
             "q8" => Ok(Quant::Q8),
             "bf16" => Ok(Quant::Bf16),
             "f32" => Ok(Quant::F32),
             _ => Err(Error::config(
                 "--quant",
-                format!("`{s}` is not one of q4, q8, bf16, f32"),
+                format!("`{s}` is not one of q4, q4m, q8, bf16, f32"),
             )),
         }
     }
@@ -304,6 +308,14 @@ fn plan(
             }
         }
         let mut dtype = quant.dtype_for(spec.role);
+        // q4m: the two most sensitive matrices per layer (value and FFN down projections,
+        // measured on SmolLM2) stay at 8 bits
+        if quant == Quant::Q4m
+            && dtype == DType::Q4x8
+            && (n.ends_with(".wv") || n.ends_with("down"))
+        {
+            dtype = DType::Q8x8;
+        }
         if matches!(dtype, DType::Q4x8 | DType::Q8x8)
             && spec.shape.len() == 2
             && spec.shape[1] % QK != 0
@@ -442,7 +454,13 @@ fn load(src: &dyn TensorSource, pl: &Planned, cfg: &ModelConfig, b: &mut Bufs) -
 }
 
 /// Convert `w` (row-major `shape`) to `dtype` bytes.
-fn encode<'b>(w: &[f32], shape: &[usize], dtype: DType, b: &'b mut OutBufs) -> &'b [u8] {
+fn encode<'b>(
+    w: &[f32],
+    shape: &[usize],
+    dtype: DType,
+    col_w: Option<&[f32]>,
+    b: &'b mut OutBufs,
+) -> &'b [u8] {
     match dtype {
         DType::F32 => {
             b.bytes.clear();
@@ -483,7 +501,8 @@ fn encode<'b>(w: &[f32], shape: &[usize], dtype: DType, b: &'b mut OutBufs) -> &
             b.q4.par_chunks_mut(nb).enumerate().for_each(|(g, out)| {
                 let r0 = g * ROWS;
                 let n = (rows - r0).min(ROWS);
-                quantize_q4x8(&w[r0 * cols..(r0 + n) * cols], n, cols, out);
+                let wg = &w[r0 * cols..(r0 + n) * cols];
+                quantize_q4x8_weighted(wg, n, cols, col_w, out);
             });
             bytemuck::cast_slice(&b.q4)
         }
@@ -507,6 +526,104 @@ fn encode<'b>(w: &[f32], shape: &[usize], dtype: DType, b: &'b mut OutBufs) -> &
         }
         DType::U8 => unreachable!("model tensors are never u8"),
     }
+}
+
+/// Load the planned tensor named `name` (our table name) as f32.
+fn load_named(
+    planned: &[Planned],
+    name: &str,
+    src: &dyn TensorSource,
+    cfg: &ModelConfig,
+) -> Result<Option<Vec<f32>>> {
+    let Some(pl) = planned.iter().find(|p| p.spec.name == name) else {
+        return Ok(None);
+    };
+    let mut b = Bufs::default();
+    let in_mat = load(src, pl, cfg, &mut b)?;
+    Ok(Some(if in_mat { b.mat } else { b.src }))
+}
+
+/// Per-row variance proxy of `W diag(g)`: `Σ_c (W[r][c] g[c])²` for each row.
+fn row_energy(w: &[f32], g: &[f32]) -> Vec<f32> {
+    w.chunks_exact(g.len())
+        .map(|row| row.iter().zip(g).map(|(x, s)| (x * s) * (x * s)).sum())
+        .collect()
+}
+
+/// Activation-free importance of each input column of a 4-bit matrix: a proxy for the
+/// expected square of its input activation, from the tensors upstream of it (the RMSNorm
+/// output is taken as having unit variance per channel):
+/// - wq/wk/wv, FFN gate/up: `γ[c]²` of the preceding RMSNorm;
+/// - wo: the variance proxy of the value channel `c` reads, `Σ_k (Wv[c][k] γ[k])²`;
+/// - FFN down: `Σ_k (Wg[c][k] γ[k])² · Σ_k (Wu[c][k] γ[k])²` (gate × up channel).
+///
+/// Normalized to mean 1. `None` (uniform) when a dependency is missing.
+fn column_importance(
+    planned: &[Planned],
+    pl: &Planned,
+    src: &dyn TensorSource,
+    cfg: &ModelConfig,
+) -> Result<Option<Vec<f32>>> {
+    let n = pl.spec.name.as_str();
+    let Some(rest) = n.strip_prefix("layers.") else {
+        return Ok(None);
+    };
+    let (i, what) = rest.split_once('.').unwrap_or((rest, ""));
+    let l = format!("layers.{i}.");
+    let get = |t: &str| load_named(planned, &format!("{l}{t}"), src, cfg);
+    let sq = |v: Vec<f32>| v.into_iter().map(|x| x * x).collect::<Vec<f32>>();
+    let (gate, up, norm_ffn): (String, String, &str) =
+        if let Some(e) = what.strip_prefix("experts.") {
+            let e = e.split('.').next().unwrap_or("");
+            (
+                format!("experts.{e}.gate"),
+                format!("experts.{e}.up"),
+                "ffn_norm",
+            )
+        } else if what.starts_with("shared_") {
+            ("shared_gate".into(), "shared_up".into(), "ffn_norm")
+        } else {
+            ("ffn_gate".into(), "ffn_up".into(), "ffn_norm")
+        };
+    let mut imp = match what {
+        "wq" | "wk" | "wv" => get("attn_norm")?.map(sq),
+        "wo" => {
+            let (Some(g), Some(wv)) = (get("attn_norm")?, get("wv")?) else {
+                return Ok(None);
+            };
+            let ev = row_energy(&wv, &g);
+            let hd = cfg.head_dim;
+            let grp = cfg.num_heads / cfg.num_kv_heads.max(1);
+            Some(
+                (0..cfg.num_heads * hd)
+                    .map(|c| ev[(c / hd / grp.max(1)) * hd + c % hd])
+                    .collect(),
+            )
+        }
+        w if w.ends_with("down") => {
+            let (Some(g), Some(wg), Some(wu)) = (get(norm_ffn)?, get(&gate)?, get(&up)?) else {
+                return Ok(None);
+            };
+            let eg = row_energy(&wg, &g);
+            let eu = row_energy(&wu, &g);
+            Some(eg.iter().zip(&eu).map(|(a, b)| a * b).collect())
+        }
+        _ => get(norm_ffn)?.map(sq),
+    };
+    if let Some(v) = imp.as_mut() {
+        if v.len() != pl.spec.shape[1] {
+            return Ok(None);
+        }
+        let mean = v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64;
+        for x in v.iter_mut() {
+            *x = if mean > 0.0 && x.is_finite() {
+                (*x as f64 / mean) as f32
+            } else {
+                1.0
+            };
+        }
+    }
+    Ok(imp)
 }
 
 fn token_str(v: Option<&Value>) -> Option<String> {
@@ -675,7 +792,12 @@ pub fn convert(
             ..
         } = &mut bufs;
         let data: &[f32] = if in_mat { mat } else { sbuf };
-        let bytes = encode(data, &pl.spec.shape, pl.dtype, obuf);
+        let col_w = if pl.dtype == DType::Q4x8 {
+            column_importance(&planned, pl, src, &cfg)?
+        } else {
+            None
+        };
+        let bytes = encode(data, &pl.spec.shape, pl.dtype, col_w.as_deref(), obuf);
         let align = match pl.spec.expert {
             // the first tensor of each routed expert starts on a page
             Some(_) if pl.spec.name.ends_with(".gate") => EXPERT_ALIGN,
@@ -741,7 +863,8 @@ pub fn convert(
         "roles": role_map,
         "fallbacks": fallbacks,
         "notes": match opts.quant {
-            Quant::Q4 => "q4x8 for attention, FFN and expert matrices; embedding and output kept at q8x8 for accuracy; norms and router f32; 4-bit scales chosen per 32-weight block by a search minimising squared error",
+            Quant::Q4 => "q4x8 for attention, FFN and expert matrices; embedding and output kept at q8x8 for accuracy; norms and router f32; 4-bit scales chosen per 32-weight block by an exhaustive search minimising the squared error weighted by an activation-free column importance",
+            Quant::Q4m => "as q4, with the value and FFN down projections at q8x8",
             Quant::Q8 => "q8x8 for all matrices; norms and router f32",
             Quant::Bf16 => "bf16 for all matrices; norms and router f32",
             Quant::F32 => "f32 everywhere",

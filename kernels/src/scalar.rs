@@ -57,41 +57,79 @@ fn nearest_level(v: f32) -> usize {
     MID.partition_point(|&m| m < v)
 }
 
-/// Quantize 32 weights to the 4-bit codebook, searching the scale that minimises the squared
-/// error. Returns `(d, q)` with `d` already rounded to f16.
-///
-/// For each trial inverse scale (around the ones that map the largest-magnitude weight to either
-/// end of the codebook) the levels are assigned by rounding, the scale is refit by least squares
-/// (`d = Σxv / Σv²`), and the trial with the lowest error `Σx² − (Σxv)²/Σv²` wins (the same
-/// search as ggml's IQ4_NL quantizer, without an importance matrix).
+/// Quantize 32 weights to the 4-bit codebook with the scale that minimises the squared error.
+/// Returns `(d, q)` with `d` already rounded to f16. Same as [`quantize_block_q4_weighted`]
+/// with every weight of importance 1.
 pub fn quantize_block_q4(x: &[f32]) -> (f16, [u8; QK]) {
+    quantize_block_q4_weighted(x, &[1.0; QK])
+}
+
+/// Quantize 32 weights to the 4-bit codebook minimising the importance-weighted squared error
+/// `Σ w[k] (x[k] − d·KVALUES[q[k]])²` (`w[k] ≥ 0`; all zero means uniform).
+///
+/// The search is exhaustive over the scale: as the inverse scale `t` grows from 0 (for each
+/// sign of `d`), the nearest-level assignment of `x[k]·t` only changes where `x[k]·t` crosses
+/// one of the 15 midpoints of the codebook. Those at most 2 × 32 × 8 crossings are sorted and
+/// swept, updating `Σwxv` and `Σwv²` by one level at a time, and every assignment is scored
+/// with its least-squares scale (`d = Σwxv / Σwv²`, error `Σwx² − (Σwxv)²/Σwv²`). The best
+/// scale is rounded to f16 and the levels are reassigned with that exact scale.
+pub fn quantize_block_q4_weighted(x: &[f32], w: &[f32]) -> (f16, [u8; QK]) {
     debug_assert_eq!(x.len(), QK);
-    let mut q = [0u8; QK];
-    // 1. the value of largest magnitude fixes the scale's order of magnitude and sign
-    let (mut amax, mut max) = (0.0f32, 0.0f32);
-    for &v in x {
-        if v.abs() > amax {
-            amax = v.abs();
-            max = v;
-        }
-    }
+    debug_assert_eq!(w.len(), QK);
+    // 1. degenerate blocks
+    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     if amax == 0.0 || !amax.is_finite() {
         return (f16::ZERO, [8; QK]);
     }
-    // 2. trial scales; keep the one with the largest (Σxv)²/Σv² (= lowest squared error)
-    const NTRY: i32 = 7;
+    let uniform = [1.0f32; QK];
+    let w = if w.iter().any(|&v| v > 0.0) {
+        w
+    } else {
+        &uniform[..]
+    };
+    // 2. sweep the crossings of each sign; an event key is (t as f32 bits, k, up) packed in a
+    //    u64 (t > 0, so its bits sort like the value)
     let mut best = (f32::NEG_INFINITY, 0.0f32);
-    for anchor in [KVALUES[0] as f32, KVALUES[15] as f32] {
-        for itry in -NTRY..=NTRY {
-            let id = (anchor + itry as f32 * anchor.signum()) / max;
-            let (mut sxv, mut svv) = (0.0f32, 0.0f32);
-            for &v in x {
-                let l = KVALUES[nearest_level(v * id)] as f32;
-                sxv += v * l;
-                svv += l * l;
+    let mut ev = [0u64; QK * 8];
+    for s in [1.0f32, -1.0] {
+        let mut n = 0;
+        let (mut sxv, mut svv) = (0.0f32, 0.0f32);
+        let mut lv = [8u8; QK];
+        let l0 = KVALUES[8] as f32;
+        for k in 0..QK {
+            let y = s * x[k];
+            sxv += w[k] * y * l0;
+            svv += w[k] * l0 * l0;
+            // crossings outward from level 8: up through MID[8..15] or down through MID[0..8]
+            let (mids, up) = if y > 0.0 {
+                (&MID[8..15], 1u64)
+            } else if y < 0.0 {
+                (&MID[0..8], 0u64)
+            } else {
+                continue;
+            };
+            let iy = 1.0 / y;
+            for &m in mids {
+                ev[n] = ((m * iy).to_bits() as u64) << 32 | (k as u64) << 1 | up;
+                n += 1;
+            }
+        }
+        let ev = &mut ev[..n];
+        ev.sort_unstable();
+        for (j, &e) in ev.iter().enumerate() {
+            let k = ((e >> 1) & 0xFF) as usize;
+            let y = s * x[k];
+            let old = KVALUES[lv[k] as usize] as f32;
+            lv[k] = if e & 1 == 1 { lv[k] + 1 } else { lv[k] - 1 };
+            let new = KVALUES[lv[k] as usize] as f32;
+            sxv += w[k] * y * (new - old);
+            svv += w[k] * (new * new - old * old);
+            // score once all crossings at the same t are applied
+            if j + 1 < ev.len() && ev[j + 1] >> 32 == e >> 32 {
+                continue;
             }
             if svv > 0.0 && sxv * sxv / svv > best.0 {
-                best = (sxv * sxv / svv, sxv / svv);
+                best = (sxv * sxv / svv, s * sxv / svv);
             }
         }
     }
@@ -102,6 +140,7 @@ pub fn quantize_block_q4(x: &[f32]) -> (f16, [u8; QK]) {
         return (f16::ZERO, [8; QK]);
     }
     let id = 1.0 / df;
+    let mut q = [8u8; QK];
     for (qi, &v) in q.iter_mut().zip(x) {
         *qi = nearest_level(v * id) as u8;
     }
@@ -111,23 +150,40 @@ pub fn quantize_block_q4(x: &[f32]) -> (f16, [u8; QK]) {
 /// Quantize a row-major `rows × cols` f32 matrix into `Q4x8` blocks (`cols % 32 == 0`).
 /// `out` must hold `row_groups(rows) * cols / 32` blocks. Rows past `rows` get zero scales.
 pub fn quantize_q4x8(w: &[f32], rows: usize, cols: usize, out: &mut [BlockQ4x8]) {
+    quantize_q4x8_weighted(w, rows, cols, None, out)
+}
+
+/// [`quantize_q4x8`] minimising the error weighted by a per-column importance `col_w[cols]`
+/// (e.g. the expected square of each input activation); `None` is uniform.
+pub fn quantize_q4x8_weighted(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    col_w: Option<&[f32]>,
+    out: &mut [BlockQ4x8],
+) {
     assert_eq!(cols % QK, 0);
     assert_eq!(w.len(), rows * cols);
+    if let Some(cw) = col_w {
+        assert_eq!(cw.len(), cols);
+    }
     let nb = cols / QK;
     assert!(out.len() >= rows.div_ceil(ROWS) * nb);
+    let uniform = [1.0f32; QK];
     for (g, group) in out.chunks_mut(nb).take(rows.div_ceil(ROWS)).enumerate() {
         for (b, blk) in group.iter_mut().enumerate() {
             *blk = BlockQ4x8 {
                 d: [0; ROWS],
                 qs: [0x88; 128],
             };
+            let cw = col_w.map_or(&uniform[..], |c| &c[b * QK..(b + 1) * QK]);
             for r in 0..ROWS {
                 let row = g * ROWS + r;
                 if row >= rows {
                     continue;
                 }
                 let x = &w[row * cols + b * QK..row * cols + (b + 1) * QK];
-                let (d, q) = quantize_block_q4(x);
+                let (d, q) = quantize_block_q4_weighted(x, cw);
                 blk.d[r] = d.to_bits();
                 for (k, &qk) in q.iter().enumerate() {
                     let (i, hi) = q4_pos(r, k);
