@@ -69,9 +69,22 @@ impl CpuLevel {
         })
     }
 
-    /// The best level this CPU supports.
+    /// Whether a level is chosen automatically when the CPU has it. The AVX-512 VNNI tier has
+    /// never run on real hardware (the development and CI machines are AVX2-only, and QEMU's
+    /// TCG does not emulate AVX-512), so it is used only when asked for with
+    /// `FERROQ_CPU=avx512vnni`; its tests still run wherever the CPU supports it.
+    pub fn auto_selected(self) -> bool {
+        self != CpuLevel::Avx512Vnni
+    }
+
+    /// The best level this CPU supports that is chosen automatically (see
+    /// [`CpuLevel::auto_selected`]).
     pub fn detect() -> CpuLevel {
-        *Self::available().last().unwrap_or(&CpuLevel::Scalar)
+        Self::available()
+            .into_iter()
+            .filter(|l| l.auto_selected())
+            .next_back()
+            .unwrap_or(CpuLevel::Scalar)
     }
 
     /// Every level this CPU supports, lowest first (always starts with `Scalar`, `Portable`).
@@ -109,8 +122,9 @@ impl CpuLevel {
         v
     }
 
-    /// The level to use: the detected one, lowered (never raised) by the `FERROQ_CPU`
-    /// environment variable. An unknown or unsupported request falls back to the detected level
+    /// The level to use: the detected one, lowered (never raised above what the CPU supports)
+    /// by the `FERROQ_CPU` environment variable, which can also opt in to a level that is not
+    /// chosen automatically. An unknown or unsupported request falls back to the detected level
     /// with a message on stderr.
     pub fn from_env() -> CpuLevel {
         let best = Self::detect();
