@@ -373,7 +373,9 @@ pub fn rope_inv_freq(theta: f32, dim: usize, llama3: Option<(f32, f32, f32, f32)
                 // high frequency: unchanged
             } else if wl > low_wl {
                 *f /= factor;
-            } else {
+            } else if hf > lf {
+                // (with hf == lf, as in the current Llama 4 Scout config, there is no smooth
+                // band: this branch is reached only at wl == old / lf exactly; keep it unchanged)
                 let s = (old / wl - lf) / (hf - lf);
                 *f = (1.0 - s) * *f / factor + s * *f;
             }

@@ -252,12 +252,12 @@ fn rope(f: &Fields, default_theta: f32) -> Result<(f32, Option<Llama3Scaling>)> 
             };
             if !(s.factor > 0.0
                 && s.low_freq_factor > 0.0
-                && s.high_freq_factor > s.low_freq_factor
+                && s.high_freq_factor >= s.low_freq_factor
                 && s.original_max_position_embeddings > 0.0)
             {
                 return Err(Error::config(
                     "rope_parameters",
-                    format!("llama3 scaling {s:?} is out of range (need factor > 0, high_freq_factor > low_freq_factor > 0)"),
+                    format!("llama3 scaling {s:?} is out of range (need factor > 0, high_freq_factor >= low_freq_factor > 0)"),
                 ));
             }
             Ok((theta, Some(s)))
