@@ -498,6 +498,25 @@ impl Kv for u16 {
     }
 }
 
+impl Kv for i8 {
+    #[inline(always)]
+    unsafe fn load8(p: *const i8) -> __m256 {
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i)))
+    }
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        self as f32
+    }
+}
+
+pub(crate) fn attn_scores_i8(q: &[f32], k: &[i8], ld_k: usize, scale: f32, s: &mut [f32]) {
+    attn_scores_t(q, k, ld_k, scale, s)
+}
+
+pub(crate) fn attn_values_i8(p: &[f32], v: &[i8], ld_v: usize, o: &mut [f32]) {
+    attn_values_t(p, v, ld_v, o)
+}
+
 pub(crate) fn attn_scores_f16(q: &[f32], k: &[u16], ld_k: usize, scale: f32, s: &mut [f32]) {
     attn_scores_t(q, k, ld_k, scale, s)
 }
