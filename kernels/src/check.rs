@@ -241,6 +241,32 @@ fn attn_values_f16<T: TierTable>(p: &[f32], v: &[u16], ld_v: usize, o: &mut [f32
     exact("attn_values_f16", o, &r);
 }
 
+fn attn_scores_i8<T: TierTable>(q: &[f32], k: &[i8], ld_k: usize, scale: f32, s: &mut [f32]) {
+    (T::K.attn_scores_i8)(q, k, ld_k, scale, s);
+    let mut r = s.to_vec();
+    scalar::attn_scores_i8(q, k, ld_k, scale, &mut r);
+    let d = q.len();
+    for (j, (g, w)) in s.iter().zip(&r).enumerate() {
+        let kf: Vec<f32> = k[j * ld_k..j * ld_k + d]
+            .iter()
+            .map(|&x| x as f32)
+            .collect();
+        close(
+            "attn_scores_i8",
+            &[*g],
+            &[*w],
+            dot_scale(q, &kf) * scale.abs(),
+        );
+    }
+}
+
+fn attn_values_i8<T: TierTable>(p: &[f32], v: &[i8], ld_v: usize, o: &mut [f32]) {
+    let mut r = o.to_vec();
+    (T::K.attn_values_i8)(p, v, ld_v, o);
+    scalar::attn_values_i8(p, v, ld_v, &mut r);
+    exact("attn_values_i8", o, &r);
+}
+
 fn rmsnorm<T: TierTable>(x: &[f32], w: Option<&[f32]>, eps: f32, out: &mut [f32]) {
     (T::K.rmsnorm)(x, w, eps, out);
     let mut r = out.to_vec();
@@ -320,5 +346,7 @@ pub(crate) fn wrap<T: TierTable>() -> Kernels {
         attn_values: attn_values::<T>,
         attn_scores_f16: attn_scores_f16::<T>,
         attn_values_f16: attn_values_f16::<T>,
+        attn_scores_i8: attn_scores_i8::<T>,
+        attn_values_i8: attn_values_i8::<T>,
     }
 }

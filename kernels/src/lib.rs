@@ -190,6 +190,10 @@ pub type AttnValuesFn = fn(&[f32], &[f32], usize, &mut [f32]);
 pub type AttnScoresF16Fn = fn(&[f32], &[u16], usize, f32, &mut [f32]);
 /// [`AttnValuesFn`] with f16 values (bits). Twin: [`scalar::attn_values_f16`].
 pub type AttnValuesF16Fn = fn(&[f32], &[u16], usize, &mut [f32]);
+/// [`AttnScoresFn`] with int8 keys. Twin: [`scalar::attn_scores_i8`].
+pub type AttnScoresI8Fn = fn(&[f32], &[i8], usize, f32, &mut [f32]);
+/// [`AttnValuesFn`] with int8 values. Twin: [`scalar::attn_values_i8`].
+pub type AttnValuesI8Fn = fn(&[f32], &[i8], usize, &mut [f32]);
 /// Top-k, `topk(logits, k, idx, val)`. Twin: [`scalar::topk`].
 pub type TopkFn = fn(&[f32], usize, &mut [u32], &mut [f32]);
 /// Grouping by expert, `group_by_expert(expert_of, n_experts, counts, offsets, perm, inv)`.
@@ -224,6 +228,8 @@ pub struct Kernels {
     pub attn_values: AttnValuesFn,
     pub attn_scores_f16: AttnScoresF16Fn,
     pub attn_values_f16: AttnValuesF16Fn,
+    pub attn_scores_i8: AttnScoresI8Fn,
+    pub attn_values_i8: AttnValuesI8Fn,
 }
 
 /// The scalar reference table.
@@ -251,6 +257,8 @@ pub(crate) const SCALAR: Kernels = Kernels {
     attn_values: scalar::attn_values,
     attn_scores_f16: scalar::attn_scores_f16,
     attn_values_f16: scalar::attn_values_f16,
+    attn_scores_i8: scalar::attn_scores_i8,
+    attn_values_i8: scalar::attn_values_i8,
 };
 
 /// A tier's table as a type, so that `check-kernels` can wrap it in generic (capture-free)

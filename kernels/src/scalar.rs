@@ -484,6 +484,30 @@ pub fn attn_values_f16(p: &[f32], v: &[u16], ld_v: usize, o: &mut [f32]) {
     }
 }
 
+/// [`attn_scores`] with int8 keys (the caller applies each row's scale afterwards).
+pub fn attn_scores_i8(q: &[f32], k: &[i8], ld_k: usize, scale: f32, s: &mut [f32]) {
+    let d = q.len();
+    for (j, sj) in s.iter_mut().enumerate() {
+        let row = &k[j * ld_k..j * ld_k + d];
+        let mut acc = 0.0f32;
+        for (x, &v) in q.iter().zip(row) {
+            acc += x * v as f32;
+        }
+        *sj = acc * scale;
+    }
+}
+
+/// [`attn_values`] with int8 values (`p` already multiplied by each row's scale):
+/// `o[c] += p[j] · (v[j][c] as f32)`, keys in order.
+pub fn attn_values_i8(p: &[f32], v: &[i8], ld_v: usize, o: &mut [f32]) {
+    let d = o.len();
+    for (j, &pj) in p.iter().enumerate() {
+        for (oc, &x) in o.iter_mut().zip(&v[j * ld_v..j * ld_v + d]) {
+            *oc += pj * x as f32;
+        }
+    }
+}
+
 /// RMSNorm: `out = x / sqrt(mean(x²) + eps) * w` (no weight when `w` is `None`).
 pub fn rmsnorm(x: &[f32], w: Option<&[f32]>, eps: f32, out: &mut [f32]) {
     // 1. mean of squares, accumulated in f64 for a length-independent error

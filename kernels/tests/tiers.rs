@@ -813,6 +813,27 @@ fn attention_kernels() {
                 (kt.attn_values_f16)(&p, &kh, ld, &mut o1);
                 scalar::attn_values_f16(&p, &kh, ld, &mut o2);
                 assert_eq!(o1, o2, "{lv} attn_values_f16 d={d} n={n}");
+                // int8 keys/values
+                let k8: Vec<i8> = k
+                    .iter()
+                    .map(|&x| (x * 40.0).clamp(-127.0, 127.0) as i8)
+                    .collect();
+                let k8f: Vec<f32> = k8.iter().map(|&x| x as f32).collect();
+                (kt.attn_scores_i8)(&q, &k8, ld, 0.125, &mut s1);
+                scalar::attn_scores_i8(&q, &k8, ld, 0.125, &mut s2);
+                for j in 0..n {
+                    let sa = sum_abs(&q, &k8f[j * ld..j * ld + d]) * 0.125;
+                    assert!(
+                        ((s1[j] - s2[j]).abs() as f64)
+                            <= F32_SUM_TOL as f64 * d as f64 * sa + 1e-30,
+                        "{lv} attn_scores_i8 d={d} n={n} j={j}"
+                    );
+                }
+                let mut o1 = rng.gauss_vec(d);
+                let mut o2 = o1.clone();
+                (kt.attn_values_i8)(&p, &k8, ld, &mut o1);
+                scalar::attn_values_i8(&p, &k8, ld, &mut o2);
+                assert_eq!(o1, o2, "{lv} attn_values_i8 d={d} n={n}");
             }
         }
     }

@@ -41,7 +41,7 @@ pub struct Args {
     /// Bytes of the buffer used to measure the machine's read bandwidth (0 skips it).
     #[arg(long, default_value_t = 512 << 20)]
     bw_bytes: usize,
-    /// KV cache type: f16 (default) or f32.
+    /// KV cache type: f16 (default), q8 or f32.
     #[arg(long, default_value = "f16", value_parser = parse_kv)]
     kv: KvType,
     /// Print one JSON object instead of the table.
@@ -50,7 +50,7 @@ pub struct Args {
 }
 
 fn parse_kv(s: &str) -> std::result::Result<KvType, String> {
-    KvType::parse(s).ok_or_else(|| format!("unknown KV cache type `{s}` (f16, f32)"))
+    KvType::parse(s).ok_or_else(|| format!("unknown KV cache type `{s}` (f16, q8, f32)"))
 }
 
 /// Mean and sample standard deviation.

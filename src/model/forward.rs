@@ -22,6 +22,8 @@ pub enum KvType {
     /// 2 bytes per element (IEEE half): the default; keys and values are rounded to f16.
     #[default]
     F16,
+    /// 1 byte per element plus one f32 scale per (position, KV head): symmetric int8 rows.
+    Q8,
 }
 
 impl KvType {
@@ -30,6 +32,7 @@ impl KvType {
         match s.trim().to_ascii_lowercase().as_str() {
             "f32" => Some(KvType::F32),
             "f16" => Some(KvType::F16),
+            "q8" | "int8" => Some(KvType::Q8),
             _ => None,
         }
     }
@@ -39,6 +42,26 @@ impl KvType {
 enum KvCache {
     F32(Vec<Vec<f32>>, Vec<Vec<f32>>),
     F16(Vec<Vec<u16>>, Vec<Vec<u16>>),
+    /// int8 keys, values, and their scales `[max_ctx, n_kv]`.
+    Q8(Q8Cache),
+}
+
+struct Q8Cache {
+    k: Vec<Vec<i8>>,
+    v: Vec<Vec<i8>>,
+    ks: Vec<Vec<f32>>,
+    vs: Vec<Vec<f32>>,
+}
+
+/// Symmetric int8 quantization of one head row: returns the scale.
+fn quantize_row_i8(x: &[f32], out: &mut [i8]) -> f32 {
+    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = (v * id).round().clamp(-127.0, 127.0) as i8;
+    }
+    d
 }
 
 /// One layer's cache, borrowed.
@@ -46,6 +69,7 @@ enum KvCache {
 enum KvLayer<'a> {
     F32(&'a [f32], &'a [f32]),
     F16(&'a [u16], &'a [u16]),
+    Q8(&'a [i8], &'a [i8], &'a [f32], &'a [f32]),
 }
 
 /// Which logits a forward call computes.
@@ -92,21 +116,22 @@ pub struct State {
     n_logits: usize,
     // threads: a pool for this session and one scratch buffer per pool thread
     pool: Option<ThreadPool>,
-    scratch: Vec<Mutex<Vec<f32>>>, // (threads,) × max(SCRATCH_LEN, n_heads × (ATT_TILE + 2))
+    scratch: Vec<Mutex<Vec<f32>>>, // (threads,) × max(SCRATCH_LEN, (n_heads + 1) × (ATT_TILE + 2))
 }
 
 impl State {
     /// A session state for up to `max_ctx` tokens, processing up to `max_batch` tokens per
     /// forward call. With `all_logits`, the logits buffer holds `max_batch` rows.
-    ///
-    /// This is the reference configuration (one thread, exact f32 KV cache) the parity tests
-    /// use; [`State::with_threads`] is the fast one (f16 KV cache).
+    /// One thread, exact f32 KV cache (the reference configuration).
     pub fn new(model: &Model, max_ctx: usize, max_batch: usize, all_logits: bool) -> State {
         Self::with_kv(model, max_ctx, max_batch, all_logits, 1, KvType::F32)
     }
 
     /// [`State::new`] running the heavy ops on `threads` threads (0 = all cores). Results are
-    /// identical whatever the thread count. The KV cache is f16 ([`KvType::default`]).
+    /// identical whatever the thread count. The KV cache is exact f32 (what `ferroq logits` and
+    /// the parity tests need); generation front ends should use [`State::with_kv`] with
+    /// [`KvType::default`] (f16: half the cache memory and bandwidth, logit error ~1e-2 on
+    /// SmolLM2 at f32 weights, far below the error of 4- or 8-bit weights).
     pub fn with_threads(
         model: &Model,
         max_ctx: usize,
@@ -114,14 +139,7 @@ impl State {
         all_logits: bool,
         threads: usize,
     ) -> State {
-        Self::with_kv(
-            model,
-            max_ctx,
-            max_batch,
-            all_logits,
-            threads,
-            KvType::default(),
-        )
+        Self::with_kv(model, max_ctx, max_batch, all_logits, threads, KvType::F32)
     }
 
     /// [`State::with_threads`] with a chosen KV cache type.
@@ -161,6 +179,15 @@ impl State {
                         (0..c.num_layers).map(|_| vec![0; n]).collect(),
                         (0..c.num_layers).map(|_| vec![0; n]).collect(),
                     ),
+                    KvType::Q8 => {
+                        let ns = max_ctx * c.num_kv_heads;
+                        KvCache::Q8(Q8Cache {
+                            k: (0..c.num_layers).map(|_| vec![0; n]).collect(),
+                            v: (0..c.num_layers).map(|_| vec![0; n]).collect(),
+                            ks: (0..c.num_layers).map(|_| vec![0.0; ns]).collect(),
+                            vs: (0..c.num_layers).map(|_| vec![0.0; ns]).collect(),
+                        })
+                    }
                 }
             },
             h: vec![0.0; max_batch * c.hidden_size],
@@ -195,7 +222,12 @@ impl State {
             n_logits: 0,
             pool,
             scratch: (0..n_threads)
-                .map(|_| Mutex::new(vec![0.0; SCRATCH_LEN.max(c.num_heads * (ATT_TILE + 2))]))
+                .map(|_| {
+                    Mutex::new(vec![
+                        0.0;
+                        SCRATCH_LEN.max((c.num_heads + 1) * (ATT_TILE + 2))
+                    ])
+                })
                 .collect(),
         }
     }
@@ -210,6 +242,7 @@ impl State {
         match self.kv {
             KvCache::F32(..) => KvType::F32,
             KvCache::F16(..) => KvType::F16,
+            KvCache::Q8(..) => KvType::Q8,
         }
     }
 
@@ -385,6 +418,15 @@ impl Model {
                             }
                         }
                     }
+                    KvCache::Q8(q) => {
+                        for h in 0..nkv {
+                            let r = p * kvd + h * d..p * kvd + (h + 1) * d;
+                            q.ks[li][p * nkv + h] =
+                                quantize_row_i8(&k[h * d..(h + 1) * d], &mut q.k[li][r.clone()]);
+                            q.vs[li][p * nkv + h] =
+                                quantize_row_i8(&v[h * d..(h + 1) * d], &mut q.v[li][r]);
+                        }
+                    }
                 }
             }
 
@@ -399,6 +441,7 @@ impl Model {
             let kvl = match &st.kv {
                 KvCache::F32(k, v) => KvLayer::F32(&k[li], &v[li]),
                 KvCache::F16(k, v) => KvLayer::F16(&k[li], &v[li]),
+                KvCache::Q8(q) => KvLayer::Q8(&q.k[li], &q.v[li], &q.ks[li], &q.vs[li]),
             };
             let chunk = if spec.chunked {
                 c.attention_chunk_size
@@ -412,7 +455,8 @@ impl Model {
                 let mut scratch = par.scratch[thread]
                     .lock()
                     .unwrap_or_else(|e| e.into_inner());
-                let (sc, ml) = scratch.split_at_mut(rep * ATT_TILE);
+                let (sc, rest) = scratch.split_at_mut(rep * ATT_TILE);
+                let (pw, ml) = rest.split_at_mut(ATT_TILE);
                 let o = tile.out(t);
                 o.iter_mut().for_each(|v| *v = 0.0);
                 for r in 0..rep {
@@ -430,6 +474,12 @@ impl Model {
                             KvLayer::F32(kc, _) => (kern.attn_scores)(q, &kc[off..], kvd, scale, s),
                             KvLayer::F16(kc, _) => {
                                 (kern.attn_scores_f16)(q, &kc[off..], kvd, scale, s)
+                            }
+                            KvLayer::Q8(kc, _, ks, _) => {
+                                (kern.attn_scores_i8)(q, &kc[off..], kvd, scale, s);
+                                for (i, x) in s.iter_mut().enumerate() {
+                                    *x *= ks[(j0 + i) * nkv + kh];
+                                }
                             }
                         }
                         let m_old = ml[2 * r];
@@ -450,6 +500,13 @@ impl Model {
                         match kvl {
                             KvLayer::F32(_, vc) => (kern.attn_values)(s, &vc[off..], kvd, or),
                             KvLayer::F16(_, vc) => (kern.attn_values_f16)(s, &vc[off..], kvd, or),
+                            KvLayer::Q8(_, vc, _, vs) => {
+                                let pw = &mut pw[..nk];
+                                for (i, (w, &x)) in pw.iter_mut().zip(s.iter()).enumerate() {
+                                    *w = x * vs[(j0 + i) * nkv + kh];
+                                }
+                                (kern.attn_values_i8)(pw, &vc[off..], kvd, or)
+                            }
                         }
                     }
                     j0 += nk;

@@ -1,0 +1,106 @@
+//! Accuracy cost of the f16 and int8 KV caches against transformers (float32), on the parity
+//! fixtures converted at f32 (so the cache is the only approximation besides float rounding),
+//! plus prefill vs decode and thread-count independence for each cache type.
+
+use ferroq::model::{KvType, Logits, Model, State};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const FIXTURES: [&str; 3] = ["llama3-tiny", "llama4-scout-tiny", "llama4-maverick-tiny"];
+
+fn fixture_dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/models")
+        .join(name)
+}
+
+fn convert_f32(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ferroq-kvtest-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join(format!("{name}.fqm"));
+    let st = Command::new(env!("CARGO_BIN_EXE_ferroq"))
+        .arg("convert")
+        .arg(fixture_dir(name))
+        .arg("-o")
+        .arg(&out)
+        .args(["--quant", "f32"])
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    out
+}
+
+/// `input_ids` and `logits` of expected.safetensors (F32 / I32 tensors).
+fn expected(name: &str) -> (Vec<u32>, Vec<f32>) {
+    let b = std::fs::read(fixture_dir(name).join("expected.safetensors")).unwrap();
+    let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+    let h: serde_json::Value = serde_json::from_slice(&b[8..8 + n]).unwrap();
+    let get = |k: &str| -> Vec<f32> {
+        let off = h[k]["data_offsets"].as_array().unwrap();
+        let (s, e) = (
+            off[0].as_u64().unwrap() as usize,
+            off[1].as_u64().unwrap() as usize,
+        );
+        let raw = &b[8 + n + s..8 + n + e];
+        match h[k]["dtype"].as_str().unwrap() {
+            "I32" => raw
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f32)
+                .collect(),
+            _ => raw
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+        }
+    };
+    let ids = get("input_ids").iter().map(|&v| v as u32).collect();
+    (ids, get("logits"))
+}
+
+fn run(model: &Model, ids: &[u32], kv: KvType, threads: usize, decode: bool) -> Vec<f32> {
+    let v = model.config.vocab_size;
+    let mut st = State::with_kv(model, ids.len(), ids.len(), true, threads, kv);
+    if decode {
+        let mut out = Vec::new();
+        for &id in ids {
+            model.forward(&mut st, &[id], Logits::All).unwrap();
+            out.extend_from_slice(&st.logits()[..v]);
+        }
+        out
+    } else {
+        model.forward(&mut st, ids, Logits::All).unwrap();
+        st.logits().to_vec()
+    }
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn kv_cache_accuracy() {
+    for name in FIXTURES {
+        let path = convert_f32(name);
+        let model = Model::open(&path).unwrap();
+        let (ids, want) = expected(name);
+        for (kv, budget) in [(KvType::F32, 1e-3), (KvType::F16, 2e-3), (KvType::Q8, 5e-2)] {
+            let got = run(&model, &ids, kv, 1, false);
+            let d = max_abs_diff(&got, &want);
+            let dec = run(&model, &ids, kv, 1, true);
+            let dd = max_abs_diff(&dec, &got);
+            let t2 = run(&model, &ids, kv, 2, false);
+            eprintln!("{name} kv {kv:?}: logits max|Δ| vs transformers {d:.3e}; decode vs prefill {dd:.3e}");
+            assert!(d <= budget, "{name} kv {kv:?}: max|Δ| {d} > {budget}");
+            assert!(dd <= 1e-3, "{name} kv {kv:?}: decode vs prefill {dd}");
+            assert_eq!(got, t2, "{name} kv {kv:?}: thread count changed the logits");
+        }
+        std::fs::remove_file(path).ok();
+    }
+}
