@@ -41,7 +41,7 @@ pub fn quantize_for<'a>(
     q8: &'a mut [BlockQ8A],
     mats: &[Mat],
 ) -> &'a [BlockQ8A] {
-    if k % QK == 0 && mats.iter().any(|m| m.wants_q8()) {
+    if k.is_multiple_of(QK) && mats.iter().any(|m| m.wants_q8()) {
         let nb = k / QK;
         (kern.quantize_q8a)(&x[..n_tok * k], &mut q8[..n_tok * nb]);
         &q8[..n_tok * nb]
@@ -80,6 +80,7 @@ impl Par<'_> {
 }
 
 /// `y[t * ld_y + r] = Σ_k W[r][k] · x[t][k]` for `r < rows`, on one thread.
+#[allow(clippy::too_many_arguments)] // the kernel contract (weights, shape, activations, output) in one call
 fn matmul_serial(
     kern: &Kernels,
     w: Mat,

@@ -241,7 +241,7 @@ impl Backoff {
         self.spins = self.spins.wrapping_add(1);
         if self.spins < PURE_SPINS {
             std::hint::spin_loop();
-            self.spins % 256 != 0 || self.start.elapsed() <= self.limit
+            !self.spins.is_multiple_of(256) || self.start.elapsed() <= self.limit
         } else {
             std::thread::yield_now();
             self.start.elapsed() <= self.limit

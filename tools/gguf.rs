@@ -323,7 +323,7 @@ pub fn dequantize(ty: GgmlType, src: &[u8], out: &mut [f32]) -> Result<()> {
             ty.name()
         )));
     }
-    if n % bs != 0 || (n / bs).checked_mul(ty.type_size()) != Some(src.len() as u64) {
+    if !n.is_multiple_of(bs) || (n / bs).checked_mul(ty.type_size()) != Some(src.len() as u64) {
         return Err(Error::Other(format!(
             "{}: {} elements need {} bytes, got {}",
             ty.name(),
@@ -492,11 +492,11 @@ fn permute_impl(data: &mut [f32], n_head: usize, cols: usize, inverse: bool) -> 
             data.len()
         ))
     };
-    if n_head == 0 || cols == 0 || data.len() % cols != 0 {
+    if n_head == 0 || cols == 0 || !data.len().is_multiple_of(cols) {
         return Err(bad());
     }
     let rows = data.len() / cols;
-    if rows % n_head != 0 || (rows / n_head) % 2 != 0 {
+    if !rows.is_multiple_of(n_head) || !(rows / n_head).is_multiple_of(2) {
         return Err(bad());
     }
     let hd = rows / n_head;

@@ -162,12 +162,12 @@ impl Shape {
 
     /// Is layer `i` a MoE layer (transformers: `moe_layers = range(step-1, L, step)`)?
     pub fn is_moe(&self, i: usize) -> bool {
-        self.family == Family::Llama4 && self.moe_step > 0 && (i + 1) % self.moe_step == 0
+        self.family == Family::Llama4 && self.moe_step > 0 && (i + 1).is_multiple_of(self.moe_step)
     }
 
     /// Does layer `i` use RoPE (transformers `no_rope_layers[i] == 1`)?
     pub fn uses_rope(&self, i: usize) -> bool {
-        self.nope_interval == 0 || (i + 1) % self.nope_interval != 0
+        self.nope_interval == 0 || !(i + 1).is_multiple_of(self.nope_interval)
     }
 
     fn check(&self) -> Result<()> {
@@ -175,7 +175,9 @@ impl Shape {
         if self.hidden_size == 0 || self.num_layers == 0 || self.vocab_size == 0 {
             return bad("hidden_size", "sizes must be > 0");
         }
-        if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0
+        if self.num_heads == 0
+            || self.num_kv_heads == 0
+            || !self.num_heads.is_multiple_of(self.num_kv_heads)
         {
             return bad("num_key_value_heads", "must divide num_attention_heads");
         }

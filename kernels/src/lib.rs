@@ -82,8 +82,7 @@ impl CpuLevel {
     pub fn detect() -> CpuLevel {
         Self::available()
             .into_iter()
-            .filter(|l| l.auto_selected())
-            .next_back()
+            .rfind(|l| l.auto_selected())
             .unwrap_or(CpuLevel::Scalar)
     }
 
@@ -200,6 +199,9 @@ pub type TopkFn = fn(&[f32], usize, &mut [u32], &mut [f32]);
 /// Twin: [`scalar::group_by_expert`].
 pub type GroupFn = fn(&[u32], usize, &mut [u32], &mut [u32], &mut [u32], &mut [u32]);
 
+/// RMSNorm, `rmsnorm(x, weight, eps, out)`. Twin: [`scalar::rmsnorm`].
+pub type RmsNormFn = fn(&[f32], Option<&[f32]>, f32, &mut [f32]);
+
 /// The kernel table of one CPU level. Build it once ([`Kernels::detect`]) and keep it.
 #[derive(Clone, Copy, Debug)]
 pub struct Kernels {
@@ -212,7 +214,7 @@ pub struct Kernels {
     pub gemm_f16: GemmH16Fn,
     pub dot_f32: fn(&[f32], &[f32]) -> f32,
     pub axpy_f32: fn(f32, &[f32], &mut [f32]),
-    pub rmsnorm: fn(&[f32], Option<&[f32]>, f32, &mut [f32]),
+    pub rmsnorm: RmsNormFn,
     pub softmax: fn(&mut [f32]),
     pub silu_mul: fn(&[f32], &[f32], &mut [f32]),
     // Expert routing.

@@ -101,10 +101,10 @@ impl ModelConfig {
                 return err(name, &format!("{v} is out of range"));
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return err("num_key_value_heads", "must divide num_attention_heads");
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return err("head_dim", "must be even for RoPE");
         }
         if self.layers.len() != self.num_layers {

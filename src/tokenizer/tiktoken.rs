@@ -35,7 +35,7 @@ fn b64_val(c: u8) -> Option<u32> {
 pub(crate) fn base64_decode(s: &[u8]) -> Option<Vec<u8>> {
     let s = match s.iter().position(|&c| c == b'=') {
         Some(p) => {
-            if s[p..].iter().any(|&c| c != b'=') || s.len() % 4 != 0 {
+            if s[p..].iter().any(|&c| c != b'=') || !s.len().is_multiple_of(4) {
                 return None;
             }
             &s[..p]

@@ -201,7 +201,7 @@ impl GgufWriter {
             offs.push(off);
             off = (off + t.data.len() as u64).div_ceil(a) * a;
         }
-        while out.len() as u64 % a != 0 {
+        while !(out.len() as u64).is_multiple_of(a) {
             out.push(0);
         }
         lay.data_start = out.len();

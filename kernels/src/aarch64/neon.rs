@@ -116,6 +116,7 @@ pub(crate) unsafe fn accumulate(
 
 /// The 4 chunks of a `Q4x8` block as 16 vectors: `[quad q][half h]` (h: rows 0–3 / 4–7).
 #[inline(always)]
+#[allow(clippy::needless_range_loop)] // `c` and `h` compute the load address too
 pub(crate) unsafe fn unpack_q4(qs: *const u8, kv: int8x16_t) -> [[int8x16_t; 2]; 8] {
     let m4 = vdupq_n_u8(0x0F);
     let mut w = [[vdupq_n_s8(0); 2]; 8];
