@@ -32,6 +32,23 @@ pub struct Act<'a> {
     pub q8: &'a [BlockQ8A],
 }
 
+impl<'a> Act<'a> {
+    /// Rows (tokens) `r0..r1` of these activations, with their quantized blocks if any.
+    pub fn rows(&self, r0: usize, r1: usize) -> Act<'a> {
+        let nb = self.k / QK;
+        Act {
+            x: &self.x[r0 * self.k..r1 * self.k],
+            k: self.k,
+            n_tok: r1 - r0,
+            q8: if self.q8.is_empty() {
+                self.q8
+            } else {
+                &self.q8[r0 * nb..r1 * nb]
+            },
+        }
+    }
+}
+
 /// Quantize `x [n_tok, k]` into `q8` (`n_tok * k / 32` blocks) if any of `mats` needs it.
 pub fn quantize_for<'a>(
     kern: &Kernels,

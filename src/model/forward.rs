@@ -723,23 +723,19 @@ impl Model {
             return;
         };
         let inter = c.moe_intermediate_size;
-        let nbh = hs / QK;
         let qa = quantize_for(kern, &st.xs, hs, pairs, &mut st.q8, &[self.mat(first[0])]);
+        let xs = Act {
+            x: &st.xs[..pairs * hs],
+            k: hs,
+            n_tok: pairs,
+            q8: qa,
+        };
         for (e, w) in experts.iter().enumerate() {
             let (o0, o1) = (st.offsets[e] as usize, st.offsets[e + 1] as usize);
             if o0 == o1 {
                 continue;
             }
-            let a = Act {
-                x: &st.xs[o0 * hs..o1 * hs],
-                k: hs,
-                n_tok: o1 - o0,
-                q8: if qa.is_empty() {
-                    qa
-                } else {
-                    &qa[o0 * nbh..o1 * nbh]
-                },
-            };
+            let a = xs.rows(o0, o1);
             ops::gate_up(
                 kern,
                 par,
@@ -752,7 +748,6 @@ impl Model {
                 &mut st.up[o0 * inter..o1 * inter],
             );
         }
-        let nbi = inter / QK;
         let qg = quantize_for(
             kern,
             &st.gate,
@@ -761,21 +756,18 @@ impl Model {
             &mut st.q8,
             &[self.mat(first[2])],
         );
+        let gs = Act {
+            x: &st.gate[..pairs * inter],
+            k: inter,
+            n_tok: pairs,
+            q8: qg,
+        };
         for (e, w) in experts.iter().enumerate() {
             let (o0, o1) = (st.offsets[e] as usize, st.offsets[e + 1] as usize);
             if o0 == o1 {
                 continue;
             }
-            let a = Act {
-                x: &st.gate[o0 * inter..o1 * inter],
-                k: inter,
-                n_tok: o1 - o0,
-                q8: if qg.is_empty() {
-                    qg
-                } else {
-                    &qg[o0 * nbi..o1 * nbi]
-                },
-            };
+            let a = gs.rows(o0, o1);
             let y = &mut st.ys[o0 * hs..o1 * hs];
             matmul(kern, par, self.mat(w[2]), hs, &a, y, hs);
         }
