@@ -368,3 +368,34 @@ fn cli_logits_and_generate_match_transformers() {
         std::fs::remove_file(model).ok();
     }
 }
+
+/// A model file whose stored config is absurd (corrupt or hostile) is rejected with an error
+/// naming the field, before anything large is allocated.
+#[test]
+fn absurd_config_in_model_file_is_an_error() {
+    use ferroq::format::{FqmFile, FqmWriter};
+    let good = convert("llama3-tiny", "f32", &[]);
+    let file = FqmFile::open(&good).unwrap();
+    for (field, value) in [
+        ("num_layers", serde_json::json!(1u64 << 23)),
+        ("num_experts", serde_json::json!(1u64 << 30)),
+        ("head_dim", serde_json::json!(0)),
+        ("num_kv_heads", serde_json::json!(3)),
+    ] {
+        let mut meta = file.meta().clone();
+        meta["config"][field] = value;
+        let bad = tmp_path("absurd");
+        let mut w = FqmWriter::create(&bad).unwrap();
+        for t in file.tensors() {
+            let v = file.get(&t.name).unwrap();
+            w.add_tensor(&t.name, t.dtype, &t.shape, v.data, 64)
+                .unwrap();
+        }
+        w.finish(&meta).unwrap();
+        let e = Model::open(&bad).unwrap_err().to_string();
+        eprintln!("{field}: {e}");
+        assert!(!e.is_empty());
+        std::fs::remove_file(bad).ok();
+    }
+    std::fs::remove_file(good).ok();
+}

@@ -85,6 +85,12 @@ pub struct ModelConfig {
     pub layers: Vec<LayerSpec>,
 }
 
+/// Most decoder layers a model may have (real models: 16–126).
+pub const MAX_LAYERS: usize = 4096;
+/// Most routed experts per layer, and per model counted over its MoE layers (Llama 4
+/// Maverick: 128 per layer, 3072 in all).
+pub const MAX_EXPERTS: usize = 1 << 16;
+
 impl ModelConfig {
     /// Check internal consistency (sizes non-zero, heads divide, layer list length, ...).
     pub fn validate(&self) -> crate::Result<()> {
@@ -100,6 +106,30 @@ impl ModelConfig {
             if v == 0 || v > (1 << 24) {
                 return err(name, &format!("{v} is out of range"));
             }
+        }
+        // caps far above any real model, so that a corrupt config cannot make the loader build
+        // a tensor table of billions of entries before it finds the tensors missing
+        if self.num_layers > MAX_LAYERS {
+            return err(
+                "num_hidden_layers",
+                &format!("{} exceeds {MAX_LAYERS}", self.num_layers),
+            );
+        }
+        if self.num_experts > MAX_EXPERTS {
+            return err(
+                "num_local_experts",
+                &format!("{} exceeds {MAX_EXPERTS}", self.num_experts),
+            );
+        }
+        let moe_layers = self.layers.iter().filter(|l| l.moe).count();
+        if moe_layers * self.num_experts > MAX_EXPERTS {
+            return err(
+                "num_local_experts",
+                &format!(
+                    "{moe_layers} MoE layers × {} experts exceeds {MAX_EXPERTS} expert slots",
+                    self.num_experts
+                ),
+            );
         }
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return err("num_key_value_heads", "must divide num_attention_heads");
