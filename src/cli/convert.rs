@@ -4,6 +4,7 @@ use ferroq::tools::convert::{convert, ConvertOptions, ProgressEvent, Quant};
 use ferroq::tools::source::Checkpoint;
 use ferroq::Result;
 use indicatif::{ProgressBar, ProgressStyle};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 #[derive(clap::Args)]
@@ -41,6 +42,10 @@ pub fn run(args: Args) -> Result<()> {
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
+    // on a terminal: a progress bar; otherwise (logs, CI): a line every few seconds
+    let tty = std::io::stderr().is_terminal();
+    let last_line = std::cell::Cell::new(std::time::Instant::now());
+    let t0 = std::time::Instant::now();
     let progress = |ev: ProgressEvent| match ev {
         ProgressEvent::Start { bytes, .. } => bar.set_length(bytes),
         ProgressEvent::Tensor {
@@ -52,8 +57,22 @@ pub fn run(args: Args) -> Result<()> {
         } => {
             bar.set_position(bytes_done);
             bar.set_message(format!("{index}/{total} {name}"));
+            if !tty && (last_line.get().elapsed().as_secs() >= 5 || index == total) {
+                last_line.set(std::time::Instant::now());
+                eprintln!(
+                    "convert: tensor {index}/{total} ({name}), {:.0} MiB written, {:.0} s",
+                    bytes_done as f64 / (1 << 20) as f64,
+                    t0.elapsed().as_secs_f64()
+                );
+            }
         }
-        ProgressEvent::Note(n) => bar.println(format!("note: {n}")),
+        ProgressEvent::Note(n) => {
+            if tty {
+                bar.println(format!("note: {n}"))
+            } else {
+                eprintln!("note: {n}")
+            }
+        }
         ProgressEvent::Done { .. } => bar.finish_and_clear(),
     };
     let report = convert(
