@@ -2,6 +2,8 @@
 //! fixtures converted at f32 (so the cache is the only approximation besides float rounding),
 //! plus prefill vs decode and thread-count independence for each cache type.
 
+mod support;
+
 use ferroq::model::{KvType, Logits, Model, State};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -34,31 +36,12 @@ fn convert_f32(name: &str) -> PathBuf {
     out
 }
 
-/// `input_ids` and `logits` of expected.safetensors (F32 / I32 tensors).
+/// `input_ids` and `logits` of expected.safetensors.
 fn expected(name: &str) -> (Vec<u32>, Vec<f32>) {
     let b = std::fs::read(fixture_dir(name).join("expected.safetensors")).unwrap();
-    let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
-    let h: serde_json::Value = serde_json::from_slice(&b[8..8 + n]).unwrap();
-    let get = |k: &str| -> Vec<f32> {
-        let off = h[k]["data_offsets"].as_array().unwrap();
-        let (s, e) = (
-            off[0].as_u64().unwrap() as usize,
-            off[1].as_u64().unwrap() as usize,
-        );
-        let raw = &b[8 + n + s..8 + n + e];
-        match h[k]["dtype"].as_str().unwrap() {
-            "I32" => raw
-                .chunks_exact(4)
-                .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f32)
-                .collect(),
-            _ => raw
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                .collect(),
-        }
-    };
-    let ids = get("input_ids").iter().map(|&v| v as u32).collect();
-    (ids, get("logits"))
+    let (t, _) = support::read_safetensors(&b);
+    let ids = t["input_ids"].i64().iter().map(|&v| v as u32).collect();
+    (ids, t["logits"].f32())
 }
 
 fn run(model: &Model, ids: &[u32], kv: KvType, threads: usize, decode: bool) -> Vec<f32> {

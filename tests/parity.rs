@@ -5,6 +5,8 @@
 //! (transformers 5.24, float32): logits, per-layer hidden states (a failure names the first
 //! diverging layer), and greedy ids.
 
+mod support;
+
 use ferroq::model::{Logits, Model, State};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -38,43 +40,19 @@ fn tmp_path(tag: &str) -> PathBuf {
     dir.join(format!("{tag}-{}.fqm", N.fetch_add(1, Ordering::SeqCst)))
 }
 
-/// Minimal safetensors reader for the expected outputs (F32 and I32 only).
+/// Tensors of a safetensors file as (shape, values as f32); integer tensors are converted.
 fn read_safetensors(path: &Path) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
-    let b = std::fs::read(path).unwrap();
-    let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
-    let h: serde_json::Value = serde_json::from_slice(&b[8..8 + n]).unwrap();
-    let base = 8 + n;
-    let mut out = HashMap::new();
-    for (k, v) in h.as_object().unwrap() {
-        if k == "__metadata__" {
-            continue;
-        }
-        let shape: Vec<usize> = v["shape"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| d.as_u64().unwrap() as usize)
-            .collect();
-        let off = v["data_offsets"].as_array().unwrap();
-        let (s, e) = (
-            off[0].as_u64().unwrap() as usize,
-            off[1].as_u64().unwrap() as usize,
-        );
-        let raw = &b[base + s..base + e];
-        let data: Vec<f32> = match v["dtype"].as_str().unwrap() {
-            "F32" => raw
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                .collect(),
-            "I32" => raw
-                .chunks_exact(4)
-                .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f32)
-                .collect(),
-            d => panic!("unexpected dtype {d}"),
-        };
-        out.insert(k.clone(), (shape, data));
-    }
-    out
+    let (tensors, _) = support::read_safetensors(&std::fs::read(path).unwrap());
+    tensors
+        .into_iter()
+        .map(|(k, t)| {
+            let v = match t.dtype.as_str() {
+                "I32" | "I64" | "U32" => t.i64().into_iter().map(|x| x as f32).collect(),
+                _ => t.f32(),
+            };
+            (k, (t.shape, v))
+        })
+        .collect()
 }
 
 fn convert(name: &str, quant: &str, extra: &[&str]) -> PathBuf {
