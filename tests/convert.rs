@@ -1082,3 +1082,64 @@ fn cli_convert_and_inspect() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("--quant"));
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+#[test]
+fn output_and_embedding_type_overrides() {
+    let d = scratch("override");
+    let convert_with = |fx: &str, out: &Path, output: Option<DType>, emb: Option<DType>| {
+        let ck = open_hf_dir(fixture(fx)).unwrap();
+        convert(
+            &ck,
+            out,
+            &ConvertOptions {
+                quant: Quant::Q4,
+                output_type: output,
+                embedding_type: emb,
+                ..Default::default()
+            },
+            &quiet,
+        )
+        .unwrap();
+        FqmFile::open(out).unwrap()
+    };
+    // untied: each table takes its own override
+    let f = convert_with(
+        "llama4-scout-tiny",
+        &d.join("scout.fqm"),
+        Some(DType::Q4x8),
+        Some(DType::Bf16),
+    );
+    assert_eq!(f.tensor("output").unwrap().info.dtype, DType::Q4x8);
+    assert_eq!(f.tensor("tok_embeddings").unwrap().info.dtype, DType::Bf16);
+    assert_eq!(f.tensor("layers.0.wq").unwrap().info.dtype, DType::Q4x8);
+    let recipe = &f.meta()["recipe"];
+    assert_eq!(recipe["roles"]["output"], "q4x8");
+    assert_eq!(recipe["roles"]["embedding"], "bf16");
+    assert_eq!(recipe["output_tensor_type"], "q4x8");
+    // the q4 output stays within the q4 error budget of its source
+    let src = read_all(&fixture("llama4-scout-tiny"));
+    let got = decode(&f, "output");
+    let e = rel_rms(&got, &src["lm_head.weight"].1);
+    assert!(e < Q4_REL_RMS_BUDGET, "q4 output rel rms {e}");
+    // tied: the shared table is the output projection, so the output type wins
+    let f = convert_with(
+        "llama3-tiny",
+        &d.join("llama3.fqm"),
+        Some(DType::Q4x8),
+        Some(DType::F32),
+    );
+    assert_eq!(f.tensor("tok_embeddings").unwrap().info.dtype, DType::Q4x8);
+    assert!(f.tensor("output").is_err());
+    // the model runs on it
+    let m = ferroq::model::Model::open(d.join("llama3.fqm")).unwrap();
+    let mut st = ferroq::model::State::new(&m, 8, 8, false);
+    m.forward(&mut st, &[1, 2, 3], ferroq::model::Logits::Last)
+        .unwrap();
+    assert!(st.logits().iter().all(|x| x.is_finite()));
+    // bad names are refused with the flag named
+    let e = ferroq::tools::convert::parse_matrix_type("q5")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("output-tensor-type") && e.contains("q5"), "{e}");
+    std::fs::remove_dir_all(&d).unwrap();
+}
