@@ -267,6 +267,35 @@ fn attn_values_i8<T: TierTable>(p: &[f32], v: &[i8], ld_v: usize, o: &mut [f32])
     exact("attn_values_i8", o, &r);
 }
 
+fn attn_scores_kt<T: TierTable>(
+    q: &[f32],
+    kt: &[f32],
+    d: usize,
+    n: usize,
+    scale: f32,
+    s: &mut [f32],
+) {
+    (T::K.attn_scores_kt)(q, kt, d, n, scale, s);
+    let mut r = s.to_vec();
+    scalar::attn_scores_kt(q, kt, d, n, scale, &mut r);
+    for (i, (g, w)) in s.iter().zip(&r).enumerate().take(q.len() / d.max(1) * n) {
+        let (row, j) = (i / n, i % n);
+        let sa: f32 = (0..d).map(|c| (q[row * d + c] * kt[c * n + j]).abs()).sum();
+        close("attn_scores_kt", &[*g], &[*w], sa * scale.abs());
+    }
+}
+
+fn softmax_tile<T: TierTable>(s: &mut [f32], m_old: f32) -> (f32, f32) {
+    let mut r = s.to_vec();
+    let (m, sum) = (T::K.softmax_tile)(s, m_old);
+    let (m2, sum2) = scalar::softmax_tile(&mut r, m_old);
+    exact("softmax_tile max", &[m], &[m2]);
+    // below f32::MIN_POSITIVE the SIMD exp may flush to 0
+    close("softmax_tile", s, &r, f32::MIN_POSITIVE / CHECK_REL_TOL);
+    close("softmax_tile sum", &[sum], &[sum2], 0.0);
+    (m, sum)
+}
+
 fn rmsnorm<T: TierTable>(x: &[f32], w: Option<&[f32]>, eps: f32, out: &mut [f32]) {
     (T::K.rmsnorm)(x, w, eps, out);
     let mut r = out.to_vec();
@@ -348,5 +377,7 @@ pub(crate) fn wrap<T: TierTable>() -> Kernels {
         attn_values_f16: attn_values_f16::<T>,
         attn_scores_i8: attn_scores_i8::<T>,
         attn_values_i8: attn_values_i8::<T>,
+        attn_scores_kt: attn_scores_kt::<T>,
+        softmax_tile: softmax_tile::<T>,
     }
 }

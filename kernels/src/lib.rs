@@ -193,6 +193,12 @@ pub type AttnValuesF16Fn = fn(&[f32], &[u16], usize, &mut [f32]);
 pub type AttnScoresI8Fn = fn(&[f32], &[i8], usize, f32, &mut [f32]);
 /// [`AttnValuesFn`] with int8 values. Twin: [`scalar::attn_values_i8`].
 pub type AttnValuesI8Fn = fn(&[f32], &[i8], usize, &mut [f32]);
+/// Scores of query rows against transposed keys, `attn_scores_kt(q, kt, d, n, scale, s)`.
+/// Twin: [`scalar::attn_scores_kt`].
+pub type AttnScoresKtFn = fn(&[f32], &[f32], usize, usize, f32, &mut [f32]);
+/// Online-softmax step over a tile, `softmax_tile(s, m_old) -> (m_new, sum)`.
+/// Twin: [`scalar::softmax_tile`].
+pub type SoftmaxTileFn = fn(&mut [f32], f32) -> (f32, f32);
 /// Top-k, `topk(logits, k, idx, val)`. Twin: [`scalar::topk`].
 pub type TopkFn = fn(&[f32], usize, &mut [u32], &mut [f32]);
 /// Grouping by expert, `group_by_expert(expert_of, n_experts, counts, offsets, perm, inv)`.
@@ -232,6 +238,8 @@ pub struct Kernels {
     pub attn_values_f16: AttnValuesF16Fn,
     pub attn_scores_i8: AttnScoresI8Fn,
     pub attn_values_i8: AttnValuesI8Fn,
+    pub attn_scores_kt: AttnScoresKtFn,
+    pub softmax_tile: SoftmaxTileFn,
 }
 
 /// The scalar reference table.
@@ -261,6 +269,8 @@ pub(crate) const SCALAR: Kernels = Kernels {
     attn_values_f16: scalar::attn_values_f16,
     attn_scores_i8: scalar::attn_scores_i8,
     attn_values_i8: scalar::attn_values_i8,
+    attn_scores_kt: scalar::attn_scores_kt,
+    softmax_tile: scalar::softmax_tile,
 };
 
 /// A tier's table as a type, so that `check-kernels` can wrap it in generic (capture-free)

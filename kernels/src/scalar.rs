@@ -508,6 +508,45 @@ pub fn attn_values_i8(p: &[f32], v: &[i8], ld_v: usize, o: &mut [f32]) {
     }
 }
 
+/// Scores of several query rows against keys stored transposed (`kt` is `d × n`, key `j` in
+/// column `j`): `s[r * n + j] = scale · Σ_c q[r * d + c] · kt[c * n + j]` for rows
+/// `r < q.len() / d`, `j < n` (`c` in order; SIMD tiers fuse the multiply-adds: tolerance-tested).
+pub fn attn_scores_kt(q: &[f32], kt: &[f32], d: usize, n: usize, scale: f32, s: &mut [f32]) {
+    if d == 0 || n == 0 {
+        s.iter_mut()
+            .take(q.len() / d.max(1) * n)
+            .for_each(|x| *x = 0.0);
+        return;
+    }
+    for (qr, sr) in q.chunks_exact(d).zip(s.chunks_exact_mut(n)) {
+        for (j, sj) in sr.iter_mut().enumerate() {
+            let mut acc = 0.0f32;
+            for (c, &x) in qr.iter().enumerate() {
+                acc += x * kt[c * n + j];
+            }
+            *sj = acc * scale;
+        }
+    }
+}
+
+/// One online-softmax step over a tile of scores: `m = max(m_old, max_j s[j])`, then
+/// `s[j] = exp(s[j] − m)`; returns `(m, Σ_j s[j])` (summed in order). When `m` is −∞ (no finite
+/// score and `m_old` = −∞) `s` is zeroed and the sum is 0. SIMD tiers use a polynomial `exp`
+/// (a few ulp) and lane-wise sums: tolerance-tested.
+pub fn softmax_tile(s: &mut [f32], m_old: f32) -> (f32, f32) {
+    let m = s.iter().fold(m_old, |m, &v| m.max(v));
+    if m == f32::NEG_INFINITY {
+        s.iter_mut().for_each(|v| *v = 0.0);
+        return (m, 0.0);
+    }
+    let mut sum = 0.0f32;
+    for v in s.iter_mut() {
+        *v = (*v - m).exp();
+        sum += *v;
+    }
+    (m, sum)
+}
+
 /// RMSNorm: `out = x / sqrt(mean(x²) + eps) * w` (no weight when `w` is `None`).
 pub fn rmsnorm(x: &[f32], w: Option<&[f32]>, eps: f32, out: &mut [f32]) {
     // 1. mean of squares, accumulated in f64 for a length-independent error

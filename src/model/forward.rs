@@ -483,12 +483,7 @@ impl Model {
                             }
                         }
                         let m_old = ml[2 * r];
-                        let m_new = s.iter().fold(m_old, |m, &v| m.max(v));
-                        let mut sum = 0.0f32;
-                        for x in s.iter_mut() {
-                            *x = (*x - m_new).exp();
-                            sum += *x;
-                        }
+                        let (m_new, sum) = (kern.softmax_tile)(s, m_old);
                         let or = &mut o[r * d..(r + 1) * d];
                         if m_old != m_new && m_old != f32::NEG_INFINITY {
                             let corr = (m_old - m_new).exp();

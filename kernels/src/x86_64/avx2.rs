@@ -649,3 +649,189 @@ unsafe fn attn_values_impl<E: Kv>(p: &[f32], v: &[E], ld_v: usize, o: &mut [f32]
         *op.add(cc) = a;
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Prefill attention: scores of a block of query rows against a tile of keys stored transposed
+// (`kt[c * n + j]`), 4 rows × 16 keys per register block (8 FMA chains, a broadcast query
+// element times two key vectors: no horizontal sum), and the online-softmax step with a
+// polynomial exp.
+// ---------------------------------------------------------------------------------------------
+
+pub(crate) fn attn_scores_kt(q: &[f32], kt: &[f32], d: usize, n: usize, scale: f32, s: &mut [f32]) {
+    let _ = Avx2::get();
+    if d == 0 || n == 0 {
+        return crate::scalar::attn_scores_kt(q, kt, d, n, scale, s);
+    }
+    let rows = q.len() / d;
+    assert!(kt.len() >= d * n, "attn_scores_kt: keys too short");
+    assert!(s.len() >= rows * n, "attn_scores_kt: scores too short");
+    // SAFETY: features checked above; rows read q[..rows * d], keys kt[..d * n], scores are
+    // written in s[..rows * n], all inside the slices by the assertions.
+    unsafe { attn_scores_kt_impl(q.as_ptr(), rows, kt.as_ptr(), d, n, scale, s.as_mut_ptr()) }
+}
+
+/// # Safety
+/// AVX2 + FMA available; `q` has `rows * d` readable floats, `kt` `d * n`, `s` `rows * n`
+/// writable.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attn_scores_kt_impl(
+    q: *const f32,
+    rows: usize,
+    kt: *const f32,
+    d: usize,
+    n: usize,
+    scale: f32,
+    s: *mut f32,
+) {
+    let mut r = 0;
+    while r + 4 <= rows {
+        scores_kt_rows::<4>(q.add(r * d), kt, d, n, scale, s.add(r * n));
+        r += 4;
+    }
+    while r < rows {
+        scores_kt_rows::<1>(q.add(r * d), kt, d, n, scale, s.add(r * n));
+        r += 1;
+    }
+}
+
+/// `R` rows of [`attn_scores_kt_impl`].
+#[inline(always)]
+unsafe fn scores_kt_rows<const R: usize>(
+    q: *const f32,
+    kt: *const f32,
+    d: usize,
+    n: usize,
+    scale: f32,
+    s: *mut f32,
+) {
+    let vs = _mm256_set1_ps(scale);
+    let mut j = 0;
+    while j + 16 <= n {
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        for c in 0..d {
+            let k0 = _mm256_loadu_ps(kt.add(c * n + j));
+            let k1 = _mm256_loadu_ps(kt.add(c * n + j + 8));
+            for (r, a) in acc.iter_mut().enumerate() {
+                let qv = _mm256_broadcast_ss(&*q.add(r * d + c));
+                a[0] = _mm256_fmadd_ps(qv, k0, a[0]);
+                a[1] = _mm256_fmadd_ps(qv, k1, a[1]);
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(s.add(r * n + j), _mm256_mul_ps(a[0], vs));
+            _mm256_storeu_ps(s.add(r * n + j + 8), _mm256_mul_ps(a[1], vs));
+        }
+        j += 16;
+    }
+    if j + 8 <= n {
+        let mut acc = [_mm256_setzero_ps(); R];
+        for c in 0..d {
+            let k0 = _mm256_loadu_ps(kt.add(c * n + j));
+            for (r, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(_mm256_broadcast_ss(&*q.add(r * d + c)), k0, *a);
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(s.add(r * n + j), _mm256_mul_ps(*a, vs));
+        }
+        j += 8;
+    }
+    for jj in j..n {
+        for r in 0..R {
+            let mut t = 0.0f32;
+            for c in 0..d {
+                t += *q.add(r * d + c) * *kt.add(c * n + jj);
+            }
+            *s.add(r * n + jj) = t * scale;
+        }
+    }
+}
+
+pub(crate) fn softmax_tile(s: &mut [f32], m_old: f32) -> (f32, f32) {
+    let _ = Avx2::get();
+    // SAFETY: features checked above.
+    unsafe { softmax_tile_impl(s, m_old) }
+}
+
+/// `exp(x)` for 8 lanes: `x = n·ln2 + r` with `n = round(x·log2 e)` (Cody–Waite split of ln2),
+/// Cephes' degree-7 polynomial for `e^r` on `|r| ≤ ln2/2` (about 1 ulp), `2^n` built in the
+/// exponent bits. Lanes below −87.34 (results under `f32::MIN_POSITIVE`, and −∞) give 0; NaN
+/// stays NaN; lanes above 88 are clamped to 88 (callers pass `x ≤ 0`).
+///
+/// # Safety
+/// AVX2 + FMA available.
+#[inline(always)]
+unsafe fn exp8(x: __m256) -> __m256 {
+    let under = _mm256_cmp_ps(x, _mm256_set1_ps(-87.336_55), _CMP_LT_OQ);
+    let x = _mm256_min_ps(x, _mm256_set1_ps(88.0));
+    let x = _mm256_max_ps(x, _mm256_set1_ps(-88.0));
+    let nf = _mm256_round_ps(
+        _mm256_mul_ps(x, _mm256_set1_ps(core::f32::consts::LOG2_E)),
+        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+    );
+    let r = _mm256_fnmadd_ps(nf, _mm256_set1_ps(0.693_359_4), x);
+    let r = _mm256_fnmadd_ps(nf, _mm256_set1_ps(-2.121_944_4e-4), r);
+    let mut p = _mm256_set1_ps(1.987_569_1e-4);
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        0.166_666_65,
+        0.5,
+    ] {
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+    }
+    let p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r);
+    let p = _mm256_add_ps(p, _mm256_set1_ps(1.0));
+    // n ≥ −127 here (x ≥ −88); n = −127 only for lanes masked to 0 below
+    let e = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvtps_epi32(nf), _mm256_set1_epi32(127)),
+        23,
+    );
+    _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)))
+}
+
+/// # Safety
+/// AVX2 + FMA available.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_tile_impl(s: &mut [f32], m_old: f32) -> (f32, f32) {
+    let n = s.len();
+    let p = s.as_mut_ptr();
+    let n8 = n - n % 8;
+    // max: `max_ps(x, m)` returns `m` when `x` is NaN, like `f32::max`
+    let mut vm = _mm256_set1_ps(m_old);
+    let mut i = 0;
+    while i < n8 {
+        vm = _mm256_max_ps(_mm256_loadu_ps(p.add(i)), vm);
+        i += 8;
+    }
+    let h = _mm_max_ps(_mm256_castps256_ps128(vm), _mm256_extractf128_ps(vm, 1));
+    let h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    let h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
+    let mut m = _mm_cvtss_f32(h);
+    for &v in &s[n8..] {
+        m = m.max(v);
+    }
+    if m == f32::NEG_INFINITY {
+        s.iter_mut().for_each(|v| *v = 0.0);
+        return (m, 0.0);
+    }
+    let vm = _mm256_set1_ps(m);
+    let mut acc = _mm256_setzero_ps();
+    i = 0;
+    while i < n8 {
+        let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), vm));
+        _mm256_storeu_ps(p.add(i), e);
+        acc = _mm256_add_ps(acc, e);
+        i += 8;
+    }
+    if n8 < n {
+        let mut t = [f32::NEG_INFINITY; 8];
+        t[..n - n8].copy_from_slice(&s[n8..]);
+        let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(t.as_ptr()), vm));
+        _mm256_storeu_ps(t.as_mut_ptr(), e);
+        s[n8..].copy_from_slice(&t[..n - n8]);
+        acc = _mm256_add_ps(acc, e);
+    }
+    (m, hsum(acc))
+}
