@@ -285,6 +285,20 @@ fn attn_scores_kt<T: TierTable>(
     }
 }
 
+fn attn_values_rows<T: TierTable>(
+    p: &[f32],
+    n: usize,
+    v: &[f32],
+    ld_v: usize,
+    d: usize,
+    o: &mut [f32],
+) {
+    let mut r = o.to_vec();
+    (T::K.attn_values_rows)(p, n, v, ld_v, d, o);
+    scalar::attn_values_rows(p, n, v, ld_v, d, &mut r);
+    exact("attn_values_rows", o, &r);
+}
+
 fn softmax_tile<T: TierTable>(s: &mut [f32], m_old: f32) -> (f32, f32) {
     let mut r = s.to_vec();
     let (m, sum) = (T::K.softmax_tile)(s, m_old);
@@ -379,5 +393,6 @@ pub(crate) fn wrap<T: TierTable>() -> Kernels {
         attn_values_i8: attn_values_i8::<T>,
         attn_scores_kt: attn_scores_kt::<T>,
         softmax_tile: softmax_tile::<T>,
+        attn_values_rows: attn_values_rows::<T>,
     }
 }

@@ -196,6 +196,9 @@ pub type AttnValuesI8Fn = fn(&[f32], &[i8], usize, &mut [f32]);
 /// Scores of query rows against transposed keys, `attn_scores_kt(q, kt, d, n, scale, s)`.
 /// Twin: [`scalar::attn_scores_kt`].
 pub type AttnScoresKtFn = fn(&[f32], &[f32], usize, usize, f32, &mut [f32]);
+/// Value sums of several rows, `attn_values_rows(p, n, v, ld_v, d, o)`.
+/// Twin: [`scalar::attn_values_rows`].
+pub type AttnValuesRowsFn = fn(&[f32], usize, &[f32], usize, usize, &mut [f32]);
 /// Online-softmax step over a tile, `softmax_tile(s, m_old) -> (m_new, sum)`.
 /// Twin: [`scalar::softmax_tile`].
 pub type SoftmaxTileFn = fn(&mut [f32], f32) -> (f32, f32);
@@ -240,6 +243,7 @@ pub struct Kernels {
     pub attn_values_i8: AttnValuesI8Fn,
     pub attn_scores_kt: AttnScoresKtFn,
     pub softmax_tile: SoftmaxTileFn,
+    pub attn_values_rows: AttnValuesRowsFn,
 }
 
 /// The scalar reference table.
@@ -271,6 +275,7 @@ pub(crate) const SCALAR: Kernels = Kernels {
     attn_values_i8: scalar::attn_values_i8,
     attn_scores_kt: scalar::attn_scores_kt,
     softmax_tile: scalar::softmax_tile,
+    attn_values_rows: scalar::attn_values_rows,
 };
 
 /// A tier's table as a type, so that `check-kernels` can wrap it in generic (capture-free)

@@ -529,6 +529,18 @@ pub fn attn_scores_kt(q: &[f32], kt: &[f32], d: usize, n: usize, scale: f32, s: 
     }
 }
 
+/// [`attn_values`] for several rows sharing the value rows: for each row `r < o.len() / d`,
+/// `o[r * d + c] += p[r * n + j] · v[j * ld_v + c]` for `j = 0, 1, .. n` in order (each row
+/// is [`attn_values`] of `p[r * n..][..n]`: every tier is bit-identical to this).
+pub fn attn_values_rows(p: &[f32], n: usize, v: &[f32], ld_v: usize, d: usize, o: &mut [f32]) {
+    if d == 0 {
+        return;
+    }
+    for (r, or) in o.chunks_exact_mut(d).enumerate() {
+        attn_values(&p[r * n..(r + 1) * n], v, ld_v, or);
+    }
+}
+
 /// One online-softmax step over a tile of scores: `m = max(m_old, max_j s[j])`, then
 /// `s[j] = exp(s[j] − m)`; returns `(m, Σ_j s[j])` (summed in order). When `m` is −∞ (no finite
 /// score and `m_old` = −∞) `s` is zeroed and the sum is 0. SIMD tiers use a polynomial `exp`

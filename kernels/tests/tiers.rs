@@ -907,6 +907,21 @@ fn attention_tile_kernels() {
                 );
             }
         }
+        // value sums of several rows: bit-identical to the twin
+        for d in [1usize, 7, 8, 16, 24, 64, 72, 128] {
+            for n in [0usize, 1, 5, 17, 64] {
+                for rows in [1usize, 3, 4, 5, 12] {
+                    let ld = d + 3;
+                    let p = rng.gauss_vec(rows * n);
+                    let v = rng.gauss_vec(n * ld + d);
+                    let mut o1 = rng.gauss_vec(rows * d);
+                    let mut o2 = o1.clone();
+                    (kt.attn_values_rows)(&p, n, &v, ld, d, &mut o1);
+                    scalar::attn_values_rows(&p, n, &v, ld, d, &mut o2);
+                    assert_eq!(o1, o2, "{lv} attn_values_rows d={d} n={n} rows={rows}");
+                }
+            }
+        }
         // scores against transposed keys
         for d in [1usize, 7, 64, 128] {
             for n in [0usize, 1, 5, 8, 15, 16, 17, 40, 64] {

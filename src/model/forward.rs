@@ -626,23 +626,25 @@ impl Model {
                     let rows = i_lo * rep..i_hi * rep;
                     let s = &mut sc[..rows.len() * nk];
                     (kern.attn_scores_kt)(&qs[rows.start * d..rows.end * d], kt, d, nk, scale, s);
-                    for (sr, r) in s.chunks_exact_mut(nk).zip(rows) {
+                    for (sr, r) in s.chunks_exact_mut(nk).zip(rows.clone()) {
                         let p = first + r / rep;
                         // p >= j0 and chunk_start(p) < j0 + nk by the token range: a < b
                         let (a, b) = (chunk_start(p).max(j0) - j0, (p + 1).min(j0 + nk) - j0);
-                        let sr = &mut sr[a..b];
+                        // keys outside a..b get weight 0: `o + 0·v` leaves `o` as it is
+                        sr[..a].iter_mut().for_each(|x| *x = 0.0);
+                        sr[b..].iter_mut().for_each(|x| *x = 0.0);
                         let m_old = ml[2 * r];
-                        let (m_new, sum) = (kern.softmax_tile)(sr, m_old);
-                        let or = &mut os[r * d..(r + 1) * d];
+                        let (m_new, sum) = (kern.softmax_tile)(&mut sr[a..b], m_old);
                         if m_old != m_new && m_old != f32::NEG_INFINITY {
                             let corr = (m_old - m_new).exp();
-                            or.iter_mut().for_each(|v| *v *= corr);
+                            os[r * d..(r + 1) * d].iter_mut().for_each(|v| *v *= corr);
                             ml[2 * r + 1] *= corr;
                         }
                         ml[2 * r + 1] += sum;
                         ml[2 * r] = m_new;
-                        (kern.attn_values)(sr, &vt[a * ldv..], ldv, or);
                     }
+                    let o = &mut os[rows.start * d..rows.end * d];
+                    (kern.attn_values_rows)(s, nk, vt, ldv, d, o);
                     j0 += nk;
                 }
                 for i in 0..nt {

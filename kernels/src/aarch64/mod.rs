@@ -40,6 +40,7 @@ pub(crate) const NEON: Kernels = Kernels {
     attn_values_i8: crate::scalar::attn_values_i8,
     attn_scores_kt: crate::scalar::attn_scores_kt,
     softmax_tile: crate::scalar::softmax_tile,
+    attn_values_rows: crate::scalar::attn_values_rows,
 };
 
 /// NEON + dotprod (Cortex-A55/A76 and later, Neoverse N1, Apple M1, Graviton 2).

@@ -747,6 +747,114 @@ unsafe fn scores_kt_rows<const R: usize>(
     }
 }
 
+pub(crate) fn attn_values_rows(
+    p: &[f32],
+    n: usize,
+    v: &[f32],
+    ld_v: usize,
+    d: usize,
+    o: &mut [f32],
+) {
+    let _ = Avx2::get();
+    if d == 0 || n == 0 {
+        return;
+    }
+    let rows = o.len() / d;
+    assert!(p.len() >= rows * n, "attn_values_rows: weights too short");
+    assert!(
+        v.len() >= (n - 1) * ld_v + d,
+        "attn_values_rows: values too short"
+    );
+    // SAFETY: features checked above; row r reads p[r * n..][..n] and writes o[r * d..][..d],
+    // value row j < n spans v[j * ld_v..][..d]: inside the slices by the assertions.
+    unsafe { attn_values_rows_impl(p.as_ptr(), n, v.as_ptr(), ld_v, d, o.as_mut_ptr(), rows) }
+}
+
+/// # Safety
+/// AVX2 available; `p` has `rows * n` readable floats, `v` `(n - 1) * ld_v + d`, `o`
+/// `rows * d` writable.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attn_values_rows_impl(
+    p: *const f32,
+    n: usize,
+    v: *const f32,
+    ld_v: usize,
+    d: usize,
+    o: *mut f32,
+    rows: usize,
+) {
+    let mut r = 0;
+    while r + 4 <= rows {
+        values_rows::<4>(p.add(r * n), n, v, ld_v, d, o.add(r * d));
+        r += 4;
+    }
+    while r < rows {
+        values_rows::<1>(p.add(r * n), n, v, ld_v, d, o.add(r * d));
+        r += 1;
+    }
+}
+
+/// `R` rows of [`attn_values_rows_impl`], 16 columns at a time (2 value vectors per key shared
+/// by the `R` rows), per element `o = o + p·v` in key order like the twin.
+#[inline(always)]
+unsafe fn values_rows<const R: usize>(
+    p: *const f32,
+    n: usize,
+    v: *const f32,
+    ld_v: usize,
+    d: usize,
+    o: *mut f32,
+) {
+    let mut c = 0;
+    while c + 16 <= d {
+        let mut acc: [[__m256; 2]; R] = core::array::from_fn(|r| {
+            [
+                _mm256_loadu_ps(o.add(r * d + c)),
+                _mm256_loadu_ps(o.add(r * d + c + 8)),
+            ]
+        });
+        for j in 0..n {
+            let v0 = _mm256_loadu_ps(v.add(j * ld_v + c));
+            let v1 = _mm256_loadu_ps(v.add(j * ld_v + c + 8));
+            for (r, a) in acc.iter_mut().enumerate() {
+                let pv = _mm256_broadcast_ss(&*p.add(r * n + j));
+                a[0] = _mm256_add_ps(a[0], _mm256_mul_ps(pv, v0));
+                a[1] = _mm256_add_ps(a[1], _mm256_mul_ps(pv, v1));
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(o.add(r * d + c), a[0]);
+            _mm256_storeu_ps(o.add(r * d + c + 8), a[1]);
+        }
+        c += 16;
+    }
+    if c + 8 <= d {
+        let mut acc: [__m256; R] = core::array::from_fn(|r| _mm256_loadu_ps(o.add(r * d + c)));
+        for j in 0..n {
+            let v0 = _mm256_loadu_ps(v.add(j * ld_v + c));
+            for (r, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_add_ps(
+                    *a,
+                    _mm256_mul_ps(_mm256_broadcast_ss(&*p.add(r * n + j)), v0),
+                );
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(o.add(r * d + c), *a);
+        }
+        c += 8;
+    }
+    for cc in c..d {
+        for r in 0..R {
+            let mut a = *o.add(r * d + cc);
+            for j in 0..n {
+                a += *p.add(r * n + j) * *v.add(j * ld_v + cc);
+            }
+            *o.add(r * d + cc) = a;
+        }
+    }
+}
+
 pub(crate) fn softmax_tile(s: &mut [f32], m_old: f32) -> (f32, f32) {
     let _ = Avx2::get();
     // SAFETY: features checked above.

@@ -38,6 +38,7 @@ pub(crate) const AVX2: Kernels = Kernels {
     attn_values_i8: avx2::attn_values_i8,
     attn_scores_kt: avx2::attn_scores_kt,
     softmax_tile: avx2::softmax_tile,
+    attn_values_rows: avx2::attn_values_rows,
 };
 
 /// AVX-512 F/BW/VL + VNNI (Cascade Lake, Ice Lake, Sapphire Rapids, Zen 4 and later).
