@@ -299,6 +299,27 @@ fn attn_values_rows<T: TierTable>(
     exact("attn_values_rows", o, &r);
 }
 
+fn kv_transpose_f32<T: TierTable>(k: &[f32], ld: usize, d: usize, n: usize, kt: &mut [f32]) {
+    (T::K.kv_transpose_f32)(k, ld, d, n, kt);
+    let mut r = kt.to_vec();
+    scalar::kv_transpose_f32(k, ld, d, n, &mut r);
+    exact("kv_transpose_f32", kt, &r);
+}
+
+fn kv_transpose_f16<T: TierTable>(k: &[u16], ld: usize, d: usize, n: usize, kt: &mut [f32]) {
+    (T::K.kv_transpose_f16)(k, ld, d, n, kt);
+    let mut r = kt.to_vec();
+    scalar::kv_transpose_f16(k, ld, d, n, &mut r);
+    exact("kv_transpose_f16", kt, &r);
+}
+
+fn kv_rows_f16<T: TierTable>(v: &[u16], ld: usize, d: usize, n: usize, vf: &mut [f32]) {
+    (T::K.kv_rows_f16)(v, ld, d, n, vf);
+    let mut r = vf.to_vec();
+    scalar::kv_rows_f16(v, ld, d, n, &mut r);
+    exact("kv_rows_f16", vf, &r);
+}
+
 fn softmax_tile<T: TierTable>(s: &mut [f32], m_old: f32) -> (f32, f32) {
     let mut r = s.to_vec();
     let (m, sum) = (T::K.softmax_tile)(s, m_old);
@@ -394,5 +415,8 @@ pub(crate) fn wrap<T: TierTable>() -> Kernels {
         attn_scores_kt: attn_scores_kt::<T>,
         softmax_tile: softmax_tile::<T>,
         attn_values_rows: attn_values_rows::<T>,
+        kv_transpose_f32: kv_transpose_f32::<T>,
+        kv_transpose_f16: kv_transpose_f16::<T>,
+        kv_rows_f16: kv_rows_f16::<T>,
     }
 }

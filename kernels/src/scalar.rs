@@ -541,6 +541,36 @@ pub fn attn_values_rows(p: &[f32], n: usize, v: &[f32], ld_v: usize, d: usize, o
     }
 }
 
+/// Transposed key tile: `kt[c * n + j] = k[j * ld + c]` for `j < n`, `c < d` (exact).
+pub fn kv_transpose_f32(k: &[f32], ld: usize, d: usize, n: usize, kt: &mut [f32]) {
+    for j in 0..n {
+        for (c, &x) in k[j * ld..j * ld + d].iter().enumerate() {
+            kt[c * n + j] = x;
+        }
+    }
+}
+
+/// [`kv_transpose_f32`] from f16 bits: `kt[c * n + j] = f32(k[j * ld + c])` (exact).
+pub fn kv_transpose_f16(k: &[u16], ld: usize, d: usize, n: usize, kt: &mut [f32]) {
+    for j in 0..n {
+        for (c, &h) in k[j * ld..j * ld + d].iter().enumerate() {
+            kt[c * n + j] = f16::from_bits(h).to_f32();
+        }
+    }
+}
+
+/// Value tile from f16 bits, rows packed: `vf[j * d + c] = f32(v[j * ld + c])` (exact).
+pub fn kv_rows_f16(v: &[u16], ld: usize, d: usize, n: usize, vf: &mut [f32]) {
+    for j in 0..n {
+        for (o, &h) in vf[j * d..(j + 1) * d]
+            .iter_mut()
+            .zip(&v[j * ld..j * ld + d])
+        {
+            *o = f16::from_bits(h).to_f32();
+        }
+    }
+}
+
 /// One online-softmax step over a tile of scores: `m = max(m_old, max_j s[j])`, then
 /// `s[j] = exp(s[j] − m)`; returns `(m, Σ_j s[j])` (summed in order). When `m` is −∞ (no finite
 /// score and `m_old` = −∞) `s` is zeroed and the sum is 0. SIMD tiers use a polynomial `exp`

@@ -922,6 +922,38 @@ fn attention_tile_kernels() {
                 }
             }
         }
+        // K/V tile conversions (exact)
+        for d in [1usize, 7, 8, 16, 64, 72, 128] {
+            for n in [0usize, 1, 7, 8, 9, 17, 64] {
+                let ld = d + 5;
+                let k = rng.gauss_vec(n * ld + d);
+                let kh: Vec<u16> = k
+                    .iter()
+                    .map(|&x| half::f16::from_f32(x).to_bits())
+                    .collect();
+                let (mut a, mut b) = (vec![f32::NAN; d * n], vec![f32::NAN; d * n]);
+                (kt.kv_transpose_f32)(&k, ld, d, n, &mut a);
+                scalar::kv_transpose_f32(&k, ld, d, n, &mut b);
+                assert_eq!(a, b, "{lv} kv_transpose_f32 d={d} n={n}");
+                for j in 0..n {
+                    for c in 0..d {
+                        assert_eq!(a[c * n + j], k[j * ld + c], "{lv} kv_transpose_f32");
+                    }
+                }
+                (kt.kv_transpose_f16)(&kh, ld, d, n, &mut a);
+                scalar::kv_transpose_f16(&kh, ld, d, n, &mut b);
+                assert_eq!(a, b, "{lv} kv_transpose_f16 d={d} n={n}");
+                (kt.kv_rows_f16)(&kh, ld, d, n, &mut a);
+                scalar::kv_rows_f16(&kh, ld, d, n, &mut b);
+                assert_eq!(a, b, "{lv} kv_rows_f16 d={d} n={n}");
+                for j in 0..n {
+                    for c in 0..d {
+                        let w = half::f16::from_bits(kh[j * ld + c]).to_f32();
+                        assert_eq!(a[j * d + c], w, "{lv} kv_rows_f16");
+                    }
+                }
+            }
+        }
         // scores against transposed keys
         for d in [1usize, 7, 64, 128] {
             for n in [0usize, 1, 5, 8, 15, 16, 17, 40, 64] {

@@ -574,37 +574,10 @@ impl Model {
                     let off = j0 * kvd + kh * d;
                     let kt = &mut kt[..d * nk];
                     match kvl {
-                        KvLayer::F32(kc, _) => {
-                            for j in 0..nk {
-                                let row = &kc[off + j * kvd..off + j * kvd + d];
-                                for (c, &x) in row.iter().enumerate() {
-                                    kt[c * nk + j] = x;
-                                }
-                            }
-                        }
+                        KvLayer::F32(kc, _) => (kern.kv_transpose_f32)(&kc[off..], kvd, d, nk, kt),
                         KvLayer::F16(kc, vc) => {
-                            for j in 0..nk {
-                                let row = &kc[off + j * kvd..off + j * kvd + d];
-                                let tmp = &mut vf[..d];
-                                half::slice::HalfFloatSliceExt::convert_to_f32_slice(
-                                    half::slice::HalfBitsSliceExt::reinterpret_cast::<half::f16>(
-                                        row,
-                                    ),
-                                    tmp,
-                                );
-                                for (c, &x) in tmp.iter().enumerate() {
-                                    kt[c * nk + j] = x;
-                                }
-                            }
-                            for j in 0..nk {
-                                let row = &vc[off + j * kvd..off + j * kvd + d];
-                                half::slice::HalfFloatSliceExt::convert_to_f32_slice(
-                                    half::slice::HalfBitsSliceExt::reinterpret_cast::<half::f16>(
-                                        row,
-                                    ),
-                                    &mut vf[j * d..(j + 1) * d],
-                                );
-                            }
+                            (kern.kv_transpose_f16)(&kc[off..], kvd, d, nk, kt);
+                            (kern.kv_rows_f16)(&vc[off..], kvd, d, nk, &mut vf[..nk * d]);
                         }
                         KvLayer::Q8(kc, vc, ks, vs) => {
                             for j in 0..nk {

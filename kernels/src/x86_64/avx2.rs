@@ -855,6 +855,113 @@ unsafe fn values_rows<const R: usize>(
     }
 }
 
+pub(crate) fn kv_transpose_f32(k: &[f32], ld: usize, d: usize, n: usize, kt: &mut [f32]) {
+    kv_transpose_t(k, ld, d, n, kt)
+}
+
+pub(crate) fn kv_transpose_f16(k: &[u16], ld: usize, d: usize, n: usize, kt: &mut [f32]) {
+    kv_transpose_t(k, ld, d, n, kt)
+}
+
+fn kv_transpose_t<E: Kv>(k: &[E], ld: usize, d: usize, n: usize, kt: &mut [f32]) {
+    let _ = Avx2::get();
+    if d == 0 || n == 0 {
+        return;
+    }
+    assert!(k.len() >= (n - 1) * ld + d, "kv_transpose: keys too short");
+    assert!(kt.len() >= d * n, "kv_transpose: output too short");
+    // SAFETY: features checked above; key row j < n spans k[j * ld..][..d], the output
+    // kt[..d * n]: inside the slices by the assertions.
+    unsafe { kv_transpose_impl(k.as_ptr(), ld, d, n, kt.as_mut_ptr()) }
+}
+
+/// 8 keys × 8 columns at a time: 8 row loads (converted), an 8×8 transpose in registers
+/// (unpack, shuffle, lane permute), 8 stores into 8 rows of `kt`.
+///
+/// # Safety
+/// AVX2 + F16C available; `k` has `(n - 1) * ld + d` readable elements, `kt` `d * n` writable.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn kv_transpose_impl<E: Kv>(k: *const E, ld: usize, d: usize, n: usize, kt: *mut f32) {
+    let (n8, d8) = (n - n % 8, d - d % 8);
+    let mut j = 0;
+    while j < n8 {
+        let mut c = 0;
+        while c < d8 {
+            let r: [__m256; 8] = core::array::from_fn(|u| E::load8(k.add((j + u) * ld + c)));
+            let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+            let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+            let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+            let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+            let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+            let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+            let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+            let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+            let u0 = _mm256_shuffle_ps(t0, t2, 0x44);
+            let u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+            let u2 = _mm256_shuffle_ps(t1, t3, 0x44);
+            let u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+            let u4 = _mm256_shuffle_ps(t4, t6, 0x44);
+            let u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+            let u6 = _mm256_shuffle_ps(t5, t7, 0x44);
+            let u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+            let o = [
+                _mm256_permute2f128_ps(u0, u4, 0x20),
+                _mm256_permute2f128_ps(u1, u5, 0x20),
+                _mm256_permute2f128_ps(u2, u6, 0x20),
+                _mm256_permute2f128_ps(u3, u7, 0x20),
+                _mm256_permute2f128_ps(u0, u4, 0x31),
+                _mm256_permute2f128_ps(u1, u5, 0x31),
+                _mm256_permute2f128_ps(u2, u6, 0x31),
+                _mm256_permute2f128_ps(u3, u7, 0x31),
+            ];
+            for (u, ov) in o.iter().enumerate() {
+                _mm256_storeu_ps(kt.add((c + u) * n + j), *ov);
+            }
+            c += 8;
+        }
+        for cc in d8..d {
+            for u in 0..8 {
+                *kt.add(cc * n + j + u) = (*k.add((j + u) * ld + cc)).f32();
+            }
+        }
+        j += 8;
+    }
+    for jj in n8..n {
+        for c in 0..d {
+            *kt.add(c * n + jj) = (*k.add(jj * ld + c)).f32();
+        }
+    }
+}
+
+pub(crate) fn kv_rows_f16(v: &[u16], ld: usize, d: usize, n: usize, vf: &mut [f32]) {
+    let _ = Avx2::get();
+    if d == 0 || n == 0 {
+        return;
+    }
+    assert!(v.len() >= (n - 1) * ld + d, "kv_rows_f16: values too short");
+    assert!(vf.len() >= d * n, "kv_rows_f16: output too short");
+    // SAFETY: features checked above; bounds by the assertions.
+    unsafe { kv_rows_f16_impl(v.as_ptr(), ld, d, n, vf.as_mut_ptr()) }
+}
+
+/// # Safety
+/// AVX2 + F16C available; `v` has `(n - 1) * ld + d` readable elements, `vf` `d * n` writable.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn kv_rows_f16_impl(v: *const u16, ld: usize, d: usize, n: usize, vf: *mut f32) {
+    let d8 = d - d % 8;
+    for j in 0..n {
+        let (src, dst) = (v.add(j * ld), vf.add(j * d));
+        let mut c = 0;
+        while c < d8 {
+            _mm256_storeu_ps(dst.add(c), u16::load8(src.add(c)));
+            c += 8;
+        }
+        for cc in d8..d {
+            *dst.add(cc) = (*src.add(cc)).f32();
+        }
+    }
+}
+
 pub(crate) fn softmax_tile(s: &mut [f32], m_old: f32) -> (f32, f32) {
     let _ = Avx2::get();
     // SAFETY: features checked above.
