@@ -450,10 +450,12 @@ impl Model {
             }
 
             // causal attention over the cache (chunked layers: only the current chunk), flash
-            // style: online softmax over tiles of ATT_TILE keys, one task per (token, KV head)
-            // running the `rep` query heads of the group against each K/V tile while it is in
-            // L1 (GQA without repeating K/V). Each output is computed by one task in a fixed
-            // order: the result does not depend on the thread count.
+            // style: online softmax over tiles of ATT_TILE keys. Decode (`group`): one task per
+            // (token, KV head) running the `rep` query heads of the group against each K/V tile
+            // in place (GQA without repeating K/V). Prefill (`block`, n >= ATT_MIN_BLOCK_TOKENS):
+            // one task per (ATT_TOK_BLOCK tokens, KV head). The task partition depends only on
+            // `n`, each output is computed by one task in a fixed order: the result does not
+            // depend on the thread count.
             let scale = 1.0 / (d as f32).sqrt();
             let rep = nh / nkv;
             let qb = &st.q;
