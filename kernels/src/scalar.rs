@@ -518,14 +518,16 @@ pub fn attn_scores_kt(q: &[f32], kt: &[f32], d: usize, n: usize, scale: f32, s: 
             .for_each(|x| *x = 0.0);
         return;
     }
+    // per key `acc = 0; acc += q[c]·kt[c][j]` for c in order, run over all keys at once (the
+    // same operations in the same order per key; the loop over `j` vectorizes)
     for (qr, sr) in q.chunks_exact(d).zip(s.chunks_exact_mut(n)) {
-        for (j, sj) in sr.iter_mut().enumerate() {
-            let mut acc = 0.0f32;
-            for (c, &x) in qr.iter().enumerate() {
-                acc += x * kt[c * n + j];
+        sr.iter_mut().for_each(|x| *x = 0.0);
+        for (c, &x) in qr.iter().enumerate() {
+            for (sj, &k) in sr.iter_mut().zip(&kt[c * n..(c + 1) * n]) {
+                *sj += x * k;
             }
-            *sj = acc * scale;
         }
+        sr.iter_mut().for_each(|x| *x *= scale);
     }
 }
 
