@@ -267,6 +267,70 @@ fn attn_values_i8<T: TierTable>(p: &[f32], v: &[i8], ld_v: usize, o: &mut [f32])
     exact("attn_values_i8", o, &r);
 }
 
+fn attn_scores_kt<T: TierTable>(
+    q: &[f32],
+    kt: &[f32],
+    d: usize,
+    n: usize,
+    scale: f32,
+    s: &mut [f32],
+) {
+    (T::K.attn_scores_kt)(q, kt, d, n, scale, s);
+    let mut r = s.to_vec();
+    scalar::attn_scores_kt(q, kt, d, n, scale, &mut r);
+    for (i, (g, w)) in s.iter().zip(&r).enumerate().take(q.len() / d.max(1) * n) {
+        let (row, j) = (i / n, i % n);
+        let sa: f32 = (0..d).map(|c| (q[row * d + c] * kt[c * n + j]).abs()).sum();
+        close("attn_scores_kt", &[*g], &[*w], sa * scale.abs());
+    }
+}
+
+fn attn_values_rows<T: TierTable>(
+    p: &[f32],
+    n: usize,
+    v: &[f32],
+    ld_v: usize,
+    d: usize,
+    o: &mut [f32],
+) {
+    let mut r = o.to_vec();
+    (T::K.attn_values_rows)(p, n, v, ld_v, d, o);
+    scalar::attn_values_rows(p, n, v, ld_v, d, &mut r);
+    exact("attn_values_rows", o, &r);
+}
+
+fn kv_transpose_f32<T: TierTable>(k: &[f32], ld: usize, d: usize, n: usize, kt: &mut [f32]) {
+    (T::K.kv_transpose_f32)(k, ld, d, n, kt);
+    let mut r = kt.to_vec();
+    scalar::kv_transpose_f32(k, ld, d, n, &mut r);
+    exact("kv_transpose_f32", kt, &r);
+}
+
+fn kv_transpose_f16<T: TierTable>(k: &[u16], ld: usize, d: usize, n: usize, kt: &mut [f32]) {
+    (T::K.kv_transpose_f16)(k, ld, d, n, kt);
+    let mut r = kt.to_vec();
+    scalar::kv_transpose_f16(k, ld, d, n, &mut r);
+    exact("kv_transpose_f16", kt, &r);
+}
+
+fn kv_rows_f16<T: TierTable>(v: &[u16], ld: usize, d: usize, n: usize, vf: &mut [f32]) {
+    (T::K.kv_rows_f16)(v, ld, d, n, vf);
+    let mut r = vf.to_vec();
+    scalar::kv_rows_f16(v, ld, d, n, &mut r);
+    exact("kv_rows_f16", vf, &r);
+}
+
+fn softmax_tile<T: TierTable>(s: &mut [f32], m_old: f32) -> (f32, f32) {
+    let mut r = s.to_vec();
+    let (m, sum) = (T::K.softmax_tile)(s, m_old);
+    let (m2, sum2) = scalar::softmax_tile(&mut r, m_old);
+    exact("softmax_tile max", &[m], &[m2]);
+    // below f32::MIN_POSITIVE the SIMD exp may flush to 0
+    close("softmax_tile", s, &r, f32::MIN_POSITIVE / CHECK_REL_TOL);
+    close("softmax_tile sum", &[sum], &[sum2], 0.0);
+    (m, sum)
+}
+
 fn rmsnorm<T: TierTable>(x: &[f32], w: Option<&[f32]>, eps: f32, out: &mut [f32]) {
     (T::K.rmsnorm)(x, w, eps, out);
     let mut r = out.to_vec();
@@ -348,5 +412,11 @@ pub(crate) fn wrap<T: TierTable>() -> Kernels {
         attn_values_f16: attn_values_f16::<T>,
         attn_scores_i8: attn_scores_i8::<T>,
         attn_values_i8: attn_values_i8::<T>,
+        attn_scores_kt: attn_scores_kt::<T>,
+        softmax_tile: softmax_tile::<T>,
+        attn_values_rows: attn_values_rows::<T>,
+        kv_transpose_f32: kv_transpose_f32::<T>,
+        kv_transpose_f16: kv_transpose_f16::<T>,
+        kv_rows_f16: kv_rows_f16::<T>,
     }
 }

@@ -193,6 +193,23 @@ pub type AttnValuesF16Fn = fn(&[f32], &[u16], usize, &mut [f32]);
 pub type AttnScoresI8Fn = fn(&[f32], &[i8], usize, f32, &mut [f32]);
 /// [`AttnValuesFn`] with int8 values. Twin: [`scalar::attn_values_i8`].
 pub type AttnValuesI8Fn = fn(&[f32], &[i8], usize, &mut [f32]);
+/// Scores of query rows against transposed keys, `attn_scores_kt(q, kt, d, n, scale, s)`.
+/// Twin: [`scalar::attn_scores_kt`].
+pub type AttnScoresKtFn = fn(&[f32], &[f32], usize, usize, f32, &mut [f32]);
+/// Value sums of several rows, `attn_values_rows(p, n, v, ld_v, d, o)`.
+/// Twin: [`scalar::attn_values_rows`].
+pub type AttnValuesRowsFn = fn(&[f32], usize, &[f32], usize, usize, &mut [f32]);
+/// Key tile transposed to f32, `kv_transpose_f32(k, ld, d, n, kt)`: `kt[c * n + j] = k[j * ld
+/// + c]`. Twin: [`scalar::kv_transpose_f32`].
+pub type KvTransposeF32Fn = fn(&[f32], usize, usize, usize, &mut [f32]);
+/// [`KvTransposeF32Fn`] from f16 bits. Twin: [`scalar::kv_transpose_f16`].
+pub type KvTransposeF16Fn = fn(&[u16], usize, usize, usize, &mut [f32]);
+/// Value tile from f16 bits, `kv_rows_f16(v, ld, d, n, vf)`: `vf[j * d + c] = v[j * ld + c]`.
+/// Twin: [`scalar::kv_rows_f16`].
+pub type KvRowsF16Fn = fn(&[u16], usize, usize, usize, &mut [f32]);
+/// Online-softmax step over a tile, `softmax_tile(s, m_old) -> (m_new, sum)`.
+/// Twin: [`scalar::softmax_tile`].
+pub type SoftmaxTileFn = fn(&mut [f32], f32) -> (f32, f32);
 /// Top-k, `topk(logits, k, idx, val)`. Twin: [`scalar::topk`].
 pub type TopkFn = fn(&[f32], usize, &mut [u32], &mut [f32]);
 /// Grouping by expert, `group_by_expert(expert_of, n_experts, counts, offsets, perm, inv)`.
@@ -232,6 +249,12 @@ pub struct Kernels {
     pub attn_values_f16: AttnValuesF16Fn,
     pub attn_scores_i8: AttnScoresI8Fn,
     pub attn_values_i8: AttnValuesI8Fn,
+    pub attn_scores_kt: AttnScoresKtFn,
+    pub softmax_tile: SoftmaxTileFn,
+    pub attn_values_rows: AttnValuesRowsFn,
+    pub kv_transpose_f32: KvTransposeF32Fn,
+    pub kv_transpose_f16: KvTransposeF16Fn,
+    pub kv_rows_f16: KvRowsF16Fn,
 }
 
 /// The scalar reference table.
@@ -261,6 +284,12 @@ pub(crate) const SCALAR: Kernels = Kernels {
     attn_values_f16: scalar::attn_values_f16,
     attn_scores_i8: scalar::attn_scores_i8,
     attn_values_i8: scalar::attn_values_i8,
+    attn_scores_kt: scalar::attn_scores_kt,
+    softmax_tile: scalar::softmax_tile,
+    attn_values_rows: scalar::attn_values_rows,
+    kv_transpose_f32: scalar::kv_transpose_f32,
+    kv_transpose_f16: scalar::kv_transpose_f16,
+    kv_rows_f16: scalar::kv_rows_f16,
 };
 
 /// A tier's table as a type, so that `check-kernels` can wrap it in generic (capture-free)

@@ -416,4 +416,10 @@ pub(crate) const KERNELS: Kernels = Kernels {
     attn_values_f16: crate::scalar::attn_values_f16,
     attn_scores_i8: crate::scalar::attn_scores_i8,
     attn_values_i8: crate::scalar::attn_values_i8,
+    attn_scores_kt: crate::scalar::attn_scores_kt,
+    softmax_tile: crate::scalar::softmax_tile,
+    attn_values_rows: crate::scalar::attn_values_rows,
+    kv_transpose_f32: crate::scalar::kv_transpose_f32,
+    kv_transpose_f16: crate::scalar::kv_transpose_f16,
+    kv_rows_f16: crate::scalar::kv_rows_f16,
 };

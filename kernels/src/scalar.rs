@@ -508,6 +508,89 @@ pub fn attn_values_i8(p: &[f32], v: &[i8], ld_v: usize, o: &mut [f32]) {
     }
 }
 
+/// Scores of several query rows against keys stored transposed (`kt` is `d × n`, key `j` in
+/// column `j`): `s[r * n + j] = scale · Σ_c q[r * d + c] · kt[c * n + j]` for rows
+/// `r < q.len() / d`, `j < n` (`c` in order; SIMD tiers fuse the multiply-adds: tolerance-tested).
+pub fn attn_scores_kt(q: &[f32], kt: &[f32], d: usize, n: usize, scale: f32, s: &mut [f32]) {
+    if d == 0 || n == 0 {
+        s.iter_mut()
+            .take(q.len() / d.max(1) * n)
+            .for_each(|x| *x = 0.0);
+        return;
+    }
+    // per key `acc = 0; acc += q[c]·kt[c][j]` for c in order, run over all keys at once (the
+    // same operations in the same order per key; the loop over `j` vectorizes)
+    for (qr, sr) in q.chunks_exact(d).zip(s.chunks_exact_mut(n)) {
+        sr.iter_mut().for_each(|x| *x = 0.0);
+        for (c, &x) in qr.iter().enumerate() {
+            for (sj, &k) in sr.iter_mut().zip(&kt[c * n..(c + 1) * n]) {
+                *sj += x * k;
+            }
+        }
+        sr.iter_mut().for_each(|x| *x *= scale);
+    }
+}
+
+/// [`attn_values`] for several rows sharing the value rows: for each row `r < o.len() / d`,
+/// `o[r * d + c] += p[r * n + j] · v[j * ld_v + c]` for `j = 0, 1, .. n` in order (each row
+/// is [`attn_values`] of `p[r * n..][..n]`: every tier is bit-identical to this).
+pub fn attn_values_rows(p: &[f32], n: usize, v: &[f32], ld_v: usize, d: usize, o: &mut [f32]) {
+    if d == 0 {
+        return;
+    }
+    for (r, or) in o.chunks_exact_mut(d).enumerate() {
+        attn_values(&p[r * n..(r + 1) * n], v, ld_v, or);
+    }
+}
+
+/// Transposed key tile: `kt[c * n + j] = k[j * ld + c]` for `j < n`, `c < d` (exact).
+pub fn kv_transpose_f32(k: &[f32], ld: usize, d: usize, n: usize, kt: &mut [f32]) {
+    for j in 0..n {
+        for (c, &x) in k[j * ld..j * ld + d].iter().enumerate() {
+            kt[c * n + j] = x;
+        }
+    }
+}
+
+/// [`kv_transpose_f32`] from f16 bits: `kt[c * n + j] = f32(k[j * ld + c])` (exact).
+pub fn kv_transpose_f16(k: &[u16], ld: usize, d: usize, n: usize, kt: &mut [f32]) {
+    for j in 0..n {
+        for (c, &h) in k[j * ld..j * ld + d].iter().enumerate() {
+            kt[c * n + j] = f16::from_bits(h).to_f32();
+        }
+    }
+}
+
+/// Value tile from f16 bits, rows packed: `vf[j * d + c] = f32(v[j * ld + c])` (exact).
+pub fn kv_rows_f16(v: &[u16], ld: usize, d: usize, n: usize, vf: &mut [f32]) {
+    for j in 0..n {
+        for (o, &h) in vf[j * d..(j + 1) * d]
+            .iter_mut()
+            .zip(&v[j * ld..j * ld + d])
+        {
+            *o = f16::from_bits(h).to_f32();
+        }
+    }
+}
+
+/// One online-softmax step over a tile of scores: `m = max(m_old, max_j s[j])`, then
+/// `s[j] = exp(s[j] − m)`; returns `(m, Σ_j s[j])` (summed in order). When `m` is −∞ (no finite
+/// score and `m_old` = −∞) `s` is zeroed and the sum is 0. SIMD tiers use a polynomial `exp`
+/// (a few ulp) and lane-wise sums: tolerance-tested.
+pub fn softmax_tile(s: &mut [f32], m_old: f32) -> (f32, f32) {
+    let m = s.iter().fold(m_old, |m, &v| m.max(v));
+    if m == f32::NEG_INFINITY {
+        s.iter_mut().for_each(|v| *v = 0.0);
+        return (m, 0.0);
+    }
+    let mut sum = 0.0f32;
+    for v in s.iter_mut() {
+        *v = (*v - m).exp();
+        sum += *v;
+    }
+    (m, sum)
+}
+
 /// RMSNorm: `out = x / sqrt(mean(x²) + eps) * w` (no weight when `w` is `None`).
 pub fn rmsnorm(x: &[f32], w: Option<&[f32]>, eps: f32, out: &mut [f32]) {
     // 1. mean of squares, accumulated in f64 for a length-independent error

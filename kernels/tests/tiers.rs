@@ -22,6 +22,10 @@ const F32_VS_F64_TOL: f64 = f32::EPSILON as f64;
 /// Elementwise ops using `wide`'s polynomial `exp` (softmax, SiLU): relative error measured
 /// up to 6.6e-6 (softmax entry 3e-7, i.e. `exp(-15)`); budget 2e-5.
 const EXP_REL_TOL: f32 = 2e-5;
+/// `softmax_tile`'s SIMD `exp` (Cephes polynomial, `exp8` in the AVX2 tier) against the f64
+/// `exp` of the f32 argument, relative: measured max 8.1e-8 (AVX2; libm 6.0e-8) over a dense
+/// sweep of [−87.3, 0]; budget 2e-7 (twin vs tier within twice this).
+const EXP_TILE_REL_TOL: f64 = 2e-7;
 /// RMSNorm: sum of squares reassociated in f32 lanes before the f64 fold: `n·ε` relative on
 /// the mean, halved by the square root; 1e-6 covers n ≤ 8192.
 const RMSNORM_REL_TOL: f32 = 1e-6;
@@ -834,6 +838,153 @@ fn attention_kernels() {
                 (kt.attn_values_i8)(&p, &k8, ld, &mut o1);
                 scalar::attn_values_i8(&p, &k8, ld, &mut o2);
                 assert_eq!(o1, o2, "{lv} attn_values_i8 d={d} n={n}");
+            }
+        }
+    }
+}
+
+#[test]
+fn attention_tile_kernels() {
+    let mut rng = Rng(11);
+    for kt in tables() {
+        let lv = kt.level.name();
+        // exp accuracy over a dense sweep, against f64
+        let mut worst = 0.0f64;
+        let xs: Vec<f32> = (0..=200_000)
+            .map(|i| -87.3 * i as f32 / 200_000.0)
+            .collect();
+        for chunk in xs.chunks(61) {
+            let mut a = chunk.to_vec();
+            let (m, _) = (kt.softmax_tile)(&mut a, 0.0);
+            assert_eq!(m, 0.0);
+            for (g, &x) in a.iter().zip(chunk) {
+                let w = (x as f64).exp();
+                worst = worst.max((*g as f64 - w).abs() / w);
+            }
+        }
+        println!("{lv} softmax_tile exp: max rel err vs f64 {worst:.3e}");
+        assert!(worst <= EXP_TILE_REL_TOL, "{lv} softmax_tile exp {worst}");
+        for n in [0usize, 1, 7, 8, 9, 16, 33, 64, 100] {
+            for m_old in [f32::NEG_INFINITY, -3.0, 0.5, 30.0] {
+                let mut x: Vec<f32> = rng.gauss_vec(n).iter().map(|v| v * 6.0).collect();
+                // masked keys, deep underflow and the subnormal range
+                for (i, v) in x.iter_mut().enumerate() {
+                    match i % 11 {
+                        3 => *v = f32::NEG_INFINITY,
+                        5 => *v = -95.0,
+                        7 => *v = -87.0,
+                        _ => {}
+                    }
+                }
+                let (mut a, mut b) = (x.clone(), x.clone());
+                let (m1, s1) = (kt.softmax_tile)(&mut a, m_old);
+                let (m2, s2) = scalar::softmax_tile(&mut b, m_old);
+                assert_eq!(m1.to_bits(), m2.to_bits(), "{lv} softmax_tile max n={n}");
+                let mut sum64 = 0.0f64;
+                for (i, ((g, w), &xi)) in a.iter().zip(&b).zip(&x).enumerate() {
+                    let e = if m1 == f32::NEG_INFINITY {
+                        0.0
+                    } else {
+                        ((xi - m1) as f64).exp()
+                    };
+                    sum64 += *g as f64;
+                    let tol = EXP_TILE_REL_TOL * e + f32::MIN_POSITIVE as f64;
+                    assert!(
+                        ((*g as f64) - e).abs() <= tol,
+                        "{lv} softmax_tile n={n} i={i}: {g} vs f64 {e}"
+                    );
+                    assert!(
+                        ((*g - *w) as f64).abs() <= 2.0 * tol,
+                        "{lv} softmax_tile n={n} i={i}: {g} vs twin {w}"
+                    );
+                }
+                // the sum of the returned terms, reassociated: n·ε relative
+                let st = F32_SUM_TOL as f64 * n as f64 * sum64 + 1e-30;
+                assert!(((s1 as f64) - sum64).abs() <= st, "{lv} softmax_tile sum");
+                assert!(
+                    ((s1 - s2) as f64).abs() <= st + 2.0 * EXP_TILE_REL_TOL * sum64,
+                    "{lv} softmax_tile sum vs twin {s1} {s2}"
+                );
+            }
+        }
+        // value sums of several rows: bit-identical to the twin
+        for d in [1usize, 7, 8, 16, 24, 64, 72, 128] {
+            for n in [0usize, 1, 5, 17, 64] {
+                for rows in [1usize, 3, 4, 5, 12] {
+                    let ld = d + 3;
+                    let p = rng.gauss_vec(rows * n);
+                    let v = rng.gauss_vec(n * ld + d);
+                    let mut o1 = rng.gauss_vec(rows * d);
+                    let mut o2 = o1.clone();
+                    (kt.attn_values_rows)(&p, n, &v, ld, d, &mut o1);
+                    scalar::attn_values_rows(&p, n, &v, ld, d, &mut o2);
+                    assert_eq!(o1, o2, "{lv} attn_values_rows d={d} n={n} rows={rows}");
+                }
+            }
+        }
+        // K/V tile conversions (exact)
+        for d in [1usize, 7, 8, 16, 64, 72, 128] {
+            for n in [0usize, 1, 7, 8, 9, 17, 64] {
+                let ld = d + 5;
+                let k = rng.gauss_vec(n * ld + d);
+                let kh: Vec<u16> = k
+                    .iter()
+                    .map(|&x| half::f16::from_f32(x).to_bits())
+                    .collect();
+                let (mut a, mut b) = (vec![f32::NAN; d * n], vec![f32::NAN; d * n]);
+                (kt.kv_transpose_f32)(&k, ld, d, n, &mut a);
+                scalar::kv_transpose_f32(&k, ld, d, n, &mut b);
+                assert_eq!(a, b, "{lv} kv_transpose_f32 d={d} n={n}");
+                for j in 0..n {
+                    for c in 0..d {
+                        assert_eq!(a[c * n + j], k[j * ld + c], "{lv} kv_transpose_f32");
+                    }
+                }
+                (kt.kv_transpose_f16)(&kh, ld, d, n, &mut a);
+                scalar::kv_transpose_f16(&kh, ld, d, n, &mut b);
+                assert_eq!(a, b, "{lv} kv_transpose_f16 d={d} n={n}");
+                (kt.kv_rows_f16)(&kh, ld, d, n, &mut a);
+                scalar::kv_rows_f16(&kh, ld, d, n, &mut b);
+                assert_eq!(a, b, "{lv} kv_rows_f16 d={d} n={n}");
+                for j in 0..n {
+                    for c in 0..d {
+                        let w = half::f16::from_bits(kh[j * ld + c]).to_f32();
+                        assert_eq!(a[j * d + c], w, "{lv} kv_rows_f16");
+                    }
+                }
+            }
+        }
+        // scores against transposed keys
+        for d in [1usize, 7, 64, 128] {
+            for n in [0usize, 1, 5, 8, 15, 16, 17, 40, 64] {
+                for rows in [1usize, 3, 4, 5, 12] {
+                    let q = rng.gauss_vec(rows * d);
+                    let k = rng.gauss_vec(d * n);
+                    let mut s1 = vec![f32::NAN; rows * n];
+                    let mut s2 = vec![f32::NAN; rows * n];
+                    (kt.attn_scores_kt)(&q, &k, d, n, 0.125, &mut s1);
+                    scalar::attn_scores_kt(&q, &k, d, n, 0.125, &mut s2);
+                    for r in 0..rows {
+                        for j in 0..n {
+                            let (mut sa, mut ex) = (0.0f64, 0.0f64);
+                            for c in 0..d {
+                                let t = q[r * d + c] as f64 * k[c * n + j] as f64;
+                                sa += t.abs();
+                                ex += t;
+                            }
+                            let (sa, ex) = (sa * 0.125, ex * 0.125);
+                            let (g, w) = (s1[r * n + j] as f64, s2[r * n + j] as f64);
+                            assert!(
+                                (g - w).abs() <= F32_SUM_TOL as f64 * d as f64 * sa + 1e-30,
+                                "{lv} attn_scores_kt d={d} n={n} rows={rows} r={r} j={j}"
+                            );
+                            assert!(
+                                (g - ex).abs() <= F32_VS_F64_TOL * d as f64 * sa + 1e-30,
+                                "{lv} attn_scores_kt vs f64 d={d} n={n} r={r} j={j}"
+                            );
+                        }
+                    }
+                }
             }
         }
     }

@@ -11,6 +11,12 @@ use std::sync::Mutex;
 
 /// Keys per attention tile (scores of `rep` heads × this many keys live in the scratch).
 const ATT_TILE: usize = 64;
+/// Query tokens per prefill attention task: the `rep` heads of the GQA group for this many
+/// tokens share each K/V tile, converted to f32 (keys transposed) once per task.
+const ATT_TOK_BLOCK: usize = 16;
+/// Calls with fewer tokens than this (decode) use one task per (token, KV head) and read the
+/// cache in place.
+const ATT_MIN_BLOCK_TOKENS: usize = 4;
 /// Attention calls with less work than this (multiply-adds) run on the calling thread.
 const MIN_PARALLEL_ATTN: usize = 1 << 17;
 
@@ -72,6 +78,15 @@ enum KvLayer<'a> {
     Q8(&'a [i8], &'a [i8], &'a [f32], &'a [f32]),
 }
 
+/// Scratch floats one attention task needs: decode `(n_heads + 1) × (ATT_TILE + 2)`; prefill
+/// blocks of `R = ATT_TOK_BLOCK × rep` rows: queries and outputs `R × d` each, running max/sum
+/// `2R`, scores `R × ATT_TILE`, the converted K (transposed) and V tiles `ATT_TILE × d` each.
+fn att_scratch_len(nh: usize, nkv: usize, d: usize) -> usize {
+    let rr = ATT_TOK_BLOCK * (nh / nkv.max(1)).max(1);
+    let block = rr * (2 * d + 2 + ATT_TILE) + 2 * ATT_TILE * d;
+    block.max((nh + 1) * (ATT_TILE + 2))
+}
+
 /// Which logits a forward call computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Logits {
@@ -116,7 +131,7 @@ pub struct State {
     n_logits: usize,
     // threads: a pool for this session and one scratch buffer per pool thread
     pool: Option<ThreadPool>,
-    scratch: Vec<Mutex<Vec<f32>>>, // (threads,) × max(SCRATCH_LEN, (n_heads + 1) × (ATT_TILE + 2))
+    scratch: Vec<Mutex<Vec<f32>>>, // (threads,) × max(SCRATCH_LEN, att_scratch_len(config))
 }
 
 impl State {
@@ -225,7 +240,11 @@ impl State {
                 .map(|_| {
                     Mutex::new(vec![
                         0.0;
-                        SCRATCH_LEN.max((c.num_heads + 1) * (ATT_TILE + 2))
+                        SCRATCH_LEN.max(att_scratch_len(
+                            c.num_heads,
+                            c.num_kv_heads,
+                            c.head_dim
+                        ))
                     ])
                 })
                 .collect(),
@@ -431,10 +450,12 @@ impl Model {
             }
 
             // causal attention over the cache (chunked layers: only the current chunk), flash
-            // style: online softmax over tiles of ATT_TILE keys, one task per (token, KV head)
-            // running the `rep` query heads of the group against each K/V tile while it is in
-            // L1 (GQA without repeating K/V). Each output is computed by one task in a fixed
-            // order: the result does not depend on the thread count.
+            // style: online softmax over tiles of ATT_TILE keys. Decode (`group`): one task per
+            // (token, KV head) running the `rep` query heads of the group against each K/V tile
+            // in place (GQA without repeating K/V). Prefill (`block`, n >= ATT_MIN_BLOCK_TOKENS):
+            // one task per (ATT_TOK_BLOCK tokens, KV head). The task partition depends only on
+            // `n`, each output is computed by one task in a fixed order: the result does not
+            // depend on the thread count.
             let scale = 1.0 / (d as f32).sqrt();
             let rep = nh / nkv;
             let qb = &st.q;
@@ -483,12 +504,7 @@ impl Model {
                             }
                         }
                         let m_old = ml[2 * r];
-                        let m_new = s.iter().fold(m_old, |m, &v| m.max(v));
-                        let mut sum = 0.0f32;
-                        for x in s.iter_mut() {
-                            *x = (*x - m_new).exp();
-                            sum += *x;
-                        }
+                        let (m_new, sum) = (kern.softmax_tile)(s, m_old);
                         let or = &mut o[r * d..(r + 1) * d];
                         if m_old != m_new && m_old != f32::NEG_INFINITY {
                             let corr = (m_old - m_new).exp();
@@ -516,20 +532,133 @@ impl Model {
                     o[r * d..(r + 1) * d].iter_mut().for_each(|v| *v *= inv);
                 }
             };
+            // prefill: one task per (block of ATT_TOK_BLOCK tokens, KV head); the rows (token
+            // major, head minor) share each K/V tile, converted to f32 once (keys transposed so
+            // the score kernel needs no horizontal sums). A row sees keys chunk_start(p)..=p;
+            // the tile's keys outside that range are left out of its softmax and value sum.
+            let block = |mut tile: Tile, thread: usize| {
+                let (toks, kh) = (tile.toks(), tile.rows().start / (rep * d));
+                let (t0, nt) = (toks.start, toks.len());
+                let rr = nt * rep;
+                let mut scratch = par.scratch[thread]
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                let (qs, rest) = scratch.split_at_mut(rr * d);
+                let (os, rest) = rest.split_at_mut(rr * d);
+                let (ml, rest) = rest.split_at_mut(2 * rr);
+                let (sc, rest) = rest.split_at_mut(rr * ATT_TILE);
+                let (kt, rest) = rest.split_at_mut(ATT_TILE * d);
+                let vf = &mut rest[..ATT_TILE * d];
+                for i in 0..nt {
+                    let src = (t0 + i) * qd + kh * rep * d;
+                    qs[i * rep * d..(i + 1) * rep * d].copy_from_slice(&qb[src..src + rep * d]);
+                }
+                os.iter_mut().for_each(|v| *v = 0.0);
+                for r in 0..rr {
+                    (ml[2 * r], ml[2 * r + 1]) = (f32::NEG_INFINITY, 0.0);
+                }
+                let chunk_start = |p: usize| chunk.map_or(0, |cs| (p / cs) * cs);
+                let (first, last) = (pos0 + t0, pos0 + t0 + nt - 1);
+                let mut j0 = chunk_start(first);
+                while j0 <= last {
+                    let nk = (last + 1 - j0).min(ATT_TILE);
+                    // tokens that see a key of this tile: p >= j0 and chunk_start(p) < j0 + nk
+                    let i_lo = j0.saturating_sub(first);
+                    let i_hi = match chunk {
+                        Some(cs) => ((j0 + nk - 1) / cs + 1) * cs - first,
+                        None => nt,
+                    }
+                    .min(nt);
+                    if i_lo >= i_hi {
+                        j0 += nk;
+                        continue;
+                    }
+                    let off = j0 * kvd + kh * d;
+                    let kt = &mut kt[..d * nk];
+                    match kvl {
+                        KvLayer::F32(kc, _) => (kern.kv_transpose_f32)(&kc[off..], kvd, d, nk, kt),
+                        KvLayer::F16(kc, vc) => {
+                            (kern.kv_transpose_f16)(&kc[off..], kvd, d, nk, kt);
+                            (kern.kv_rows_f16)(&vc[off..], kvd, d, nk, &mut vf[..nk * d]);
+                        }
+                        KvLayer::Q8(kc, vc, ks, vs) => {
+                            for j in 0..nk {
+                                let (ksj, vsj) = (ks[(j0 + j) * nkv + kh], vs[(j0 + j) * nkv + kh]);
+                                let r = off + j * kvd..off + j * kvd + d;
+                                for (c, &x) in kc[r.clone()].iter().enumerate() {
+                                    kt[c * nk + j] = x as f32 * ksj;
+                                }
+                                for (o, &x) in vf[j * d..(j + 1) * d].iter_mut().zip(&vc[r]) {
+                                    *o = x as f32 * vsj;
+                                }
+                            }
+                        }
+                    }
+                    let (vt, ldv): (&[f32], usize) = match kvl {
+                        KvLayer::F32(_, vc) => (&vc[off..], kvd),
+                        _ => (&vf[..nk * d], d),
+                    };
+                    let rows = i_lo * rep..i_hi * rep;
+                    let s = &mut sc[..rows.len() * nk];
+                    (kern.attn_scores_kt)(&qs[rows.start * d..rows.end * d], kt, d, nk, scale, s);
+                    for (sr, r) in s.chunks_exact_mut(nk).zip(rows.clone()) {
+                        let p = first + r / rep;
+                        // p >= j0 and chunk_start(p) < j0 + nk by the token range: a < b
+                        let (a, b) = (chunk_start(p).max(j0) - j0, (p + 1).min(j0 + nk) - j0);
+                        // keys outside a..b get weight 0: `o + 0·v` leaves `o` as it is
+                        sr[..a].iter_mut().for_each(|x| *x = 0.0);
+                        sr[b..].iter_mut().for_each(|x| *x = 0.0);
+                        let m_old = ml[2 * r];
+                        let (m_new, sum) = (kern.softmax_tile)(&mut sr[a..b], m_old);
+                        if m_old != m_new && m_old != f32::NEG_INFINITY {
+                            let corr = (m_old - m_new).exp();
+                            os[r * d..(r + 1) * d].iter_mut().for_each(|v| *v *= corr);
+                            ml[2 * r + 1] *= corr;
+                        }
+                        ml[2 * r + 1] += sum;
+                        ml[2 * r] = m_new;
+                    }
+                    let o = &mut os[rows.start * d..rows.end * d];
+                    (kern.attn_values_rows)(s, nk, vt, ldv, d, o);
+                    j0 += nk;
+                }
+                for i in 0..nt {
+                    let o = tile.out(t0 + i);
+                    for (h, oh) in o.chunks_exact_mut(d).enumerate() {
+                        let r = i * rep + h;
+                        let inv = 1.0 / ml[2 * r + 1];
+                        for (x, &y) in oh.iter_mut().zip(&os[r * d..(r + 1) * d]) {
+                            *x = y * inv;
+                        }
+                    }
+                }
+            };
+            let tb = if n >= ATT_MIN_BLOCK_TOKENS {
+                ATT_TOK_BLOCK
+            } else {
+                1
+            };
+            let task = |tile: Tile, thread: usize| {
+                if tb > 1 {
+                    block(tile, thread)
+                } else {
+                    group(tile, thread)
+                }
+            };
             // the work of this call, in multiply-adds; small calls (decode at short context)
-            // are not worth a pool round
+            // are not worth a pool round. The tasks are the same either way.
             let work = n * (pos0 + n) * qd;
             match par.pool {
                 Some(pool) if work >= MIN_PARALLEL_ATTN => {
-                    pool.run_tiles(&mut st.att, n, qd, rep * d, 1, &group)
+                    pool.run_tiles(&mut st.att, n, qd, rep * d, tb, &task)
                 }
                 _ => {
                     let out = crate::pool::SharedOut::new(&mut st.att, n, qd);
-                    for t in 0..n {
+                    for t0 in (0..n).step_by(tb) {
                         for kh in 0..nkv {
                             let rows = kh * rep * d..(kh + 1) * rep * d;
                             // SAFETY: one tile at a time, dropped before the next is made.
-                            group(unsafe { out.tile(rows, t..t + 1) }, 0);
+                            task(unsafe { out.tile(rows, t0..(t0 + tb).min(n)) }, 0);
                         }
                     }
                 }

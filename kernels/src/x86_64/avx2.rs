@@ -649,3 +649,404 @@ unsafe fn attn_values_impl<E: Kv>(p: &[f32], v: &[E], ld_v: usize, o: &mut [f32]
         *op.add(cc) = a;
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Prefill attention: scores of a block of query rows against a tile of keys stored transposed
+// (`kt[c * n + j]`), 4 rows × 16 keys per register block (8 FMA chains, a broadcast query
+// element times two key vectors: no horizontal sum), and the online-softmax step with a
+// polynomial exp.
+// ---------------------------------------------------------------------------------------------
+
+pub(crate) fn attn_scores_kt(q: &[f32], kt: &[f32], d: usize, n: usize, scale: f32, s: &mut [f32]) {
+    let _ = Avx2::get();
+    if d == 0 || n == 0 {
+        return crate::scalar::attn_scores_kt(q, kt, d, n, scale, s);
+    }
+    let rows = q.len() / d;
+    assert!(kt.len() >= d * n, "attn_scores_kt: keys too short");
+    assert!(s.len() >= rows * n, "attn_scores_kt: scores too short");
+    // SAFETY: features checked above; rows read q[..rows * d], keys kt[..d * n], scores are
+    // written in s[..rows * n], all inside the slices by the assertions.
+    unsafe { attn_scores_kt_impl(q.as_ptr(), rows, kt.as_ptr(), d, n, scale, s.as_mut_ptr()) }
+}
+
+/// # Safety
+/// AVX2 + FMA available; `q` has `rows * d` readable floats, `kt` `d * n`, `s` `rows * n`
+/// writable.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attn_scores_kt_impl(
+    q: *const f32,
+    rows: usize,
+    kt: *const f32,
+    d: usize,
+    n: usize,
+    scale: f32,
+    s: *mut f32,
+) {
+    let mut r = 0;
+    while r + 4 <= rows {
+        scores_kt_rows::<4>(q.add(r * d), kt, d, n, scale, s.add(r * n));
+        r += 4;
+    }
+    while r < rows {
+        scores_kt_rows::<1>(q.add(r * d), kt, d, n, scale, s.add(r * n));
+        r += 1;
+    }
+}
+
+/// `R` rows of [`attn_scores_kt_impl`].
+#[inline(always)]
+unsafe fn scores_kt_rows<const R: usize>(
+    q: *const f32,
+    kt: *const f32,
+    d: usize,
+    n: usize,
+    scale: f32,
+    s: *mut f32,
+) {
+    let vs = _mm256_set1_ps(scale);
+    let mut j = 0;
+    while j + 16 <= n {
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        for c in 0..d {
+            let k0 = _mm256_loadu_ps(kt.add(c * n + j));
+            let k1 = _mm256_loadu_ps(kt.add(c * n + j + 8));
+            for (r, a) in acc.iter_mut().enumerate() {
+                let qv = _mm256_broadcast_ss(&*q.add(r * d + c));
+                a[0] = _mm256_fmadd_ps(qv, k0, a[0]);
+                a[1] = _mm256_fmadd_ps(qv, k1, a[1]);
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(s.add(r * n + j), _mm256_mul_ps(a[0], vs));
+            _mm256_storeu_ps(s.add(r * n + j + 8), _mm256_mul_ps(a[1], vs));
+        }
+        j += 16;
+    }
+    if j + 8 <= n {
+        let mut acc = [_mm256_setzero_ps(); R];
+        for c in 0..d {
+            let k0 = _mm256_loadu_ps(kt.add(c * n + j));
+            for (r, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(_mm256_broadcast_ss(&*q.add(r * d + c)), k0, *a);
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(s.add(r * n + j), _mm256_mul_ps(*a, vs));
+        }
+        j += 8;
+    }
+    for jj in j..n {
+        for r in 0..R {
+            let mut t = 0.0f32;
+            for c in 0..d {
+                t += *q.add(r * d + c) * *kt.add(c * n + jj);
+            }
+            *s.add(r * n + jj) = t * scale;
+        }
+    }
+}
+
+pub(crate) fn attn_values_rows(
+    p: &[f32],
+    n: usize,
+    v: &[f32],
+    ld_v: usize,
+    d: usize,
+    o: &mut [f32],
+) {
+    let _ = Avx2::get();
+    if d == 0 || n == 0 {
+        return;
+    }
+    let rows = o.len() / d;
+    assert!(p.len() >= rows * n, "attn_values_rows: weights too short");
+    assert!(
+        v.len() >= (n - 1) * ld_v + d,
+        "attn_values_rows: values too short"
+    );
+    // SAFETY: features checked above; row r reads p[r * n..][..n] and writes o[r * d..][..d],
+    // value row j < n spans v[j * ld_v..][..d]: inside the slices by the assertions.
+    unsafe { attn_values_rows_impl(p.as_ptr(), n, v.as_ptr(), ld_v, d, o.as_mut_ptr(), rows) }
+}
+
+/// # Safety
+/// AVX2 available; `p` has `rows * n` readable floats, `v` `(n - 1) * ld_v + d`, `o`
+/// `rows * d` writable.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attn_values_rows_impl(
+    p: *const f32,
+    n: usize,
+    v: *const f32,
+    ld_v: usize,
+    d: usize,
+    o: *mut f32,
+    rows: usize,
+) {
+    let mut r = 0;
+    while r + 4 <= rows {
+        values_rows::<4>(p.add(r * n), n, v, ld_v, d, o.add(r * d));
+        r += 4;
+    }
+    while r < rows {
+        values_rows::<1>(p.add(r * n), n, v, ld_v, d, o.add(r * d));
+        r += 1;
+    }
+}
+
+/// `R` rows of [`attn_values_rows_impl`], 16 columns at a time (2 value vectors per key shared
+/// by the `R` rows), per element `o = o + p·v` in key order like the twin.
+#[inline(always)]
+unsafe fn values_rows<const R: usize>(
+    p: *const f32,
+    n: usize,
+    v: *const f32,
+    ld_v: usize,
+    d: usize,
+    o: *mut f32,
+) {
+    let mut c = 0;
+    while c + 16 <= d {
+        let mut acc: [[__m256; 2]; R] = core::array::from_fn(|r| {
+            [
+                _mm256_loadu_ps(o.add(r * d + c)),
+                _mm256_loadu_ps(o.add(r * d + c + 8)),
+            ]
+        });
+        for j in 0..n {
+            let v0 = _mm256_loadu_ps(v.add(j * ld_v + c));
+            let v1 = _mm256_loadu_ps(v.add(j * ld_v + c + 8));
+            for (r, a) in acc.iter_mut().enumerate() {
+                let pv = _mm256_broadcast_ss(&*p.add(r * n + j));
+                a[0] = _mm256_add_ps(a[0], _mm256_mul_ps(pv, v0));
+                a[1] = _mm256_add_ps(a[1], _mm256_mul_ps(pv, v1));
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(o.add(r * d + c), a[0]);
+            _mm256_storeu_ps(o.add(r * d + c + 8), a[1]);
+        }
+        c += 16;
+    }
+    if c + 8 <= d {
+        let mut acc: [__m256; R] = core::array::from_fn(|r| _mm256_loadu_ps(o.add(r * d + c)));
+        for j in 0..n {
+            let v0 = _mm256_loadu_ps(v.add(j * ld_v + c));
+            for (r, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_add_ps(
+                    *a,
+                    _mm256_mul_ps(_mm256_broadcast_ss(&*p.add(r * n + j)), v0),
+                );
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(o.add(r * d + c), *a);
+        }
+        c += 8;
+    }
+    for cc in c..d {
+        for r in 0..R {
+            let mut a = *o.add(r * d + cc);
+            for j in 0..n {
+                a += *p.add(r * n + j) * *v.add(j * ld_v + cc);
+            }
+            *o.add(r * d + cc) = a;
+        }
+    }
+}
+
+pub(crate) fn kv_transpose_f32(k: &[f32], ld: usize, d: usize, n: usize, kt: &mut [f32]) {
+    kv_transpose_t(k, ld, d, n, kt)
+}
+
+pub(crate) fn kv_transpose_f16(k: &[u16], ld: usize, d: usize, n: usize, kt: &mut [f32]) {
+    kv_transpose_t(k, ld, d, n, kt)
+}
+
+fn kv_transpose_t<E: Kv>(k: &[E], ld: usize, d: usize, n: usize, kt: &mut [f32]) {
+    let _ = Avx2::get();
+    if d == 0 || n == 0 {
+        return;
+    }
+    assert!(k.len() >= (n - 1) * ld + d, "kv_transpose: keys too short");
+    assert!(kt.len() >= d * n, "kv_transpose: output too short");
+    // SAFETY: features checked above; key row j < n spans k[j * ld..][..d], the output
+    // kt[..d * n]: inside the slices by the assertions.
+    unsafe { kv_transpose_impl(k.as_ptr(), ld, d, n, kt.as_mut_ptr()) }
+}
+
+/// 8 keys × 8 columns at a time: 8 row loads (converted), an 8×8 transpose in registers
+/// (unpack, shuffle, lane permute), 8 stores into 8 rows of `kt`.
+///
+/// # Safety
+/// AVX2 + F16C available; `k` has `(n - 1) * ld + d` readable elements, `kt` `d * n` writable.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn kv_transpose_impl<E: Kv>(k: *const E, ld: usize, d: usize, n: usize, kt: *mut f32) {
+    let (n8, d8) = (n - n % 8, d - d % 8);
+    let mut j = 0;
+    while j < n8 {
+        let mut c = 0;
+        while c < d8 {
+            let r: [__m256; 8] = core::array::from_fn(|u| E::load8(k.add((j + u) * ld + c)));
+            let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+            let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+            let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+            let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+            let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+            let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+            let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+            let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+            let u0 = _mm256_shuffle_ps(t0, t2, 0x44);
+            let u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+            let u2 = _mm256_shuffle_ps(t1, t3, 0x44);
+            let u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+            let u4 = _mm256_shuffle_ps(t4, t6, 0x44);
+            let u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+            let u6 = _mm256_shuffle_ps(t5, t7, 0x44);
+            let u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+            let o = [
+                _mm256_permute2f128_ps(u0, u4, 0x20),
+                _mm256_permute2f128_ps(u1, u5, 0x20),
+                _mm256_permute2f128_ps(u2, u6, 0x20),
+                _mm256_permute2f128_ps(u3, u7, 0x20),
+                _mm256_permute2f128_ps(u0, u4, 0x31),
+                _mm256_permute2f128_ps(u1, u5, 0x31),
+                _mm256_permute2f128_ps(u2, u6, 0x31),
+                _mm256_permute2f128_ps(u3, u7, 0x31),
+            ];
+            for (u, ov) in o.iter().enumerate() {
+                _mm256_storeu_ps(kt.add((c + u) * n + j), *ov);
+            }
+            c += 8;
+        }
+        for cc in d8..d {
+            for u in 0..8 {
+                *kt.add(cc * n + j + u) = (*k.add((j + u) * ld + cc)).f32();
+            }
+        }
+        j += 8;
+    }
+    for jj in n8..n {
+        for c in 0..d {
+            *kt.add(c * n + jj) = (*k.add(jj * ld + c)).f32();
+        }
+    }
+}
+
+pub(crate) fn kv_rows_f16(v: &[u16], ld: usize, d: usize, n: usize, vf: &mut [f32]) {
+    let _ = Avx2::get();
+    if d == 0 || n == 0 {
+        return;
+    }
+    assert!(v.len() >= (n - 1) * ld + d, "kv_rows_f16: values too short");
+    assert!(vf.len() >= d * n, "kv_rows_f16: output too short");
+    // SAFETY: features checked above; bounds by the assertions.
+    unsafe { kv_rows_f16_impl(v.as_ptr(), ld, d, n, vf.as_mut_ptr()) }
+}
+
+/// # Safety
+/// AVX2 + F16C available; `v` has `(n - 1) * ld + d` readable elements, `vf` `d * n` writable.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn kv_rows_f16_impl(v: *const u16, ld: usize, d: usize, n: usize, vf: *mut f32) {
+    let d8 = d - d % 8;
+    for j in 0..n {
+        let (src, dst) = (v.add(j * ld), vf.add(j * d));
+        let mut c = 0;
+        while c < d8 {
+            _mm256_storeu_ps(dst.add(c), u16::load8(src.add(c)));
+            c += 8;
+        }
+        for cc in d8..d {
+            *dst.add(cc) = (*src.add(cc)).f32();
+        }
+    }
+}
+
+pub(crate) fn softmax_tile(s: &mut [f32], m_old: f32) -> (f32, f32) {
+    let _ = Avx2::get();
+    // SAFETY: features checked above.
+    unsafe { softmax_tile_impl(s, m_old) }
+}
+
+/// `exp(x)` for 8 lanes: `x = n·ln2 + r` with `n = round(x·log2 e)` (Cody–Waite split of ln2),
+/// Cephes' degree-7 polynomial for `e^r` on `|r| ≤ ln2/2` (about 1 ulp), `2^n` built in the
+/// exponent bits. Lanes below −87.34 (results under `f32::MIN_POSITIVE`, and −∞) give 0; NaN
+/// stays NaN; lanes above 88 are clamped to 88 (callers pass `x ≤ 0`).
+///
+/// # Safety
+/// AVX2 + FMA available.
+#[inline(always)]
+unsafe fn exp8(x: __m256) -> __m256 {
+    let under = _mm256_cmp_ps(x, _mm256_set1_ps(-87.336_55), _CMP_LT_OQ);
+    let x = _mm256_min_ps(x, _mm256_set1_ps(88.0));
+    let x = _mm256_max_ps(x, _mm256_set1_ps(-88.0));
+    let nf = _mm256_round_ps(
+        _mm256_mul_ps(x, _mm256_set1_ps(core::f32::consts::LOG2_E)),
+        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+    );
+    let r = _mm256_fnmadd_ps(nf, _mm256_set1_ps(0.693_359_4), x);
+    let r = _mm256_fnmadd_ps(nf, _mm256_set1_ps(-2.121_944_4e-4), r);
+    let mut p = _mm256_set1_ps(1.987_569_1e-4);
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        0.166_666_65,
+        0.5,
+    ] {
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+    }
+    let p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r);
+    let p = _mm256_add_ps(p, _mm256_set1_ps(1.0));
+    // n ≥ −127 here (x ≥ −88); n = −127 only for lanes masked to 0 below
+    let e = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvtps_epi32(nf), _mm256_set1_epi32(127)),
+        23,
+    );
+    _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)))
+}
+
+/// # Safety
+/// AVX2 + FMA available.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_tile_impl(s: &mut [f32], m_old: f32) -> (f32, f32) {
+    let n = s.len();
+    let p = s.as_mut_ptr();
+    let n8 = n - n % 8;
+    // max: `max_ps(x, m)` returns `m` when `x` is NaN, like `f32::max`
+    let mut vm = _mm256_set1_ps(m_old);
+    let mut i = 0;
+    while i < n8 {
+        vm = _mm256_max_ps(_mm256_loadu_ps(p.add(i)), vm);
+        i += 8;
+    }
+    let h = _mm_max_ps(_mm256_castps256_ps128(vm), _mm256_extractf128_ps(vm, 1));
+    let h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    let h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
+    let mut m = _mm_cvtss_f32(h);
+    for &v in &s[n8..] {
+        m = m.max(v);
+    }
+    if m == f32::NEG_INFINITY {
+        s.iter_mut().for_each(|v| *v = 0.0);
+        return (m, 0.0);
+    }
+    let vm = _mm256_set1_ps(m);
+    let mut acc = _mm256_setzero_ps();
+    i = 0;
+    while i < n8 {
+        let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), vm));
+        _mm256_storeu_ps(p.add(i), e);
+        acc = _mm256_add_ps(acc, e);
+        i += 8;
+    }
+    if n8 < n {
+        let mut t = [f32::NEG_INFINITY; 8];
+        t[..n - n8].copy_from_slice(&s[n8..]);
+        let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(t.as_ptr()), vm));
+        _mm256_storeu_ps(t.as_mut_ptr(), e);
+        s[n8..].copy_from_slice(&t[..n - n8]);
+        acc = _mm256_add_ps(acc, e);
+    }
+    (m, hsum(acc))
+}

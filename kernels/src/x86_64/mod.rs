@@ -36,6 +36,12 @@ pub(crate) const AVX2: Kernels = Kernels {
     attn_values_f16: avx2::attn_values_f16,
     attn_scores_i8: avx2::attn_scores_i8,
     attn_values_i8: avx2::attn_values_i8,
+    attn_scores_kt: avx2::attn_scores_kt,
+    softmax_tile: avx2::softmax_tile,
+    attn_values_rows: avx2::attn_values_rows,
+    kv_transpose_f32: avx2::kv_transpose_f32,
+    kv_transpose_f16: avx2::kv_transpose_f16,
+    kv_rows_f16: avx2::kv_rows_f16,
 };
 
 /// AVX-512 F/BW/VL + VNNI (Cascade Lake, Ice Lake, Sapphire Rapids, Zen 4 and later).
