@@ -123,19 +123,28 @@ unsafe fn q4_tile<const NY: usize>(
     let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_ps(); NY];
     for (b, blk) in w.iter().enumerate() {
-        let mut isum = [_mm256_setzero_si256(); NY];
-        for c in 0..4 {
+        // chunk c's 16 products of token t: low nibbles × quad c, high nibbles × quad 4 + c
+        let unpack = |c: usize| {
             let raw = _mm256_loadu_si256(blk.qs.as_ptr().add(c * 32) as *const __m256i);
             let lo = _mm256_shuffle_epi8(tbl, _mm256_and_si256(raw, m4));
             let hi = _mm256_shuffle_epi8(tbl, _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4));
-            let (lo_abs, hi_abs) = (_mm256_abs_epi8(lo), _mm256_abs_epi8(hi));
-            for t in 0..NY {
+            (lo, hi, _mm256_abs_epi8(lo), _mm256_abs_epi8(hi))
+        };
+        let chunk =
+            |c: usize, t: usize, (lo, hi, lo_abs, hi_abs): (__m256i, __m256i, __m256i, __m256i)| {
                 let a = x[t].get_unchecked(b);
-                let s = _mm256_add_epi32(
+                _mm256_add_epi32(
                     dot4(lo_abs, lo, quad(a, c), ones),
                     dot4(hi_abs, hi, quad(a, 4 + c), ones),
-                );
-                isum[t] = _mm256_add_epi32(isum[t], s);
+                )
+            };
+        // chunk 0 initializes the sums (no zeroing, one add less per token)
+        let u = unpack(0);
+        let mut isum: [__m256i; NY] = core::array::from_fn(|t| chunk(0, t, u));
+        for c in 1..4 {
+            let u = unpack(c);
+            for t in 0..NY {
+                isum[t] = _mm256_add_epi32(isum[t], chunk(c, t, u));
             }
         }
         let dw = scales(&blk.d);
@@ -160,10 +169,20 @@ unsafe fn q8_tile<const NY: usize>(
     let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_ps(); NY];
     for (b, blk) in w.iter().enumerate() {
-        let mut isum = [_mm256_setzero_si256(); NY];
-        for c in 0..8 {
-            let wv = _mm256_loadu_si256(blk.qs.as_ptr().add(c * 32) as *const __m256i);
-            // |-128| = 0x80 is 128 as the unsigned operand: still exact
+        let load = |c: usize| _mm256_loadu_si256(blk.qs.as_ptr().add(c * 32) as *const __m256i);
+        // |-128| = 0x80 is 128 as the unsigned operand: still exact
+        let (w0, w1) = (load(0), load(1));
+        let (a0, a1) = (_mm256_abs_epi8(w0), _mm256_abs_epi8(w1));
+        // chunks 0 and 1 initialize the sums (no zeroing, one add less per token)
+        let mut isum: [__m256i; NY] = core::array::from_fn(|t| {
+            let a = x[t].get_unchecked(b);
+            _mm256_add_epi32(
+                dot4(a0, w0, quad(a, 0), ones),
+                dot4(a1, w1, quad(a, 1), ones),
+            )
+        });
+        for c in 2..8 {
+            let wv = load(c);
             let wabs = _mm256_abs_epi8(wv);
             for t in 0..NY {
                 let d = dot4(wabs, wv, quad(x[t].get_unchecked(b), c), ones);
