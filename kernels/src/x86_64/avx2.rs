@@ -20,7 +20,30 @@
 //! tokens of the tile. `NYMAX = 8` although only `NY = 4` fits the 16 ymm registers (4 i32 +
 //! 4 f32 accumulators + 4 weight vectors): the spilled accumulators cost less than unpacking
 //! each weight block twice as often. Measured (`cargo bench --bench kernels -- q4_gemm64/avx2`,
-//! Zen 3, 1 thread): NY 4 → 97, 6 → 107, 8 → 114 Gelem/s at 2048 × 5120 × 64 tokens.
+//! Zen 3, 1 thread): NY 4 → 97, 6 → 107, 8 → 114 Gelem/s at 2048 × 5120 × 64 tokens. The first
+//! chunk of a block initializes the i32 sums (no zeroing, one `vpaddd` less per token): +2.5 %.
+//!
+//! # Where the time goes (Zen 3, measured)
+//! The tile runs at the instruction-issue limit, not at the multiplier limit: replacing the
+//! 3 multiplier-port ops of a (token, quad) by 2 multiplier ops + 1 `vpaddb` (same count) changed
+//! nothing, dropping one op per (token, quad) gained 10 %. So only the instruction count per
+//! MAC matters. Per (block, token) at NY = 8: 8 × 5 core ops (broadcast, `vpsignb`,
+//! `vpmaddubsw`, `vpmaddwd`, `vpaddd`), 5 epilogue ops (broadcast `d_a`, `vmulps`,
+//! `vcvtdq2ps`, `vmulps`, `vaddps`; removing them: +12 %) and 28 / NY unpack ops (removing
+//! them: +5 %). The core is minimal for exact full-range inputs: no pair of `vpmaddubsw`
+//! results can be summed in i16 (2 × 32258 > 2^15) and every weight vector needs its own
+//! activation broadcast while lane `r` is row `r`. The epilogue is fixed by the twin's float
+//! order. Decode (NY = 1) is compute-bound too on this machine (21 GB/s of weights on one core,
+//! ~75 instructions per block).
+//!
+//! Tried and dropped (min of N runs, 1536 × 576 × 64 tokens, 1 thread, ~55 GMAC/s base):
+//! `vpsignb` → `vpxor` + `vpsubb` with a sign mask from `vpcmpgtb` (1 op → 2 light ops): slower;
+//! one set of token pointers + fully unrolled chunks: ±0 (more spills); software prefetch of
+//! the activations 4/8/16 blocks ahead: −2..−4 %; `TOK_CHUNK` 32 instead of 64: ±0.
+//! Format changes (measured, not adopted): activations limited to |a| ≤ 64 and stored with a
+//! +64 offset (`vpmaddubsw(a + 64, w)` is exact, the offset undone with the block's Σw):
+//! +10 % (the offset added in the kernel instead: ±0); |a| ≤ 32 (two `vpmaddubsw` summed by
+//! `vpaddw` before one `vpmaddwd`): +41 % prefill, +37 % decode, before its correction term.
 //!
 //! Rejected: the +128 offset trick with `vpmaddubsw` (unsigned `w + 128` up to 241 makes a pair
 //! up to 61214, which saturates i16; only `vpdpbusd`, which has no i16 stage, can use it).
