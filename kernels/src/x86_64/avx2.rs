@@ -166,8 +166,8 @@ unsafe fn q4_tile<const NY: usize>(
         let mut isum: [__m256i; NY] = core::array::from_fn(|t| chunk(0, t, u));
         for c in 1..4 {
             let u = unpack(c);
-            for t in 0..NY {
-                isum[t] = _mm256_add_epi32(isum[t], chunk(c, t, u));
+            for (t, st) in isum.iter_mut().enumerate() {
+                *st = _mm256_add_epi32(*st, chunk(c, t, u));
             }
         }
         let dw = scales(&blk.d);
