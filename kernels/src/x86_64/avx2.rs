@@ -116,6 +116,20 @@ impl Tile<BlockQ8x8> for Avx2 {
         // SAFETY: as for the Q4x8 tile.
         unsafe { q8_tile::<NY>(w, x, out) }
     }
+
+    #[inline]
+    fn tile1x2(
+        self,
+        w0: &[BlockQ8x8],
+        w1: &[BlockQ8x8],
+        x: &[BlockQ8A],
+        out0: &mut [f32; ROWS],
+        out1: &mut [f32; ROWS],
+    ) {
+        assert!(w1.len() == w0.len() && x.len() >= w0.len());
+        // SAFETY: as for the Q4x8 tile; w1 and x hold at least w0.len() blocks.
+        unsafe { q8_tile1x2(w0, w1, x, out0, out1) }
+    }
 }
 
 /// The 16 levels in both 128-bit lanes (vpshufb looks up within each lane).
@@ -293,6 +307,45 @@ unsafe fn q8_tile<const NY: usize>(
     for t in 0..NY {
         _mm256_storeu_ps(out[t].as_mut_ptr(), acc[t]);
     }
+}
+
+/// Two Q8x8 groups against one activation row, each quad broadcast once for both.
+///
+/// # Safety
+/// Same as [`q4_tile1x2`].
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_tile1x2(
+    w0: &[BlockQ8x8],
+    w1: &[BlockQ8x8],
+    x: &[BlockQ8A],
+    out0: &mut [f32; ROWS],
+    out1: &mut [f32; ROWS],
+) {
+    let ones = _mm256_set1_epi16(1);
+    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    for (b, (k0, k1)) in w0.iter().zip(w1).enumerate() {
+        let a = x.get_unchecked(b);
+        let (mut s0, mut s1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+        for c in 0..8 {
+            let qa = quad(a, c);
+            let v0 = _mm256_loadu_si256(k0.qs.as_ptr().add(c * 32) as *const __m256i);
+            let v1 = _mm256_loadu_si256(k1.qs.as_ptr().add(c * 32) as *const __m256i);
+            let p0 = dot4(_mm256_abs_epi8(v0), v0, qa, ones);
+            let p1 = dot4(_mm256_abs_epi8(v1), v1, qa, ones);
+            (s0, s1) = if c == 0 {
+                (p0, p1)
+            } else {
+                (_mm256_add_epi32(s0, p0), _mm256_add_epi32(s1, p1))
+            };
+        }
+        let da = _mm256_set1_ps(a.d);
+        let p0 = _mm256_mul_ps(_mm256_mul_ps(scales(&k0.d), da), _mm256_cvtepi32_ps(s0));
+        acc0 = _mm256_add_ps(acc0, p0);
+        let p1 = _mm256_mul_ps(_mm256_mul_ps(scales(&k1.d), da), _mm256_cvtepi32_ps(s1));
+        acc1 = _mm256_add_ps(acc1, p1);
+    }
+    _mm256_storeu_ps(out0.as_mut_ptr(), acc0);
+    _mm256_storeu_ps(out1.as_mut_ptr(), acc1);
 }
 
 // ---------------------------------------------------------------------------------------------
