@@ -34,9 +34,12 @@
 //! results can be summed in i16 (2 × 32258 > 2^15) and every weight vector needs its own
 //! activation broadcast while lane `r` is row `r`. The epilogue is fixed by the twin's float
 //! order. Decode (NY = 1) is compute-bound too on this machine (21 GB/s of weights on one core,
-//! ~80 instructions per block), so [`q4_tile1x2`] runs two groups against one activation row
-//! and broadcasts each quad once for both: 20.5 → 21.6 GB/s (q4 5120 × 5120 and 1536 × 576,
-//! 1 thread, min of N runs).
+//! ~80 instructions per block), so [`q4_tile1x2`] / [`q8_tile1x2`] run two groups against one
+//! activation row and broadcast each quad once for both; the driver pairs gate with up, or
+//! group `g` with `g + groups / 2` (two sequential weight streams: pairing `g` with `g + 1`
+//! was 15-25 % slower out of cache). Matvec, 1 thread, min of N runs: 1536 × 576 20.5 → 21.8,
+//! 49152 × 576 19.3 → 21.4, 16384 × 5120 (out of cache) 12.6 → 17.5 GB/s; q8 1536 × 576
+//! 44.3 → 47.1 GB/s.
 //!
 //! Tried and dropped (min of N runs, 1536 × 576 × 64 tokens, 1 thread, ~55 GMAC/s base):
 //! `vpsignb` → `vpxor` + `vpsubb` with a sign mask from `vpcmpgtb` (1 op → 2 light ops): slower;
