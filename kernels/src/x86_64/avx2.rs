@@ -20,7 +20,35 @@
 //! tokens of the tile. `NYMAX = 8` although only `NY = 4` fits the 16 ymm registers (4 i32 +
 //! 4 f32 accumulators + 4 weight vectors): the spilled accumulators cost less than unpacking
 //! each weight block twice as often. Measured (`cargo bench --bench kernels -- q4_gemm64/avx2`,
-//! Zen 3, 1 thread): NY 4 → 97, 6 → 107, 8 → 114 Gelem/s at 2048 × 5120 × 64 tokens.
+//! Zen 3, 1 thread): NY 4 → 97, 6 → 107, 8 → 114 Gelem/s at 2048 × 5120 × 64 tokens. The first
+//! chunk of a block initializes the i32 sums (no zeroing, one `vpaddd` less per token): +2.5 %.
+//!
+//! # Where the time goes (Zen 3, measured)
+//! The tile runs at the instruction-issue limit, not at the multiplier limit: replacing the
+//! 3 multiplier-port ops of a (token, quad) by 2 multiplier ops + 1 `vpaddb` (same count) changed
+//! nothing, dropping one op per (token, quad) gained 10 %. So only the instruction count per
+//! MAC matters. Per (block, token) at NY = 8: 8 × 5 core ops (broadcast, `vpsignb`,
+//! `vpmaddubsw`, `vpmaddwd`, `vpaddd`), 5 epilogue ops (broadcast `d_a`, `vmulps`,
+//! `vcvtdq2ps`, `vmulps`, `vaddps`; removing them: +12 %) and 28 / NY unpack ops (removing
+//! them: +5 %). The core is minimal for exact full-range inputs: no pair of `vpmaddubsw`
+//! results can be summed in i16 (2 × 32258 > 2^15) and every weight vector needs its own
+//! activation broadcast while lane `r` is row `r`. The epilogue is fixed by the twin's float
+//! order. Decode (NY = 1) is compute-bound too on this machine (21 GB/s of weights on one core,
+//! ~80 instructions per block), so [`q4_tile1x2`] / [`q8_tile1x2`] run two groups against one
+//! activation row and broadcast each quad once for both; the driver pairs gate with up, or
+//! group `g` with `g + groups / 2` (two sequential weight streams: pairing `g` with `g + 1`
+//! was 15-25 % slower out of cache). Matvec, 1 thread, min of N runs: 1536 × 576 20.5 → 21.8,
+//! 49152 × 576 19.3 → 21.4, 16384 × 5120 (out of cache) 12.6 → 17.5 GB/s; q8 1536 × 576
+//! 44.3 → 47.1 GB/s.
+//!
+//! Tried and dropped (min of N runs, 1536 × 576 × 64 tokens, 1 thread, ~55 GMAC/s base):
+//! `vpsignb` → `vpxor` + `vpsubb` with a sign mask from `vpcmpgtb` (1 op → 2 light ops): slower;
+//! one set of token pointers + fully unrolled chunks: ±0 (more spills); software prefetch of
+//! the activations 4/8/16 blocks ahead: −2..−4 %; `TOK_CHUNK` 32 instead of 64: ±0.
+//! Format changes (measured, not adopted): activations limited to |a| ≤ 64 and stored with a
+//! +64 offset (`vpmaddubsw(a + 64, w)` is exact, the offset undone with the block's Σw):
+//! +10 % (the offset added in the kernel instead: ±0); |a| ≤ 32 (two `vpmaddubsw` summed by
+//! `vpaddw` before one `vpmaddwd`): +41 % prefill, +37 % decode, before its correction term.
 //!
 //! Rejected: the +128 offset trick with `vpmaddubsw` (unsigned `w + 128` up to 241 makes a pair
 //! up to 61214, which saturates i16; only `vpdpbusd`, which has no i16 stage, can use it).
@@ -62,6 +90,20 @@ impl Tile<BlockQ4x8> for Avx2 {
         // SAFETY: `self` proves AVX2+FMA+F16C (Avx2::detect); every x[t] holds w.len() blocks.
         unsafe { q4_tile::<NY>(w, x, out) }
     }
+
+    #[inline]
+    fn tile1x2(
+        self,
+        w0: &[BlockQ4x8],
+        w1: &[BlockQ4x8],
+        x: &[BlockQ8A],
+        out0: &mut [f32; ROWS],
+        out1: &mut [f32; ROWS],
+    ) {
+        assert!(w1.len() == w0.len() && x.len() >= w0.len());
+        // SAFETY: as above; w1 and x hold at least w0.len() blocks.
+        unsafe { q4_tile1x2(w0, w1, x, out0, out1) }
+    }
 }
 
 impl Tile<BlockQ8x8> for Avx2 {
@@ -76,6 +118,20 @@ impl Tile<BlockQ8x8> for Avx2 {
         assert!(x.iter().all(|xt| xt.len() >= w.len()));
         // SAFETY: as for the Q4x8 tile.
         unsafe { q8_tile::<NY>(w, x, out) }
+    }
+
+    #[inline]
+    fn tile1x2(
+        self,
+        w0: &[BlockQ8x8],
+        w1: &[BlockQ8x8],
+        x: &[BlockQ8A],
+        out0: &mut [f32; ROWS],
+        out1: &mut [f32; ROWS],
+    ) {
+        assert!(w1.len() == w0.len() && x.len() >= w0.len());
+        // SAFETY: as for the Q4x8 tile; w1 and x hold at least w0.len() blocks.
+        unsafe { q8_tile1x2(w0, w1, x, out0, out1) }
     }
 }
 
@@ -113,6 +169,7 @@ unsafe fn dot4(wabs: __m256i, w: __m256i, a: __m256i, ones: __m256i) -> __m256i 
 /// * The CPU supports AVX2, FMA and F16C.
 /// * `x[t].len() >= w.len()` for every `t`.
 #[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::needless_range_loop)] // the indexed loop compiles 2.5 % faster than iter_mut at NY = 8
 unsafe fn q4_tile<const NY: usize>(
     w: &[BlockQ4x8],
     x: &[&[BlockQ8A]; NY],
@@ -123,19 +180,28 @@ unsafe fn q4_tile<const NY: usize>(
     let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_ps(); NY];
     for (b, blk) in w.iter().enumerate() {
-        let mut isum = [_mm256_setzero_si256(); NY];
-        for c in 0..4 {
+        // chunk c's 16 products of token t: low nibbles × quad c, high nibbles × quad 4 + c
+        let unpack = |c: usize| {
             let raw = _mm256_loadu_si256(blk.qs.as_ptr().add(c * 32) as *const __m256i);
             let lo = _mm256_shuffle_epi8(tbl, _mm256_and_si256(raw, m4));
             let hi = _mm256_shuffle_epi8(tbl, _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4));
-            let (lo_abs, hi_abs) = (_mm256_abs_epi8(lo), _mm256_abs_epi8(hi));
-            for t in 0..NY {
+            (lo, hi, _mm256_abs_epi8(lo), _mm256_abs_epi8(hi))
+        };
+        let chunk =
+            |c: usize, t: usize, (lo, hi, lo_abs, hi_abs): (__m256i, __m256i, __m256i, __m256i)| {
                 let a = x[t].get_unchecked(b);
-                let s = _mm256_add_epi32(
+                _mm256_add_epi32(
                     dot4(lo_abs, lo, quad(a, c), ones),
                     dot4(hi_abs, hi, quad(a, 4 + c), ones),
-                );
-                isum[t] = _mm256_add_epi32(isum[t], s);
+                )
+            };
+        // chunk 0 initializes the sums (no zeroing, one add less per token)
+        let u = unpack(0);
+        let mut isum: [__m256i; NY] = core::array::from_fn(|t| chunk(0, t, u));
+        for c in 1..4 {
+            let u = unpack(c);
+            for t in 0..NY {
+                isum[t] = _mm256_add_epi32(isum[t], chunk(c, t, u));
             }
         }
         let dw = scales(&blk.d);
@@ -149,6 +215,61 @@ unsafe fn q4_tile<const NY: usize>(
     }
 }
 
+/// Two Q4x8 groups against one activation row: `q4_tile::<1>` for each group, with each
+/// activation quad broadcast once for both (8 of the ~80 instructions per group and block).
+///
+/// # Safety
+/// * The CPU supports AVX2, FMA and F16C.
+/// * `w1.len() == w0.len()` and `x.len() >= w0.len()`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_tile1x2(
+    w0: &[BlockQ4x8],
+    w1: &[BlockQ4x8],
+    x: &[BlockQ8A],
+    out0: &mut [f32; ROWS],
+    out1: &mut [f32; ROWS],
+) {
+    let tbl = _mm256_loadu_si256(KV32.as_ptr() as *const __m256i);
+    let m4 = _mm256_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    for (b, (k0, k1)) in w0.iter().zip(w1).enumerate() {
+        let a = x.get_unchecked(b);
+        let unpack = |blk: &BlockQ4x8, c: usize| {
+            let raw = _mm256_loadu_si256(blk.qs.as_ptr().add(c * 32) as *const __m256i);
+            let lo = _mm256_shuffle_epi8(tbl, _mm256_and_si256(raw, m4));
+            let hi = _mm256_shuffle_epi8(tbl, _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4));
+            (lo, hi)
+        };
+        let (mut s0, mut s1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+        for c in 0..4 {
+            let (qa, qb) = (quad(a, c), quad(a, 4 + c));
+            let (lo, hi) = unpack(k0, c);
+            let p0 = _mm256_add_epi32(
+                dot4(_mm256_abs_epi8(lo), lo, qa, ones),
+                dot4(_mm256_abs_epi8(hi), hi, qb, ones),
+            );
+            let (lo, hi) = unpack(k1, c);
+            let p1 = _mm256_add_epi32(
+                dot4(_mm256_abs_epi8(lo), lo, qa, ones),
+                dot4(_mm256_abs_epi8(hi), hi, qb, ones),
+            );
+            (s0, s1) = if c == 0 {
+                (p0, p1)
+            } else {
+                (_mm256_add_epi32(s0, p0), _mm256_add_epi32(s1, p1))
+            };
+        }
+        let da = _mm256_set1_ps(a.d);
+        let p0 = _mm256_mul_ps(_mm256_mul_ps(scales(&k0.d), da), _mm256_cvtepi32_ps(s0));
+        acc0 = _mm256_add_ps(acc0, p0);
+        let p1 = _mm256_mul_ps(_mm256_mul_ps(scales(&k1.d), da), _mm256_cvtepi32_ps(s1));
+        acc1 = _mm256_add_ps(acc1, p1);
+    }
+    _mm256_storeu_ps(out0.as_mut_ptr(), acc0);
+    _mm256_storeu_ps(out1.as_mut_ptr(), acc1);
+}
+
 /// # Safety
 /// Same as [`q4_tile`].
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -160,10 +281,20 @@ unsafe fn q8_tile<const NY: usize>(
     let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_ps(); NY];
     for (b, blk) in w.iter().enumerate() {
-        let mut isum = [_mm256_setzero_si256(); NY];
-        for c in 0..8 {
-            let wv = _mm256_loadu_si256(blk.qs.as_ptr().add(c * 32) as *const __m256i);
-            // |-128| = 0x80 is 128 as the unsigned operand: still exact
+        let load = |c: usize| _mm256_loadu_si256(blk.qs.as_ptr().add(c * 32) as *const __m256i);
+        // |-128| = 0x80 is 128 as the unsigned operand: still exact
+        let (w0, w1) = (load(0), load(1));
+        let (a0, a1) = (_mm256_abs_epi8(w0), _mm256_abs_epi8(w1));
+        // chunks 0 and 1 initialize the sums (no zeroing, one add less per token)
+        let mut isum: [__m256i; NY] = core::array::from_fn(|t| {
+            let a = x[t].get_unchecked(b);
+            _mm256_add_epi32(
+                dot4(a0, w0, quad(a, 0), ones),
+                dot4(a1, w1, quad(a, 1), ones),
+            )
+        });
+        for c in 2..8 {
+            let wv = load(c);
             let wabs = _mm256_abs_epi8(wv);
             for t in 0..NY {
                 let d = dot4(wabs, wv, quad(x[t].get_unchecked(b), c), ones);
@@ -179,6 +310,45 @@ unsafe fn q8_tile<const NY: usize>(
     for t in 0..NY {
         _mm256_storeu_ps(out[t].as_mut_ptr(), acc[t]);
     }
+}
+
+/// Two Q8x8 groups against one activation row, each quad broadcast once for both.
+///
+/// # Safety
+/// Same as [`q4_tile1x2`].
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_tile1x2(
+    w0: &[BlockQ8x8],
+    w1: &[BlockQ8x8],
+    x: &[BlockQ8A],
+    out0: &mut [f32; ROWS],
+    out1: &mut [f32; ROWS],
+) {
+    let ones = _mm256_set1_epi16(1);
+    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    for (b, (k0, k1)) in w0.iter().zip(w1).enumerate() {
+        let a = x.get_unchecked(b);
+        let (mut s0, mut s1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+        for c in 0..8 {
+            let qa = quad(a, c);
+            let v0 = _mm256_loadu_si256(k0.qs.as_ptr().add(c * 32) as *const __m256i);
+            let v1 = _mm256_loadu_si256(k1.qs.as_ptr().add(c * 32) as *const __m256i);
+            let p0 = dot4(_mm256_abs_epi8(v0), v0, qa, ones);
+            let p1 = dot4(_mm256_abs_epi8(v1), v1, qa, ones);
+            (s0, s1) = if c == 0 {
+                (p0, p1)
+            } else {
+                (_mm256_add_epi32(s0, p0), _mm256_add_epi32(s1, p1))
+            };
+        }
+        let da = _mm256_set1_ps(a.d);
+        let p0 = _mm256_mul_ps(_mm256_mul_ps(scales(&k0.d), da), _mm256_cvtepi32_ps(s0));
+        acc0 = _mm256_add_ps(acc0, p0);
+        let p1 = _mm256_mul_ps(_mm256_mul_ps(scales(&k1.d), da), _mm256_cvtepi32_ps(s1));
+        acc1 = _mm256_add_ps(acc1, p1);
+    }
+    _mm256_storeu_ps(out0.as_mut_ptr(), acc0);
+    _mm256_storeu_ps(out1.as_mut_ptr(), acc1);
 }
 
 // ---------------------------------------------------------------------------------------------
