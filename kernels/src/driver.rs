@@ -50,6 +50,17 @@ pub(crate) trait Tile<B>: Copy {
         self.tile::<1>(w1, &[x], &mut o);
         *out1 = o[0];
     }
+
+    /// `g[i][r] = silu(g[i][r]) · u[i][r]` (the SwiGLU step of the fused gate/up), bit-identical
+    /// to [`crate::scalar::silu`]; a tier may override it with a vector version.
+    #[inline]
+    fn silu_mul<const NY: usize>(self, g: &mut [[f32; ROWS]; NY], u: &[[f32; ROWS]; NY]) {
+        for (o, u) in g.iter_mut().zip(u) {
+            for (ov, &uv) in o.iter_mut().zip(u) {
+                *ov = crate::scalar::silu(*ov) * uv;
+            }
+        }
+    }
 }
 
 /// Output rows per chunk: 64 rows × 160 blocks × 40 B = 410 KiB of activations at k = 5120.
@@ -241,10 +252,9 @@ fn single<B, T: Tile<B>>(
         Some(u) => {
             for g in 0..groups {
                 t.tile1x2(wg(g), &u[g * nb..(g + 1) * nb], xs, &mut o0, &mut o1);
-                for (ov, &uv) in o0.iter_mut().zip(&o1) {
-                    *ov = crate::scalar::silu(*ov) * uv;
-                }
-                put(g, &o0);
+                let mut g0 = [o0];
+                t.silu_mul::<1>(&mut g0, &[o1]);
+                put(g, &g0[0]);
             }
         }
         None => {
@@ -291,11 +301,7 @@ fn one<B, T: Tile<B>, const NY: usize>(t: T, a: Args<'_, B>) {
     if let Some(ug) = a.ug {
         let mut up = [[0.0f32; ROWS]; NY];
         t.tile::<NY>(ug, &xs, &mut up);
-        for (o, u) in out.iter_mut().zip(&up) {
-            for (ov, &uv) in o.iter_mut().zip(u) {
-                *ov = crate::scalar::silu(*ov) * uv;
-            }
-        }
+        t.silu_mul::<NY>(&mut out, &up);
     }
     let r0 = a.g * ROWS;
     let nr = ROWS.min(a.n_rows - r0);

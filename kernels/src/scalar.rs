@@ -648,10 +648,44 @@ pub fn softmax(x: &mut [f32]) {
     x.iter_mut().for_each(|v| *v *= inv);
 }
 
-/// `silu(z) = z * sigmoid(z)`.
+/// `exp(x)` by the same steps, in the same order, as the AVX2 tier's 8-lane `exp8`, so that both
+/// round identically (every step is one IEEE operation; `mul_add` is the fused multiply-add):
+/// `x = n·ln2 + r` with `n = round(x·log2 e)` (Cody–Waite split of ln2), Cephes' degree-7
+/// polynomial for `e^r` on `|r| ≤ ln2/2` (about 1 ulp), `2^n` built in the exponent bits. Inputs
+/// below −87.34 (and −∞) give 0, inputs above 88 (and NaN, as `vminps` does) are clamped to 88.
+#[inline]
+pub fn exp_poly(x: f32) -> f32 {
+    let under = x < -87.336_55;
+    // vminps(x, 88) / vmaxps(x, -88): the second operand when the comparison is false (NaN)
+    let x = if x < 88.0 { x } else { 88.0 };
+    let x = if x > -88.0 { x } else { -88.0 };
+    let nf = (x * core::f32::consts::LOG2_E).round_ties_even();
+    let r = (-nf).mul_add(0.693_359_4, x);
+    let r = (-nf).mul_add(-2.121_944_4e-4, r);
+    let mut p = 1.987_569_1e-4f32;
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        0.166_666_65,
+        0.5,
+    ] {
+        p = p.mul_add(r, c);
+    }
+    let p = p.mul_add(r * r, r) + 1.0;
+    let e = f32::from_bits((((nf as i32) + 127) << 23) as u32);
+    if under {
+        0.0
+    } else {
+        p * e
+    }
+}
+
+/// `silu(z) = z * sigmoid(z) = z / (1 + exp(−z))`, with [`exp_poly`] (what the fused gate/up
+/// kernels of every tier compute, bit for bit).
 #[inline]
 pub fn silu(z: f32) -> f32 {
-    z / (1.0 + (-z).exp())
+    z / (1.0 + exp_poly(-z))
 }
 
 /// `out = silu(gate) * up`.

@@ -989,3 +989,32 @@ fn attention_tile_kernels() {
         }
     }
 }
+
+/// The polynomial exp behind SiLU (scalar twin of the AVX2 `exp8`): close to f64 `exp` over the
+/// whole f32 range it covers, 0 below it, and SiLU's limits.
+#[test]
+fn exp_poly_and_silu() {
+    let mut worst = 0.0f64;
+    let mut x = -87.3f32;
+    while x < 88.0 {
+        let got = scalar::exp_poly(x) as f64;
+        let want = (x as f64).exp();
+        worst = worst.max(((got - want) / want).abs());
+        x += 0.0137;
+    }
+    assert!(worst < 2e-7, "exp_poly worst relative error {worst:e}");
+    assert_eq!(scalar::exp_poly(0.0), 1.0);
+    assert_eq!(scalar::exp_poly(-88.0), 0.0);
+    assert_eq!(scalar::exp_poly(f32::NEG_INFINITY), 0.0);
+    for z in [-30.0f32, -5.0, -1.0, -0.1, 0.0, 0.1, 1.0, 5.0, 30.0] {
+        let want = z as f64 / (1.0 + (-(z as f64)).exp());
+        let got = scalar::silu(z) as f64;
+        assert!(
+            (got - want).abs() <= 3e-7 * want.abs().max(1e-30),
+            "silu({z}) = {got}, want {want}"
+        );
+    }
+    assert_eq!(scalar::silu(100.0), 100.0);
+    assert!(scalar::silu(-100.0).abs() < 1e-30);
+    assert!(scalar::silu(f32::NAN).is_nan());
+}

@@ -104,6 +104,12 @@ impl Tile<BlockQ4x8> for Avx2 {
         // SAFETY: as above; w1 and x hold at least w0.len() blocks.
         unsafe { q4_tile1x2(w0, w1, x, out0, out1) }
     }
+
+    #[inline]
+    fn silu_mul<const NY: usize>(self, g: &mut [[f32; ROWS]; NY], u: &[[f32; ROWS]; NY]) {
+        // SAFETY: `self` proves AVX2+FMA (Avx2::detect).
+        unsafe { silu_mul_rows::<NY>(g, u) }
+    }
 }
 
 impl Tile<BlockQ8x8> for Avx2 {
@@ -132,6 +138,12 @@ impl Tile<BlockQ8x8> for Avx2 {
         assert!(w1.len() == w0.len() && x.len() >= w0.len());
         // SAFETY: as for the Q4x8 tile; w1 and x hold at least w0.len() blocks.
         unsafe { q8_tile1x2(w0, w1, x, out0, out1) }
+    }
+
+    #[inline]
+    fn silu_mul<const NY: usize>(self, g: &mut [[f32; ROWS]; NY], u: &[[f32; ROWS]; NY]) {
+        // SAFETY: `self` proves AVX2+FMA (Avx2::detect).
+        unsafe { silu_mul_rows::<NY>(g, u) }
     }
 }
 
@@ -1174,6 +1186,26 @@ unsafe fn exp8(x: __m256) -> __m256 {
         23,
     );
     _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)))
+}
+
+/// `g = silu(g) · u` for `NY` rows of 8: `g / (1 + exp8(−g)) · u`, the steps of
+/// [`crate::scalar::silu`] (bit-identical: `exp8` mirrors `scalar::exp_poly`).
+///
+/// # Safety
+/// AVX2 + FMA available.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn silu_mul_rows<const NY: usize>(g: &mut [[f32; ROWS]; NY], u: &[[f32; ROWS]; NY]) {
+    let one = _mm256_set1_ps(1.0);
+    let neg = _mm256_set1_ps(-0.0);
+    for (o, u) in g.iter_mut().zip(u) {
+        let z = _mm256_loadu_ps(o.as_ptr());
+        let e = exp8(_mm256_xor_ps(z, neg));
+        let s = _mm256_div_ps(z, _mm256_add_ps(one, e));
+        _mm256_storeu_ps(
+            o.as_mut_ptr(),
+            _mm256_mul_ps(s, _mm256_loadu_ps(u.as_ptr())),
+        );
+    }
 }
 
 /// # Safety
