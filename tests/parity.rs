@@ -290,17 +290,35 @@ fn fixtures_listed() {
 /// Output is bit-identical whatever the thread count (issue 5), on a quantized model.
 #[test]
 fn thread_count_does_not_change_logits() {
-    let e = expected("llama4-scout-tiny");
-    let path = convert("llama4-scout-tiny", "q4", &[]);
-    let model = Model::open(&path).unwrap();
-    let mut outs = vec![];
-    for threads in [1, 2, 3] {
-        let mut st = State::with_threads(&model, e.ids.len(), e.ids.len(), true, threads);
-        model.forward(&mut st, &e.ids, Logits::All).unwrap();
-        outs.push(st.logits().to_vec());
+    // prefill and token-by-token decode, MoE with top-1 (scout) and top-2 of 4 experts
+    // (topk2-ref), q4 and q8
+    for (name, quant) in [
+        ("llama4-scout-tiny", "q4"),
+        ("llama4-topk2-ref", "q4"),
+        ("llama4-topk2-ref", "q8"),
+    ] {
+        let e = expected(name);
+        let path = convert(name, quant, &[]);
+        let model = Model::open(&path).unwrap();
+        let mut outs = vec![];
+        for threads in [1, 2, 3] {
+            let mut st = State::with_threads(&model, e.ids.len(), e.ids.len(), true, threads);
+            model.forward(&mut st, &e.ids, Logits::All).unwrap();
+            // and token by token (decode: one token per group)
+            let mut sd = State::with_threads(&model, e.ids.len(), 1, false, threads);
+            let mut last = vec![];
+            for &id in &e.ids {
+                model.forward(&mut sd, &[id], Logits::Last).unwrap();
+                last = sd.logits().to_vec();
+            }
+            outs.push((st.logits().to_vec(), last));
+        }
+        assert!(
+            outs[1..].iter().all(|o| o == &outs[0]),
+            "{name} {quant}: logits depend on the thread count"
+        );
+        std::fs::remove_file(path).ok();
     }
-    assert!(outs[1..].iter().all(|o| o == &outs[0]));
-    std::fs::remove_file(path).ok();
 }
 
 /// The `ferroq logits` and `ferroq generate` commands (what other tools call) keep the same
