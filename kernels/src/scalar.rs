@@ -648,28 +648,38 @@ pub fn softmax(x: &mut [f32]) {
     x.iter_mut().for_each(|v| *v *= inv);
 }
 
+/// Constants of [`exp_poly`], shared with the SIMD versions so that both round identically:
+/// the underflow threshold, the clamp, the Cody–Waite split of ln 2 and Cephes' polynomial
+/// coefficients (highest degree first).
+pub(crate) const EXP_UNDER: f32 = -87.336_55;
+pub(crate) const EXP_CLAMP: f32 = 88.0;
+pub(crate) const EXP_LN2_HI: f32 = 0.693_359_4;
+pub(crate) const EXP_LN2_LO: f32 = -2.121_944_4e-4;
+pub(crate) const EXP_POLY: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    0.166_666_65,
+    0.5,
+];
+
 /// `exp(x)` by the same steps, in the same order, as the AVX2 tier's 8-lane `exp8`, so that both
 /// round identically (every step is one IEEE operation; `mul_add` is the fused multiply-add):
 /// `x = n·ln2 + r` with `n = round(x·log2 e)` (Cody–Waite split of ln2), Cephes' degree-7
 /// polynomial for `e^r` on `|r| ≤ ln2/2` (about 1 ulp), `2^n` built in the exponent bits. Inputs
-/// below −87.34 (and −∞) give 0, inputs above 88 (and NaN, as `vminps` does) are clamped to 88.
+/// below −87.34 (and −∞) give 0, inputs above 88 are clamped to 88, NaN stays NaN.
 #[inline]
 pub fn exp_poly(x: f32) -> f32 {
-    let under = x < -87.336_55;
-    // vminps(x, 88) / vmaxps(x, -88): the second operand when the comparison is false (NaN)
-    let x = if x < 88.0 { x } else { 88.0 };
-    let x = if x > -88.0 { x } else { -88.0 };
+    let under = x < EXP_UNDER;
+    // vminps(88, x) / vmaxps(-88, x): the second operand (x) when the comparison is false (NaN)
+    let x = if EXP_CLAMP < x { EXP_CLAMP } else { x };
+    let x = if -EXP_CLAMP > x { -EXP_CLAMP } else { x };
     let nf = (x * core::f32::consts::LOG2_E).round_ties_even();
-    let r = (-nf).mul_add(0.693_359_4, x);
-    let r = (-nf).mul_add(-2.121_944_4e-4, r);
-    let mut p = 1.987_569_1e-4f32;
-    for c in [
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        0.166_666_65,
-        0.5,
-    ] {
+    let r = (-nf).mul_add(EXP_LN2_HI, x);
+    let r = (-nf).mul_add(EXP_LN2_LO, r);
+    let mut p = EXP_POLY[0];
+    for &c in &EXP_POLY[1..] {
         p = p.mul_add(r, c);
     }
     let p = p.mul_add(r * r, r) + 1.0;

@@ -1006,6 +1006,8 @@ fn exp_poly_and_silu() {
     assert_eq!(scalar::exp_poly(0.0), 1.0);
     assert_eq!(scalar::exp_poly(-88.0), 0.0);
     assert_eq!(scalar::exp_poly(f32::NEG_INFINITY), 0.0);
+    assert!(scalar::exp_poly(f32::NAN).is_nan());
+    assert_eq!(scalar::exp_poly(1000.0), scalar::exp_poly(88.0));
     for z in [-30.0f32, -5.0, -1.0, -0.1, 0.0, 0.1, 1.0, 5.0, 30.0] {
         let want = z as f64 / (1.0 + (-(z as f64)).exp());
         let got = scalar::silu(z) as f64;

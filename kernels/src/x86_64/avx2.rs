@@ -1153,29 +1153,26 @@ pub(crate) fn softmax_tile(s: &mut [f32], m_old: f32) -> (f32, f32) {
 /// `exp(x)` for 8 lanes: `x = n·ln2 + r` with `n = round(x·log2 e)` (Cody–Waite split of ln2),
 /// Cephes' degree-7 polynomial for `e^r` on `|r| ≤ ln2/2` (about 1 ulp), `2^n` built in the
 /// exponent bits. Lanes below −87.34 (results under `f32::MIN_POSITIVE`, and −∞) give 0; NaN
-/// stays NaN; lanes above 88 are clamped to 88 (callers pass `x ≤ 0`).
+/// stays NaN; lanes above 88 are clamped to 88 (callers pass `x ≤ 0`). Same steps and constants
+/// as [`crate::scalar::exp_poly`], its bit-exact scalar twin.
 ///
 /// # Safety
 /// AVX2 + FMA available.
 #[inline(always)]
 unsafe fn exp8(x: __m256) -> __m256 {
-    let under = _mm256_cmp_ps(x, _mm256_set1_ps(-87.336_55), _CMP_LT_OQ);
-    let x = _mm256_min_ps(x, _mm256_set1_ps(88.0));
-    let x = _mm256_max_ps(x, _mm256_set1_ps(-88.0));
+    use crate::scalar::{EXP_CLAMP, EXP_LN2_HI, EXP_LN2_LO, EXP_POLY, EXP_UNDER};
+    let under = _mm256_cmp_ps(x, _mm256_set1_ps(EXP_UNDER), _CMP_LT_OQ);
+    // clamp first operand, x second: vminps/vmaxps return the second operand for NaN
+    let x = _mm256_min_ps(_mm256_set1_ps(EXP_CLAMP), x);
+    let x = _mm256_max_ps(_mm256_set1_ps(-EXP_CLAMP), x);
     let nf = _mm256_round_ps(
         _mm256_mul_ps(x, _mm256_set1_ps(core::f32::consts::LOG2_E)),
         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
     );
-    let r = _mm256_fnmadd_ps(nf, _mm256_set1_ps(0.693_359_4), x);
-    let r = _mm256_fnmadd_ps(nf, _mm256_set1_ps(-2.121_944_4e-4), r);
-    let mut p = _mm256_set1_ps(1.987_569_1e-4);
-    for c in [
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        0.166_666_65,
-        0.5,
-    ] {
+    let r = _mm256_fnmadd_ps(nf, _mm256_set1_ps(EXP_LN2_HI), x);
+    let r = _mm256_fnmadd_ps(nf, _mm256_set1_ps(EXP_LN2_LO), r);
+    let mut p = _mm256_set1_ps(EXP_POLY[0]);
+    for &c in &EXP_POLY[1..] {
         p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
     }
     let p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r);
