@@ -87,6 +87,21 @@ fn att_scratch_len(nh: usize, nkv: usize, d: usize) -> usize {
     block.max((nh + 1) * (ATT_TILE + 2))
 }
 
+/// One online-softmax step of one query row over a key tile: `s` (the row's scores) becomes
+/// `exp(s − m_new)`; the running `ml = [max, sum]` and the row's output accumulator `o` are
+/// rescaled when the max grew.
+fn softmax_step(kern: &ferroq_kernels::Kernels, s: &mut [f32], ml: &mut [f32], o: &mut [f32]) {
+    let m_old = ml[0];
+    let (m_new, sum) = (kern.softmax_tile)(s, m_old);
+    if m_old != m_new && m_old != f32::NEG_INFINITY {
+        let corr = (m_old - m_new).exp();
+        o.iter_mut().for_each(|v| *v *= corr);
+        ml[1] *= corr;
+    }
+    ml[1] += sum;
+    ml[0] = m_new;
+}
+
 /// Which logits a forward call computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Logits {
@@ -503,16 +518,8 @@ impl Model {
                                 }
                             }
                         }
-                        let m_old = ml[2 * r];
-                        let (m_new, sum) = (kern.softmax_tile)(s, m_old);
                         let or = &mut o[r * d..(r + 1) * d];
-                        if m_old != m_new && m_old != f32::NEG_INFINITY {
-                            let corr = (m_old - m_new).exp();
-                            or.iter_mut().for_each(|v| *v *= corr);
-                            ml[2 * r + 1] *= corr;
-                        }
-                        ml[2 * r + 1] += sum;
-                        ml[2 * r] = m_new;
+                        softmax_step(kern, s, &mut ml[2 * r..2 * r + 2], or);
                         match kvl {
                             KvLayer::F32(_, vc) => (kern.attn_values)(s, &vc[off..], kvd, or),
                             KvLayer::F16(_, vc) => (kern.attn_values_f16)(s, &vc[off..], kvd, or),
@@ -608,15 +615,12 @@ impl Model {
                         // keys outside a..b get weight 0: `o + 0·v` leaves `o` as it is
                         sr[..a].iter_mut().for_each(|x| *x = 0.0);
                         sr[b..].iter_mut().for_each(|x| *x = 0.0);
-                        let m_old = ml[2 * r];
-                        let (m_new, sum) = (kern.softmax_tile)(&mut sr[a..b], m_old);
-                        if m_old != m_new && m_old != f32::NEG_INFINITY {
-                            let corr = (m_old - m_new).exp();
-                            os[r * d..(r + 1) * d].iter_mut().for_each(|v| *v *= corr);
-                            ml[2 * r + 1] *= corr;
-                        }
-                        ml[2 * r + 1] += sum;
-                        ml[2 * r] = m_new;
+                        softmax_step(
+                            kern,
+                            &mut sr[a..b],
+                            &mut ml[2 * r..2 * r + 2],
+                            &mut os[r * d..(r + 1) * d],
+                        );
                     }
                     let o = &mut os[rows.start * d..rows.end * d];
                     (kern.attn_values_rows)(s, nk, vt, ldv, d, o);
