@@ -6,6 +6,7 @@
 //!   streamed. Compare with `membw` for the shapes larger than the L3 cache.
 //! * `q4_gemm64/<tier>/<shape>`: 64 activation rows, `Throughput::Elements` = int8 multiply-adds
 //!   × 2 (integer ops), to compare with the tier's peak.
+//! * `q4l_matvec/...`, `q4l_gemm64/...`: the same for the linear 4-bit type `Q4Lx8`.
 //! * `f32_matvec`, `bf16_matvec`: float weights.
 //! * `moe/<tier>/<E>x<tokens>`: routing path (top-1 of E router logits, grouping, fused
 //!   gate/up + down gather products, weighted scatter-add) with reduced expert sizes
@@ -13,7 +14,7 @@
 //!
 //! Run one group: `cargo bench -j2 --bench kernels -- q4_matvec`.
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use ferroq_kernels::block::{row_groups, BlockQ4x8, BlockQ8A, BlockQ8x8, QK};
+use ferroq_kernels::block::{row_groups, BlockQ4Lx8, BlockQ4x8, BlockQ8A, BlockQ8x8, QK};
 use ferroq_kernels::{scalar, CpuLevel, Kernels};
 use std::hint::black_box;
 use std::time::Duration;
@@ -48,6 +49,14 @@ fn q4_weights(rows: usize, k: usize) -> Vec<BlockQ4x8> {
     fill_bytes(bytemuck::cast_slice_mut(&mut v), 1);
     v.iter_mut().for_each(|b| b.d = [0x2000; 8]);
     v
+}
+
+/// The same random bytes read as linear 4-bit blocks.
+fn q4l_weights(rows: usize, k: usize) -> Vec<BlockQ4Lx8> {
+    q4_weights(rows, k)
+        .iter()
+        .map(|b| BlockQ4Lx8 { d: b.d, qs: b.qs })
+        .collect()
 }
 
 fn q8_weights(rows: usize, k: usize) -> Vec<BlockQ8x8> {
@@ -136,6 +145,22 @@ fn matvec(c: &mut Criterion) {
         }
     }
     g.finish();
+    let mut g = c.benchmark_group("q4l_matvec");
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(1))
+        .warm_up_time(Duration::from_millis(300));
+    for &(name, rows, k) in MATVEC_SHAPES {
+        let w = q4l_weights(rows, k);
+        let x = acts(1, k);
+        let mut y = vec![0.0f32; rows];
+        g.throughput(Throughput::Bytes(std::mem::size_of_val(&w[..]) as u64));
+        for kt in tiers(false) {
+            g.bench_with_input(BenchmarkId::new(kt.level.name(), name), &(), |b, _| {
+                b.iter(|| (kt.gemm_q4lx8)(black_box(&w), rows, k, &x, 1, &mut y, rows))
+            });
+        }
+    }
+    g.finish();
     let mut g = c.benchmark_group("q8_matvec");
     g.sample_size(10)
         .measurement_time(Duration::from_secs(1))
@@ -202,6 +227,26 @@ fn gemm64(c: &mut Criterion) {
         for kt in tiers(false) {
             g.bench_with_input(BenchmarkId::new(kt.level.name(), name), &(), |b, _| {
                 b.iter(|| (kt.gemm_q4x8)(black_box(&w), rows, k, &x, n_tok, &mut y, rows))
+            });
+        }
+    }
+    g.finish();
+    let mut g = c.benchmark_group("q4l_gemm64");
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(2))
+        .warm_up_time(Duration::from_millis(300));
+    for &(name, rows, k) in &[
+        ("scout_2048x5120", 2048usize, 5120usize),
+        ("smol_1536x576", 1536, 576),
+    ] {
+        let n_tok = 64;
+        let w = q4l_weights(rows, k);
+        let x = acts(n_tok, k);
+        let mut y = vec![0.0f32; rows * n_tok];
+        g.throughput(Throughput::Elements((2 * rows * k * n_tok) as u64));
+        for kt in tiers(false) {
+            g.bench_with_input(BenchmarkId::new(kt.level.name(), name), &(), |b, _| {
+                b.iter(|| (kt.gemm_q4lx8)(black_box(&w), rows, k, &x, n_tok, &mut y, rows))
             });
         }
     }

@@ -3,7 +3,39 @@
 //! reproduce the twin's integer sums and float order); float reductions within
 //! [`CHECK_REL_TOL`] of the sum of absolute terms.
 
-use crate::{scalar, BlockQ4x8, BlockQ8A, BlockQ8x8, Kernels, TierTable};
+use crate::{scalar, BlockQ4Lx8, BlockQ4x8, BlockQ8A, BlockQ8x8, Kernels, Q4Block, TierTable};
+use crate::{GateUpQ4Fn, GatherQ4Fn, GemmQ4Fn};
+
+/// The table entries of one 4-bit block type, so one generic wrapper checks both.
+trait Q4Entries: Q4Block {
+    fn gemm(k: &Kernels) -> GemmQ4Fn<Self>;
+    fn gather(k: &Kernels) -> GatherQ4Fn<Self>;
+    fn gate_up(k: &Kernels) -> GateUpQ4Fn<Self>;
+}
+
+impl Q4Entries for BlockQ4x8 {
+    fn gemm(k: &Kernels) -> GemmQ4Fn<Self> {
+        k.gemm_q4x8
+    }
+    fn gather(k: &Kernels) -> GatherQ4Fn<Self> {
+        k.gemm_q4x8_gather
+    }
+    fn gate_up(k: &Kernels) -> GateUpQ4Fn<Self> {
+        k.ffn_gate_up_q4x8
+    }
+}
+
+impl Q4Entries for BlockQ4Lx8 {
+    fn gemm(k: &Kernels) -> GemmQ4Fn<Self> {
+        k.gemm_q4lx8
+    }
+    fn gather(k: &Kernels) -> GatherQ4Fn<Self> {
+        k.gemm_q4lx8_gather
+    }
+    fn gate_up(k: &Kernels) -> GateUpQ4Fn<Self> {
+        k.ffn_gate_up_q4lx8
+    }
+}
 
 /// Relative tolerance for reassociated f32 sums: `n · ε` bound for `n` up to ~2^13 terms,
 /// taken as 1e-3 of `Σ|terms|` (loose on purpose: this guards against wrong kernels, the unit
@@ -36,8 +68,8 @@ fn quantize_q8a<T: TierTable>(x: &[f32], out: &mut [BlockQ8A]) {
     );
 }
 
-fn gemm_q4x8<T: TierTable>(
-    w: &[BlockQ4x8],
+fn gemm_q4x8<T: TierTable, B: Q4Entries>(
+    w: &[B],
     n: usize,
     k: usize,
     x: &[BlockQ8A],
@@ -45,10 +77,10 @@ fn gemm_q4x8<T: TierTable>(
     y: &mut [f32],
     ld: usize,
 ) {
-    (T::K.gemm_q4x8)(w, n, k, x, t, y, ld);
+    (B::gemm(&T::K))(w, n, k, x, t, y, ld);
     let mut r = y.to_vec();
     scalar::gemm_q4x8(w, n, k, x, t, &mut r, ld);
-    exact("gemm_q4x8", y, &r);
+    exact(&format!("gemm {}", B::NAME), y, &r);
 }
 
 fn gemm_q8x8<T: TierTable>(
@@ -66,8 +98,8 @@ fn gemm_q8x8<T: TierTable>(
     exact("gemm_q8x8", y, &r);
 }
 
-fn gemm_q4x8_gather<T: TierTable>(
-    w: &[BlockQ4x8],
+fn gemm_q4x8_gather<T: TierTable, B: Q4Entries>(
+    w: &[B],
     n: usize,
     k: usize,
     x: &[BlockQ8A],
@@ -75,10 +107,10 @@ fn gemm_q4x8_gather<T: TierTable>(
     y: &mut [f32],
     ld: usize,
 ) {
-    (T::K.gemm_q4x8_gather)(w, n, k, x, rows, y, ld);
+    (B::gather(&T::K))(w, n, k, x, rows, y, ld);
     let mut r = y.to_vec();
     scalar::gemm_q4x8_gather(w, n, k, x, rows, &mut r, ld);
-    exact("gemm_q4x8_gather", y, &r);
+    exact(&format!("gather {}", B::NAME), y, &r);
 }
 
 fn gemm_q8x8_gather<T: TierTable>(
@@ -97,9 +129,9 @@ fn gemm_q8x8_gather<T: TierTable>(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn ffn_gate_up_q4x8<T: TierTable>(
-    g: &[BlockQ4x8],
-    u: &[BlockQ4x8],
+fn ffn_gate_up_q4x8<T: TierTable, B: Q4Entries>(
+    g: &[B],
+    u: &[B],
     n: usize,
     k: usize,
     x: &[BlockQ8A],
@@ -107,10 +139,10 @@ fn ffn_gate_up_q4x8<T: TierTable>(
     y: &mut [f32],
     ld: usize,
 ) {
-    (T::K.ffn_gate_up_q4x8)(g, u, n, k, x, rows, y, ld);
+    (B::gate_up(&T::K))(g, u, n, k, x, rows, y, ld);
     let mut r = y.to_vec();
     scalar::ffn_gate_up_q4x8(g, u, n, k, x, rows, &mut r, ld);
-    exact("ffn_gate_up_q4x8", y, &r);
+    exact(&format!("ffn_gate_up {}", B::NAME), y, &r);
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -389,7 +421,8 @@ pub(crate) fn wrap<T: TierTable>() -> Kernels {
     Kernels {
         level: T::K.level,
         quantize_q8a: quantize_q8a::<T>,
-        gemm_q4x8: gemm_q4x8::<T>,
+        gemm_q4x8: gemm_q4x8::<T, BlockQ4x8>,
+        gemm_q4lx8: gemm_q4x8::<T, BlockQ4Lx8>,
         gemm_q8x8: gemm_q8x8::<T>,
         gemm_f32: gemm_f32::<T>,
         gemm_bf16: gemm_bf16::<T>,
@@ -399,9 +432,11 @@ pub(crate) fn wrap<T: TierTable>() -> Kernels {
         rmsnorm: rmsnorm::<T>,
         softmax: softmax::<T>,
         silu_mul: silu_mul::<T>,
-        gemm_q4x8_gather: gemm_q4x8_gather::<T>,
+        gemm_q4x8_gather: gemm_q4x8_gather::<T, BlockQ4x8>,
+        gemm_q4lx8_gather: gemm_q4x8_gather::<T, BlockQ4Lx8>,
         gemm_q8x8_gather: gemm_q8x8_gather::<T>,
-        ffn_gate_up_q4x8: ffn_gate_up_q4x8::<T>,
+        ffn_gate_up_q4x8: ffn_gate_up_q4x8::<T, BlockQ4x8>,
+        ffn_gate_up_q4lx8: ffn_gate_up_q4x8::<T, BlockQ4Lx8>,
         ffn_gate_up_q8x8: ffn_gate_up_q8x8::<T>,
         scatter_add: scatter_add::<T>,
         topk: T::K.topk,

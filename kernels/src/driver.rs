@@ -314,16 +314,17 @@ fn one<B, T: Tile<B>, const NY: usize>(t: T, a: Args<'_, B>) {
 /// A tier with quantized micro-kernels for both weight types. `get` returns the proof token
 /// after checking the CPU features (a cached atomic load per call, negligible next to a matrix
 /// product); it panics if the CPU lacks them, which the table construction rules out.
-pub(crate) trait Tier: Tile<BlockQ4x8> + Tile<BlockQ8x8> {
+pub(crate) trait Tier: Tile<BlockQ4x8> + Tile<BlockQ4Lx8> + Tile<BlockQ8x8> {
     fn get() -> Self;
 }
 
-use crate::block::{BlockQ4x8, BlockQ8x8};
+use crate::block::{BlockQ4Lx8, BlockQ4x8, BlockQ8x8};
 
-// Table entries shared by every tier: `driver::gemm_q4x8::<Avx2>` etc.
+// Table entries shared by every tier: `driver::gemm_q4x8::<BlockQ4x8, Avx2>` etc. (the 4-bit
+// entries are generic over the two 4-bit block types).
 
-pub(crate) fn gemm_q4x8<T: Tier>(
-    w: &[BlockQ4x8],
+pub(crate) fn gemm_q4x8<B, T: Tier + Tile<B>>(
+    w: &[B],
     n_rows: usize,
     k: usize,
     x: &[BlockQ8A],
@@ -346,8 +347,8 @@ pub(crate) fn gemm_q8x8<T: Tier>(
     gemm(T::get(), w, n_rows, k, x, None, n_tok, y, ld_y);
 }
 
-pub(crate) fn gemm_q4x8_gather<T: Tier>(
-    w: &[BlockQ4x8],
+pub(crate) fn gemm_q4x8_gather<B, T: Tier + Tile<B>>(
+    w: &[B],
     n_rows: usize,
     k: usize,
     x_all: &[BlockQ8A],
@@ -391,9 +392,9 @@ pub(crate) fn gemm_q8x8_gather<T: Tier>(
 }
 
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn ffn_gate_up_q4x8<T: Tier>(
-    w_gate: &[BlockQ4x8],
-    w_up: &[BlockQ4x8],
+pub(crate) fn ffn_gate_up_q4x8<B, T: Tier + Tile<B>>(
+    w_gate: &[B],
+    w_up: &[B],
     n_rows: usize,
     k: usize,
     x_all: &[BlockQ8A],

@@ -20,7 +20,7 @@ mod check;
 #[cfg(target_arch = "x86_64")]
 mod x86_64;
 
-pub use block::{BlockQ4x8, BlockQ8A, BlockQ8x8, KVALUES, QK, ROWS};
+pub use block::{BlockQ4Lx8, BlockQ4x8, BlockQ8A, BlockQ8x8, Q4Block, KVALUES, LVALUES, QK, ROWS};
 
 /// A CPU tier. Ordered: a level can always be lowered to any earlier level of its architecture.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -153,7 +153,8 @@ impl CpuLevel {
 
 /// `y[t * ld_y + r] = Σ_k W[r][k] · x[t][k]` for quantized weights and activations.
 /// Arguments: weight blocks, rows, k, activation blocks, tokens, y, ld_y.
-pub type GemmQ4Fn = fn(&[BlockQ4x8], usize, usize, &[BlockQ8A], usize, &mut [f32], usize);
+/// `B` is the 4-bit block type ([`BlockQ4x8`] or [`BlockQ4Lx8`]).
+pub type GemmQ4Fn<B = BlockQ4x8> = fn(&[B], usize, usize, &[BlockQ8A], usize, &mut [f32], usize);
 /// Same as [`GemmQ4Fn`] for 8-bit weights.
 pub type GemmQ8Fn = fn(&[BlockQ8x8], usize, usize, &[BlockQ8A], usize, &mut [f32], usize);
 /// Float-activation product with f32 weights.
@@ -165,14 +166,14 @@ pub type GemmH16Fn = fn(&[u16], usize, usize, &[f32], usize, &mut [f32], usize);
 /// `y[i * ld_y + r] = Σ_k W[r][k] · x_all[rows[i]][k]` for `i < rows.len()`, `r < n_rows`.
 /// `x_all` holds whole activation rows (`k / 32` blocks each); the rows are read in place.
 /// Twin: [`scalar::gemm_q4x8_gather`].
-pub type GatherQ4Fn = fn(&[BlockQ4x8], usize, usize, &[BlockQ8A], &[u32], &mut [f32], usize);
+pub type GatherQ4Fn<B = BlockQ4x8> = fn(&[B], usize, usize, &[BlockQ8A], &[u32], &mut [f32], usize);
 /// Same as [`GatherQ4Fn`] for 8-bit weights. Twin: [`scalar::gemm_q8x8_gather`].
 pub type GatherQ8Fn = fn(&[BlockQ8x8], usize, usize, &[BlockQ8A], &[u32], &mut [f32], usize);
 /// Fused expert gate/up with SiLU, `ffn_gate_up_q4x8(w_gate, w_up, n_rows, k, x_all, rows, y,
 /// ld_y)`: `y[i * ld_y + r] = silu((G x_all[rows[i]])[r]) · (U x_all[rows[i]])[r]`.
 /// Twin: [`scalar::ffn_gate_up_q4x8`].
-pub type GateUpQ4Fn =
-    fn(&[BlockQ4x8], &[BlockQ4x8], usize, usize, &[BlockQ8A], &[u32], &mut [f32], usize);
+pub type GateUpQ4Fn<B = BlockQ4x8> =
+    fn(&[B], &[B], usize, usize, &[BlockQ8A], &[u32], &mut [f32], usize);
 /// Same as [`GateUpQ4Fn`] for 8-bit weights. Twin: [`scalar::ffn_gate_up_q8x8`].
 pub type GateUpQ8Fn =
     fn(&[BlockQ8x8], &[BlockQ8x8], usize, usize, &[BlockQ8A], &[u32], &mut [f32], usize);
@@ -225,6 +226,8 @@ pub struct Kernels {
     pub level: CpuLevel,
     pub quantize_q8a: fn(&[f32], &mut [BlockQ8A]),
     pub gemm_q4x8: GemmQ4Fn,
+    /// Linear 4-bit weights (`Q4Lx8`).
+    pub gemm_q4lx8: GemmQ4Fn<BlockQ4Lx8>,
     pub gemm_q8x8: GemmQ8Fn,
     pub gemm_f32: GemmF32Fn,
     pub gemm_bf16: GemmH16Fn,
@@ -236,8 +239,10 @@ pub struct Kernels {
     pub silu_mul: fn(&[f32], &[f32], &mut [f32]),
     // Expert routing.
     pub gemm_q4x8_gather: GatherQ4Fn,
+    pub gemm_q4lx8_gather: GatherQ4Fn<BlockQ4Lx8>,
     pub gemm_q8x8_gather: GatherQ8Fn,
     pub ffn_gate_up_q4x8: GateUpQ4Fn,
+    pub ffn_gate_up_q4lx8: GateUpQ4Fn<BlockQ4Lx8>,
     pub ffn_gate_up_q8x8: GateUpQ8Fn,
     pub scatter_add: ScatterAddFn,
     pub topk: TopkFn,
@@ -261,7 +266,8 @@ pub struct Kernels {
 pub(crate) const SCALAR: Kernels = Kernels {
     level: CpuLevel::Scalar,
     quantize_q8a: scalar::quantize_q8a,
-    gemm_q4x8: scalar::gemm_q4x8,
+    gemm_q4x8: scalar::gemm_q4x8::<BlockQ4x8>,
+    gemm_q4lx8: scalar::gemm_q4x8::<BlockQ4Lx8>,
     gemm_q8x8: scalar::gemm_q8x8,
     gemm_f32: scalar::gemm_f32,
     gemm_bf16: scalar::gemm_bf16,
@@ -271,9 +277,11 @@ pub(crate) const SCALAR: Kernels = Kernels {
     rmsnorm: scalar::rmsnorm,
     softmax: scalar::softmax,
     silu_mul: scalar::silu_mul,
-    gemm_q4x8_gather: scalar::gemm_q4x8_gather,
+    gemm_q4x8_gather: scalar::gemm_q4x8_gather::<BlockQ4x8>,
+    gemm_q4lx8_gather: scalar::gemm_q4x8_gather::<BlockQ4Lx8>,
     gemm_q8x8_gather: scalar::gemm_q8x8_gather,
-    ffn_gate_up_q4x8: scalar::ffn_gate_up_q4x8,
+    ffn_gate_up_q4x8: scalar::ffn_gate_up_q4x8::<BlockQ4x8>,
+    ffn_gate_up_q4lx8: scalar::ffn_gate_up_q4x8::<BlockQ4Lx8>,
     ffn_gate_up_q8x8: scalar::ffn_gate_up_q8x8,
     scatter_add: scalar::scatter_add,
     topk: scalar::topk,

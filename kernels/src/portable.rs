@@ -15,7 +15,7 @@
 //!
 //! Rejected: a per-row scalar dequantisation to f32 (4× the bytes touched per block).
 
-use crate::block::{BlockQ4x8, BlockQ8A, BlockQ8x8, KVALUES, QK, ROWS};
+use crate::block::{BlockQ4Lx8, BlockQ4x8, BlockQ8A, BlockQ8x8, Q4Block, QK, ROWS};
 use crate::driver::{self, Tier, Tile};
 use crate::{CpuLevel, Kernels};
 use half::{bf16, f16};
@@ -31,23 +31,27 @@ impl Tier for Portable {
     }
 }
 
-/// Byte → (level of the low nibble, level of the high nibble).
-const Q4_PAIRS: [[i8; 2]; 256] = {
-    let mut t = [[0i8; 2]; 256];
-    let mut i = 0;
-    while i < 256 {
-        t[i] = [KVALUES[i & 15], KVALUES[i >> 4]];
-        i += 1;
-    }
-    t
-};
+/// Byte → (level of the low nibble, level of the high nibble) of a 4-bit block type.
+struct Pairs<B>(core::marker::PhantomData<B>);
+
+impl<B: Q4Block> Pairs<B> {
+    const T: [[i8; 2]; 256] = {
+        let mut t = [[0i8; 2]; 256];
+        let mut i = 0;
+        while i < 256 {
+            t[i] = [B::LEVELS[i & 15], B::LEVELS[i >> 4]];
+            i += 1;
+        }
+        t
+    };
+}
 
 #[inline(always)]
-fn unpack_q4(blk: &BlockQ4x8, wq: &mut [i8; 256]) {
+fn unpack_q4<B: Q4Block>(pairs: &[[i8; 2]; 256], blk: &B, wq: &mut [i8; 256]) {
     // chunk c low nibbles are quad c, high nibbles quad 4 + c (same row/column slot)
     for c in 0..4 {
         for i in 0..32 {
-            let [lo, hi] = Q4_PAIRS[blk.qs[c * 32 + i] as usize];
+            let [lo, hi] = pairs[blk.qs()[c * 32 + i] as usize];
             wq[c * 32 + i] = lo;
             wq[(c + 4) * 32 + i] = hi;
         }
@@ -92,6 +96,25 @@ fn block_i8<const NY: usize>(
     }
 }
 
+/// Both 4-bit types: only the level table differs.
+#[inline(always)]
+fn q4_tile<B: Q4Block, const NY: usize>(
+    w: &[B],
+    x: &[&[BlockQ8A]; NY],
+    out: &mut [[f32; ROWS]; NY],
+) {
+    let pairs = Pairs::<B>::T;
+    let mut acc = [f32x8::ZERO; NY];
+    let mut wq = [0i8; 256];
+    for (b, blk) in w.iter().enumerate() {
+        unpack_q4(&pairs, blk, &mut wq);
+        block_i8(&wq, scales(blk.d()), x, b, &mut acc);
+    }
+    for (o, a) in out.iter_mut().zip(acc) {
+        *o = a.to_array();
+    }
+}
+
 impl Tile<BlockQ4x8> for Portable {
     const NYMAX: usize = 4;
     fn tile<const NY: usize>(
@@ -100,15 +123,19 @@ impl Tile<BlockQ4x8> for Portable {
         x: &[&[BlockQ8A]; NY],
         out: &mut [[f32; ROWS]; NY],
     ) {
-        let mut acc = [f32x8::ZERO; NY];
-        let mut wq = [0i8; 256];
-        for (b, blk) in w.iter().enumerate() {
-            unpack_q4(blk, &mut wq);
-            block_i8(&wq, scales(&blk.d), x, b, &mut acc);
-        }
-        for (o, a) in out.iter_mut().zip(acc) {
-            *o = a.to_array();
-        }
+        q4_tile(w, x, out)
+    }
+}
+
+impl Tile<BlockQ4Lx8> for Portable {
+    const NYMAX: usize = 4;
+    fn tile<const NY: usize>(
+        self,
+        w: &[BlockQ4Lx8],
+        x: &[&[BlockQ8A]; NY],
+        out: &mut [[f32; ROWS]; NY],
+    ) {
+        q4_tile(w, x, out)
     }
 }
 
@@ -393,7 +420,8 @@ pub(crate) fn attn_values(p: &[f32], v: &[f32], ld_v: usize, o: &mut [f32]) {
 pub(crate) const KERNELS: Kernels = Kernels {
     level: CpuLevel::Portable,
     quantize_q8a,
-    gemm_q4x8: driver::gemm_q4x8::<Portable>,
+    gemm_q4x8: driver::gemm_q4x8::<BlockQ4x8, Portable>,
+    gemm_q4lx8: driver::gemm_q4x8::<BlockQ4Lx8, Portable>,
     gemm_q8x8: driver::gemm_q8x8::<Portable>,
     gemm_f32,
     gemm_bf16,
@@ -403,9 +431,11 @@ pub(crate) const KERNELS: Kernels = Kernels {
     rmsnorm,
     softmax,
     silu_mul,
-    gemm_q4x8_gather: driver::gemm_q4x8_gather::<Portable>,
+    gemm_q4x8_gather: driver::gemm_q4x8_gather::<BlockQ4x8, Portable>,
+    gemm_q4lx8_gather: driver::gemm_q4x8_gather::<BlockQ4Lx8, Portable>,
     gemm_q8x8_gather: driver::gemm_q8x8_gather::<Portable>,
-    ffn_gate_up_q4x8: driver::ffn_gate_up_q4x8::<Portable>,
+    ffn_gate_up_q4x8: driver::ffn_gate_up_q4x8::<BlockQ4x8, Portable>,
+    ffn_gate_up_q4lx8: driver::ffn_gate_up_q4x8::<BlockQ4Lx8, Portable>,
     ffn_gate_up_q8x8: driver::ffn_gate_up_q8x8::<Portable>,
     scatter_add,
     topk: crate::scalar::topk,

@@ -3,7 +3,7 @@
 //! Written as plain loops with one comment per step. Never delete a twin: the converter quantizes
 //! with these functions and every tier's tests compare against them.
 
-use crate::block::{q4_pos, q8_pos, BlockQ4x8, BlockQ8A, BlockQ8x8, KVALUES, QK, ROWS};
+use crate::block::{q4_pos, q8_pos, BlockQ8A, BlockQ8x8, Q4Block, KVALUES, QK, ROWS};
 use half::{bf16, f16};
 
 // ---------------------------------------------------------------------------------------------
@@ -38,23 +38,24 @@ pub fn quantize_q8a(x: &[f32], out: &mut [BlockQ8A]) {
 // Weight quantization (converter side)
 // ---------------------------------------------------------------------------------------------
 
-/// Midpoints between consecutive codebook levels: level `i` is nearest for values in
-/// `(MID[i-1], MID[i]]`.
-const MID: [f32; 15] = {
+/// Midpoints between consecutive levels: level `i` is nearest for values in
+/// `(mid[i-1], mid[i]]`.
+const fn mids(levels: &[i8; 16]) -> [f32; 15] {
     let mut m = [0.0f32; 15];
     let mut i = 0;
     while i < 15 {
-        m[i] = (KVALUES[i] as f32 + KVALUES[i + 1] as f32) * 0.5;
+        m[i] = (levels[i] as f32 + levels[i + 1] as f32) * 0.5;
         i += 1;
     }
     m
-};
+}
 
-/// Index of the codebook level nearest to `v` (in codebook units); ties go to the lower level.
+/// Index of the level nearest to `v` (in level units) given the midpoints; ties go to the
+/// lower level.
 #[inline]
-fn nearest_level(v: f32) -> usize {
+fn nearest_level(mid: &[f32; 15], v: f32) -> usize {
     // branch-light binary search over the 15 midpoints
-    MID.partition_point(|&m| m < v)
+    mid.partition_point(|&m| m < v)
 }
 
 /// Quantize 32 weights to the 4-bit codebook with the scale that minimises the squared error.
@@ -74,6 +75,12 @@ pub fn quantize_block_q4(x: &[f32]) -> (f16, [u8; QK]) {
 /// with its least-squares scale (`d = Σwxv / Σwv²`, error `Σwx² − (Σwxv)²/Σwv²`). The best
 /// scale is rounded to f16 and the levels are reassigned with that exact scale.
 pub fn quantize_block_q4_weighted(x: &[f32], w: &[f32]) -> (f16, [u8; QK]) {
+    quantize_block_levels(&KVALUES, x, w)
+}
+
+/// [`quantize_block_q4_weighted`] for any 16 levels (level 8 the one nearest zero): the
+/// quantizer of every [`Q4Block`] type.
+pub fn quantize_block_levels(levels: &[i8; 16], x: &[f32], w: &[f32]) -> (f16, [u8; QK]) {
     debug_assert_eq!(x.len(), QK);
     debug_assert_eq!(w.len(), QK);
     // 1. degenerate blocks
@@ -81,6 +88,7 @@ pub fn quantize_block_q4_weighted(x: &[f32], w: &[f32]) -> (f16, [u8; QK]) {
     if amax == 0.0 || !amax.is_finite() {
         return (f16::ZERO, [8; QK]);
     }
+    let mid = mids(levels);
     let uniform = [1.0f32; QK];
     let w = if w.iter().any(|&v| v > 0.0) {
         w
@@ -95,16 +103,16 @@ pub fn quantize_block_q4_weighted(x: &[f32], w: &[f32]) -> (f16, [u8; QK]) {
         let mut n = 0;
         let (mut sxv, mut svv) = (0.0f32, 0.0f32);
         let mut lv = [8u8; QK];
-        let l0 = KVALUES[8] as f32;
+        let l0 = levels[8] as f32;
         for k in 0..QK {
             let y = s * x[k];
             sxv += w[k] * y * l0;
             svv += w[k] * l0 * l0;
-            // crossings outward from level 8: up through MID[8..15] or down through MID[0..8]
+            // crossings outward from level 8: up through mid[8..15] or down through mid[0..8]
             let (mids, up) = if y > 0.0 {
-                (&MID[8..15], 1u64)
+                (&mid[8..15], 1u64)
             } else if y < 0.0 {
-                (&MID[0..8], 0u64)
+                (&mid[0..8], 0u64)
             } else {
                 continue;
             };
@@ -119,9 +127,9 @@ pub fn quantize_block_q4_weighted(x: &[f32], w: &[f32]) -> (f16, [u8; QK]) {
         for (j, &e) in ev.iter().enumerate() {
             let k = ((e >> 1) & 0xFF) as usize;
             let y = s * x[k];
-            let old = KVALUES[lv[k] as usize] as f32;
+            let old = levels[lv[k] as usize] as f32;
             lv[k] = if e & 1 == 1 { lv[k] + 1 } else { lv[k] - 1 };
-            let new = KVALUES[lv[k] as usize] as f32;
+            let new = levels[lv[k] as usize] as f32;
             sxv += w[k] * y * (new - old);
             svv += w[k] * (new * new - old * old);
             // score once all crossings at the same t are applied
@@ -142,25 +150,26 @@ pub fn quantize_block_q4_weighted(x: &[f32], w: &[f32]) -> (f16, [u8; QK]) {
     let id = 1.0 / df;
     let mut q = [8u8; QK];
     for (qi, &v) in q.iter_mut().zip(x) {
-        *qi = nearest_level(v * id) as u8;
+        *qi = nearest_level(&mid, v * id) as u8;
     }
     (d, q)
 }
 
 /// Quantize a row-major `rows × cols` f32 matrix into `Q4x8` blocks (`cols % 32 == 0`).
 /// `out` must hold `row_groups(rows) * cols / 32` blocks. Rows past `rows` get zero scales.
-pub fn quantize_q4x8(w: &[f32], rows: usize, cols: usize, out: &mut [BlockQ4x8]) {
+/// Also for the linear type: any [`Q4Block`] (its levels decide the grid).
+pub fn quantize_q4x8<B: Q4Block>(w: &[f32], rows: usize, cols: usize, out: &mut [B]) {
     quantize_q4x8_weighted(w, rows, cols, None, out)
 }
 
 /// [`quantize_q4x8`] minimising the error weighted by a per-column importance `col_w[cols]`
 /// (e.g. the expected square of each input activation); `None` is uniform.
-pub fn quantize_q4x8_weighted(
+pub fn quantize_q4x8_weighted<B: Q4Block>(
     w: &[f32],
     rows: usize,
     cols: usize,
     col_w: Option<&[f32]>,
-    out: &mut [BlockQ4x8],
+    out: &mut [B],
 ) {
     assert_eq!(cols % QK, 0);
     assert_eq!(w.len(), rows * cols);
@@ -172,10 +181,7 @@ pub fn quantize_q4x8_weighted(
     let uniform = [1.0f32; QK];
     for (g, group) in out.chunks_mut(nb).take(rows.div_ceil(ROWS)).enumerate() {
         for (b, blk) in group.iter_mut().enumerate() {
-            *blk = BlockQ4x8 {
-                d: [0; ROWS],
-                qs: [0x88; 128],
-            };
+            let (mut bd, mut bqs) = ([0u16; ROWS], [0x88u8; 128]);
             let cw = col_w.map_or(&uniform[..], |c| &c[b * QK..(b + 1) * QK]);
             for r in 0..ROWS {
                 let row = g * ROWS + r;
@@ -183,17 +189,18 @@ pub fn quantize_q4x8_weighted(
                     continue;
                 }
                 let x = &w[row * cols + b * QK..row * cols + (b + 1) * QK];
-                let (d, q) = quantize_block_q4_weighted(x, cw);
-                blk.d[r] = d.to_bits();
+                let (d, q) = quantize_block_levels(&B::LEVELS, x, cw);
+                bd[r] = d.to_bits();
                 for (k, &qk) in q.iter().enumerate() {
                     let (i, hi) = q4_pos(r, k);
                     if hi {
-                        blk.qs[i] = (blk.qs[i] & 0x0F) | (qk << 4);
+                        bqs[i] = (bqs[i] & 0x0F) | (qk << 4);
                     } else {
-                        blk.qs[i] = (blk.qs[i] & 0xF0) | qk;
+                        bqs[i] = (bqs[i] & 0xF0) | qk;
                     }
                 }
             }
+            *blk = B::from_parts(bd, bqs);
         }
     }
 }
@@ -235,16 +242,17 @@ pub fn quantize_q8x8(w: &[f32], rows: usize, cols: usize, out: &mut [BlockQ8x8])
 }
 
 /// Dequantize row `row` of a `Q4x8` matrix with `cols` columns into `out[..cols]`.
-pub fn dequantize_row_q4x8(w: &[BlockQ4x8], row: usize, cols: usize, out: &mut [f32]) {
+/// Any [`Q4Block`] type.
+pub fn dequantize_row_q4x8<B: Q4Block>(w: &[B], row: usize, cols: usize, out: &mut [f32]) {
     let nb = cols / QK;
     let (g, r) = (row / ROWS, row % ROWS);
     for b in 0..nb {
         let blk = &w[g * nb + b];
-        let d = f16::from_bits(blk.d[r]).to_f32();
+        let d = f16::from_bits(blk.d()[r]).to_f32();
         for k in 0..QK {
             let (i, hi) = q4_pos(r, k);
-            let nib = if hi { blk.qs[i] >> 4 } else { blk.qs[i] & 0x0F };
-            out[b * QK + k] = d * KVALUES[nib as usize] as f32;
+            let nib = if hi { blk.qs()[i] >> 4 } else { blk.qs()[i] & 0x0F };
+            out[b * QK + k] = d * B::LEVELS[nib as usize] as f32;
         }
     }
 }
@@ -269,12 +277,12 @@ pub fn dequantize_row_q8x8(w: &[BlockQ8x8], row: usize, cols: usize, out: &mut [
 /// Integer dot of one row of a `Q4x8` block with one activation block (the exact i32 that
 /// every tier must reproduce).
 #[inline]
-pub fn dot_block_q4(blk: &BlockQ4x8, r: usize, a: &BlockQ8A) -> i32 {
+pub fn dot_block_q4<B: Q4Block>(blk: &B, r: usize, a: &BlockQ8A) -> i32 {
     let mut s = 0i32;
     for k in 0..QK {
         let (i, hi) = q4_pos(r, k);
-        let nib = if hi { blk.qs[i] >> 4 } else { blk.qs[i] & 0x0F };
-        s += KVALUES[nib as usize] as i32 * a.qs[k] as i32;
+        let nib = if hi { blk.qs()[i] >> 4 } else { blk.qs()[i] & 0x0F };
+        s += B::LEVELS[nib as usize] as i32 * a.qs[k] as i32;
     }
     s
 }
@@ -296,8 +304,9 @@ pub fn dot_block_q8(blk: &BlockQ8x8, r: usize, a: &BlockQ8A) -> i32 {
 /// * `y`: output, `y[t * ld_y + r]` for `r < n_rows`.
 ///
 /// Per row the float sum runs over blocks in order: `acc += (d_w * d_a) * isum`.
-pub fn gemm_q4x8(
-    w: &[BlockQ4x8],
+/// Any [`Q4Block`] type (`Q4x8`, `Q4Lx8`).
+pub fn gemm_q4x8<B: Q4Block>(
+    w: &[B],
     n_rows: usize,
     k: usize,
     x: &[BlockQ8A],
@@ -313,7 +322,7 @@ pub fn gemm_q4x8(
                 let blk = &w[g * nb + b];
                 let a = &x[t * nb + b];
                 for (r, acc_r) in acc.iter_mut().enumerate() {
-                    let dw = f16::from_bits(blk.d[r]).to_f32();
+                    let dw = f16::from_bits(blk.d()[r]).to_f32();
                     *acc_r += (dw * a.d) * dot_block_q4(blk, r, a) as f32;
                 }
             }
@@ -788,8 +797,8 @@ pub fn group_by_expert(
 /// `Q4x8` weights × the activation rows listed in `rows` (expert gather, nothing copied):
 /// `y[i * ld_y + r] = Σ_k W[r][k] · x_all[rows[i]][k]` for `i < rows.len()`, `r < n_rows`.
 /// `x_all` holds whole activation rows of `k / 32` blocks.
-pub fn gemm_q4x8_gather(
-    w: &[BlockQ4x8],
+pub fn gemm_q4x8_gather<B: Q4Block>(
+    w: &[B],
     n_rows: usize,
     k: usize,
     x_all: &[BlockQ8A],
@@ -827,9 +836,9 @@ pub fn gemm_q8x8_gather(
 /// `y[i * ld_y + r] = silu((G x_all[rows[i]])[r]) · (U x_all[rows[i]])[r]` for `r < n_rows`.
 /// `w_gate` and `w_up` are both `n_rows × k`.
 #[allow(clippy::too_many_arguments)]
-pub fn ffn_gate_up_q4x8(
-    w_gate: &[BlockQ4x8],
-    w_up: &[BlockQ4x8],
+pub fn ffn_gate_up_q4x8<B: Q4Block>(
+    w_gate: &[B],
+    w_up: &[B],
     n_rows: usize,
     k: usize,
     x_all: &[BlockQ8A],

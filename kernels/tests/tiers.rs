@@ -7,7 +7,9 @@
 //! `k ≤ 1024`, where every partial sum is an integer below 2^24 and so exact in f32.
 
 use ferroq_kernels::block::{q4_pos, q4x8_bytes, q8_pos, row_groups};
-use ferroq_kernels::{scalar, BlockQ4x8, BlockQ8A, BlockQ8x8, CpuLevel, Kernels, KVALUES, QK};
+use ferroq_kernels::{
+    scalar, BlockQ4Lx8, BlockQ4x8, BlockQ8A, BlockQ8x8, CpuLevel, Kernels, KVALUES, LVALUES, QK,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Budgets (provenance in each comment)
@@ -33,6 +35,9 @@ const RMSNORM_REL_TOL: f32 = 1e-6;
 /// data's std. Measured 0.07387 (IQ4_NL codebook with the scale search of the twin, seed 5);
 /// budget +10 %.
 const Q4X8_RMSE_MAX: f64 = 0.081;
+/// Same for the linear type `Q4Lx8` (levels −8..7, same scale search). Measured 0.08085
+/// (seed 5; ggml's round-to-nearest `Q4_0` rule on the same data: 0.08594); budget +10 %.
+const Q4LX8_RMSE_MAX: f64 = 0.089;
 /// Same for `quantize_q8x8`. Measured 0.005339 (amax/127 steps, f16 scale); budget +10 %.
 const Q8X8_RMSE_MAX: f64 = 0.0059;
 /// Quantized dot (weights and activations quantized) against the f64 dot of the unquantized
@@ -498,6 +503,222 @@ fn quantize_q8a_bit_identical() {
             assert_eq!(a, b, "{}", kt.level.name());
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Linear 4-bit weights (Q4Lx8): its own AVX2 kernels (unsigned nibbles, i16 block sums)
+// ---------------------------------------------------------------------------------------------
+
+fn to_q4l(w: &[BlockQ4x8]) -> Vec<BlockQ4Lx8> {
+    w.iter()
+        .map(|b| BlockQ4Lx8 { d: b.d, qs: b.qs })
+        .collect()
+}
+
+/// Exact integer sums with unit scales, including the extremes of both operands (nibbles all 0
+/// or all 15 against activations all ±127): the i16 block sums of the AVX2 kernel never
+/// saturate, and the −8 offset is undone exactly.
+#[test]
+fn q4l_integer_sums_exact() {
+    let mut rng = Rng(11);
+    for kt in tables() {
+        for &n_rows in &ROW_COUNTS {
+            for &k in &KS {
+                let nb = k / QK;
+                let mut w = to_q4l(&random_q4(&mut rng, n_rows, k, true));
+                for n_tok in 1..=9 {
+                    let mut x = unit_acts(&mut rng, n_tok * nb);
+                    if n_tok == 3 {
+                        // extremes: every weight −8 or +7, every activation ±127
+                        for (i, b) in w.iter_mut().enumerate() {
+                            b.qs = [if i % 2 == 0 { 0x00 } else { 0xFF }; 128];
+                        }
+                        for (i, a) in x.iter_mut().enumerate() {
+                            let v = if i % 3 == 0 { 127 } else { -127 };
+                            a.qs = [v; 32];
+                            a.sum = 32 * v as i32;
+                        }
+                    }
+                    let ld = n_rows + 3;
+                    let mut y = nan_buf(n_tok, ld);
+                    (kt.gemm_q4lx8)(&w, n_rows, k, &x, n_tok, &mut y, ld);
+                    for t in 0..n_tok {
+                        for r in 0..n_rows {
+                            let (g, rr) = (r / 8, r % 8);
+                            let mut s = 0i64;
+                            for b in 0..nb {
+                                let a = &x[t * nb + b];
+                                let blk = &w[g * nb + b];
+                                for c in 0..QK {
+                                    let (i, hi) = q4_pos(rr, c);
+                                    let nib = if hi { blk.qs[i] >> 4 } else { blk.qs[i] & 15 };
+                                    s += (nib as i64 - 8) * a.qs[c] as i64;
+                                }
+                            }
+                            assert_eq!(
+                                y[t * ld + r],
+                                s as f32,
+                                "{} q4l n={n_rows} k={k} t={t} r={r}",
+                                kt.level.name()
+                            );
+                        }
+                        for r in n_rows..ld {
+                            assert!(y[t * ld + r].is_nan());
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Real scales, quantized activations, every tile size, plain and expert products: bit-identical
+/// to the twin.
+#[test]
+fn q4l_matches_twin_bitwise() {
+    let mut rng = Rng(12);
+    let scales: [u16; 8] = [
+        0x0000, 0x0001, 0x03FF, 0x7BFF, 0xBC00, 0xFBFF, 0x3C00, 0x8000,
+    ];
+    for kt in tables() {
+        let lv = kt.level.name();
+        for &n_rows in &ROW_COUNTS {
+            for &k in &[32, 96, 4096] {
+                let w = to_q4l(&random_q4(&mut rng, n_rows, k, false));
+                for n_tok in [1, 2, 3, 5, 8, 9, 13, 70] {
+                    let x = quant_acts(&rng.gauss_vec(n_tok * k));
+                    let ld = n_rows + 1;
+                    let mut y = nan_buf(n_tok, ld);
+                    let mut r = nan_buf(n_tok, ld);
+                    (kt.gemm_q4lx8)(&w, n_rows, k, &x, n_tok, &mut y, ld);
+                    scalar::gemm_q4x8(&w, n_rows, k, &x, n_tok, &mut r, ld);
+                    let what = format!("{lv} q4l n={n_rows} k={k}");
+                    assert_gemm_out(&what, &y, &r, n_tok, n_rows, ld);
+                }
+            }
+        }
+        // scale edge cases (subnormal, max, negative, zero) and zero / tiny / huge activations
+        let k = 128;
+        let mut w = to_q4l(&random_q4(&mut rng, 8, k, true));
+        w.iter_mut().for_each(|b| b.d = scales);
+        let mut xf = rng.gauss_vec(3 * k);
+        xf[32..64].iter_mut().for_each(|v| *v = 0.0);
+        xf[k..k + 32].iter_mut().for_each(|v| *v *= 1e-30);
+        xf[2 * k..2 * k + 32].iter_mut().for_each(|v| *v *= 1e30);
+        let x = quant_acts(&xf);
+        for n_tok in 1..=3 {
+            let mut y = nan_buf(n_tok, 8);
+            let mut r = nan_buf(n_tok, 8);
+            (kt.gemm_q4lx8)(&w, 8, k, &x, n_tok, &mut y, 8);
+            scalar::gemm_q4x8(&w, 8, k, &x, n_tok, &mut r, 8);
+            for (a, b) in y.iter().zip(&r) {
+                assert!(a.to_bits() == b.to_bits(), "{lv} q4l edges: {a} vs {b}");
+            }
+        }
+        // expert gather and fused gate/up, repeated and out-of-order rows
+        for &(n_rows, k) in &[(9usize, 64usize), (24, 96), (40, 1024)] {
+            let n_x = 13;
+            let x = quant_acts(&rng.gauss_vec(n_x * k));
+            let g = to_q4l(&random_q4(&mut rng, n_rows, k, false));
+            let u = to_q4l(&random_q4(&mut rng, n_rows, k, false));
+            for n_sel in [1, 2, 5, 9, 12] {
+                let rows: Vec<u32> = (0..n_sel).map(|_| rng.below(n_x as u64) as u32).collect();
+                let ld = n_rows + 2;
+                let mut y = nan_buf(n_sel, ld);
+                let mut r = nan_buf(n_sel, ld);
+                (kt.gemm_q4lx8_gather)(&g, n_rows, k, &x, &rows, &mut y, ld);
+                scalar::gemm_q4x8_gather(&g, n_rows, k, &x, &rows, &mut r, ld);
+                assert_gemm_out(&format!("{lv} gather q4l"), &y, &r, n_sel, n_rows, ld);
+                let mut y = nan_buf(n_sel, ld);
+                let mut r = nan_buf(n_sel, ld);
+                (kt.ffn_gate_up_q4lx8)(&g, &u, n_rows, k, &x, &rows, &mut y, ld);
+                scalar::ffn_gate_up_q4x8(&g, &u, n_rows, k, &x, &rows, &mut r, ld);
+                assert_gemm_out(&format!("{lv} gate_up q4l"), &y, &r, n_sel, n_rows, ld);
+            }
+        }
+    }
+}
+
+/// Every packed byte at every slot, through the product (one-hot activations) and the twin's
+/// dequantisation: each nibble reads as `q − 8`.
+#[test]
+fn q4l_all_nibble_bytes() {
+    let w = [
+        BlockQ4Lx8 {
+            d: [0x3C00; 8],
+            qs: std::array::from_fn(|i| i as u8),
+        },
+        BlockQ4Lx8 {
+            d: [0x3C00; 8],
+            qs: std::array::from_fn(|i| 128 + i as u8),
+        },
+    ];
+    let k = 64;
+    let mut deq = vec![0.0f32; k];
+    for kt in tables() {
+        let n_tok = k;
+        let mut x = vec![
+            BlockQ8A {
+                d: 1.0,
+                sum: 0,
+                qs: [0; 32]
+            };
+            n_tok * 2
+        ];
+        for t in 0..n_tok {
+            x[t * 2 + t / 32].qs[t % 32] = 1;
+            x[t * 2 + t / 32].sum = 1;
+        }
+        let mut y = nan_buf(n_tok, 8);
+        (kt.gemm_q4lx8)(&w, 8, k, &x, n_tok, &mut y, 8);
+        for r in 0..8 {
+            scalar::dequantize_row_q4x8(&w, r, k, &mut deq);
+            for col in 0..k {
+                let (i, hi) = q4_pos(r, col % 32);
+                let byte = w[col / 32].qs[i];
+                let lvl = LVALUES[if hi { byte >> 4 } else { byte & 15 } as usize] as f32;
+                assert_eq!(y[col * 8 + r], lvl, "{} byte {byte:#04x}", kt.level.name());
+                assert_eq!(deq[col], lvl);
+            }
+        }
+    }
+}
+
+/// Round-trip error of the linear quantizer (same scale search as the codebook) within budget,
+/// and each row's reconstruction no worse than ggml's round-to-nearest `Q4_0` rule.
+#[test]
+fn q4l_roundtrip_rmse() {
+    let (rows, cols) = (64, 4096);
+    let mut rng = Rng(5);
+    let wf = rng.gauss_vec(rows * cols);
+    let mut w = vec![
+        BlockQ4Lx8 {
+            d: [0; 8],
+            qs: [0; 128]
+        };
+        row_groups(rows) * cols / QK
+    ];
+    scalar::quantize_q4x8(&wf, rows, cols, &mut w);
+    let (mut se, mut se_rtn, mut ss) = (0.0f64, 0.0f64, 0.0f64);
+    let mut row = vec![0.0f32; cols];
+    for r in 0..rows {
+        scalar::dequantize_row_q4x8(&w, r, cols, &mut row);
+        for (b, xb) in wf[r * cols..(r + 1) * cols].chunks_exact(QK).enumerate() {
+            // ggml Q4_0: d = max / −8 (max = the value of largest magnitude), round to nearest
+            let mx = xb.iter().fold(0.0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+            let d = half::f16::from_f32(mx / -8.0).to_f32();
+            for (j, &v) in xb.iter().enumerate() {
+                let q = if d == 0.0 { 0.0 } else { (v / d).round().clamp(-8.0, 7.0) };
+                se_rtn += ((v - q * d) as f64).powi(2);
+                se += ((v - row[b * QK + j]) as f64).powi(2);
+                ss += (v as f64).powi(2);
+            }
+        }
+    }
+    let (e, e_rtn) = ((se / ss).sqrt(), (se_rtn / ss).sqrt());
+    eprintln!("relative RMSE: q4lx8 {e:.5}, ggml Q4_0 rule {e_rtn:.5}");
+    assert!(e <= Q4LX8_RMSE_MAX, "q4lx8 RMSE {e}");
+    assert!(e < e_rtn, "the scale search must beat round-to-nearest");
 }
 
 // ---------------------------------------------------------------------------------------------

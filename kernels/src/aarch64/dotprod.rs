@@ -17,7 +17,7 @@ use core::arch::aarch64::*;
 use core::arch::asm;
 
 use super::neon::{accumulate, load_q8, scales, unpack_q4};
-use crate::block::{BlockQ4x8, BlockQ8A, BlockQ8x8, KVALUES, ROWS};
+use crate::block::{BlockQ4Lx8, BlockQ4x8, BlockQ8A, BlockQ8x8, KVALUES, LVALUES, ROWS};
 use crate::driver::{Tier, Tile};
 
 /// Proof that the CPU has NEON and the dot-product extension.
@@ -49,7 +49,22 @@ impl Tile<BlockQ4x8> for NeonDot {
     ) {
         assert!(x.iter().all(|xt| xt.len() >= w.len()));
         // SAFETY: `self` proves NEON + dotprod (NeonDot::detect); x[t] hold w.len() blocks.
-        unsafe { q_tile::<NY, true>(w.as_ptr() as *const u8, 144, w.len(), x, out) }
+        unsafe { q_tile::<NY, true>(&KVALUES, w.as_ptr() as *const u8, 144, w.len(), x, out) }
+    }
+}
+
+impl Tile<BlockQ4Lx8> for NeonDot {
+    const NYMAX: usize = 4;
+    #[inline]
+    fn tile<const NY: usize>(
+        self,
+        w: &[BlockQ4Lx8],
+        x: &[&[BlockQ8A]; NY],
+        out: &mut [[f32; ROWS]; NY],
+    ) {
+        assert!(x.iter().all(|xt| xt.len() >= w.len()));
+        // SAFETY: `self` proves NEON + dotprod (NeonDot::detect); x[t] hold w.len() blocks.
+        unsafe { q_tile::<NY, true>(&LVALUES, w.as_ptr() as *const u8, 144, w.len(), x, out) }
     }
 }
 
@@ -64,7 +79,7 @@ impl Tile<BlockQ8x8> for NeonDot {
     ) {
         assert!(x.iter().all(|xt| xt.len() >= w.len()));
         // SAFETY: as for the Q4x8 tile.
-        unsafe { q_tile::<NY, false>(w.as_ptr() as *const u8, 272, w.len(), x, out) }
+        unsafe { q_tile::<NY, false>(&KVALUES, w.as_ptr() as *const u8, 272, w.len(), x, out) }
     }
 }
 
@@ -79,17 +94,19 @@ macro_rules! sdot_lane {
 
 /// # Safety
 /// * NEON and dotprod available.
-/// * `w` points to `nb` readable blocks (`BlockQ4x8` when `Q4`, else `BlockQ8x8`) of `stride`
+/// * `w` points to `nb` readable blocks (a 4-bit type with these `levels` when `Q4`, else
+///   `BlockQ8x8`) of `stride`
 ///   bytes; `x[t].len() >= nb`.
 #[target_feature(enable = "neon,dotprod")]
 pub(crate) unsafe fn q_tile<const NY: usize, const Q4: bool>(
+    levels: &[i8; 16],
     w: *const u8,
     stride: usize,
     nb: usize,
     x: &[&[BlockQ8A]; NY],
     out: &mut [[f32; ROWS]; NY],
 ) {
-    let kv = vld1q_s8(KVALUES.as_ptr());
+    let kv = vld1q_s8(levels.as_ptr());
     let mut acc = [(vdupq_n_f32(0.0), vdupq_n_f32(0.0)); NY];
     for b in 0..nb {
         let blk = w.add(b * stride);

@@ -22,7 +22,7 @@ use core::arch::aarch64::*;
 use core::arch::asm;
 
 use super::neon::{accumulate, load_q8, scales, unpack_q4};
-use crate::block::{BlockQ4x8, BlockQ8A, BlockQ8x8, KVALUES, ROWS};
+use crate::block::{BlockQ4Lx8, BlockQ4x8, BlockQ8A, BlockQ8x8, KVALUES, LVALUES, ROWS};
 use crate::driver::{Tier, Tile};
 
 /// Proof that the CPU has NEON, dotprod and i8mm.
@@ -58,9 +58,32 @@ impl Tile<BlockQ4x8> for NeonI8mm {
         // blocks.
         unsafe {
             if NY == 1 {
-                super::dotprod::q_tile::<NY, true>(p, 144, w.len(), x, out)
+                super::dotprod::q_tile::<NY, true>(&KVALUES, p, 144, w.len(), x, out)
             } else {
-                q_tile::<NY, true>(p, 144, w.len(), x, out)
+                q_tile::<NY, true>(&KVALUES, p, 144, w.len(), x, out)
+            }
+        }
+    }
+}
+
+impl Tile<BlockQ4Lx8> for NeonI8mm {
+    const NYMAX: usize = 4;
+    #[inline]
+    fn tile<const NY: usize>(
+        self,
+        w: &[BlockQ4Lx8],
+        x: &[&[BlockQ8A]; NY],
+        out: &mut [[f32; ROWS]; NY],
+    ) {
+        assert!(x.iter().all(|xt| xt.len() >= w.len()));
+        let p = w.as_ptr() as *const u8;
+        // SAFETY: `self` proves NEON + dotprod + i8mm (NeonI8mm::detect); x[t] hold w.len()
+        // blocks.
+        unsafe {
+            if NY == 1 {
+                super::dotprod::q_tile::<NY, true>(&LVALUES, p, 144, w.len(), x, out)
+            } else {
+                q_tile::<NY, true>(&LVALUES, p, 144, w.len(), x, out)
             }
         }
     }
@@ -80,9 +103,9 @@ impl Tile<BlockQ8x8> for NeonI8mm {
         // SAFETY: as for the Q4x8 tile.
         unsafe {
             if NY == 1 {
-                super::dotprod::q_tile::<NY, false>(p, 272, w.len(), x, out)
+                super::dotprod::q_tile::<NY, false>(&KVALUES, p, 272, w.len(), x, out)
             } else {
-                q_tile::<NY, false>(p, 272, w.len(), x, out)
+                q_tile::<NY, false>(&KVALUES, p, 272, w.len(), x, out)
             }
         }
     }
@@ -116,17 +139,19 @@ unsafe fn zip64(a: int8x16_t, b: int8x16_t) -> (int8x16_t, int8x16_t) {
 
 /// # Safety
 /// * NEON, dotprod and i8mm available.
-/// * `w` points to `nb` readable blocks (`BlockQ4x8` when `Q4`, else `BlockQ8x8`) of `stride`
+/// * `w` points to `nb` readable blocks (a 4-bit type with these `levels` when `Q4`, else
+///   `BlockQ8x8`) of `stride`
 ///   bytes; `x[t].len() >= nb`.
 #[target_feature(enable = "neon,dotprod,i8mm")]
 unsafe fn q_tile<const NY: usize, const Q4: bool>(
+    levels: &[i8; 16],
     w: *const u8,
     stride: usize,
     nb: usize,
     x: &[&[BlockQ8A]; NY],
     out: &mut [[f32; ROWS]; NY],
 ) {
-    let kv = vld1q_s8(KVALUES.as_ptr());
+    let kv = vld1q_s8(levels.as_ptr());
     let mut acc = [(vdupq_n_f32(0.0), vdupq_n_f32(0.0)); NY];
     for b in 0..nb {
         let blk = w.add(b * stride);

@@ -5,6 +5,7 @@ pub(crate) mod dotprod;
 pub(crate) mod i8mm;
 pub(crate) mod neon;
 
+use crate::block::{BlockQ4Lx8, BlockQ4x8};
 use crate::driver;
 use crate::{portable, CpuLevel, Kernels};
 use dotprod::NeonDot;
@@ -15,7 +16,8 @@ use neon::Neon;
 pub(crate) const NEON: Kernels = Kernels {
     level: CpuLevel::Neon,
     quantize_q8a: neon::quantize_q8a,
-    gemm_q4x8: driver::gemm_q4x8::<Neon>,
+    gemm_q4x8: driver::gemm_q4x8::<BlockQ4x8, Neon>,
+    gemm_q4lx8: driver::gemm_q4x8::<BlockQ4Lx8, Neon>,
     gemm_q8x8: driver::gemm_q8x8::<Neon>,
     gemm_f32: portable::gemm_f32,
     gemm_bf16: portable::gemm_bf16,
@@ -25,9 +27,11 @@ pub(crate) const NEON: Kernels = Kernels {
     rmsnorm: portable::rmsnorm,
     softmax: portable::softmax,
     silu_mul: portable::silu_mul,
-    gemm_q4x8_gather: driver::gemm_q4x8_gather::<Neon>,
+    gemm_q4x8_gather: driver::gemm_q4x8_gather::<BlockQ4x8, Neon>,
+    gemm_q4lx8_gather: driver::gemm_q4x8_gather::<BlockQ4Lx8, Neon>,
     gemm_q8x8_gather: driver::gemm_q8x8_gather::<Neon>,
-    ffn_gate_up_q4x8: driver::ffn_gate_up_q4x8::<Neon>,
+    ffn_gate_up_q4x8: driver::ffn_gate_up_q4x8::<BlockQ4x8, Neon>,
+    ffn_gate_up_q4lx8: driver::ffn_gate_up_q4x8::<BlockQ4Lx8, Neon>,
     ffn_gate_up_q8x8: driver::ffn_gate_up_q8x8::<Neon>,
     scatter_add: neon::scatter_add,
     topk: crate::scalar::topk,
@@ -49,11 +53,14 @@ pub(crate) const NEON: Kernels = Kernels {
 /// NEON + dotprod (Cortex-A55/A76 and later, Neoverse N1, Apple M1, Graviton 2).
 pub(crate) const NEON_DOT: Kernels = Kernels {
     level: CpuLevel::NeonDot,
-    gemm_q4x8: driver::gemm_q4x8::<NeonDot>,
+    gemm_q4x8: driver::gemm_q4x8::<BlockQ4x8, NeonDot>,
+    gemm_q4lx8: driver::gemm_q4x8::<BlockQ4Lx8, NeonDot>,
     gemm_q8x8: driver::gemm_q8x8::<NeonDot>,
-    gemm_q4x8_gather: driver::gemm_q4x8_gather::<NeonDot>,
+    gemm_q4x8_gather: driver::gemm_q4x8_gather::<BlockQ4x8, NeonDot>,
+    gemm_q4lx8_gather: driver::gemm_q4x8_gather::<BlockQ4Lx8, NeonDot>,
     gemm_q8x8_gather: driver::gemm_q8x8_gather::<NeonDot>,
-    ffn_gate_up_q4x8: driver::ffn_gate_up_q4x8::<NeonDot>,
+    ffn_gate_up_q4x8: driver::ffn_gate_up_q4x8::<BlockQ4x8, NeonDot>,
+    ffn_gate_up_q4lx8: driver::ffn_gate_up_q4x8::<BlockQ4Lx8, NeonDot>,
     ffn_gate_up_q8x8: driver::ffn_gate_up_q8x8::<NeonDot>,
     ..NEON
 };
@@ -61,11 +68,14 @@ pub(crate) const NEON_DOT: Kernels = Kernels {
 /// NEON + dotprod + i8mm (Cortex-A510/A710/X2, Neoverse V1/N2, Graviton 3, Apple M2).
 pub(crate) const NEON_I8MM: Kernels = Kernels {
     level: CpuLevel::NeonI8mm,
-    gemm_q4x8: driver::gemm_q4x8::<NeonI8mm>,
+    gemm_q4x8: driver::gemm_q4x8::<BlockQ4x8, NeonI8mm>,
+    gemm_q4lx8: driver::gemm_q4x8::<BlockQ4Lx8, NeonI8mm>,
     gemm_q8x8: driver::gemm_q8x8::<NeonI8mm>,
-    gemm_q4x8_gather: driver::gemm_q4x8_gather::<NeonI8mm>,
+    gemm_q4x8_gather: driver::gemm_q4x8_gather::<BlockQ4x8, NeonI8mm>,
+    gemm_q4lx8_gather: driver::gemm_q4x8_gather::<BlockQ4Lx8, NeonI8mm>,
     gemm_q8x8_gather: driver::gemm_q8x8_gather::<NeonI8mm>,
-    ffn_gate_up_q4x8: driver::ffn_gate_up_q4x8::<NeonI8mm>,
+    ffn_gate_up_q4x8: driver::ffn_gate_up_q4x8::<BlockQ4x8, NeonI8mm>,
+    ffn_gate_up_q4lx8: driver::ffn_gate_up_q4x8::<BlockQ4Lx8, NeonI8mm>,
     ffn_gate_up_q8x8: driver::ffn_gate_up_q8x8::<NeonI8mm>,
     ..NEON_DOT
 };

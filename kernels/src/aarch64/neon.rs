@@ -7,7 +7,8 @@
 //! # Layout and lane plan
 //! A 32-byte chunk `c` of a weight block is two `int8x16`: rows 0–3 and rows 4–7, each i32 lane
 //! = 4 consecutive columns of one row. `Q4x8`: `vandq`/`vshrq` split the nibbles, `vqtbl1q_s8`
-//! maps them through `KVALUES` (low nibbles → quad `c`, high → quad `4 + c`).
+//! maps them through the block type's levels (`KVALUES` for `Q4x8`, `LVALUES` for `Q4Lx8`;
+//! low nibbles → quad `c`, high → quad `4 + c`).
 //! Per quad and token: the 4 activation bytes are duplicated into every i32 lane;
 //! `vmull_s8` (low 8 bytes: rows 0,1) and `vmull_high_s8` (rows 2,3) give exact i16 products
 //! (|p| ≤ 128·128), `vpadalq_s16` adds pairs into `[r0 c01, r0 c23, r1 c01, r1 c23]`.
@@ -20,7 +21,7 @@
 
 use core::arch::aarch64::*;
 
-use crate::block::{BlockQ4x8, BlockQ8A, BlockQ8x8, KVALUES, QK, ROWS};
+use crate::block::{BlockQ4Lx8, BlockQ4x8, BlockQ8A, BlockQ8x8, KVALUES, LVALUES, QK, ROWS};
 use crate::driver::{Tier, Tile};
 
 /// Proof that the CPU has Advanced SIMD.
@@ -50,7 +51,22 @@ impl Tile<BlockQ4x8> for Neon {
     ) {
         assert!(x.iter().all(|xt| xt.len() >= w.len()));
         // SAFETY: `self` proves NEON (Neon::detect); every x[t] holds w.len() blocks.
-        unsafe { q_tile::<NY, true>(w.as_ptr() as *const u8, 144, w.len(), x, out) }
+        unsafe { q_tile::<NY, true>(&KVALUES, w.as_ptr() as *const u8, 144, w.len(), x, out) }
+    }
+}
+
+impl Tile<BlockQ4Lx8> for Neon {
+    const NYMAX: usize = 4;
+    #[inline]
+    fn tile<const NY: usize>(
+        self,
+        w: &[BlockQ4Lx8],
+        x: &[&[BlockQ8A]; NY],
+        out: &mut [[f32; ROWS]; NY],
+    ) {
+        assert!(x.iter().all(|xt| xt.len() >= w.len()));
+        // SAFETY: `self` proves NEON (Neon::detect); every x[t] holds w.len() blocks.
+        unsafe { q_tile::<NY, true>(&LVALUES, w.as_ptr() as *const u8, 144, w.len(), x, out) }
     }
 }
 
@@ -65,7 +81,7 @@ impl Tile<BlockQ8x8> for Neon {
     ) {
         assert!(x.iter().all(|xt| xt.len() >= w.len()));
         // SAFETY: as for the Q4x8 tile.
-        unsafe { q_tile::<NY, false>(w.as_ptr() as *const u8, 272, w.len(), x, out) }
+        unsafe { q_tile::<NY, false>(&KVALUES, w.as_ptr() as *const u8, 272, w.len(), x, out) }
     }
 }
 
@@ -148,13 +164,14 @@ pub(crate) unsafe fn load_q8(qs: *const i8) -> [[int8x16_t; 2]; 8] {
 /// * `w` points to `nb` readable blocks of the given type; `x[t].len() >= nb`.
 #[target_feature(enable = "neon")]
 unsafe fn q_tile<const NY: usize, const Q4: bool>(
+    levels: &[i8; 16],
     w: *const u8,
     stride: usize,
     nb: usize,
     x: &[&[BlockQ8A]; NY],
     out: &mut [[f32; ROWS]; NY],
 ) {
-    let kv = vld1q_s8(KVALUES.as_ptr());
+    let kv = vld1q_s8(levels.as_ptr());
     let mut acc = [(vdupq_n_f32(0.0), vdupq_n_f32(0.0)); NY];
     for b in 0..nb {
         let blk = w.add(b * stride);

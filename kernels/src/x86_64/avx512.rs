@@ -9,7 +9,8 @@
 //!
 //! # Layout and lane plan
 //! 256-bit (AVX-512VL) ops: chunk `c` of `qs` → low nibbles (quad `c`) and high nibbles
-//! (quad `4 + c`), one `vpshufb` each against `KVALUES + 128`; per (block, token):
+//! (quad `4 + c`), one `vpshufb` each against the levels + 128 (`KVALUES` for `Q4x8`,
+//! `LVALUES` for `Q4Lx8`); per (block, token):
 //! 8 × `vpdpbusd ymm` with the 4 activation bytes broadcast, lane `r` = row `r`.
 //! `NYMAX = 8`: 8 i32 + 8 f32 accumulators + unpacked weights fit the 32 ymm registers.
 //!
@@ -21,7 +22,7 @@
 
 use core::arch::x86_64::*;
 
-use crate::block::{BlockQ4x8, BlockQ8A, BlockQ8x8, KVALUES, ROWS};
+use crate::block::{BlockQ4Lx8, BlockQ4x8, BlockQ8A, BlockQ8x8, Q4Block, ROWS};
 use crate::driver::{Tier, Tile};
 
 /// Proof that the CPU has AVX-512 F/BW/VL/VNNI (and AVX2, FMA, F16C).
@@ -56,7 +57,22 @@ impl Tile<BlockQ4x8> for Avx512Vnni {
     ) {
         assert!(x.iter().all(|xt| xt.len() >= w.len()));
         // SAFETY: `self` proves the features (Avx512Vnni::detect); x[t] hold w.len() blocks.
-        unsafe { q4_tile::<NY>(w, x, out) }
+        unsafe { q4_tile::<BlockQ4x8, NY>(w, x, out) }
+    }
+}
+
+impl Tile<BlockQ4Lx8> for Avx512Vnni {
+    const NYMAX: usize = 8;
+    #[inline]
+    fn tile<const NY: usize>(
+        self,
+        w: &[BlockQ4Lx8],
+        x: &[&[BlockQ8A]; NY],
+        out: &mut [[f32; ROWS]; NY],
+    ) {
+        assert!(x.iter().all(|xt| xt.len() >= w.len()));
+        // SAFETY: `self` proves the features (Avx512Vnni::detect); x[t] hold w.len() blocks.
+        unsafe { q4_tile::<BlockQ4Lx8, NY>(w, x, out) }
     }
 }
 
@@ -75,16 +91,6 @@ impl Tile<BlockQ8x8> for Avx512Vnni {
     }
 }
 
-/// `KVALUES + 128` as unsigned bytes, in both 128-bit lanes.
-static KVU32: [u8; 32] = {
-    let mut t = [0u8; 32];
-    let mut i = 0;
-    while i < 32 {
-        t[i] = (KVALUES[i % 16] as i16 + 128) as u8;
-        i += 1;
-    }
-    t
-};
 
 #[inline(always)]
 unsafe fn quad(a: &BlockQ8A, i: usize) -> __m256i {
@@ -96,19 +102,21 @@ unsafe fn quad(a: &BlockQ8A, i: usize) -> __m256i {
 /// * The CPU supports AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI.
 /// * `x[t].len() >= w.len()` for every `t`.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn q4_tile<const NY: usize>(
-    w: &[BlockQ4x8],
+unsafe fn q4_tile<B: Q4Block, const NY: usize>(
+    w: &[B],
     x: &[&[BlockQ8A]; NY],
     out: &mut [[f32; ROWS]; NY],
 ) {
-    let tbl = _mm256_loadu_si256(KVU32.as_ptr() as *const __m256i);
+    // the block type's levels + 128 as unsigned bytes, in both 128-bit lanes
+    let kvu: [u8; 32] = core::array::from_fn(|i| (B::LEVELS[i % 16] as i16 + 128) as u8);
+    let tbl = _mm256_loadu_si256(kvu.as_ptr() as *const __m256i);
     let m4 = _mm256_set1_epi8(0x0F);
     let mut acc = [_mm256_setzero_ps(); NY];
     for (b, blk) in w.iter().enumerate() {
         let mut isum: [__m256i; NY] =
             core::array::from_fn(|t| _mm256_set1_epi32(-128 * x[t].get_unchecked(b).sum));
         for c in 0..4 {
-            let raw = _mm256_loadu_si256(blk.qs.as_ptr().add(c * 32) as *const __m256i);
+            let raw = _mm256_loadu_si256(blk.qs().as_ptr().add(c * 32) as *const __m256i);
             let lo = _mm256_shuffle_epi8(tbl, _mm256_and_si256(raw, m4));
             let hi = _mm256_shuffle_epi8(tbl, _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4));
             for t in 0..NY {
@@ -117,7 +125,7 @@ unsafe fn q4_tile<const NY: usize>(
                 isum[t] = _mm256_dpbusd_epi32(isum[t], hi, quad(a, 4 + c));
             }
         }
-        let dw = _mm256_cvtph_ps(_mm_loadu_si128(blk.d.as_ptr() as *const __m128i));
+        let dw = _mm256_cvtph_ps(_mm_loadu_si128(blk.d().as_ptr() as *const __m128i));
         for t in 0..NY {
             let s = _mm256_mul_ps(dw, _mm256_set1_ps(x[t].get_unchecked(b).d));
             acc[t] = _mm256_add_ps(acc[t], _mm256_mul_ps(s, _mm256_cvtepi32_ps(isum[t])));
