@@ -3,7 +3,7 @@
 //! `Kernels` table of `ferroq_kernels` (detected once, stored in the model).
 
 use crate::pool::{SharedOut, ThreadPool, Tile};
-use ferroq_kernels::{BlockQ4x8, BlockQ8A, BlockQ8x8, Kernels, QK, ROWS};
+use ferroq_kernels::{BlockQ4Lx8, BlockQ4x8, BlockQ8A, BlockQ8x8, Kernels, QK, ROWS};
 use std::sync::Mutex;
 
 /// A weight matrix `[rows, cols]` (nn.Linear layout), borrowed from the mapped model file.
@@ -13,13 +13,15 @@ pub enum Mat<'a> {
     Bf16(&'a [u16]),
     F16(&'a [u16]),
     Q4(&'a [BlockQ4x8]),
+    /// Linear 4-bit (`q4lx8`).
+    Q4L(&'a [BlockQ4Lx8]),
     Q8(&'a [BlockQ8x8]),
 }
 
 impl Mat<'_> {
     /// Whether products with this matrix use 8-bit quantized activations.
     pub fn wants_q8(&self) -> bool {
-        matches!(self, Mat::Q4(_) | Mat::Q8(_))
+        matches!(self, Mat::Q4(_) | Mat::Q4L(_) | Mat::Q8(_))
     }
 }
 
@@ -117,6 +119,10 @@ fn matmul_serial(
             assert_eq!(q8.len(), n * k / QK, "activations not quantized");
             (kern.gemm_q4x8)(w, rows, k, q8, n, y, ld_y)
         }
+        Mat::Q4L(w) => {
+            assert_eq!(q8.len(), n * k / QK, "activations not quantized");
+            (kern.gemm_q4lx8)(w, rows, k, q8, n, y, ld_y)
+        }
         Mat::Q8(w) => {
             assert_eq!(q8.len(), n * k / QK, "activations not quantized");
             (kern.gemm_q8x8)(w, rows, k, q8, n, y, ld_y)
@@ -132,6 +138,7 @@ fn mat_rows(w: Mat<'_>, k: usize, r0: usize, r1: usize) -> Mat<'_> {
         Mat::Bf16(w) => Mat::Bf16(&w[r0 * k..r1 * k]),
         Mat::F16(w) => Mat::F16(&w[r0 * k..r1 * k]),
         Mat::Q4(w) => Mat::Q4(&w[r0 / ROWS * nb..r1.div_ceil(ROWS) * nb]),
+        Mat::Q4L(w) => Mat::Q4L(&w[r0 / ROWS * nb..r1.div_ceil(ROWS) * nb]),
         Mat::Q8(w) => Mat::Q8(&w[r0 / ROWS * nb..r1.div_ceil(ROWS) * nb]),
     }
 }
@@ -217,6 +224,9 @@ fn gate_up_serial(
 ) {
     match (g, u) {
         (Mat::Q4(g), Mat::Q4(u)) => (kern.ffn_gate_up_q4x8)(g, u, n_rows, k, x_all, rows, y, ld_y),
+        (Mat::Q4L(g), Mat::Q4L(u)) => {
+            (kern.ffn_gate_up_q4lx8)(g, u, n_rows, k, x_all, rows, y, ld_y)
+        }
         (Mat::Q8(g), Mat::Q8(u)) => (kern.ffn_gate_up_q8x8)(g, u, n_rows, k, x_all, rows, y, ld_y),
         _ => unreachable!("gate_up_serial: checked by the caller"),
     }
@@ -312,7 +322,7 @@ pub fn gate_up(
     let (k, n) = (a.k, a.n_tok);
     let fused = matches!(
         (wg, wu),
-        (Mat::Q4(_), Mat::Q4(_)) | (Mat::Q8(_), Mat::Q8(_))
+        (Mat::Q4(_), Mat::Q4(_)) | (Mat::Q4L(_), Mat::Q4L(_)) | (Mat::Q8(_), Mat::Q8(_))
     ) && !a.q8.is_empty();
     if !fused {
         matmul_n(kern, par, [wg, wu], [inter, inter], a, [&mut *y, &mut *up]);
@@ -347,6 +357,7 @@ pub fn mat_row(w: Mat, row: usize, cols: usize, out: &mut [f32]) {
         Mat::Bf16(w) => scalar::bf16_to_f32(&w[row * cols..(row + 1) * cols], &mut out[..cols]),
         Mat::F16(w) => scalar::f16_to_f32(&w[row * cols..(row + 1) * cols], &mut out[..cols]),
         Mat::Q4(w) => scalar::dequantize_row_q4x8(w, row, cols, out),
+        Mat::Q4L(w) => scalar::dequantize_row_q4x8(w, row, cols, out),
         Mat::Q8(w) => scalar::dequantize_row_q8x8(w, row, cols, out),
     }
 }

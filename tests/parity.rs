@@ -232,6 +232,8 @@ macro_rules! per_fixture {
             fn q8() { check_quantized($name, "q8", MIN_COSINE_Q8) }
             #[test]
             fn q4() { check_quantized($name, "q4", MIN_COSINE_Q4) }
+            #[test]
+            fn q4l() { check_quantized($name, "q4l", MIN_COSINE_Q4) }
             // transformers fixtures only: their generator cast the model with
             // `model.to(torch.bfloat16)`, rounding the RoPE frequencies
             #[test]
@@ -278,6 +280,10 @@ mod llama4_topk2_ref {
     fn q4() {
         check_quantized(NAME, "q4", MIN_COSINE_Q4)
     }
+    #[test]
+    fn q4l() {
+        check_quantized(NAME, "q4l", MIN_COSINE_Q4)
+    }
 }
 
 #[test]
@@ -295,6 +301,7 @@ fn thread_count_does_not_change_logits() {
     for (name, quant) in [
         ("llama4-scout-tiny", "q4"),
         ("llama4-topk2-ref", "q4"),
+        ("llama4-topk2-ref", "q4l"),
         ("llama4-topk2-ref", "q8"),
     ] {
         let e = expected(name);

@@ -2,7 +2,7 @@
 //! through the CLI, against transformers' golden logits and greedy ids
 //! (`tests/fixtures/smollm2-golden.safetensors.gz`, see SOURCES.md).
 //!
-//! - `ferroq convert X.gguf -o M.fqm --quant f32|q8|q4`
+//! - `ferroq convert X.gguf -o M.fqm --quant f32|q8|q4|q4l`
 //! - `ferroq logits -m M.fqm --ids 1,2,3 -o out.safetensors` (logits at every position)
 //! - `ferroq generate -m M.fqm --ids 1,2,3 -n 32` (greedy; prints a JSON array of ids)
 //!
@@ -236,7 +236,7 @@ fn smollm2_quantized_quality() {
     };
     let golden = golden();
     // (quant, loose bound on the mean KL, loose bound on next-token top-1 agreement)
-    for (quant, max_kl, min_top1) in [("q8", 0.05, 0.8), ("q4", 1.0, 0.4)] {
+    for (quant, max_kl, min_top1) in [("q8", 0.05, 0.8), ("q4", 1.0, 0.4), ("q4l", 1.0, 0.4)] {
         let dir = Scratch::new(quant);
         let model = convert(&gguf, quant, &dir.0);
         let (mut kl_sum, mut kl_n, mut top1, mut same_ids, mut total_ids) =

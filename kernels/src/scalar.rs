@@ -183,14 +183,14 @@ pub fn quantize_q4x8_weighted<B: Q4Block>(
         for (b, blk) in group.iter_mut().enumerate() {
             let (mut bd, mut bqs) = ([0u16; ROWS], [0x88u8; 128]);
             let cw = col_w.map_or(&uniform[..], |c| &c[b * QK..(b + 1) * QK]);
-            for r in 0..ROWS {
+            for (r, bd_r) in bd.iter_mut().enumerate() {
                 let row = g * ROWS + r;
                 if row >= rows {
                     continue;
                 }
                 let x = &w[row * cols + b * QK..row * cols + (b + 1) * QK];
                 let (d, q) = quantize_block_levels(&B::LEVELS, x, cw);
-                bd[r] = d.to_bits();
+                *bd_r = d.to_bits();
                 for (k, &qk) in q.iter().enumerate() {
                     let (i, hi) = q4_pos(r, k);
                     if hi {
@@ -251,7 +251,11 @@ pub fn dequantize_row_q4x8<B: Q4Block>(w: &[B], row: usize, cols: usize, out: &m
         let d = f16::from_bits(blk.d()[r]).to_f32();
         for k in 0..QK {
             let (i, hi) = q4_pos(r, k);
-            let nib = if hi { blk.qs()[i] >> 4 } else { blk.qs()[i] & 0x0F };
+            let nib = if hi {
+                blk.qs()[i] >> 4
+            } else {
+                blk.qs()[i] & 0x0F
+            };
             out[b * QK + k] = d * B::LEVELS[nib as usize] as f32;
         }
     }
@@ -281,7 +285,11 @@ pub fn dot_block_q4<B: Q4Block>(blk: &B, r: usize, a: &BlockQ8A) -> i32 {
     let mut s = 0i32;
     for k in 0..QK {
         let (i, hi) = q4_pos(r, k);
-        let nib = if hi { blk.qs()[i] >> 4 } else { blk.qs()[i] & 0x0F };
+        let nib = if hi {
+            blk.qs()[i] >> 4
+        } else {
+            blk.qs()[i] & 0x0F
+        };
         s += B::LEVELS[nib as usize] as i32 * a.qs[k] as i32;
     }
     s

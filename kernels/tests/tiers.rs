@@ -510,9 +510,7 @@ fn quantize_q8a_bit_identical() {
 // ---------------------------------------------------------------------------------------------
 
 fn to_q4l(w: &[BlockQ4x8]) -> Vec<BlockQ4Lx8> {
-    w.iter()
-        .map(|b| BlockQ4Lx8 { d: b.d, qs: b.qs })
-        .collect()
+    w.iter().map(|b| BlockQ4Lx8 { d: b.d, qs: b.qs }).collect()
 }
 
 /// Exact integer sums with unit scales, including the extremes of both operands (nibbles all 0
@@ -705,10 +703,16 @@ fn q4l_roundtrip_rmse() {
         scalar::dequantize_row_q4x8(&w, r, cols, &mut row);
         for (b, xb) in wf[r * cols..(r + 1) * cols].chunks_exact(QK).enumerate() {
             // ggml Q4_0: d = max / −8 (max = the value of largest magnitude), round to nearest
-            let mx = xb.iter().fold(0.0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+            let mx = xb
+                .iter()
+                .fold(0.0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
             let d = half::f16::from_f32(mx / -8.0).to_f32();
             for (j, &v) in xb.iter().enumerate() {
-                let q = if d == 0.0 { 0.0 } else { (v / d).round().clamp(-8.0, 7.0) };
+                let q = if d == 0.0 {
+                    0.0
+                } else {
+                    (v / d).round().clamp(-8.0, 7.0)
+                };
                 se_rtn += ((v - q * d) as f64).powi(2);
                 se += ((v - row[b * QK + j]) as f64).powi(2);
                 ss += (v as f64).powi(2);

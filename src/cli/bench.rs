@@ -98,6 +98,7 @@ fn mat_bytes(m: Mat) -> usize {
         Mat::F32(w) => std::mem::size_of_val(w),
         Mat::Bf16(w) | Mat::F16(w) => std::mem::size_of_val(w),
         Mat::Q4(w) => std::mem::size_of_val(w),
+        Mat::Q4L(w) => std::mem::size_of_val(w),
         Mat::Q8(w) => std::mem::size_of_val(w),
     }
 }

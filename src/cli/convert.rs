@@ -1,4 +1,4 @@
-//! `ferroq convert <HF_DIR | FILE.gguf> -o OUT.fqm [--quant q4|q4m|q8|bf16|f32]
+//! `ferroq convert <HF_DIR | FILE.gguf> -o OUT.fqm [--quant q4|q4m|q4l|q8|bf16|f32]
 //! [--output-tensor-type T] [--token-embedding-type T]`.
 
 use ferroq::tools::convert::{convert, parse_matrix_type, ConvertOptions, ProgressEvent, Quant};
@@ -15,19 +15,21 @@ pub struct Args {
     /// Output .fqm file (written to a temporary name and renamed when complete).
     #[arg(short, long)]
     pub output: PathBuf,
-    /// Weight precision: q4 (4-bit matrices, 8-bit embedding/output), q8, bf16 or f32.
+    /// Weight precision: q4 (4-bit codebook matrices, 8-bit embedding/output), q4m (q4 with
+    /// 8-bit value and down projections), q4l or q4_0 (q4 on the linear 4-bit grid: faster
+    /// kernels, slightly less accurate), q8, bf16 or f32.
     #[arg(long, default_value = "q4")]
     pub quant: String,
     /// RoPE frequency precision: f32 (what `from_pretrained` uses) or bf16 (reproduces a
     /// transformers model cast with `model.to(torch.bfloat16)`).
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
     pub rope_freq: String,
-    /// Type of the output projection (q4, q8, bf16, f32), overriding the recipe; with tied
+    /// Type of the output projection (q4, q4l, q8, bf16, f32), overriding the recipe; with tied
     /// embeddings it is also the embedding table's type. `q4` reads ~half the bytes of the
     /// default q8 per generated token, at a cost in accuracy.
     #[arg(long, value_name = "TYPE")]
     pub output_tensor_type: Option<String>,
-    /// Type of the token embedding table (q4, q8, bf16, f32), overriding the recipe.
+    /// Type of the token embedding table (q4, q4l, q8, bf16, f32), overriding the recipe.
     #[arg(long, value_name = "TYPE")]
     pub token_embedding_type: Option<String>,
 }

@@ -44,6 +44,8 @@ pub enum DType {
     Q8x8 = 4,
     /// Raw bytes (embedded files such as `tokenizer.json`).
     U8 = 5,
+    /// Linear 4-bit weights (levels `q − 8`, ggml's `Q4_0` grid) in the `Q4x8` block layout.
+    Q4Lx8 = 6,
 }
 
 impl DType {
@@ -55,6 +57,7 @@ impl DType {
             3 => DType::Q4x8,
             4 => DType::Q8x8,
             5 => DType::U8,
+            6 => DType::Q4Lx8,
             _ => return None,
         })
     }
@@ -67,6 +70,7 @@ impl DType {
             DType::Q4x8 => "q4x8",
             DType::Q8x8 => "q8x8",
             DType::U8 => "u8",
+            DType::Q4Lx8 => "q4lx8",
         }
     }
 
@@ -78,7 +82,7 @@ impl DType {
             DType::F32 => n.checked_mul(4),
             DType::F16 | DType::Bf16 => n.checked_mul(2),
             DType::U8 => Some(n),
-            DType::Q4x8 | DType::Q8x8 => {
+            DType::Q4x8 | DType::Q4Lx8 | DType::Q8x8 => {
                 let [rows, cols] = shape else { return None };
                 if cols % QK != 0 || *cols == 0 {
                     return None;
@@ -86,7 +90,7 @@ impl DType {
                 // n fits, so rows*cols fits; the padded size is at most n * 272/256 + a group
                 let padded = rows.div_ceil(8).checked_mul(8)?.checked_mul(*cols)?;
                 let _ = padded.checked_mul(2)?;
-                Some(if self == DType::Q4x8 {
+                Some(if self != DType::Q8x8 {
                     q4x8_bytes(*rows, *cols)
                 } else {
                     q8x8_bytes(*rows, *cols)
@@ -101,7 +105,7 @@ impl DType {
             DType::F32 => 32.0,
             DType::F16 | DType::Bf16 => 16.0,
             DType::U8 => 8.0,
-            DType::Q4x8 => 4.5,
+            DType::Q4x8 | DType::Q4Lx8 => 4.5,
             DType::Q8x8 => 8.5,
         }
     }

@@ -93,7 +93,12 @@ impl Model {
                 Role::Norm | Role::Router => info.dtype == DType::F32,
                 _ => matches!(
                     info.dtype,
-                    DType::F32 | DType::F16 | DType::Bf16 | DType::Q4x8 | DType::Q8x8
+                    DType::F32
+                        | DType::F16
+                        | DType::Bf16
+                        | DType::Q4x8
+                        | DType::Q4Lx8
+                        | DType::Q8x8
                 ),
             };
             if !ok {
@@ -188,6 +193,7 @@ impl Model {
             DType::Bf16 => Mat::Bf16(bytemuck::cast_slice(bytes)),
             DType::F16 => Mat::F16(bytemuck::cast_slice(bytes)),
             DType::Q4x8 => Mat::Q4(bytemuck::cast_slice(bytes)),
+            DType::Q4Lx8 => Mat::Q4L(bytemuck::cast_slice(bytes)),
             DType::Q8x8 => Mat::Q8(bytemuck::cast_slice(bytes)),
             DType::U8 => unreachable!("U8 tensors are rejected for matrix roles at open"),
         }
@@ -201,9 +207,12 @@ impl Model {
 
     /// Whether the attention/FFN matrices are quantized (Q4x8/Q8x8) rather than float.
     pub fn is_quantized(&self) -> bool {
-        self.layers
-            .iter()
-            .any(|l| matches!(self.file.tensors()[l.wq.0].dtype, DType::Q4x8 | DType::Q8x8))
+        self.layers.iter().any(|l| {
+            matches!(
+                self.file.tensors()[l.wq.0].dtype,
+                DType::Q4x8 | DType::Q4Lx8 | DType::Q8x8
+            )
+        })
     }
 
     /// The KV cache type to use when the user does not choose: f32 for unquantized models

@@ -91,7 +91,6 @@ impl Tile<BlockQ8x8> for Avx512Vnni {
     }
 }
 
-
 #[inline(always)]
 unsafe fn quad(a: &BlockQ8A, i: usize) -> __m256i {
     let p = a.qs.as_ptr().add(i * 4) as *const i32;
