@@ -725,6 +725,34 @@ fn q4l_roundtrip_rmse() {
     assert!(e < e_rtn, "the scale search must beat round-to-nearest");
 }
 
+/// Weights already on a `Q4_0` grid (a ggml Q4_0 GGUF dequantized: `d · (q − 8)`, f16 `d`)
+/// come back exactly: converting such a file with `--quant q4l` loses nothing.
+#[test]
+fn q4l_reproduces_q4_0_grid() {
+    let (rows, cols) = (24, 256);
+    let mut rng = Rng(13);
+    let mut wf = vec![0.0f32; rows * cols];
+    for blk in wf.chunks_exact_mut(QK) {
+        let d = half::f16::from_f32(rng.gauss() * 0.02).to_f32();
+        for v in blk.iter_mut() {
+            *v = d * (rng.below(16) as f32 - 8.0);
+        }
+    }
+    let mut w = vec![
+        BlockQ4Lx8 {
+            d: [0; 8],
+            qs: [0; 128]
+        };
+        row_groups(rows) * cols / QK
+    ];
+    scalar::quantize_q4x8(&wf, rows, cols, &mut w);
+    let mut row = vec![0.0f32; cols];
+    for r in 0..rows {
+        scalar::dequantize_row_q4x8(&w, r, cols, &mut row);
+        assert_eq!(&row[..], &wf[r * cols..(r + 1) * cols], "row {r}");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Expert routing
 // ---------------------------------------------------------------------------------------------
