@@ -9,13 +9,14 @@
 #   FERROQ_DIR    ferroq checkout (built with cargo build --release -j2)  [this checkout]
 #   SMOL_GGUF     SmolLM2-135M-Instruct Q4_1 GGUF (source for both engines)
 #                 [~/.cache/ferroq/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf]
-#   SMOL_FQM_Q4 / SMOL_FQM_Q8   ferroq conversions of SMOL_GGUF (made if missing)
-#                 [/tmp/speed-smol-q4.fqm, /tmp/speed-smol-q8.fqm]
+#   SMOL_FQM_Q4 / SMOL_FQM_Q4L / SMOL_FQM_Q8   ferroq conversions of SMOL_GGUF (made if missing)
+#                 [/tmp/speed-smol-q4.fqm, /tmp/speed-smol-q4l.fqm, /tmp/speed-smol-q8.fqm]
 #   L4_HF         Llama4ForCausalLM HF checkpoint dir (bf16 safetensors)  [/tmp/ferroq-l4-mini-seed1]
 #   L4_TOKENIZER  a Llama 4 tokenizer.json (the synthetic checkpoint has none)
 #                 [none: required for the l4 step]
 #   FERROQ        ferroq binary [$FERROQ_DIR/target/release/ferroq] (pin a copy: the tree may be rebuilt by others)
-#   L4_FQM        ferroq q4 conversion of L4_HF (made if missing)        [/tmp/speed-l4/l4mini-q4.fqm]
+#   L4_FQM / L4_FQM_Q4L   ferroq q4 / q4l conversions of L4_HF (made if missing)
+#                 [/tmp/speed-l4/l4mini-q4.fqm, /tmp/speed-l4/l4mini-q4l.fqm]
 #   THREADS       [2]     REPS_SMOL [3]     REPS_L4 [2]
 #   JOBS          compile jobs [2]; the build runs under nice -n 10
 # Every benchmark line is logged to $WORK/logs/bench.log together with `uptime`.
@@ -28,9 +29,11 @@ FERROQ_DIR="${FERROQ_DIR:-$(cd "$HERE/../.." && pwd)}"
 SMOL_GGUF="${SMOL_GGUF:-$HOME/.cache/ferroq/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}"
 SMOL_FQM_Q4="${SMOL_FQM_Q4:-/tmp/speed-smol-q4.fqm}"
 SMOL_FQM_Q8="${SMOL_FQM_Q8:-/tmp/speed-smol-q8.fqm}"
+SMOL_FQM_Q4L="${SMOL_FQM_Q4L:-/tmp/speed-smol-q4l.fqm}"
 L4_HF="${L4_HF:-/tmp/ferroq-l4-mini-seed1}"
 L4_TOKENIZER="${L4_TOKENIZER:-}"   # required for the l4 step
 L4_FQM="${L4_FQM:-/tmp/speed-l4/l4mini-q4.fqm}"
+L4_FQM_Q4L="${L4_FQM_Q4L:-/tmp/speed-l4/l4mini-q4l.fqm}"
 THREADS="${THREADS:-2}"
 REPS_SMOL="${REPS_SMOL:-3}"
 REPS_L4="${REPS_L4:-2}"
@@ -99,9 +102,11 @@ if want smol; then
   done
   [ -f "$SMOL_FQM_Q4" ] || "$FERROQ" convert "$SMOL_GGUF" -o "$SMOL_FQM_Q4" --quant q4
   [ -f "$SMOL_FQM_Q8" ] || "$FERROQ" convert "$SMOL_GGUF" -o "$SMOL_FQM_Q8" --quant q8
+  [ -f "$SMOL_FQM_Q4L" ] || "$FERROQ" convert "$SMOL_GGUF" -o "$SMOL_FQM_Q4L" --quant q4l
   # alternate the engines so both see the same machine load
   for round in 1 2; do
     bench "ferroq smol q4 r$round" "$FERROQ" bench -m "$SMOL_FQM_Q4" -p 512 -n 128 -t "$THREADS" -r "$REPS_SMOL"
+    bench "ferroq smol q4l r$round" "$FERROQ" bench -m "$SMOL_FQM_Q4L" -p 512 -n 128 -t "$THREADS" -r "$REPS_SMOL"
     # note: ik's llama-bench takes ONE value for -rtr (and -fmoe); -fa accepts a list
     for t in Q4_0 IQ4_NL; do
       for rtr in 0 1; do
@@ -144,12 +149,18 @@ if want l4; then
     mkdir -p "$(dirname "$L4_FQM")"
     "$FERROQ" convert "$L4_HF" -o "$L4_FQM" --quant q4
   fi
+  if [ ! -f "$L4_FQM_Q4L" ]; then
+    mkdir -p "$(dirname "$L4_FQM_Q4L")"
+    "$FERROQ" convert "$L4_HF" -o "$L4_FQM_Q4L" --quant q4l
+  fi
   bench "ferroq l4 q4" "$FERROQ" bench -m "$L4_FQM" -p 512 -n 128 -t "$THREADS" -r "$REPS_L4"
+  bench "ferroq l4 q4l" "$FERROQ" bench -m "$L4_FQM_Q4L" -p 512 -n 128 -t "$THREADS" -r "$REPS_L4"
   for rtr in 0 1; do
     bench "ik l4 Q4_0 rtr=$rtr" "$BIN/llama-bench" -m "$WORK/l4/l4mini-Q4_0.gguf" -p 512 -n 128 -t "$THREADS" \
       -r "$REPS_L4" -fmoe 1 -rtr $rtr -fa 1
   done
   bench "ferroq l4 q4 (again)" "$FERROQ" bench -m "$L4_FQM" -p 512 -n 128 -t "$THREADS" -r "$REPS_L4"
+  bench "ferroq l4 q4l (again)" "$FERROQ" bench -m "$L4_FQM_Q4L" -p 512 -n 128 -t "$THREADS" -r "$REPS_L4"
   for rtr in 0 1; do
     bench "ik l4 Q8_0 rtr=$rtr" "$BIN/llama-bench" -m "$WORK/l4/l4mini-Q8_0.gguf" -p 512 -n 128 -t "$THREADS" \
       -r "$REPS_L4" -fmoe 1 -rtr $rtr -fa 1
@@ -167,7 +178,7 @@ if want rss; then
         -c 512 -n 64 -t "$THREADS" -p "$PROMPT" --temp 0 --ignore-eos $rtr < /dev/null
     done
   done
-  for q in "$SMOL_FQM_Q4" "$SMOL_FQM_Q8"; do
+  for q in "$SMOL_FQM_Q4" "$SMOL_FQM_Q4L" "$SMOL_FQM_Q8"; do
     bench "rss ferroq $q" "$FERROQ" run -m "$q" -c 512 -n 64 -t "$THREADS" \
       -p "$PROMPT" --temp 0
   done
