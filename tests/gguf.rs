@@ -306,6 +306,16 @@ fn seq(n: usize, seed: f32) -> Vec<f32> {
 
 /// HF-layout q/k weights for layer l, and the writer with everything.
 fn tiny_llama(version: u32, tied: bool, pre: &str) -> (GgufWriter, Vec<Vec<f32>>) {
+    tiny_llama_down(version, tied, pre, false)
+}
+
+/// [`tiny_llama`] with the FFN down projections stored as Q4_0 instead of Q8_0 if `down_q4_0`.
+fn tiny_llama_down(
+    version: u32,
+    tied: bool,
+    pre: &str,
+    down_q4_0: bool,
+) -> (GgufWriter, Vec<Vec<f32>>) {
     let (tokens, types, merges) = tiny_tokens();
     let vocab = tokens.len();
     let mut w = GgufWriter::new(version);
@@ -389,16 +399,24 @@ fn tiny_llama(version: u32, tied: bool, pre: &str) -> (GgufWriter, Vec<Vec<f32>>
             BF16,
             up,
         );
-        // down: [FFN=32 in, HIDDEN out] as Q8_0, one block per row, d = 1/64, qs = row + j
+        // down: [FFN=32 in, HIDDEN out] as Q8_0, one block per row, d = 1/64, qs = row + j;
+        // or as Q4_0, d = ±(row + 1)/128, nibbles (row + 5j) mod 16
         let mut down = Vec::new();
         for r in 0..HIDDEN {
-            down.extend_from_slice(&f16_bits(1.0 / 64.0));
-            down.extend((0..32).map(|j| (r as i8 + j as i8 - 16) as u8));
+            if down_q4_0 {
+                let sign = if r % 2 == 0 { 1.0 } else { -1.0 };
+                down.extend_from_slice(&f16_bits(sign * (r + 1) as f32 / 128.0));
+                let nib = |j: usize| ((r + 5 * j) % 16) as u8;
+                down.extend((0..16).map(|j| nib(j) | nib(j + 16) << 4));
+            } else {
+                down.extend_from_slice(&f16_bits(1.0 / 64.0));
+                down.extend((0..32).map(|j| (r as i8 + j as i8 - 16) as u8));
+            }
         }
         w.tensor(
             &format!("blk.{l}.ffn_down.weight"),
             &[FFN as u64, h],
-            Q8_0,
+            if down_q4_0 { Q4_0 } else { Q8_0 },
             down,
         );
     }
@@ -411,6 +429,72 @@ fn tiny_llama(version: u32, tied: bool, pre: &str) -> (GgufWriter, Vec<Vec<f32>>
         );
     }
     (w, hf_qk)
+}
+
+/// A Q4_0 source converted with `--quant q4l` keeps its weights exactly (the linear type has
+/// the Q4_0 grid); the converter suggests q4l when the default q4 would re-quantize them.
+#[test]
+fn q4_0_source_is_exact_with_q4l() {
+    use ferroq::format::{DType, FqmFile};
+    use ferroq::tools::convert::{convert, ConvertOptions, Quant};
+    let (w, _) = tiny_llama_down(3, true, "smollm", true);
+    let ck = open_bytes(w.build()).unwrap();
+    let dir = std::env::temp_dir().join(format!("ferroq-gguf-q4l-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for quant in [Quant::Q4, Quant::Q4l] {
+        let out = dir.join(format!("tiny-{}.fqm", quant.name()));
+        let notes = std::sync::Mutex::new(Vec::new());
+        let opts = ConvertOptions {
+            quant,
+            ..ConvertOptions::default()
+        };
+        convert(&ck, &out, &opts, &|ev| {
+            if let ferroq::tools::convert::ProgressEvent::Note(n) = ev {
+                notes.lock().unwrap().push(n);
+            }
+        })
+        .unwrap();
+        let hint = notes
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|n| n.contains("--quant q4l"));
+        assert_eq!(hint, quant == Quant::Q4, "{quant:?}: q4l hint");
+        let f = FqmFile::open(&out).unwrap();
+        for l in 0..LAYERS {
+            let v = f.tensor(&format!("layers.{l}.ffn_down")).unwrap();
+            let mut src = Vec::new();
+            let name = format!("model.layers.{l}.mlp.down_proj.weight");
+            ck.source.read_f32(&name, &mut src).unwrap();
+            let mut row = vec![0.0f32; FFN];
+            let mut exact = true;
+            for r in 0..HIDDEN {
+                match v.info.dtype {
+                    DType::Q4Lx8 => ferroq_kernels::scalar::dequantize_row_q4x8(
+                        v.q4lx8().unwrap(),
+                        r,
+                        FFN,
+                        &mut row,
+                    ),
+                    DType::Q4x8 => ferroq_kernels::scalar::dequantize_row_q4x8(
+                        v.q4x8().unwrap(),
+                        r,
+                        FFN,
+                        &mut row,
+                    ),
+                    t => panic!("{t:?}"),
+                }
+                exact &= row[..] == src[r * FFN..(r + 1) * FFN];
+            }
+            assert_eq!(
+                exact,
+                quant == Quant::Q4l,
+                "{quant:?} layer {l}: exact round trip"
+            );
+        }
+        std::fs::remove_file(&out).ok();
+    }
+    std::fs::remove_dir(&dir).ok();
 }
 
 fn open_bytes(bytes: Vec<u8>) -> ferroq::Result<ferroq::tools::source::Checkpoint> {

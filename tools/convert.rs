@@ -810,6 +810,15 @@ pub fn convert(
                 .into(),
         );
     }
+    if matches!(opts.quant, Quant::Q4 | Quant::Q4m)
+        && src.tensors().iter().any(|t| t.dtype == "q4_0")
+    {
+        notes.push(
+            "the source stores Q4_0 weights: --quant q4l keeps them exactly (q4 re-quantizes \
+             them to its codebook)"
+                .into(),
+        );
+    }
     for n in &notes {
         progress(ProgressEvent::Note(n.clone()));
     }
