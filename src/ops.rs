@@ -54,6 +54,7 @@ impl<'a> Act<'a> {
 /// Quantize `x [n_tok, k]` into `q8` (`n_tok * k / 32` blocks) if any of `mats` needs it.
 pub fn quantize_for<'a>(
     kern: &Kernels,
+    par: &Par,
     x: &[f32],
     k: usize,
     n_tok: usize,
@@ -62,7 +63,10 @@ pub fn quantize_for<'a>(
 ) -> &'a [BlockQ8A] {
     if k.is_multiple_of(QK) && mats.iter().any(|m| m.wants_q8()) {
         let nb = k / QK;
-        (kern.quantize_q8a)(&x[..n_tok * k], &mut q8[..n_tok * nb]);
+        // rows in parallel (each block is quantized on its own: same bytes for any split)
+        par_rows(par, &mut q8[..n_tok * nb], nb, QK, &|r, out| {
+            (kern.quantize_q8a)(&x[r.start * k..r.end * k], out)
+        });
         &q8[..n_tok * nb]
     } else {
         &q8[..0]
@@ -75,6 +79,32 @@ pub struct Par<'a> {
     pub pool: Option<&'a ThreadPool>,
     /// Per-thread scratch of at least [`SCRATCH_LEN`] floats.
     pub scratch: &'a [Mutex<Vec<f32>>],
+}
+
+/// Per-row steps with fewer elements than this run on the calling thread.
+const MIN_PARALLEL_ELEMS: usize = 1 << 14;
+
+/// Run a per-row step over `data` (rows of `row_len`) on the pool, about 4 tasks per thread, or
+/// on the calling thread when it is small (`floats_per_item`: the f32 values one element of
+/// `data` stands for, e.g. 32 for an activation block). `f(rows, part)` gets the rows `rows` as
+/// `part`; the step must not depend on how rows are grouped (then the result is the same for
+/// any split).
+pub fn par_rows<T: Send>(
+    par: &Par,
+    data: &mut [T],
+    row_len: usize,
+    floats_per_item: usize,
+    f: &(dyn Fn(std::ops::Range<usize>, &mut [T]) + Sync),
+) {
+    let n_rows = data.len() / row_len.max(1);
+    let threads = par.threads();
+    let big = data.len().saturating_mul(floats_per_item) >= MIN_PARALLEL_ELEMS;
+    match par.pool {
+        Some(pool) if threads > 1 && n_rows >= 2 && big => {
+            pool.run_rows(data, row_len, n_rows.div_ceil(threads * 4), f)
+        }
+        _ => f(0..n_rows, data),
+    }
 }
 
 /// Rows per task are capped so a task's output tile fits the scratch with [`TOK_BLOCK`] tokens.
@@ -363,8 +393,10 @@ pub fn mat_row(w: Mat, row: usize, cols: usize, out: &mut [f32]) {
 }
 
 /// RMSNorm of each of the `n` rows of `x` (width `w.len()`) into `out`.
+#[allow(clippy::too_many_arguments)] // the kernel's arguments, plus the threads and the shape
 pub fn rmsnorm_rows(
     kern: &Kernels,
+    par: &Par,
     x: &[f32],
     w: Option<&[f32]>,
     eps: f32,
@@ -372,14 +404,20 @@ pub fn rmsnorm_rows(
     n: usize,
     out: &mut [f32],
 ) {
-    for t in 0..n {
-        (kern.rmsnorm)(
-            &x[t * width..(t + 1) * width],
-            w,
-            eps,
-            &mut out[t * width..(t + 1) * width],
-        );
-    }
+    par_rows(par, &mut out[..n * width], width, 1, &|r, o| {
+        for (t, ot) in r.zip(o.chunks_exact_mut(width)) {
+            (kern.rmsnorm)(&x[t * width..(t + 1) * width], w, eps, ot);
+        }
+    });
+}
+
+/// `h[i] += y[i]` for the first `n` rows of `width` (residual connections).
+pub fn add_rows(par: &Par, h: &mut [f32], y: &[f32], width: usize, n: usize) {
+    par_rows(par, &mut h[..n * width], width, 1, &|r, hp| {
+        for (hv, &yv) in hp.iter_mut().zip(&y[r.start * width..r.end * width]) {
+            *hv += yv;
+        }
+    });
 }
 
 /// Inverse RoPE frequencies, with optional Llama 3 scaling (HF `_compute_llama3_parameters`,

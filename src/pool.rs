@@ -433,6 +433,46 @@ impl ThreadPool {
     }
 }
 
+impl ThreadPool {
+    /// Parallel for over the rows of `data` (`row_len` elements each; the row count is
+    /// `data.len() / row_len`): task `k` gets rows `k * rows_per_task ..` (clipped) as one
+    /// contiguous slice, with their row range. For per-row steps (norms, activation
+    /// quantization, residual adds) whose result does not depend on how rows are grouped.
+    /// Panics if `row_len` or `rows_per_task` is 0.
+    pub fn run_rows<T: Send>(
+        &self,
+        data: &mut [T],
+        row_len: usize,
+        rows_per_task: usize,
+        f: &(dyn Fn(Range<usize>, &mut [T]) + Sync),
+    ) {
+        assert!(
+            row_len > 0 && rows_per_task > 0,
+            "run_rows: sizes must be > 0"
+        );
+        let n_rows = data.len() / row_len;
+        let base = RowsPtr(data.as_mut_ptr());
+        self.run(n_rows.div_ceil(rows_per_task), &|k, _| {
+            let rows = k * rows_per_task..((k + 1) * rows_per_task).min(n_rows);
+            let base = &base;
+            // SAFETY: `run` calls each task index exactly once and returns only after all calls
+            // returned; distinct `k` give disjoint row ranges inside `data[..n_rows * row_len]`,
+            // which stays exclusively borrowed by this call, so the slices never overlap and
+            // never outlive the borrow.
+            let part = unsafe {
+                std::slice::from_raw_parts_mut(base.0.add(rows.start * row_len), rows.len() * row_len)
+            };
+            f(rows, part)
+        });
+    }
+}
+
+/// The base pointer of [`ThreadPool::run_rows`]' buffer, shared by its tasks.
+struct RowsPtr<T>(*mut T);
+// SAFETY: only used by `run_rows`, whose tasks turn it into disjoint slices of a buffer of
+// `T: Send` that the call borrows exclusively (sending the parts to other threads is sound).
+unsafe impl<T: Send> Sync for RowsPtr<T> {}
+
 impl Drop for ThreadPool {
     fn drop(&mut self) {
         self.shared.shutdown.store(true, SeqCst);

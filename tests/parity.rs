@@ -328,6 +328,39 @@ fn thread_count_does_not_change_logits() {
     }
 }
 
+/// The same for a prompt long enough that the per-row steps (norms, activation quantization,
+/// residual adds, MoE input scaling and scatter-add) also run on the pool.
+#[test]
+fn thread_count_does_not_change_logits_long_prompt() {
+    for (name, quant, n) in [
+        ("llama4-scout-tiny", "q4l", 300usize),
+        ("llama4-topk2-ref", "q4", 256),
+    ] {
+        let path = convert(name, quant, &[]);
+        let model = Model::open(&path).unwrap();
+        let vocab = model.config.vocab_size as u64;
+        let mut s = 7u64;
+        let ids: Vec<u32> = (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 33) % vocab) as u32
+            })
+            .collect();
+        let mut outs = vec![];
+        for threads in [1, 2, 3] {
+            let mut st = State::with_threads(&model, n, n, true, threads);
+            model.forward(&mut st, &ids, Logits::All).unwrap();
+            outs.push(st.logits().to_vec());
+        }
+        assert!(outs[0].iter().all(|v| v.is_finite()));
+        assert!(
+            outs[1..].iter().all(|o| o == &outs[0]),
+            "{name} {quant}: long-prompt logits depend on the thread count"
+        );
+        std::fs::remove_file(path).ok();
+    }
+}
+
 /// The `ferroq logits` and `ferroq generate` commands (what other tools call) keep the same
 /// accuracy as the library with their default settings (KV cache type chosen by the model).
 #[test]

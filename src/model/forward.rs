@@ -388,9 +388,9 @@ impl Model {
         for (li, (lw, spec)) in self.layers.iter().zip(&c.layers).enumerate() {
             // ---- attention block (pre-norm) ----
             let norm = self.vec(lw.attn_norm);
-            ops::rmsnorm_rows(kern, &st.h, Some(norm), c.rms_norm_eps, hs, n, &mut st.xn);
+            ops::rmsnorm_rows(kern, &par, &st.h, Some(norm), c.rms_norm_eps, hs, n, &mut st.xn);
             let (wq, wk, wv) = (self.mat(lw.wq), self.mat(lw.wk), self.mat(lw.wv));
-            let q8 = quantize_for(kern, &st.xn, hs, n, &mut st.q8, &[wq, wk, wv]);
+            let q8 = quantize_for(kern, &par, &st.xn, hs, n, &mut st.q8, &[wq, wk, wv]);
             let a = Act {
                 x: &st.xn,
                 k: hs,
@@ -668,7 +668,7 @@ impl Model {
                 }
             }
             let wo = self.mat(lw.wo);
-            let q8 = quantize_for(kern, &st.att, qd, n, &mut st.q8, &[wo]);
+            let q8 = quantize_for(kern, &par, &st.att, qd, n, &mut st.q8, &[wo]);
             let a = Act {
                 x: &st.att,
                 k: qd,
@@ -676,13 +676,11 @@ impl Model {
                 q8,
             };
             matmul(kern, &par, wo, hs, &a, &mut st.y, hs);
-            for (h, y) in st.h[..n * hs].iter_mut().zip(&st.y) {
-                *h += y;
-            }
+            ops::add_rows(&par, &mut st.h, &st.y, hs, n);
 
             // ---- FFN block (pre-norm) ----
             let norm = self.vec(lw.ffn_norm);
-            ops::rmsnorm_rows(kern, &st.h, Some(norm), c.rms_norm_eps, hs, n, &mut st.xn);
+            ops::rmsnorm_rows(kern, &par, &st.h, Some(norm), c.rms_norm_eps, hs, n, &mut st.xn);
             match &lw.ffn {
                 FfnWeights::Dense { gate, up, down } => {
                     let w = [self.mat(*gate), self.mat(*up), self.mat(*down)];
@@ -709,9 +707,7 @@ impl Model {
                     self.moe(st, &par, *router, shared.as_ref(), experts, n);
                 }
             }
-            for (h, y) in st.h[..n * hs].iter_mut().zip(&st.y) {
-                *h += y;
-            }
+            ops::add_rows(&par, &mut st.h, &st.y, hs, n);
             if let Some(o) = obs.as_mut() {
                 o(li + 1, "hidden", &st.h[..n * hs]);
             }
@@ -732,6 +728,7 @@ impl Model {
         let norm = self.vec(self.output_norm);
         ops::rmsnorm_rows(
             kern,
+            &par,
             &st.h[rows.start * hs..],
             Some(norm),
             c.rms_norm_eps,
@@ -740,7 +737,7 @@ impl Model {
             &mut st.xn,
         );
         let out = self.mat(self.output);
-        let q8 = quantize_for(kern, &st.xn, hs, m, &mut st.q8, &[out]);
+        let q8 = quantize_for(kern, &par, &st.xn, hs, m, &mut st.q8, &[out]);
         let a = Act {
             x: &st.xn,
             k: hs,
@@ -837,17 +834,17 @@ impl Model {
             None => st.y[..n * hs].iter_mut().for_each(|v| *v = 0.0),
         }
         // routed inputs: x[t] * sigmoid(logit), in expert order
-        for j in 0..pairs {
-            let pair = st.perm[j] as usize;
-            let t = pair / kx;
-            let s = 1.0 / (1.0 + (-st.top_val[pair]).exp());
-            for (o, &x) in st.xs[j * hs..(j + 1) * hs]
-                .iter_mut()
-                .zip(&st.xn[t * hs..(t + 1) * hs])
-            {
-                *o = x * s;
+        let (perm, top_val, xn) = (&st.perm, &st.top_val, &st.xn);
+        ops::par_rows(par, &mut st.xs[..pairs * hs], hs, 1, &|r, xs| {
+            for (j, o) in r.zip(xs.chunks_exact_mut(hs)) {
+                let pair = perm[j] as usize;
+                let t = pair / kx;
+                let s = 1.0 / (1.0 + (-top_val[pair]).exp());
+                for (o, &x) in o.iter_mut().zip(&xn[t * hs..(t + 1) * hs]) {
+                    *o = x * s;
+                }
             }
-        }
+        });
         // routed experts: the inputs of all pairs are quantized once (in expert order), each
         // chosen expert runs fused gate/up+SiLU on its rows, the intermediate activations of all
         // pairs are quantized once, then each expert's down projection. Only the chosen experts'
@@ -856,7 +853,7 @@ impl Model {
             return;
         };
         let inter = c.moe_intermediate_size;
-        let qa = quantize_for(kern, &st.xs, hs, pairs, &mut st.q8, &[self.mat(first[0])]);
+        let qa = quantize_for(kern, par, &st.xs, hs, pairs, &mut st.q8, &[self.mat(first[0])]);
         let xs = Act {
             x: &st.xs[..pairs * hs],
             k: hs,
@@ -883,6 +880,7 @@ impl Model {
         }
         let qg = quantize_for(
             kern,
+            par,
             &st.gate,
             inter,
             pairs,
@@ -904,17 +902,38 @@ impl Model {
             let y = &mut st.ys[o0 * hs..o1 * hs];
             matmul(kern, par, self.mat(w[2]), hs, &a, y, hs);
         }
-        // scatter-add back to tokens
-        for j in 0..pairs {
-            let t = st.perm[j] as usize / kx;
-            for (y, &v) in st.y[t * hs..(t + 1) * hs]
-                .iter_mut()
-                .zip(&st.ys[j * hs..(j + 1) * hs])
-            {
-                *y += v;
+        // scatter-add back to tokens, by token: a token's pairs are added in expert order,
+        // which is their order in `ys` (the order of the serial loop over pairs), so the sums
+        // do not depend on the split
+        let (top_idx, offsets, ys) = (&st.top_idx, &st.offsets, &st.ys);
+        ops::par_rows(par, &mut st.y[..n * hs], hs, kx, &|r, y| {
+            for (t, yt) in r.zip(y.chunks_exact_mut(hs)) {
+                let slots = &top_idx[t * kx..(t + 1) * kx];
+                // the token's experts in ascending order (top-k picks distinct experts)
+                let mut last: Option<u32> = None;
+                for _ in 0..kx {
+                    let Some(s) = (0..kx)
+                        .filter(|&s| last.is_none_or(|l| slots[s] > l))
+                        .min_by_key(|&s| slots[s])
+                    else {
+                        break;
+                    };
+                    last = Some(slots[s]);
+                    let j = pair_position(offsets, perm, slots[s] as usize, (t * kx + s) as u32);
+                    for (yv, &v) in yt.iter_mut().zip(&ys[j * hs..(j + 1) * hs]) {
+                        *yv += v;
+                    }
+                }
             }
-        }
+        });
     }
+}
+
+/// Position in expert order of pair `pair` routed to expert `e`: its index within the expert's
+/// range `perm[offsets[e]..offsets[e + 1]]` (ascending pair indices, so a binary search).
+fn pair_position(offsets: &[u32], perm: &[u32], e: usize, pair: u32) -> usize {
+    let (o0, o1) = (offsets[e] as usize, offsets[e + 1] as usize);
+    o0 + perm[o0..o1].partition_point(|&p| p < pair)
 }
 
 /// SwiGLU FFN `y = down(silu(gate(x)) * up(x))` of `m` rows of `x` (`hs` wide) with
@@ -935,7 +954,7 @@ fn swiglu(
     y: &mut [f32],
 ) {
     let [wg, wu, wd] = w;
-    let qa = quantize_for(kern, x, hs, m, q8, &[wg, wu]);
+    let qa = quantize_for(kern, par, x, hs, m, q8, &[wg, wu]);
     let a = Act {
         x,
         k: hs,
@@ -945,7 +964,7 @@ fn swiglu(
     // gate <- silu(gate x) * (up x)
     ops::gate_up(kern, par, wg, wu, inter, &a, iota, gate, up);
     let g = &gate[..m * inter];
-    let qa = quantize_for(kern, g, inter, m, q8, &[wd]);
+    let qa = quantize_for(kern, par, g, inter, m, q8, &[wd]);
     let a = Act {
         x: g,
         k: inter,
