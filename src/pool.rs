@@ -460,7 +460,10 @@ impl ThreadPool {
             // which stays exclusively borrowed by this call, so the slices never overlap and
             // never outlive the borrow.
             let part = unsafe {
-                std::slice::from_raw_parts_mut(base.0.add(rows.start * row_len), rows.len() * row_len)
+                std::slice::from_raw_parts_mut(
+                    base.0.add(rows.start * row_len),
+                    rows.len() * row_len,
+                )
             };
             f(rows, part)
         });

@@ -7,7 +7,7 @@
 
 mod support;
 
-use ferroq::model::{Logits, Model, State};
+use ferroq::model::{KvType, Logits, Model, State};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -342,21 +342,25 @@ fn thread_count_does_not_change_logits_long_prompt() {
         let mut s = 7u64;
         let ids: Vec<u32> = (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 33) % vocab) as u32
             })
             .collect();
-        let mut outs = vec![];
-        for threads in [1, 2, 3] {
-            let mut st = State::with_threads(&model, n, n, true, threads);
-            model.forward(&mut st, &ids, Logits::All).unwrap();
-            outs.push(st.logits().to_vec());
+        for kv in [KvType::F32, KvType::F16] {
+            let mut outs = vec![];
+            for threads in [1, 2, 3] {
+                let mut st = State::with_kv(&model, n, n, true, threads, kv);
+                model.forward(&mut st, &ids, Logits::All).unwrap();
+                outs.push(st.logits().to_vec());
+            }
+            assert!(outs[0].iter().all(|v| v.is_finite()));
+            assert!(
+                outs[1..].iter().all(|o| o == &outs[0]),
+                "{name} {quant} {kv:?}: long-prompt logits depend on the thread count"
+            );
         }
-        assert!(outs[0].iter().all(|v| v.is_finite()));
-        assert!(
-            outs[1..].iter().all(|o| o == &outs[0]),
-            "{name} {quant}: long-prompt logits depend on the thread count"
-        );
         std::fs::remove_file(path).ok();
     }
 }

@@ -388,7 +388,16 @@ impl Model {
         for (li, (lw, spec)) in self.layers.iter().zip(&c.layers).enumerate() {
             // ---- attention block (pre-norm) ----
             let norm = self.vec(lw.attn_norm);
-            ops::rmsnorm_rows(kern, &par, &st.h, Some(norm), c.rms_norm_eps, hs, n, &mut st.xn);
+            ops::rmsnorm_rows(
+                kern,
+                &par,
+                &st.h,
+                Some(norm),
+                c.rms_norm_eps,
+                hs,
+                n,
+                &mut st.xn,
+            );
             let (wq, wk, wv) = (self.mat(lw.wq), self.mat(lw.wk), self.mat(lw.wv));
             let q8 = quantize_for(kern, &par, &st.xn, hs, n, &mut st.q8, &[wq, wk, wv]);
             let a = Act {
@@ -406,53 +415,67 @@ impl Model {
                 [&mut st.q, &mut st.k, &mut st.v],
             );
 
-            for t in 0..n {
-                let p = pos0 + t;
-                let q = &mut st.q[t * qd..(t + 1) * qd];
-                let k = &mut st.k[t * kvd..(t + 1) * kvd];
+            // RoPE, QK norm and temperature tuning of each token's q and k rows, then the k and v
+            // rows appended to the cache; per row, on the pool for a long batch
+            let rope = match c.rope_style {
+                RopeStyle::Interleaved => scalar::rope_interleaved,
+                RopeStyle::Half => scalar::rope_half,
+            };
+            let (cos, sin) = (&st.cos, &st.sin);
+            let prep = |t: usize, x: &mut [f32], is_q: bool| {
                 if spec.rope {
                     let (cs, sn) = (
-                        &st.cos[t * half..(t + 1) * half],
-                        &st.sin[t * half..(t + 1) * half],
+                        &cos[t * half..(t + 1) * half],
+                        &sin[t * half..(t + 1) * half],
                     );
-                    let rope = match c.rope_style {
-                        RopeStyle::Interleaved => scalar::rope_interleaved,
-                        RopeStyle::Half => scalar::rope_half,
-                    };
-                    q.chunks_exact_mut(d).for_each(|x| rope(x, cs, sn));
-                    k.chunks_exact_mut(d).for_each(|x| rope(x, cs, sn));
+                    x.chunks_exact_mut(d).for_each(|x| rope(x, cs, sn));
                 }
                 if spec.qk_norm {
                     // weightless RMS norm per head, after RoPE (in place through a copy-free
                     // two-pass: rmsnorm reads x before writing each element)
-                    for x in q.chunks_exact_mut(d).chain(k.chunks_exact_mut(d)) {
+                    for x in x.chunks_exact_mut(d) {
                         let ss: f64 =
                             x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / d as f64;
                         let inv = (1.0 / (ss + c.rms_norm_eps as f64).sqrt()) as f32;
                         x.iter_mut().for_each(|v| *v *= inv);
                     }
                 }
-                if spec.temp_tune {
+                if spec.temp_tune && is_q {
                     // q *= 1 + attn_scale * log1p(floor((p + 1) / floor_scale)), in f32
+                    let p = pos0 + t;
                     let s = 1.0 + c.attn_scale * (((p + 1) as f32 / c.floor_scale).floor()).ln_1p();
-                    q.iter_mut().for_each(|v| *v *= s);
+                    x.iter_mut().for_each(|v| *v *= s);
                 }
-                // append to the cache
-                let v = &st.v[t * kvd..(t + 1) * kvd];
-                match &mut st.kv {
-                    KvCache::F32(kc, vc) => {
-                        kc[li][p * kvd..(p + 1) * kvd].copy_from_slice(k);
-                        vc[li][p * kvd..(p + 1) * kvd].copy_from_slice(v);
-                    }
-                    KvCache::F16(kc, vc) => {
-                        let to_h = |x: &f32| half::f16::from_f32(*x).to_bits();
-                        for (dst, src) in [(&mut kc[li], &*k), (&mut vc[li], v)] {
-                            for (o, x) in dst[p * kvd..(p + 1) * kvd].iter_mut().zip(src) {
-                                *o = to_h(x);
+            };
+            ops::par_rows(&par, &mut st.q[..n * qd], qd, 1, &|r, q| {
+                r.zip(q.chunks_exact_mut(qd))
+                    .for_each(|(t, x)| prep(t, x, true))
+            });
+            ops::par_rows(&par, &mut st.k[..n * kvd], kvd, 1, &|r, k| {
+                r.zip(k.chunks_exact_mut(kvd))
+                    .for_each(|(t, x)| prep(t, x, false))
+            });
+            // append to the cache (rows pos0 .. pos0 + n)
+            let cache_rows = pos0 * kvd..(pos0 + n) * kvd;
+            match &mut st.kv {
+                KvCache::F32(kc, vc) => {
+                    kc[li][cache_rows.clone()].copy_from_slice(&st.k[..n * kvd]);
+                    vc[li][cache_rows].copy_from_slice(&st.v[..n * kvd]);
+                }
+                KvCache::F16(kc, vc) => {
+                    for (dst, src) in [(&mut kc[li], &st.k), (&mut vc[li], &st.v)] {
+                        ops::par_rows(&par, &mut dst[cache_rows.clone()], kvd, 1, &|r, o| {
+                            let src = &src[r.start * kvd..r.end * kvd];
+                            for (o, x) in o.iter_mut().zip(src) {
+                                *o = half::f16::from_f32(*x).to_bits();
                             }
-                        }
+                        });
                     }
-                    KvCache::Q8(q) => {
+                }
+                KvCache::Q8(q) => {
+                    for t in 0..n {
+                        let p = pos0 + t;
+                        let (k, v) = (&st.k[t * kvd..(t + 1) * kvd], &st.v[t * kvd..(t + 1) * kvd]);
                         for h in 0..nkv {
                             let r = p * kvd + h * d..p * kvd + (h + 1) * d;
                             q.ks[li][p * nkv + h] =
@@ -680,7 +703,16 @@ impl Model {
 
             // ---- FFN block (pre-norm) ----
             let norm = self.vec(lw.ffn_norm);
-            ops::rmsnorm_rows(kern, &par, &st.h, Some(norm), c.rms_norm_eps, hs, n, &mut st.xn);
+            ops::rmsnorm_rows(
+                kern,
+                &par,
+                &st.h,
+                Some(norm),
+                c.rms_norm_eps,
+                hs,
+                n,
+                &mut st.xn,
+            );
             match &lw.ffn {
                 FfnWeights::Dense { gate, up, down } => {
                     let w = [self.mat(*gate), self.mat(*up), self.mat(*down)];
@@ -853,7 +885,15 @@ impl Model {
             return;
         };
         let inter = c.moe_intermediate_size;
-        let qa = quantize_for(kern, par, &st.xs, hs, pairs, &mut st.q8, &[self.mat(first[0])]);
+        let qa = quantize_for(
+            kern,
+            par,
+            &st.xs,
+            hs,
+            pairs,
+            &mut st.q8,
+            &[self.mat(first[0])],
+        );
         let xs = Act {
             x: &st.xs[..pairs * hs],
             k: hs,
