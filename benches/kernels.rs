@@ -15,7 +15,7 @@
 //! Run one group: `cargo bench -j2 --bench kernels -- q4_matvec`.
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use ferroq_kernels::block::{row_groups, BlockQ4Lx8, BlockQ4x8, BlockQ8A, BlockQ8x8, QK};
-use ferroq_kernels::{scalar, CpuLevel, Kernels};
+use ferroq_kernels::{scalar, CpuLevel, GemmQ4Fn, Kernels, Q4Block};
 use std::hint::black_box;
 use std::time::Duration;
 
@@ -128,39 +128,53 @@ fn membw(c: &mut Criterion) {
     g.finish();
 }
 
+/// A 4-bit block type's product at `n_tok` tokens over `shapes`: one token reports the weight
+/// bytes streamed per second (scalar only on small shapes), more tokens the int8 multiply-adds
+/// × 2 per second.
+fn q4_group<B: Q4Block>(
+    c: &mut Criterion,
+    group: &str,
+    shapes: &[(&str, usize, usize)],
+    n_tok: usize,
+    weights: fn(usize, usize) -> Vec<B>,
+    gemm: fn(&Kernels) -> GemmQ4Fn<B>,
+) {
+    let mut g = c.benchmark_group(group);
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(if n_tok == 1 { 1 } else { 2 }))
+        .warm_up_time(Duration::from_millis(300));
+    for &(name, rows, k) in shapes {
+        let w = weights(rows, k);
+        let x = acts(n_tok, k);
+        let mut y = vec![0.0f32; rows * n_tok];
+        g.throughput(if n_tok == 1 {
+            Throughput::Bytes(std::mem::size_of_val(&w[..]) as u64)
+        } else {
+            Throughput::Elements((2 * rows * k * n_tok) as u64)
+        });
+        for kt in tiers(n_tok == 1 && rows * k <= 1536 * 576) {
+            let f = gemm(&kt);
+            g.bench_with_input(BenchmarkId::new(kt.level.name(), name), &(), |b, _| {
+                b.iter(|| f(black_box(&w), rows, k, &x, n_tok, &mut y, rows))
+            });
+        }
+    }
+    g.finish();
+}
+
+/// The shapes of the 64-token products.
+const GEMM64_SHAPES: &[(&str, usize, usize)] = &[
+    ("scout_2048x5120", 2048, 5120),
+    ("smol_1536x576", 1536, 576),
+];
+
 fn matvec(c: &mut Criterion) {
-    let mut g = c.benchmark_group("q4_matvec");
-    g.sample_size(10)
-        .measurement_time(Duration::from_secs(1))
-        .warm_up_time(Duration::from_millis(300));
-    for &(name, rows, k) in MATVEC_SHAPES {
-        let w = q4_weights(rows, k);
-        let x = acts(1, k);
-        let mut y = vec![0.0f32; rows];
-        g.throughput(Throughput::Bytes(std::mem::size_of_val(&w[..]) as u64));
-        for kt in tiers(rows * k <= 1536 * 576) {
-            g.bench_with_input(BenchmarkId::new(kt.level.name(), name), &(), |b, _| {
-                b.iter(|| (kt.gemm_q4x8)(black_box(&w), rows, k, &x, 1, &mut y, rows))
-            });
-        }
-    }
-    g.finish();
-    let mut g = c.benchmark_group("q4l_matvec");
-    g.sample_size(10)
-        .measurement_time(Duration::from_secs(1))
-        .warm_up_time(Duration::from_millis(300));
-    for &(name, rows, k) in MATVEC_SHAPES {
-        let w = q4l_weights(rows, k);
-        let x = acts(1, k);
-        let mut y = vec![0.0f32; rows];
-        g.throughput(Throughput::Bytes(std::mem::size_of_val(&w[..]) as u64));
-        for kt in tiers(false) {
-            g.bench_with_input(BenchmarkId::new(kt.level.name(), name), &(), |b, _| {
-                b.iter(|| (kt.gemm_q4lx8)(black_box(&w), rows, k, &x, 1, &mut y, rows))
-            });
-        }
-    }
-    g.finish();
+    q4_group(c, "q4_matvec", MATVEC_SHAPES, 1, q4_weights, |k| {
+        k.gemm_q4x8
+    });
+    q4_group(c, "q4l_matvec", MATVEC_SHAPES, 1, q4l_weights, |k| {
+        k.gemm_q4lx8
+    });
     let mut g = c.benchmark_group("q8_matvec");
     g.sample_size(10)
         .measurement_time(Duration::from_secs(1))
@@ -211,46 +225,12 @@ fn matvec(c: &mut Criterion) {
 }
 
 fn gemm64(c: &mut Criterion) {
-    let mut g = c.benchmark_group("q4_gemm64");
-    g.sample_size(10)
-        .measurement_time(Duration::from_secs(2))
-        .warm_up_time(Duration::from_millis(300));
-    for &(name, rows, k) in &[
-        ("scout_2048x5120", 2048usize, 5120usize),
-        ("smol_1536x576", 1536, 576),
-    ] {
-        let n_tok = 64;
-        let w = q4_weights(rows, k);
-        let x = acts(n_tok, k);
-        let mut y = vec![0.0f32; rows * n_tok];
-        g.throughput(Throughput::Elements((2 * rows * k * n_tok) as u64));
-        for kt in tiers(false) {
-            g.bench_with_input(BenchmarkId::new(kt.level.name(), name), &(), |b, _| {
-                b.iter(|| (kt.gemm_q4x8)(black_box(&w), rows, k, &x, n_tok, &mut y, rows))
-            });
-        }
-    }
-    g.finish();
-    let mut g = c.benchmark_group("q4l_gemm64");
-    g.sample_size(10)
-        .measurement_time(Duration::from_secs(2))
-        .warm_up_time(Duration::from_millis(300));
-    for &(name, rows, k) in &[
-        ("scout_2048x5120", 2048usize, 5120usize),
-        ("smol_1536x576", 1536, 576),
-    ] {
-        let n_tok = 64;
-        let w = q4l_weights(rows, k);
-        let x = acts(n_tok, k);
-        let mut y = vec![0.0f32; rows * n_tok];
-        g.throughput(Throughput::Elements((2 * rows * k * n_tok) as u64));
-        for kt in tiers(false) {
-            g.bench_with_input(BenchmarkId::new(kt.level.name(), name), &(), |b, _| {
-                b.iter(|| (kt.gemm_q4lx8)(black_box(&w), rows, k, &x, n_tok, &mut y, rows))
-            });
-        }
-    }
-    g.finish();
+    q4_group(c, "q4_gemm64", GEMM64_SHAPES, 64, q4_weights, |k| {
+        k.gemm_q4x8
+    });
+    q4_group(c, "q4l_gemm64", GEMM64_SHAPES, 64, q4l_weights, |k| {
+        k.gemm_q4lx8
+    });
 }
 
 fn moe(c: &mut Criterion) {

@@ -95,37 +95,27 @@ pub trait Q4Block: Pod + Send + Sync + core::fmt::Debug + PartialEq + 'static {
     fn from_parts(d: [u16; ROWS], qs: [u8; 128]) -> Self;
 }
 
-impl Q4Block for BlockQ4x8 {
-    const LEVELS: [i8; 16] = KVALUES;
-    const NAME: &'static str = "q4x8";
-    #[inline(always)]
-    fn d(&self) -> &[u16; ROWS] {
-        &self.d
-    }
-    #[inline(always)]
-    fn qs(&self) -> &[u8; 128] {
-        &self.qs
-    }
-    fn from_parts(d: [u16; ROWS], qs: [u8; 128]) -> Self {
-        BlockQ4x8 { d, qs }
-    }
+macro_rules! q4_block {
+    ($block:ty, $levels:expr, $name:literal) => {
+        impl Q4Block for $block {
+            const LEVELS: [i8; 16] = $levels;
+            const NAME: &'static str = $name;
+            #[inline(always)]
+            fn d(&self) -> &[u16; ROWS] {
+                &self.d
+            }
+            #[inline(always)]
+            fn qs(&self) -> &[u8; 128] {
+                &self.qs
+            }
+            fn from_parts(d: [u16; ROWS], qs: [u8; 128]) -> Self {
+                Self { d, qs }
+            }
+        }
+    };
 }
-
-impl Q4Block for BlockQ4Lx8 {
-    const LEVELS: [i8; 16] = LVALUES;
-    const NAME: &'static str = "q4lx8";
-    #[inline(always)]
-    fn d(&self) -> &[u16; ROWS] {
-        &self.d
-    }
-    #[inline(always)]
-    fn qs(&self) -> &[u8; 128] {
-        &self.qs
-    }
-    fn from_parts(d: [u16; ROWS], qs: [u8; 128]) -> Self {
-        BlockQ4Lx8 { d, qs }
-    }
-}
+q4_block!(BlockQ4x8, KVALUES, "q4x8");
+q4_block!(BlockQ4Lx8, LVALUES, "q4lx8");
 
 /// One block of 8 rows × 32 columns of 8-bit weights. 272 bytes.
 #[repr(C)]

@@ -115,26 +115,10 @@ fn q4_tile<B: Q4Block, const NY: usize>(
     }
 }
 
-impl Tile<BlockQ4x8> for Portable {
+/// Both 4-bit types (`Q4x8`, `Q4Lx8`): the same layout, read through the type's levels.
+impl<B: Q4Block> Tile<B> for Portable {
     const NYMAX: usize = 4;
-    fn tile<const NY: usize>(
-        self,
-        w: &[BlockQ4x8],
-        x: &[&[BlockQ8A]; NY],
-        out: &mut [[f32; ROWS]; NY],
-    ) {
-        q4_tile(w, x, out)
-    }
-}
-
-impl Tile<BlockQ4Lx8> for Portable {
-    const NYMAX: usize = 4;
-    fn tile<const NY: usize>(
-        self,
-        w: &[BlockQ4Lx8],
-        x: &[&[BlockQ8A]; NY],
-        out: &mut [[f32; ROWS]; NY],
-    ) {
+    fn tile<const NY: usize>(self, w: &[B], x: &[&[BlockQ8A]; NY], out: &mut [[f32; ROWS]; NY]) {
         q4_tile(w, x, out)
     }
 }

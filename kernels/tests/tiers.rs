@@ -8,7 +8,8 @@
 
 use ferroq_kernels::block::{q4_pos, q4x8_bytes, q8_pos, row_groups};
 use ferroq_kernels::{
-    scalar, BlockQ4Lx8, BlockQ4x8, BlockQ8A, BlockQ8x8, CpuLevel, Kernels, KVALUES, LVALUES, QK,
+    scalar, BlockQ4Lx8, BlockQ4x8, BlockQ8A, BlockQ8x8, CpuLevel, GemmQ4Fn, Kernels, Q4Block,
+    KVALUES, QK,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -49,6 +50,11 @@ const Q8_DOT_REL_ERR: f64 = 0.0008;
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
+
+/// `n` all-zero blocks.
+fn zeroed<B: bytemuck::Zeroable + Clone>(n: usize) -> Vec<B> {
+    vec![B::zeroed(); n]
+}
 
 fn tables() -> Vec<Kernels> {
     let v: Vec<Kernels> = CpuLevel::available()
@@ -322,20 +328,13 @@ fn q_gemm_scale_edges() {
 }
 
 /// All 256 packed-nibble bytes at every (row, byte) slot: one-hot activations pick single
-/// weights out of the product, compared with the byte's two codebook levels and the twin's
+/// weights out of the product, compared with the byte's two levels and the twin's
 /// dequantisation.
-#[test]
-fn q4_all_nibble_bytes() {
+fn all_nibble_bytes<B: Q4Block>(gemm: fn(&Kernels) -> GemmQ4Fn<B>) {
     // block 0: qs[i] = i, block 1: qs[i] = 128 + i → every byte value appears in the row group
     let w = [
-        BlockQ4x8 {
-            d: [0x3C00; 8],
-            qs: std::array::from_fn(|i| i as u8),
-        },
-        BlockQ4x8 {
-            d: [0x3C00; 8],
-            qs: std::array::from_fn(|i| 128 + i as u8),
-        },
+        B::from_parts([0x3C00; 8], std::array::from_fn(|i| i as u8)),
+        B::from_parts([0x3C00; 8], std::array::from_fn(|i| 128 + i as u8)),
     ];
     let k = 64;
     let mut deq = vec![0.0f32; k];
@@ -355,18 +354,24 @@ fn q4_all_nibble_bytes() {
             x[t * 2 + t / 32].sum = 1;
         }
         let mut y = nan_buf(n_tok, 8);
-        (kt.gemm_q4x8)(&w, 8, k, &x, n_tok, &mut y, 8);
+        gemm(&kt)(&w, 8, k, &x, n_tok, &mut y, 8);
         for r in 0..8 {
             scalar::dequantize_row_q4x8(&w, r, k, &mut deq);
             for col in 0..k {
                 let (i, hi) = q4_pos(r, col % 32);
-                let byte = w[col / 32].qs[i];
-                let lvl = KVALUES[if hi { byte >> 4 } else { byte & 15 } as usize] as f32;
-                assert_eq!(y[col * 8 + r], lvl, "{} byte {byte:#04x}", kt.level.name());
-                assert_eq!(deq[col], lvl);
+                let byte = w[col / 32].qs()[i];
+                let lvl = B::LEVELS[if hi { byte >> 4 } else { byte & 15 } as usize] as f32;
+                let what = format!("{} {} byte {byte:#04x}", kt.level.name(), B::NAME);
+                assert_eq!(y[col * 8 + r], lvl, "{what}");
+                assert_eq!(deq[col], lvl, "{what}");
             }
         }
     }
+}
+
+#[test]
+fn q4_all_nibble_bytes() {
+    all_nibble_bytes::<BlockQ4x8>(|k| k.gemm_q4x8);
 }
 
 /// Quantized products against the f64 dot of the unquantized data (error budget).
@@ -376,21 +381,9 @@ fn q_gemm_vs_f64_reference() {
     let mut rng = Rng(4);
     let wf = rng.gauss_vec(n_rows * k);
     let xf = rng.gauss_vec(n_tok * k);
-    let mut w4 = vec![
-        BlockQ4x8 {
-            d: [0; 8],
-            qs: [0; 128]
-        };
-        q4x8_bytes(n_rows, k) / 144
-    ];
+    let mut w4 = zeroed::<BlockQ4x8>(q4x8_bytes(n_rows, k) / 144);
     scalar::quantize_q4x8(&wf, n_rows, k, &mut w4);
-    let mut w8 = vec![
-        BlockQ8x8 {
-            d: [0; 8],
-            qs: [0; 256]
-        };
-        row_groups(n_rows) * k / QK
-    ];
+    let mut w8 = zeroed::<BlockQ8x8>(row_groups(n_rows) * k / QK);
     scalar::quantize_q8x8(&wf, n_rows, k, &mut w8);
     for kt in tables() {
         let mut x = vec![
@@ -430,20 +423,8 @@ fn weight_roundtrip_rmse() {
     let (rows, cols) = (64, 4096);
     let mut rng = Rng(5);
     let wf = rng.gauss_vec(rows * cols);
-    let mut w4 = vec![
-        BlockQ4x8 {
-            d: [0; 8],
-            qs: [0; 128]
-        };
-        row_groups(rows) * cols / QK
-    ];
-    let mut w8 = vec![
-        BlockQ8x8 {
-            d: [0; 8],
-            qs: [0; 256]
-        };
-        row_groups(rows) * cols / QK
-    ];
+    let mut w4 = zeroed::<BlockQ4x8>(row_groups(rows) * cols / QK);
+    let mut w8 = zeroed::<BlockQ8x8>(row_groups(rows) * cols / QK);
     scalar::quantize_q4x8(&wf, rows, cols, &mut w4);
     scalar::quantize_q8x8(&wf, rows, cols, &mut w8);
     let (mut s4, mut s8, mut sx) = (0.0f64, 0.0f64, 0.0f64);
@@ -637,49 +618,10 @@ fn q4l_matches_twin_bitwise() {
     }
 }
 
-/// Every packed byte at every slot, through the product (one-hot activations) and the twin's
-/// dequantisation: each nibble reads as `q − 8`.
+/// Every packed byte reads as `q − 8`, through the product and the twin's dequantisation.
 #[test]
 fn q4l_all_nibble_bytes() {
-    let w = [
-        BlockQ4Lx8 {
-            d: [0x3C00; 8],
-            qs: std::array::from_fn(|i| i as u8),
-        },
-        BlockQ4Lx8 {
-            d: [0x3C00; 8],
-            qs: std::array::from_fn(|i| 128 + i as u8),
-        },
-    ];
-    let k = 64;
-    let mut deq = vec![0.0f32; k];
-    for kt in tables() {
-        let n_tok = k;
-        let mut x = vec![
-            BlockQ8A {
-                d: 1.0,
-                sum: 0,
-                qs: [0; 32]
-            };
-            n_tok * 2
-        ];
-        for t in 0..n_tok {
-            x[t * 2 + t / 32].qs[t % 32] = 1;
-            x[t * 2 + t / 32].sum = 1;
-        }
-        let mut y = nan_buf(n_tok, 8);
-        (kt.gemm_q4lx8)(&w, 8, k, &x, n_tok, &mut y, 8);
-        for r in 0..8 {
-            scalar::dequantize_row_q4x8(&w, r, k, &mut deq);
-            for col in 0..k {
-                let (i, hi) = q4_pos(r, col % 32);
-                let byte = w[col / 32].qs[i];
-                let lvl = LVALUES[if hi { byte >> 4 } else { byte & 15 } as usize] as f32;
-                assert_eq!(y[col * 8 + r], lvl, "{} byte {byte:#04x}", kt.level.name());
-                assert_eq!(deq[col], lvl);
-            }
-        }
-    }
+    all_nibble_bytes::<BlockQ4Lx8>(|k| k.gemm_q4lx8);
 }
 
 /// Round-trip error of the linear quantizer (same scale search as the codebook) within budget,
@@ -689,13 +631,7 @@ fn q4l_roundtrip_rmse() {
     let (rows, cols) = (64, 4096);
     let mut rng = Rng(5);
     let wf = rng.gauss_vec(rows * cols);
-    let mut w = vec![
-        BlockQ4Lx8 {
-            d: [0; 8],
-            qs: [0; 128]
-        };
-        row_groups(rows) * cols / QK
-    ];
+    let mut w = zeroed::<BlockQ4Lx8>(row_groups(rows) * cols / QK);
     scalar::quantize_q4x8(&wf, rows, cols, &mut w);
     let (mut se, mut se_rtn, mut ss) = (0.0f64, 0.0f64, 0.0f64);
     let mut row = vec![0.0f32; cols];
@@ -738,13 +674,7 @@ fn q4l_reproduces_q4_0_grid() {
             *v = d * (rng.below(16) as f32 - 8.0);
         }
     }
-    let mut w = vec![
-        BlockQ4Lx8 {
-            d: [0; 8],
-            qs: [0; 128]
-        };
-        row_groups(rows) * cols / QK
-    ];
+    let mut w = zeroed::<BlockQ4Lx8>(row_groups(rows) * cols / QK);
     scalar::quantize_q4x8(&wf, rows, cols, &mut w);
     let mut row = vec![0.0f32; cols];
     for r in 0..rows {

@@ -388,16 +388,7 @@ impl Model {
         for (li, (lw, spec)) in self.layers.iter().zip(&c.layers).enumerate() {
             // ---- attention block (pre-norm) ----
             let norm = self.vec(lw.attn_norm);
-            ops::rmsnorm_rows(
-                kern,
-                &par,
-                &st.h,
-                Some(norm),
-                c.rms_norm_eps,
-                hs,
-                n,
-                &mut st.xn,
-            );
+            pre_norm_rows(self, &par, st, norm, n);
             let (wq, wk, wv) = (self.mat(lw.wq), self.mat(lw.wk), self.mat(lw.wv));
             let q8 = quantize_for(kern, &par, &st.xn, hs, n, &mut st.q8, &[wq, wk, wv]);
             let a = Act {
@@ -703,16 +694,7 @@ impl Model {
 
             // ---- FFN block (pre-norm) ----
             let norm = self.vec(lw.ffn_norm);
-            ops::rmsnorm_rows(
-                kern,
-                &par,
-                &st.h,
-                Some(norm),
-                c.rms_norm_eps,
-                hs,
-                n,
-                &mut st.xn,
-            );
+            pre_norm_rows(self, &par, st, norm, n);
             match &lw.ffn {
                 FfnWeights::Dense { gate, up, down } => {
                     let w = [self.mat(*gate), self.mat(*up), self.mat(*down)];
@@ -967,6 +949,22 @@ impl Model {
             }
         });
     }
+}
+
+/// `xn = rmsnorm(h) · norm` for the first `n` rows (the pre-norm of a block).
+fn pre_norm_rows(model: &Model, par: &Par, st: &mut State, norm: &[f32], n: usize) {
+    let c = &model.config;
+    let (h, xn) = (&st.h, &mut st.xn);
+    ops::rmsnorm_rows(
+        &model.kernels,
+        par,
+        h,
+        Some(norm),
+        c.rms_norm_eps,
+        c.hidden_size,
+        n,
+        xn,
+    );
 }
 
 /// Position in expert order of pair `pair` routed to expert `e`: its index within the expert's

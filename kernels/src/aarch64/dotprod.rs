@@ -17,7 +17,7 @@ use core::arch::aarch64::*;
 use core::arch::asm;
 
 use super::neon::{accumulate, load_q8, scales, unpack_q4};
-use crate::block::{BlockQ4Lx8, BlockQ4x8, BlockQ8A, BlockQ8x8, KVALUES, LVALUES, ROWS};
+use crate::block::{BlockQ8A, BlockQ8x8, Q4Block, KVALUES, ROWS};
 use crate::driver::{Tier, Tile};
 
 /// Proof that the CPU has NEON and the dot-product extension.
@@ -38,33 +38,14 @@ impl Tier for NeonDot {
     }
 }
 
-impl Tile<BlockQ4x8> for NeonDot {
+/// Both 4-bit types (`Q4x8`, `Q4Lx8`): the same layout, read through the type's levels.
+impl<B: Q4Block> Tile<B> for NeonDot {
     const NYMAX: usize = 4;
     #[inline]
-    fn tile<const NY: usize>(
-        self,
-        w: &[BlockQ4x8],
-        x: &[&[BlockQ8A]; NY],
-        out: &mut [[f32; ROWS]; NY],
-    ) {
+    fn tile<const NY: usize>(self, w: &[B], x: &[&[BlockQ8A]; NY], out: &mut [[f32; ROWS]; NY]) {
         assert!(x.iter().all(|xt| xt.len() >= w.len()));
         // SAFETY: `self` proves NEON + dotprod (NeonDot::detect); x[t] hold w.len() blocks.
-        unsafe { q_tile::<NY, true>(&KVALUES, w.as_ptr() as *const u8, 144, w.len(), x, out) }
-    }
-}
-
-impl Tile<BlockQ4Lx8> for NeonDot {
-    const NYMAX: usize = 4;
-    #[inline]
-    fn tile<const NY: usize>(
-        self,
-        w: &[BlockQ4Lx8],
-        x: &[&[BlockQ8A]; NY],
-        out: &mut [[f32; ROWS]; NY],
-    ) {
-        assert!(x.iter().all(|xt| xt.len() >= w.len()));
-        // SAFETY: `self` proves NEON + dotprod (NeonDot::detect); x[t] hold w.len() blocks.
-        unsafe { q_tile::<NY, true>(&LVALUES, w.as_ptr() as *const u8, 144, w.len(), x, out) }
+        unsafe { q_tile::<NY, true>(&B::LEVELS, w.as_ptr() as *const u8, 144, w.len(), x, out) }
     }
 }
 
@@ -78,7 +59,7 @@ impl Tile<BlockQ8x8> for NeonDot {
         out: &mut [[f32; ROWS]; NY],
     ) {
         assert!(x.iter().all(|xt| xt.len() >= w.len()));
-        // SAFETY: as for the Q4x8 tile.
+        // SAFETY: as for the 4-bit tile.
         unsafe { q_tile::<NY, false>(&KVALUES, w.as_ptr() as *const u8, 272, w.len(), x, out) }
     }
 }

@@ -22,7 +22,7 @@ use core::arch::aarch64::*;
 use core::arch::asm;
 
 use super::neon::{accumulate, load_q8, scales, unpack_q4};
-use crate::block::{BlockQ4Lx8, BlockQ4x8, BlockQ8A, BlockQ8x8, KVALUES, LVALUES, ROWS};
+use crate::block::{BlockQ8A, BlockQ8x8, Q4Block, KVALUES, ROWS};
 use crate::driver::{Tier, Tile};
 
 /// Proof that the CPU has NEON, dotprod and i8mm.
@@ -43,47 +43,20 @@ impl Tier for NeonI8mm {
     }
 }
 
-impl Tile<BlockQ4x8> for NeonI8mm {
+/// Both 4-bit types (`Q4x8`, `Q4Lx8`): the same layout, read through the type's levels.
+impl<B: Q4Block> Tile<B> for NeonI8mm {
     const NYMAX: usize = 4;
     #[inline]
-    fn tile<const NY: usize>(
-        self,
-        w: &[BlockQ4x8],
-        x: &[&[BlockQ8A]; NY],
-        out: &mut [[f32; ROWS]; NY],
-    ) {
+    fn tile<const NY: usize>(self, w: &[B], x: &[&[BlockQ8A]; NY], out: &mut [[f32; ROWS]; NY]) {
         assert!(x.iter().all(|xt| xt.len() >= w.len()));
         let p = w.as_ptr() as *const u8;
         // SAFETY: `self` proves NEON + dotprod + i8mm (NeonI8mm::detect); x[t] hold w.len()
         // blocks.
         unsafe {
             if NY == 1 {
-                super::dotprod::q_tile::<NY, true>(&KVALUES, p, 144, w.len(), x, out)
+                super::dotprod::q_tile::<NY, true>(&B::LEVELS, p, 144, w.len(), x, out)
             } else {
-                q_tile::<NY, true>(&KVALUES, p, 144, w.len(), x, out)
-            }
-        }
-    }
-}
-
-impl Tile<BlockQ4Lx8> for NeonI8mm {
-    const NYMAX: usize = 4;
-    #[inline]
-    fn tile<const NY: usize>(
-        self,
-        w: &[BlockQ4Lx8],
-        x: &[&[BlockQ8A]; NY],
-        out: &mut [[f32; ROWS]; NY],
-    ) {
-        assert!(x.iter().all(|xt| xt.len() >= w.len()));
-        let p = w.as_ptr() as *const u8;
-        // SAFETY: `self` proves NEON + dotprod + i8mm (NeonI8mm::detect); x[t] hold w.len()
-        // blocks.
-        unsafe {
-            if NY == 1 {
-                super::dotprod::q_tile::<NY, true>(&LVALUES, p, 144, w.len(), x, out)
-            } else {
-                q_tile::<NY, true>(&LVALUES, p, 144, w.len(), x, out)
+                q_tile::<NY, true>(&B::LEVELS, p, 144, w.len(), x, out)
             }
         }
     }
@@ -100,7 +73,7 @@ impl Tile<BlockQ8x8> for NeonI8mm {
     ) {
         assert!(x.iter().all(|xt| xt.len() >= w.len()));
         let p = w.as_ptr() as *const u8;
-        // SAFETY: as for the Q4x8 tile.
+        // SAFETY: as for the 4-bit tile.
         unsafe {
             if NY == 1 {
                 super::dotprod::q_tile::<NY, false>(&KVALUES, p, 272, w.len(), x, out)

@@ -21,7 +21,7 @@
 
 use core::arch::aarch64::*;
 
-use crate::block::{BlockQ4Lx8, BlockQ4x8, BlockQ8A, BlockQ8x8, KVALUES, LVALUES, QK, ROWS};
+use crate::block::{BlockQ8A, BlockQ8x8, Q4Block, KVALUES, QK, ROWS};
 use crate::driver::{Tier, Tile};
 
 /// Proof that the CPU has Advanced SIMD.
@@ -40,33 +40,14 @@ impl Tier for Neon {
     }
 }
 
-impl Tile<BlockQ4x8> for Neon {
+/// Both 4-bit types (`Q4x8`, `Q4Lx8`): the same layout, read through the type's levels.
+impl<B: Q4Block> Tile<B> for Neon {
     const NYMAX: usize = 4;
     #[inline]
-    fn tile<const NY: usize>(
-        self,
-        w: &[BlockQ4x8],
-        x: &[&[BlockQ8A]; NY],
-        out: &mut [[f32; ROWS]; NY],
-    ) {
+    fn tile<const NY: usize>(self, w: &[B], x: &[&[BlockQ8A]; NY], out: &mut [[f32; ROWS]; NY]) {
         assert!(x.iter().all(|xt| xt.len() >= w.len()));
         // SAFETY: `self` proves NEON (Neon::detect); every x[t] holds w.len() blocks.
-        unsafe { q_tile::<NY, true>(&KVALUES, w.as_ptr() as *const u8, 144, w.len(), x, out) }
-    }
-}
-
-impl Tile<BlockQ4Lx8> for Neon {
-    const NYMAX: usize = 4;
-    #[inline]
-    fn tile<const NY: usize>(
-        self,
-        w: &[BlockQ4Lx8],
-        x: &[&[BlockQ8A]; NY],
-        out: &mut [[f32; ROWS]; NY],
-    ) {
-        assert!(x.iter().all(|xt| xt.len() >= w.len()));
-        // SAFETY: `self` proves NEON (Neon::detect); every x[t] holds w.len() blocks.
-        unsafe { q_tile::<NY, true>(&LVALUES, w.as_ptr() as *const u8, 144, w.len(), x, out) }
+        unsafe { q_tile::<NY, true>(&B::LEVELS, w.as_ptr() as *const u8, 144, w.len(), x, out) }
     }
 }
 
@@ -80,7 +61,7 @@ impl Tile<BlockQ8x8> for Neon {
         out: &mut [[f32; ROWS]; NY],
     ) {
         assert!(x.iter().all(|xt| xt.len() >= w.len()));
-        // SAFETY: as for the Q4x8 tile.
+        // SAFETY: as for the 4-bit tile.
         unsafe { q_tile::<NY, false>(&KVALUES, w.as_ptr() as *const u8, 272, w.len(), x, out) }
     }
 }

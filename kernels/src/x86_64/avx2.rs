@@ -77,113 +77,54 @@ impl Tier for Avx2 {
     }
 }
 
-impl Tile<BlockQ4x8> for Avx2 {
-    const NYMAX: usize = 8;
-    #[inline]
-    fn tile<const NY: usize>(
-        self,
-        w: &[BlockQ4x8],
-        x: &[&[BlockQ8A]; NY],
-        out: &mut [[f32; ROWS]; NY],
-    ) {
-        assert!(x.iter().all(|xt| xt.len() >= w.len()));
-        // SAFETY: `self` proves AVX2+FMA+F16C (Avx2::detect); every x[t] holds w.len() blocks.
-        unsafe { q4_tile::<NY>(w, x, out) }
-    }
+/// The `Tile` impl of one block type from its kernels: `$tile` (`NY` tokens) and `$tile1x2`
+/// (two groups, one token); SiLU through the vector polynomial of `silu_mul_rows`.
+macro_rules! avx2_tile {
+    ($block:ty, $nymax:expr, $tile:ident, $tile1x2:ident) => {
+        impl Tile<$block> for Avx2 {
+            const NYMAX: usize = $nymax;
+            #[inline]
+            fn tile<const NY: usize>(
+                self,
+                w: &[$block],
+                x: &[&[BlockQ8A]; NY],
+                out: &mut [[f32; ROWS]; NY],
+            ) {
+                assert!(x.iter().all(|xt| xt.len() >= w.len()));
+                // SAFETY: `self` proves AVX2+FMA+F16C (Avx2::detect); every x[t] holds
+                // w.len() blocks.
+                unsafe { $tile::<NY>(w, x, out) }
+            }
 
-    #[inline]
-    fn tile1x2(
-        self,
-        w0: &[BlockQ4x8],
-        w1: &[BlockQ4x8],
-        x: &[BlockQ8A],
-        out0: &mut [f32; ROWS],
-        out1: &mut [f32; ROWS],
-    ) {
-        assert!(w1.len() == w0.len() && x.len() >= w0.len());
-        // SAFETY: as above; w1 and x hold at least w0.len() blocks.
-        unsafe { q4_tile1x2(w0, w1, x, out0, out1) }
-    }
+            #[inline]
+            fn tile1x2(
+                self,
+                w0: &[$block],
+                w1: &[$block],
+                x: &[BlockQ8A],
+                out0: &mut [f32; ROWS],
+                out1: &mut [f32; ROWS],
+            ) {
+                assert!(w1.len() == w0.len() && x.len() >= w0.len());
+                // SAFETY: as above; w1 and x hold at least w0.len() blocks.
+                unsafe { $tile1x2(w0, w1, x, out0, out1) }
+            }
 
-    #[inline]
-    fn silu_mul<const NY: usize>(self, g: &mut [[f32; ROWS]; NY], u: &[[f32; ROWS]; NY]) {
-        // SAFETY: `self` proves AVX2+FMA (Avx2::detect).
-        unsafe { silu_mul_rows::<NY>(g, u) }
-    }
+            #[inline]
+            fn silu_mul<const NY: usize>(self, g: &mut [[f32; ROWS]; NY], u: &[[f32; ROWS]; NY]) {
+                // SAFETY: `self` proves AVX2+FMA (Avx2::detect).
+                unsafe { silu_mul_rows::<NY>(g, u) }
+            }
+        }
+    };
 }
 
-impl Tile<BlockQ4Lx8> for Avx2 {
-    /// 4 tokens: 4 i16 + 4 f32 accumulators + 2 weight vectors + 2 constants fit the 16 ymm
-    /// registers. Measured (`q4l_gemm64/avx2`, 2048 × 5120 × 64, 1 thread, alternating):
-    /// NY 3 → 161, 4 → 163, 5 → 141, 6 → 143, 8 → 147–152 Gelem/s (spills from 5 on).
-    const NYMAX: usize = 4;
-    #[inline]
-    fn tile<const NY: usize>(
-        self,
-        w: &[BlockQ4Lx8],
-        x: &[&[BlockQ8A]; NY],
-        out: &mut [[f32; ROWS]; NY],
-    ) {
-        assert!(x.iter().all(|xt| xt.len() >= w.len()));
-        // SAFETY: `self` proves AVX2+FMA+F16C (Avx2::detect); every x[t] holds w.len() blocks.
-        unsafe { q4l_tile::<NY>(w, x, out) }
-    }
-
-    #[inline]
-    fn tile1x2(
-        self,
-        w0: &[BlockQ4Lx8],
-        w1: &[BlockQ4Lx8],
-        x: &[BlockQ8A],
-        out0: &mut [f32; ROWS],
-        out1: &mut [f32; ROWS],
-    ) {
-        assert!(w1.len() == w0.len() && x.len() >= w0.len());
-        // SAFETY: as above; w1 and x hold at least w0.len() blocks.
-        unsafe { q4l_tile1x2(w0, w1, x, out0, out1) }
-    }
-
-    #[inline]
-    fn silu_mul<const NY: usize>(self, g: &mut [[f32; ROWS]; NY], u: &[[f32; ROWS]; NY]) {
-        // SAFETY: `self` proves AVX2+FMA (Avx2::detect).
-        unsafe { silu_mul_rows::<NY>(g, u) }
-    }
-}
-
-impl Tile<BlockQ8x8> for Avx2 {
-    const NYMAX: usize = 8;
-    #[inline]
-    fn tile<const NY: usize>(
-        self,
-        w: &[BlockQ8x8],
-        x: &[&[BlockQ8A]; NY],
-        out: &mut [[f32; ROWS]; NY],
-    ) {
-        assert!(x.iter().all(|xt| xt.len() >= w.len()));
-        // SAFETY: as for the Q4x8 tile.
-        unsafe { q8_tile::<NY>(w, x, out) }
-    }
-
-    #[inline]
-    fn tile1x2(
-        self,
-        w0: &[BlockQ8x8],
-        w1: &[BlockQ8x8],
-        x: &[BlockQ8A],
-        out0: &mut [f32; ROWS],
-        out1: &mut [f32; ROWS],
-    ) {
-        assert!(w1.len() == w0.len() && x.len() >= w0.len());
-        // SAFETY: as for the Q4x8 tile; w1 and x hold at least w0.len() blocks.
-        unsafe { q8_tile1x2(w0, w1, x, out0, out1) }
-    }
-
-    #[inline]
-    fn silu_mul<const NY: usize>(self, g: &mut [[f32; ROWS]; NY], u: &[[f32; ROWS]; NY]) {
-        // SAFETY: `self` proves AVX2+FMA (Avx2::detect).
-        unsafe { silu_mul_rows::<NY>(g, u) }
-    }
-}
+avx2_tile!(BlockQ4x8, 8, q4_tile, q4_tile1x2);
+// Q4Lx8: 4 tokens: 4 i16 + 4 f32 accumulators + 2 weight vectors + 2 constants fit the 16 ymm
+// registers. Measured (`q4l_gemm64/avx2`, 2048 × 5120 × 64, 1 thread, alternating):
+// NY 3 → 161, 4 → 163, 5 → 141, 6 → 143, 8 → 147–152 Gelem/s (spills from 5 on).
+avx2_tile!(BlockQ4Lx8, 4, q4l_tile, q4l_tile1x2);
+avx2_tile!(BlockQ8x8, 8, q8_tile, q8_tile1x2);
 
 /// The 16 levels in both 128-bit lanes (vpshufb looks up within each lane).
 static KV32: [i8; 32] = {
@@ -207,6 +148,15 @@ unsafe fn quad(a: &BlockQ8A, i: usize) -> __m256i {
 #[inline(always)]
 unsafe fn scales(d: &[u16; ROWS]) -> __m256 {
     _mm256_cvtph_ps(_mm_loadu_si128(d.as_ptr() as *const __m128i))
+}
+
+/// `acc + (dw · da) · (f32)isum`: a block's contribution, in the twin's float order (no FMA).
+#[inline(always)]
+unsafe fn acc_block(acc: __m256, dw: __m256, da: __m256, isum: __m256i) -> __m256 {
+    _mm256_add_ps(
+        acc,
+        _mm256_mul_ps(_mm256_mul_ps(dw, da), _mm256_cvtepi32_ps(isum)),
+    )
 }
 
 /// `Σ_4 w·a` per i32 lane, with `wabs = |w|`.
@@ -256,8 +206,8 @@ unsafe fn q4_tile<const NY: usize>(
         }
         let dw = scales(&blk.d);
         for t in 0..NY {
-            let s = _mm256_mul_ps(dw, _mm256_set1_ps(x[t].get_unchecked(b).d));
-            acc[t] = _mm256_add_ps(acc[t], _mm256_mul_ps(s, _mm256_cvtepi32_ps(isum[t])));
+            let da = _mm256_set1_ps(x[t].get_unchecked(b).d);
+            acc[t] = acc_block(acc[t], dw, da, isum[t]);
         }
     }
     for t in 0..NY {
@@ -311,10 +261,8 @@ unsafe fn q4_tile1x2(
             };
         }
         let da = _mm256_set1_ps(a.d);
-        let p0 = _mm256_mul_ps(_mm256_mul_ps(scales(&k0.d), da), _mm256_cvtepi32_ps(s0));
-        acc0 = _mm256_add_ps(acc0, p0);
-        let p1 = _mm256_mul_ps(_mm256_mul_ps(scales(&k1.d), da), _mm256_cvtepi32_ps(s1));
-        acc1 = _mm256_add_ps(acc1, p1);
+        acc0 = acc_block(acc0, scales(&k0.d), da, s0);
+        acc1 = acc_block(acc1, scales(&k1.d), da, s1);
     }
     _mm256_storeu_ps(out0.as_mut_ptr(), acc0);
     _mm256_storeu_ps(out1.as_mut_ptr(), acc1);
@@ -376,8 +324,7 @@ unsafe fn q4l_tile<const NY: usize>(
         for t in 0..NY {
             let a = x[t].get_unchecked(b);
             let isum = finish_l(s16[t], a, ones);
-            let s = _mm256_mul_ps(dw, _mm256_set1_ps(a.d));
-            acc[t] = _mm256_add_ps(acc[t], _mm256_mul_ps(s, _mm256_cvtepi32_ps(isum)));
+            acc[t] = acc_block(acc[t], dw, _mm256_set1_ps(a.d), isum);
         }
     }
     for t in 0..NY {
@@ -419,12 +366,8 @@ unsafe fn q4l_tile1x2(
             };
         }
         let da = _mm256_set1_ps(a.d);
-        let i0 = finish_l(s0, a, ones);
-        let p0 = _mm256_mul_ps(_mm256_mul_ps(scales(&k0.d), da), _mm256_cvtepi32_ps(i0));
-        acc0 = _mm256_add_ps(acc0, p0);
-        let i1 = finish_l(s1, a, ones);
-        let p1 = _mm256_mul_ps(_mm256_mul_ps(scales(&k1.d), da), _mm256_cvtepi32_ps(i1));
-        acc1 = _mm256_add_ps(acc1, p1);
+        acc0 = acc_block(acc0, scales(&k0.d), da, finish_l(s0, a, ones));
+        acc1 = acc_block(acc1, scales(&k1.d), da, finish_l(s1, a, ones));
     }
     _mm256_storeu_ps(out0.as_mut_ptr(), acc0);
     _mm256_storeu_ps(out1.as_mut_ptr(), acc1);
@@ -463,8 +406,8 @@ unsafe fn q8_tile<const NY: usize>(
         }
         let dw = scales(&blk.d);
         for t in 0..NY {
-            let s = _mm256_mul_ps(dw, _mm256_set1_ps(x[t].get_unchecked(b).d));
-            acc[t] = _mm256_add_ps(acc[t], _mm256_mul_ps(s, _mm256_cvtepi32_ps(isum[t])));
+            let da = _mm256_set1_ps(x[t].get_unchecked(b).d);
+            acc[t] = acc_block(acc[t], dw, da, isum[t]);
         }
     }
     for t in 0..NY {
@@ -502,10 +445,8 @@ unsafe fn q8_tile1x2(
             };
         }
         let da = _mm256_set1_ps(a.d);
-        let p0 = _mm256_mul_ps(_mm256_mul_ps(scales(&k0.d), da), _mm256_cvtepi32_ps(s0));
-        acc0 = _mm256_add_ps(acc0, p0);
-        let p1 = _mm256_mul_ps(_mm256_mul_ps(scales(&k1.d), da), _mm256_cvtepi32_ps(s1));
-        acc1 = _mm256_add_ps(acc1, p1);
+        acc0 = acc_block(acc0, scales(&k0.d), da, s0);
+        acc1 = acc_block(acc1, scales(&k1.d), da, s1);
     }
     _mm256_storeu_ps(out0.as_mut_ptr(), acc0);
     _mm256_storeu_ps(out1.as_mut_ptr(), acc1);

@@ -22,7 +22,7 @@
 
 use core::arch::x86_64::*;
 
-use crate::block::{BlockQ4Lx8, BlockQ4x8, BlockQ8A, BlockQ8x8, Q4Block, ROWS};
+use crate::block::{BlockQ8A, BlockQ8x8, Q4Block, ROWS};
 use crate::driver::{Tier, Tile};
 
 /// Proof that the CPU has AVX-512 F/BW/VL/VNNI (and AVX2, FMA, F16C).
@@ -46,33 +46,14 @@ impl Tier for Avx512Vnni {
     }
 }
 
-impl Tile<BlockQ4x8> for Avx512Vnni {
+/// Both 4-bit types (`Q4x8`, `Q4Lx8`): the same layout, read through the type's levels.
+impl<B: Q4Block> Tile<B> for Avx512Vnni {
     const NYMAX: usize = 8;
     #[inline]
-    fn tile<const NY: usize>(
-        self,
-        w: &[BlockQ4x8],
-        x: &[&[BlockQ8A]; NY],
-        out: &mut [[f32; ROWS]; NY],
-    ) {
+    fn tile<const NY: usize>(self, w: &[B], x: &[&[BlockQ8A]; NY], out: &mut [[f32; ROWS]; NY]) {
         assert!(x.iter().all(|xt| xt.len() >= w.len()));
         // SAFETY: `self` proves the features (Avx512Vnni::detect); x[t] hold w.len() blocks.
-        unsafe { q4_tile::<BlockQ4x8, NY>(w, x, out) }
-    }
-}
-
-impl Tile<BlockQ4Lx8> for Avx512Vnni {
-    const NYMAX: usize = 8;
-    #[inline]
-    fn tile<const NY: usize>(
-        self,
-        w: &[BlockQ4Lx8],
-        x: &[&[BlockQ8A]; NY],
-        out: &mut [[f32; ROWS]; NY],
-    ) {
-        assert!(x.iter().all(|xt| xt.len() >= w.len()));
-        // SAFETY: `self` proves the features (Avx512Vnni::detect); x[t] hold w.len() blocks.
-        unsafe { q4_tile::<BlockQ4Lx8, NY>(w, x, out) }
+        unsafe { q4_tile::<B, NY>(w, x, out) }
     }
 }
 
@@ -86,7 +67,7 @@ impl Tile<BlockQ8x8> for Avx512Vnni {
         out: &mut [[f32; ROWS]; NY],
     ) {
         assert!(x.iter().all(|xt| xt.len() >= w.len()));
-        // SAFETY: as for the Q4x8 tile.
+        // SAFETY: as for the 4-bit tile.
         unsafe { q8_tile::<NY>(w, x, out) }
     }
 }
