@@ -1,7 +1,7 @@
 //! `.fqm` format: write → read round trip, and the reader against truncated and corrupted files.
 
 use ferroq::format::{DType, FqmFile, FqmWriter, EXPERT_ALIGN, HEADER_SIZE, MAGIC, VERSION};
-use ferroq::kernels::block::{BlockQ4x8, BlockQ8x8};
+use ferroq::kernels::block::{BlockQ4Lx8, BlockQ4x8, BlockQ8x8};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 
@@ -74,6 +74,12 @@ fn sample_tensors() -> Vec<(T, Vec<u8>)> {
             name: "layers.0.experts.0.up",
             dtype: DType::Q8x8,
             shape: vec![8, 32],
+            align: 64,
+        },
+        T {
+            name: "layers.0.wq",
+            dtype: DType::Q4Lx8,
+            shape: vec![16, 96],
             align: 64,
         },
         T {
@@ -152,6 +158,15 @@ fn round_trip_identical_views() {
     assert_eq!(q4.len(), 2 * 2);
     let q8: &[BlockQ8x8] = f.tensor("layers.0.experts.0.up").unwrap().q8x8().unwrap();
     assert_eq!(q8.len(), 1);
+    let q4l: &[BlockQ4Lx8] = f.tensor("layers.0.wq").unwrap().q4lx8().unwrap();
+    assert_eq!(q4l.len(), 2 * 3);
+    // the two 4-bit types share a layout but not a reader
+    assert!(f.tensor("layers.0.wq").unwrap().q4x8().is_err());
+    assert!(f
+        .tensor("layers.0.experts.0.gate")
+        .unwrap()
+        .q4lx8()
+        .is_err());
     // wrong-type views are errors, not panics
     assert!(f.tensor("a.f32").unwrap().q4x8().is_err());
     assert!(f.tensor("b.bf16").unwrap().f32s().is_err());
@@ -346,6 +361,7 @@ fn corrupted_fields_are_named_errors() {
     let e = entry_pos(&good, 0);
     expect_err(&d, &m(&|b| b[e.dtype] = 99), "unknown dtype code 99");
     expect_err(&d, &m(&|b| b[e.dtype] = DType::Q4x8 as u8), "a.f32");
+    expect_err(&d, &m(&|b| b[e.dtype] = DType::Q4Lx8 as u8), "a.f32");
     expect_err(&d, &m(&|b| b[e.ndim] = 9), "rank");
     expect_err(&d, &m(&|b| b[e.name] = 0xFF), "UTF-8");
     expect_err(
