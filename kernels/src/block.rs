@@ -26,10 +26,10 @@
 //! ```text
 //! w[r][k] = d[r] * (q[r][k] - 8)
 //! ```
-//! Slightly less accurate than the codebook on trained weights, but the nibbles are the
-//! unsigned operand of an x86 `vpmaddubsw` as they are (no table lookup, no sign trick), and
-//! up to eight of its i16 results can be summed before widening: about 1.5× fewer
-//! instructions per multiply-add on AVX2 (see `x86_64/avx2.rs`).
+//! Less accurate than the codebook on trained weights (~1.2× the relative RMS error), but the
+//! nibbles are the unsigned operand of an x86 `vpmaddubsw` as they are (no table lookup, no
+//! sign trick), and up to eight of its i16 results can be summed before widening: about 1.5×
+//! fewer instructions per multiply-add on AVX2 (see `x86_64/avx2.rs`).
 //!
 //! ## `Q8x8`: 8.5 bits per weight
 //! ```text

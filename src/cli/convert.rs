@@ -16,8 +16,8 @@ pub struct Args {
     #[arg(short, long)]
     pub output: PathBuf,
     /// Weight precision: q4 (4-bit codebook matrices, 8-bit embedding/output), q4m (q4 with
-    /// 8-bit value and down projections), q4l or q4_0 (q4 on the linear 4-bit grid: faster
-    /// kernels, slightly less accurate), q8, bf16 or f32.
+    /// 8-bit value and down projections), q4l or q4_0 (q4 on the linear 4-bit grid of Q4_0:
+    /// faster kernels, less accurate; exact for a Q4_0 source), q8, bf16 or f32.
     #[arg(long, default_value = "q4")]
     pub quant: String,
     /// RoPE frequency precision: f32 (what `from_pretrained` uses) or bf16 (reproduces a
