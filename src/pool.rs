@@ -431,9 +431,7 @@ impl ThreadPool {
             f(tile, thread)
         });
     }
-}
 
-impl ThreadPool {
     /// Parallel for over the rows of `data` (`row_len` elements each; the row count is
     /// `data.len() / row_len`): task `k` gets rows `k * rows_per_task ..` (clipped) as one
     /// contiguous slice, with their row range. For per-row steps (norms, activation
@@ -454,11 +452,11 @@ impl ThreadPool {
         let base = RowsPtr(data.as_mut_ptr());
         self.run(n_rows.div_ceil(rows_per_task), &|k, _| {
             let rows = k * rows_per_task..((k + 1) * rows_per_task).min(n_rows);
-            let base = &base;
-            // SAFETY: `run` calls each task index exactly once and returns only after all calls
-            // returned; distinct `k` give disjoint row ranges inside `data[..n_rows * row_len]`,
-            // which stays exclusively borrowed by this call, so the slices never overlap and
-            // never outlive the borrow.
+            let base = &base; // the Sync wrapper, not its (non-Sync) pointer field
+                              // SAFETY: `run` calls each task index exactly once and returns only after all calls
+                              // returned; distinct `k` give disjoint row ranges inside `data[..n_rows * row_len]`,
+                              // which stays exclusively borrowed by this call, so the slices never overlap and
+                              // never outlive the borrow.
             let part = unsafe {
                 std::slice::from_raw_parts_mut(
                     base.0.add(rows.start * row_len),

@@ -268,3 +268,30 @@ fn read_bandwidth_report() {
         println!("read bandwidth, 1 GiB, {threads} thread(s): {gbs:.1} GB/s");
     }
 }
+
+/// `run_rows` hands every whole row to exactly one task, as the slice of its row range, for any
+/// rows-per-task (dividing or not); elements past the last whole row are left alone.
+#[test]
+fn run_rows_covers_each_row_once() {
+    let (row_len, n_rows) = (5, 23);
+    for pool in pools() {
+        for rows_per_task in [1, 3, 7, 23, 100] {
+            let mut data = vec![0u32; n_rows * row_len + 2];
+            pool.run_rows(&mut data, row_len, rows_per_task, &|r, part| {
+                assert_eq!(part.len(), r.len() * row_len);
+                assert!(r.len() <= rows_per_task && r.start % rows_per_task == 0);
+                for (t, row) in r.zip(part.chunks_exact_mut(row_len)) {
+                    row.iter_mut().for_each(|v| *v += t as u32 + 1);
+                }
+            });
+            for t in 0..n_rows {
+                let row = &data[t * row_len..(t + 1) * row_len];
+                assert!(
+                    row.iter().all(|&v| v == t as u32 + 1),
+                    "row {t}, {rows_per_task}"
+                );
+            }
+            assert_eq!(&data[n_rows * row_len..], &[0, 0]);
+        }
+    }
+}

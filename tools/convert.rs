@@ -112,7 +112,7 @@ pub struct ConvertOptions {
     /// Round RoPE frequencies to bf16 like a transformers model cast with
     /// `model.to(torch.bfloat16)` (see `ModelConfig::rope_freq_bf16`). Off by default.
     pub rope_freq_bf16: bool,
-    /// Type of the output projection, overriding the recipe (`q4`, `q8`, `bf16` or `f32`; like
+    /// Type of the output projection, overriding the recipe (`q4`, `q4l`, `q8`, `bf16` or `f32`; like
     /// llama.cpp's `--output-tensor-type`). With tied embeddings the shared table is the output
     /// projection and this type wins over `embedding_type`.
     pub output_type: Option<DType>,

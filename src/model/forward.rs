@@ -138,7 +138,8 @@ pub struct State {
     top_val: Vec<f32>, // (B * k_exp,)
     counts: Vec<u32>,  // (E,)
     offsets: Vec<u32>, // (E + 1,)
-    perm: Vec<u32>,    // (B * k_exp,)
+    perm: Vec<u32>,    // (B * k_exp,) pair index at each position in expert order
+    inv: Vec<u32>,     // (B * k_exp,) position in expert order of each pair
     iota: Vec<u32>,    // 0, 1, .. (B * k_exp) (row indices of a plain product)
     xs: Vec<f32>,      // (B * k_exp, H) routed, score-scaled expert inputs
     ys: Vec<f32>,      // (B * k_exp, H) expert outputs
@@ -245,6 +246,7 @@ impl State {
             counts: vec![0; c.num_experts],
             offsets: vec![0; c.num_experts + 1],
             perm: vec![0; bk],
+            inv: vec![0; bk],
             iota: (0..bk as u32).collect(),
             xs: vec![0.0; bk * c.hidden_size],
             ys: vec![0.0; bk * c.hidden_size],
@@ -388,7 +390,7 @@ impl Model {
         for (li, (lw, spec)) in self.layers.iter().zip(&c.layers).enumerate() {
             // ---- attention block (pre-norm) ----
             let norm = self.vec(lw.attn_norm);
-            pre_norm_rows(self, &par, st, norm, n);
+            self.pre_norm(&par, st, norm, n);
             let (wq, wk, wv) = (self.mat(lw.wq), self.mat(lw.wk), self.mat(lw.wv));
             let q8 = quantize_for(kern, &par, &st.xn, hs, n, &mut st.q8, &[wq, wk, wv]);
             let a = Act {
@@ -694,7 +696,7 @@ impl Model {
 
             // ---- FFN block (pre-norm) ----
             let norm = self.vec(lw.ffn_norm);
-            pre_norm_rows(self, &par, st, norm, n);
+            self.pre_norm(&par, st, norm, n);
             match &lw.ffn {
                 FfnWeights::Dense { gate, up, down } => {
                     let w = [self.mat(*gate), self.mat(*up), self.mat(*down)];
@@ -774,6 +776,14 @@ impl Model {
 
     /// Llama 4 MoE: top-k on raw router logits, sigmoid of the chosen logits scales the expert
     /// INPUT, only routed experts run (tokens grouped per expert), shared expert always added.
+    /// `xn = rmsnorm(h) · norm` for the first `n` rows (the pre-norm of a block).
+    fn pre_norm(&self, par: &Par, st: &mut State, norm: &[f32], n: usize) {
+        let c = &self.config;
+        let (h, xn) = (&st.h, &mut st.xn);
+        let (eps, hs) = (c.rms_norm_eps, c.hidden_size);
+        ops::rmsnorm_rows(&self.kernels, par, h, Some(norm), eps, hs, n, xn);
+    }
+
     fn moe(
         &self,
         st: &mut State,
@@ -810,22 +820,16 @@ impl Model {
                 &mut st.top_val[t * kx..(t + 1) * kx],
             );
         }
-        // group (token, slot) pairs by expert: counts, offsets, permutation
+        // group (token, slot) pairs by expert: counts, offsets, permutation and its inverse
         let pairs = n * kx;
-        st.counts.iter_mut().for_each(|v| *v = 0);
-        for &e in &st.top_idx[..pairs] {
-            st.counts[e as usize] += 1;
-        }
-        st.offsets[0] = 0;
-        for e in 0..ne {
-            st.offsets[e + 1] = st.offsets[e] + st.counts[e];
-            st.counts[e] = 0;
-        }
-        for i in 0..pairs {
-            let e = st.top_idx[i] as usize;
-            st.perm[(st.offsets[e] + st.counts[e]) as usize] = i as u32;
-            st.counts[e] += 1;
-        }
+        ferroq_kernels::routing::group_by_expert(
+            &st.top_idx[..pairs],
+            ne,
+            &mut st.counts,
+            &mut st.offsets,
+            &mut st.perm,
+            &mut st.inv,
+        );
         // shared expert on the unscaled input, into y (or zeros)
         match shared {
             Some(w) => {
@@ -924,24 +928,26 @@ impl Model {
             let y = &mut st.ys[o0 * hs..o1 * hs];
             matmul(kern, par, self.mat(w[2]), hs, &a, y, hs);
         }
-        // scatter-add back to tokens, by token: a token's pairs are added in expert order,
-        // which is their order in `ys` (the order of the serial loop over pairs), so the sums
-        // do not depend on the split
-        let (top_idx, offsets, ys) = (&st.top_idx, &st.offsets, &st.ys);
+        // scatter-add back to tokens, by token: a token's pairs are added in expert order
+        // (ascending position in `ys`, as the serial loop over pairs did), so the sums do not
+        // depend on the split
+        let (inv, ys) = (&st.inv, &st.ys);
         ops::par_rows(par, &mut st.y[..n * hs], hs, kx, &|r, y| {
             for (t, yt) in r.zip(y.chunks_exact_mut(hs)) {
-                let slots = &top_idx[t * kx..(t + 1) * kx];
-                // the token's experts in ascending order (top-k picks distinct experts)
-                let mut last: Option<u32> = None;
+                let pos = &inv[t * kx..(t + 1) * kx];
+                let mut prev: Option<u32> = None;
                 for _ in 0..kx {
-                    let Some(s) = (0..kx)
-                        .filter(|&s| last.is_none_or(|l| slots[s] > l))
-                        .min_by_key(|&s| slots[s])
+                    // the next position (positions of one token are distinct)
+                    let Some(j) = pos
+                        .iter()
+                        .copied()
+                        .filter(|&j| prev.is_none_or(|p| j > p))
+                        .min()
                     else {
                         break;
                     };
-                    last = Some(slots[s]);
-                    let j = pair_position(offsets, perm, slots[s] as usize, (t * kx + s) as u32);
+                    prev = Some(j);
+                    let j = j as usize;
                     for (yv, &v) in yt.iter_mut().zip(&ys[j * hs..(j + 1) * hs]) {
                         *yv += v;
                     }
@@ -949,29 +955,6 @@ impl Model {
             }
         });
     }
-}
-
-/// `xn = rmsnorm(h) · norm` for the first `n` rows (the pre-norm of a block).
-fn pre_norm_rows(model: &Model, par: &Par, st: &mut State, norm: &[f32], n: usize) {
-    let c = &model.config;
-    let (h, xn) = (&st.h, &mut st.xn);
-    ops::rmsnorm_rows(
-        &model.kernels,
-        par,
-        h,
-        Some(norm),
-        c.rms_norm_eps,
-        c.hidden_size,
-        n,
-        xn,
-    );
-}
-
-/// Position in expert order of pair `pair` routed to expert `e`: its index within the expert's
-/// range `perm[offsets[e]..offsets[e + 1]]` (ascending pair indices, so a binary search).
-fn pair_position(offsets: &[u32], perm: &[u32], e: usize, pair: u32) -> usize {
-    let (o0, o1) = (offsets[e] as usize, offsets[e + 1] as usize);
-    o0 + perm[o0..o1].partition_point(|&p| p < pair)
 }
 
 /// SwiGLU FFN `y = down(silu(gate(x)) * up(x))` of `m` rows of `x` (`hs` wide) with
