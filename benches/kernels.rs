@@ -80,7 +80,7 @@ fn acts(n_tok: usize, k: usize) -> Vec<BlockQ8A> {
     let mut a = vec![
         BlockQ8A {
             d: 0.0,
-            sum: 0,
+            sum8: 0,
             qs: [0; 32]
         };
         n_tok * k / QK
@@ -256,7 +256,7 @@ fn moe(c: &mut Criterion) {
             let mut hq = vec![
                 BlockQ8A {
                     d: 0.0,
-                    sum: 0,
+                    sum8: 0,
                     qs: [0; 32]
                 };
                 n_tok * ff / QK

@@ -133,8 +133,9 @@ pub struct BlockQ8x8 {
 pub struct BlockQ8A {
     /// Scale: `x[k] ≈ d * qs[k]`.
     pub d: f32,
-    /// Sum of `qs`.
-    pub sum: i32,
+    /// `8 · Σ qs`: the offset term of the linear 4-bit levels `q − 8` (`Σ (q−8)·a = Σ q·a −
+    /// sum8`), stored ready so the AVX2 kernel broadcasts it straight from memory.
+    pub sum8: i32,
     pub qs: [i8; QK],
 }
 

@@ -165,7 +165,7 @@ pub(crate) fn quantize_q8a(x: &[f32], out: &mut [BlockQ8A]) {
             }
         }
         ob.d = d;
-        ob.sum = sum;
+        ob.sum8 = 8 * sum;
     }
 }
 

@@ -30,7 +30,7 @@ pub fn quantize_q8a(x: &[f32], out: &mut [BlockQ8A]) {
             sum += *q as i32;
         }
         ob.d = d;
-        ob.sum = sum;
+        ob.sum8 = 8 * sum;
     }
 }
 

@@ -44,7 +44,7 @@ fn quantized_products_and_roundtrip() {
     let mut xa = vec![
         BlockQ8A {
             d: 0.0,
-            sum: 0,
+            sum8: 0,
             qs: [0; QK]
         };
         TOK * K / QK

@@ -154,7 +154,7 @@ fn unit_acts(rng: &mut Rng, n: usize) -> Vec<BlockQ8A> {
             let qs: [i8; 32] = std::array::from_fn(|_| (rng.below(255) as i32 - 127) as i8);
             BlockQ8A {
                 d: 1.0,
-                sum: qs.iter().map(|&q| q as i32).sum(),
+                sum8: 8 * qs.iter().map(|&q| q as i32).sum::<i32>(),
                 qs,
             }
         })
@@ -165,7 +165,7 @@ fn quant_acts(x: &[f32]) -> Vec<BlockQ8A> {
     let mut a = vec![
         BlockQ8A {
             d: 0.0,
-            sum: 0,
+            sum8: 0,
             qs: [0; 32]
         };
         x.len() / QK
@@ -344,14 +344,14 @@ fn all_nibble_bytes<B: Q4Block>(gemm: fn(&Kernels) -> GemmQ4Fn<B>) {
         let mut x = vec![
             BlockQ8A {
                 d: 1.0,
-                sum: 0,
+                sum8: 0,
                 qs: [0; 32]
             };
             n_tok * 2
         ];
         for t in 0..n_tok {
             x[t * 2 + t / 32].qs[t % 32] = 1;
-            x[t * 2 + t / 32].sum = 1;
+            x[t * 2 + t / 32].sum8 = 8;
         }
         let mut y = nan_buf(n_tok, 8);
         gemm(&kt)(&w, 8, k, &x, n_tok, &mut y, 8);
@@ -389,7 +389,7 @@ fn q_gemm_vs_f64_reference() {
         let mut x = vec![
             BlockQ8A {
                 d: 0.0,
-                sum: 0,
+                sum8: 0,
                 qs: [0; 32]
             };
             n_tok * k / QK
@@ -473,7 +473,7 @@ fn quantize_q8a_bit_identical() {
             let mut a = vec![
                 BlockQ8A {
                     d: -1.0,
-                    sum: 99,
+                    sum8: 99,
                     qs: [99; 32]
                 };
                 nblk
@@ -515,7 +515,7 @@ fn q4l_integer_sums_exact() {
                         for (i, a) in x.iter_mut().enumerate() {
                             let v = if i % 3 == 0 { 127 } else { -127 };
                             a.qs = [v; 32];
-                            a.sum = 32 * v as i32;
+                            a.sum8 = 256 * v as i32;
                         }
                     }
                     let ld = n_rows + 3;

@@ -226,7 +226,7 @@ impl State {
             q8: vec![
                 BlockQ8A {
                     d: 0.0,
-                    sum: 0,
+                    sum8: 0,
                     qs: [0; QK]
                 };
                 bk * wide.div_ceil(QK)

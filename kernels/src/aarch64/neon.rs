@@ -226,7 +226,7 @@ unsafe fn quantize_q8a_impl(x: &[f32], out: &mut [BlockQ8A]) {
         vst1q_s8(ob.qs.as_mut_ptr(), b0);
         vst1q_s8(ob.qs.as_mut_ptr().add(16), b1);
         ob.d = d;
-        ob.sum = vaddvq_s32(s);
+        ob.sum8 = 8 * vaddvq_s32(s);
     }
 }
 

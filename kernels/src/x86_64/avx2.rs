@@ -279,14 +279,20 @@ unsafe fn dot4l(q: __m256i, a: __m256i) -> __m256i {
 /// sums of the block widened once (`vpmaddwd` by ones), minus the offset term.
 #[inline(always)]
 unsafe fn finish_l(s16: __m256i, a: &BlockQ8A, ones: __m256i) -> __m256i {
-    _mm256_sub_epi32(_mm256_madd_epi16(s16, ones), _mm256_set1_epi32(a.sum << 3))
+    _mm256_sub_epi32(_mm256_madd_epi16(s16, ones), _mm256_set1_epi32(a.sum8))
 }
 
 /// Linear 4-bit tile (`Q4Lx8`): the nibbles are the unsigned `vpmaddubsw` operand as they are.
 /// Per (block, token): 8 × (broadcast, `vpmaddubsw`), 7 `vpaddw`, one `vpmaddwd`, the offset
-/// (broadcast, `vpsubd`) and the float epilogue: ~31 instructions instead of ~45 for `Q4x8`.
-/// Measured (`q4l_gemm64/avx2` vs `q4_gemm64/avx2`, 2048 × 5120 × 64 tokens, 1 thread):
-/// 163 vs 114 Gelem/s (1.43×); in-cache matvec (`q4l_matvec`, 1536 × 576) 34 vs 20 GB/s.
+/// (broadcast of `BlockQ8A::sum8`, `vpsubd`) and the float epilogue: ~29 instructions instead
+/// of ~45 for `Q4x8`. Measured (`q4l_gemm64/avx2` vs `q4_gemm64/avx2`, 2048 × 5120 × 64
+/// tokens, 1 thread): 174 vs 114 Gelem/s (1.5×); in-cache matvec (`q4l_matvec`, 1536 × 576)
+/// 34 vs 20 GB/s. The offset stored ready as `8 · Σa` (one broadcast from memory instead of
+/// load, shift, `vmovd`, `vpbroadcastd` per block and token): 163–165 → 173–175 Gelem/s,
+/// alternating. Tried and slower (standalone copies of this loop, 2048 × 5120 × 64, 1 thread):
+/// two groups × 2 tokens sharing each broadcast 79 vs 90 GMAC/s (spills); activations stored
+/// pre-broadcast (a plain 32-byte load per quad) 47, with k-blocking to keep them in L1 64;
+/// NY 5 153–165 vs 178 Gelem/s.
 ///
 /// # Safety
 /// Same as [`q4_tile`].
@@ -510,7 +516,7 @@ unsafe fn quantize_q8a_impl(x: &[f32], out: &mut [BlockQ8A]) {
         let p8 = _mm256_max_epi8(p8, _mm256_set1_epi8(-127));
         _mm256_storeu_si256(ob.qs.as_mut_ptr() as *mut __m256i, p8);
         ob.d = d;
-        ob.sum = _mm_cvtsi128_si32(s1);
+        ob.sum8 = 8 * _mm_cvtsi128_si32(s1);
     }
 }
 

@@ -3,7 +3,7 @@
 //! # Math
 //! `vpdpbusd` multiplies unsigned by signed bytes and adds groups of 4 into i32 without an i16
 //! stage, so the +128 offset trick is exact: the nibble lookup returns `u = w + 128` (1..=241)
-//! and `Σ u·a = Σ w·a + 128·Σ a`; the i32 accumulator starts at `-128 · BlockQ8A::sum`, which
+//! and `Σ u·a = Σ w·a + 128·Σ a`; the i32 accumulator starts at `-128 · Σ a = -16 · BlockQ8A::sum8`, which
 //! leaves exactly `Σ w·a`. For `Q8x8`, `u = w ^ 0x80 = w + 128`. Floats as in the AVX2 tier
 //! (`s = dw·da; p = s·isum; acc + p`, no FMA), so results equal the scalar twin bit for bit.
 //!
@@ -94,7 +94,7 @@ unsafe fn q4_tile<B: Q4Block, const NY: usize>(
     let mut acc = [_mm256_setzero_ps(); NY];
     for (b, blk) in w.iter().enumerate() {
         let mut isum: [__m256i; NY] =
-            core::array::from_fn(|t| _mm256_set1_epi32(-128 * x[t].get_unchecked(b).sum));
+            core::array::from_fn(|t| _mm256_set1_epi32(-16 * x[t].get_unchecked(b).sum8));
         for c in 0..4 {
             let raw = _mm256_loadu_si256(blk.qs().as_ptr().add(c * 32) as *const __m256i);
             let lo = _mm256_shuffle_epi8(tbl, _mm256_and_si256(raw, m4));
@@ -128,7 +128,7 @@ unsafe fn q8_tile<const NY: usize>(
     let mut acc = [_mm256_setzero_ps(); NY];
     for (b, blk) in w.iter().enumerate() {
         let mut isum: [__m256i; NY] =
-            core::array::from_fn(|t| _mm256_set1_epi32(-128 * x[t].get_unchecked(b).sum));
+            core::array::from_fn(|t| _mm256_set1_epi32(-16 * x[t].get_unchecked(b).sum8));
         for c in 0..8 {
             let wv = _mm256_loadu_si256(blk.qs.as_ptr().add(c * 32) as *const __m256i);
             let u = _mm256_xor_si256(wv, flip);
