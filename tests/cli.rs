@@ -326,3 +326,100 @@ fn errors_are_clear_and_never_panic() {
         fails(&["chat", "-m", m], b"caf\xe9\n", "UTF-8");
     }
 }
+
+/// `ferroq bench` on models without a tokenizer (it works on token ids): the JSON object has
+/// the fields the README promises, what was skipped or not measured is null, and bad arguments
+/// are named errors. No timing is asserted, only that the numbers exist and are sane.
+#[test]
+fn bench_reports_json_and_rejects_bad_arguments() {
+    let dir =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("cli-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let dense = dir.join("dense.fqm");
+    let moe = dir.join("moe.fqm");
+    for (src, out, quant) in [
+        ("models/llama3-tiny", &dense, "q8"),
+        ("models/llama4-scout-tiny", &moe, "q4l"),
+    ] {
+        let src = support::fixture(src);
+        ok(
+            &[
+                "convert",
+                src.to_str().unwrap(),
+                "-o",
+                out.to_str().unwrap(),
+                "--quant",
+                quant,
+            ],
+            b"",
+        );
+    }
+    let json = |args: &[&str]| -> serde_json::Value {
+        let (so, _) = ok(args, b"");
+        serde_json::from_str(so.trim()).unwrap_or_else(|e| panic!("{e}: {so}"))
+    };
+    for m in [&dense, &moe] {
+        let m = m.to_str().unwrap();
+        let base = ["bench", "-m", m, "-r", "1", "-t", "2", "--json"];
+        let v = json(&[&base[..], &["-p", "12", "-n", "5", "--bw-bytes", "0"]].concat());
+        for f in ["pp_tps", "tg_tps", "load_ms", "peak_rss_mb", "tg_read_gbs"] {
+            let x = v[f].as_f64().unwrap_or_else(|| panic!("{m}: `{f}` in {v}"));
+            assert!(x.is_finite() && x >= 0.0, "{m}: {f} = {x}");
+        }
+        assert!(v["pp_tps"].as_f64().unwrap() > 0.0 && v["tg_tps"].as_f64().unwrap() > 0.0);
+        assert!(v["peak_rss_mb"].as_f64().unwrap() > 0.0);
+        assert!(v["bytes_per_token"].as_u64().unwrap() > 0);
+        assert_eq!(
+            (v["n_prompt"].as_u64(), v["n_gen"].as_u64()),
+            (Some(12), Some(5))
+        );
+        assert!(v["machine_read_gbs"].is_null() && v["tg_bandwidth_share"].is_null());
+        // skipped tests are null; the bandwidth probe, when asked for, is a number
+        let v = json(&[&base[..], &["-p", "0", "-n", "3", "--bw-bytes", "4194304"]].concat());
+        assert!(
+            v["pp_tps"].is_null() && v["tg_tps"].as_f64().unwrap() > 0.0,
+            "{v}"
+        );
+        assert!(v["machine_read_gbs"].as_f64().unwrap() > 0.0, "{v}");
+        let v = json(
+            &[
+                &base[..],
+                &["-p", "7", "-b", "3", "-n", "0", "--bw-bytes", "0"],
+            ]
+            .concat(),
+        );
+        assert!(
+            v["tg_tps"].is_null() && v["pp_tps"].as_f64().unwrap() > 0.0,
+            "{v}"
+        );
+        assert_eq!(v["batch"].as_u64(), Some(3));
+        // the table
+        let (so, _) = ok(
+            &[
+                "bench",
+                "-m",
+                m,
+                "-p",
+                "6",
+                "-n",
+                "2",
+                "-r",
+                "2",
+                "--bw-bytes",
+                "0",
+            ],
+            b"",
+        );
+        assert!(so.contains("| pp6 |") && so.contains("| tg2 |"), "{so}");
+        assert!(so.contains("not measured"), "{so}");
+        fails(&["bench", "-m", m, "-r", "0"], b"", "--reps");
+        fails(&["bench", "-m", m, "--kv", "q3"], b"", "q3");
+    }
+    fails(
+        &["bench", "-m", "/nonexistent.fqm", "-p", "4"],
+        b"",
+        "/nonexistent.fqm",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

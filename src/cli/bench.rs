@@ -35,7 +35,7 @@ pub struct Args {
     /// Threads (0 = all cores).
     #[arg(short = 't', long, default_value_t = 0)]
     threads: usize,
-    /// Repetitions (after one warm-up run).
+    /// Repetitions (after one warm-up run; at least 1).
     #[arg(short = 'r', long, default_value_t = 3)]
     reps: usize,
     /// Bytes of the buffer used to measure the machine's read bandwidth (0 skips it).
@@ -143,6 +143,12 @@ pub fn bytes_per_token(model: &Model) -> usize {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    if a.reps == 0 {
+        return Err(ferroq::Error::Config {
+            field: "--reps".into(),
+            msg: "must be at least 1 (the warm-up run is not counted)".into(),
+        });
+    }
     let t0 = Instant::now();
     let model = Model::open(&a.model)?;
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -237,6 +243,9 @@ pub fn run(a: Args) -> Result<()> {
     };
     let (pp_cpu_share, tg_cpu_share) = (share_of(pp_cpu, pp_wall), share_of(tg_cpu, tg_wall));
     let name = a.model.display().to_string();
+    // what was not run or not measured is null in JSON and left out of the table
+    let (ran_pp, ran_tg, measured_bw) = (a.n_prompt > 0, a.n_gen > 0, bw > 0.0);
+    let some = |ran: bool, v: f64| ran.then_some(v);
     if a.json {
         let o = serde_json::json!({
             "model": name,
@@ -247,19 +256,19 @@ pub fn run(a: Args) -> Result<()> {
             "n_gen": a.n_gen,
             "batch": batch,
             "reps": a.reps,
-            "pp_tps": pp_m,
-            "pp_tps_sd": pp_s,
-            "tg_tps": tg_m,
-            "tg_tps_sd": tg_s,
+            "pp_tps": some(ran_pp, pp_m),
+            "pp_tps_sd": some(ran_pp, pp_s),
+            "tg_tps": some(ran_tg, tg_m),
+            "tg_tps_sd": some(ran_tg, tg_s),
             "load_ms": load_ms,
             "peak_rss_mb": rss,
             "bytes_per_token": bpt,
-            "tg_read_gbs": tg_gbs,
-            "machine_read_gbs": bw,
-            "tg_bound_tps": bound,
-            "tg_bandwidth_share": share,
-            "pp_cpu_share": pp_cpu_share,
-            "tg_cpu_share": tg_cpu_share,
+            "tg_read_gbs": some(ran_tg, tg_gbs),
+            "machine_read_gbs": some(measured_bw, bw),
+            "tg_bound_tps": some(measured_bw, bound),
+            "tg_bandwidth_share": some(ran_tg && measured_bw, share),
+            "pp_cpu_share": some(ran_pp, pp_cpu_share),
+            "tg_cpu_share": some(ran_tg, tg_cpu_share),
         });
         println!("{o}");
     } else {
@@ -279,18 +288,36 @@ pub fn run(a: Args) -> Result<()> {
             println!("| tg{} | {tg_m:.1} ± {tg_s:.1} |", a.n_gen);
         }
         println!("load {load_ms:.1} ms, peak RSS {rss:.1} MiB");
-        println!(
-            "CPU time / (wall x threads): pp {:.0} %, tg {:.0} % (below 100 %: the cores were \
-             shared with other processes)",
-            pp_cpu_share * 100.0,
-            tg_cpu_share * 100.0
+        let cpu: Vec<String> = [("pp", ran_pp, pp_cpu_share), ("tg", ran_tg, tg_cpu_share)]
+            .iter()
+            .filter(|(_, ran, _)| *ran)
+            .map(|(t, _, v)| format!("{t} {:.0} %", v * 100.0))
+            .collect();
+        if !cpu.is_empty() {
+            println!(
+                "CPU time / (wall x threads): {} (below 100 %: the cores were shared with other \
+                 processes)",
+                cpu.join(", ")
+            );
+        }
+        let mut line = format!(
+            "weights read per generated token {:.1} MB",
+            bpt as f64 / 1e6
         );
-        println!(
-            "weights read per generated token {:.1} MB; tg reads {tg_gbs:.2} GB/s = {:.0} % of \
-             the measured {bw:.2} GB/s ({threads} threads; bound {bound:.0} t/s)",
-            bpt as f64 / 1e6,
-            share * 100.0
-        );
+        if ran_tg {
+            line += &format!("; tg reads {tg_gbs:.2} GB/s");
+        }
+        if measured_bw {
+            line += &if ran_tg {
+                format!(" = {:.0} % of the measured", share * 100.0)
+            } else {
+                "; measured read bandwidth".to_string()
+            };
+            line += &format!(" {bw:.2} GB/s ({threads} threads; bound {bound:.0} t/s)");
+        } else {
+            line += " (machine bandwidth not measured: --bw-bytes 0)";
+        }
+        println!("{line}");
     }
     Ok(())
 }
