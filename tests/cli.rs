@@ -413,6 +413,79 @@ fn bench_reports_json_and_rejects_bad_arguments() {
         );
         assert!(so.contains("| pp6 |") && so.contains("| tg2 |"), "{so}");
         assert!(so.contains("not measured"), "{so}");
+        // lists, like llama-bench: one JSON object per test and line, one table row per test
+        let (so, _) = ok(
+            &[
+                "bench",
+                "-m",
+                m,
+                "-r",
+                "1",
+                "--json",
+                "-p",
+                "6,9",
+                "-n",
+                "0,3",
+                "-t",
+                "1,2",
+                "--bw-bytes",
+                "0",
+            ],
+            b"",
+        );
+        let rows: Vec<serde_json::Value> = so
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect();
+        let names: Vec<(String, u64)> = rows
+            .iter()
+            .map(|v| {
+                (
+                    v["test"].as_str().unwrap().to_string(),
+                    v["threads"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        let want = [
+            ("pp6", 1),
+            ("pp9", 1),
+            ("tg3", 1),
+            ("pp6", 2),
+            ("pp9", 2),
+            ("tg3", 2),
+        ];
+        assert_eq!(
+            names,
+            want.map(|(n, t)| (n.to_string(), t as u64)).to_vec(),
+            "{so}"
+        );
+        for v in &rows {
+            assert!(v["tps"].as_f64().unwrap() > 0.0, "{v}");
+            assert_eq!(v["batch"].is_null(), v["test"] == "tg3", "{v}");
+        }
+        let (so, _) = ok(
+            &[
+                "bench",
+                "-m",
+                m,
+                "-p",
+                "5",
+                "-b",
+                "2,5",
+                "-n",
+                "0",
+                "-r",
+                "1",
+                "--bw-bytes",
+                "0",
+            ],
+            b"",
+        );
+        assert!(
+            so.contains("| pp5 | 2 | 2 |") && so.contains("| pp5 | 2 | 5 |"),
+            "{so}"
+        );
+        fails(&["bench", "-m", m, "-p", "4,x"], b"", "invalid");
         fails(&["bench", "-m", m, "-r", "0"], b"", "--reps");
         fails(&["bench", "-m", m, "--kv", "q3"], b"", "q3");
     }

@@ -5,6 +5,11 @@
 //! * tg: `-n` tokens one at a time from an empty cache (the llama-bench definition), each
 //!   computing the last logits.
 //!
+//! `-p`, `-n`, `-b` and `-t` take comma-separated lists, like llama-bench: every pp test runs at
+//! every (threads, batch), every tg test at every thread count; the table then has a row per
+//! test, and `--json` prints one object per test and line. With one value each, the table and
+//! the single JSON object of `pp_tps`/`tg_tps` are as documented in the README.
+//!
 //! Each is run once to warm up, then `-r` times; tokens/s are reported as mean ± stdev. Also:
 //! model open time, peak RSS (`VmHWM`), weight bytes read per generated token (every matrix
 //! of a decode step; for MoE layers only `experts_per_tok` routed experts), and the achieved
@@ -23,18 +28,19 @@ pub struct Args {
     /// Model file (.fqm).
     #[arg(short, long)]
     model: PathBuf,
-    /// Prompt tokens (pp test; 0 skips it).
-    #[arg(short = 'p', long, default_value_t = 512)]
-    n_prompt: usize,
-    /// Generated tokens (tg test; 0 skips it).
-    #[arg(short = 'n', long, default_value_t = 128)]
-    n_gen: usize,
-    /// Batch size of the prompt (tokens per forward call).
-    #[arg(short = 'b', long, default_value_t = 512)]
-    batch: usize,
-    /// Threads (0 = all cores).
-    #[arg(short = 't', long, default_value_t = 0)]
-    threads: usize,
+    /// Prompt tokens of the pp test (0 skips it); a comma-separated list runs each, like
+    /// llama-bench.
+    #[arg(short = 'p', long, value_delimiter = ',', default_value = "512")]
+    n_prompt: Vec<usize>,
+    /// Generated tokens of the tg test (0 skips it); a list runs each.
+    #[arg(short = 'n', long, value_delimiter = ',', default_value = "128")]
+    n_gen: Vec<usize>,
+    /// Batch size of the prompt (tokens per forward call); a list runs each pp test with each.
+    #[arg(short = 'b', long, value_delimiter = ',', default_value = "512")]
+    batch: Vec<usize>,
+    /// Threads (0 = all cores); a list runs every test with each.
+    #[arg(short = 't', long, value_delimiter = ',', default_value = "0")]
+    threads: Vec<usize>,
     /// Repetitions (after one warm-up run; at least 1).
     #[arg(short = 'r', long, default_value_t = 3)]
     reps: usize,
@@ -44,7 +50,7 @@ pub struct Args {
     /// KV cache type: f16 (default), q8 or f32.
     #[arg(long, default_value = "f16", value_parser = parse_kv)]
     kv: KvType,
-    /// Print one JSON object instead of the table.
+    /// Print JSON instead of the table: one object, or with lists one object per test and line.
     #[arg(long)]
     json: bool,
 }
@@ -142,6 +148,54 @@ pub fn bytes_per_token(model: &Model) -> usize {
     b
 }
 
+/// One measured test: `pp<n>` or `tg<n>` at a thread count (and, for pp, a batch size).
+struct Test {
+    pp: bool,
+    n: usize,
+    threads: usize,
+    batch: usize,
+    tps: (f64, f64),
+    cpu_share: f64,
+}
+
+impl Test {
+    fn name(&self) -> String {
+        format!("{}{}", if self.pp { "pp" } else { "tg" }, self.n)
+    }
+}
+
+/// `-r` timed runs after one warm-up of `step` (which does `work` tokens from an empty cache):
+/// (mean, sd) tokens/s and the CPU share over the timed runs.
+fn measure(
+    label: &str,
+    work: usize,
+    reps: usize,
+    threads: usize,
+    mut step: impl FnMut() -> Result<()>,
+) -> Result<((f64, f64), f64)> {
+    let (mut tps, mut wall, mut cpu) = (Vec::new(), 0.0, 0.0);
+    for rep in 0..=reps {
+        let (t, c0) = (Instant::now(), cpu_seconds());
+        step()?;
+        let dt = t.elapsed().as_secs_f64();
+        eprintln!(
+            "bench: {label} rep {rep}{}: {:.1} t/s",
+            if rep == 0 { " (warm-up)" } else { "" },
+            work as f64 / dt
+        );
+        if rep > 0 {
+            (wall, cpu) = (wall + dt, cpu + cpu_seconds() - c0);
+            tps.push(work as f64 / dt);
+        }
+    }
+    let share = if wall > 0.0 {
+        cpu / (wall * threads as f64)
+    } else {
+        0.0
+    };
+    Ok((mean_sd(&tps), share))
+}
+
 pub fn run(a: Args) -> Result<()> {
     if a.reps == 0 {
         return Err(ferroq::Error::Config {
@@ -153,17 +207,24 @@ pub fn run(a: Args) -> Result<()> {
     let model = Model::open(&a.model)?;
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
     let c = &model.config;
-    let threads = if a.threads == 0 {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    } else {
-        a.threads
-    };
-    let batch = a.batch.clamp(1, a.n_prompt.max(1));
-    let ctx = a.n_prompt.max(a.n_gen).max(1);
-    let mut st = State::with_kv(&model, ctx, batch, false, threads, a.kv);
+    let all_cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut threads: Vec<usize> = Vec::new();
+    for t in a
+        .threads
+        .iter()
+        .map(|&t| if t == 0 { all_cores } else { t })
+    {
+        if !threads.contains(&t) {
+            threads.push(t);
+        }
+    }
+    let pps: Vec<usize> = a.n_prompt.iter().copied().filter(|&p| p > 0).collect();
+    let tgs: Vec<usize> = a.n_gen.iter().copied().filter(|&n| n > 0).collect();
+    let max_p = pps.iter().copied().max().unwrap_or(0);
+    let ctx = max_p.max(tgs.iter().copied().max().unwrap_or(0)).max(1);
     // fixed pseudo-random prompt ids (xorshift), away from the special tokens at the start
     let mut s = 0x9E37_79B9_7F4A_7C15u64;
-    let prompt: Vec<u32> = (0..a.n_prompt)
+    let prompt: Vec<u32> = (0..max_p)
         .map(|_| {
             s ^= s << 13;
             s ^= s >> 7;
@@ -172,108 +233,118 @@ pub fn run(a: Args) -> Result<()> {
         })
         .collect();
 
-    let mut pp = Vec::new();
-    let (mut pp_wall, mut pp_cpu, mut tg_wall, mut tg_cpu) = (0.0, 0.0, 0.0, 0.0);
-    if a.n_prompt > 0 {
-        for rep in 0..=a.reps {
-            st.reset();
-            let (t, c0) = (Instant::now(), cpu_seconds());
-            for ch in prompt.chunks(batch) {
-                model.forward(&mut st, ch, Logits::Last)?;
+    let mut tests: Vec<Test> = Vec::new();
+    // (threads, measured read bandwidth GB/s; 0 = not measured)
+    let mut bws: Vec<(usize, f64)> = Vec::new();
+    for &t in &threads {
+        for (bi, &b) in a.batch.iter().enumerate() {
+            let batch = b.clamp(1, max_p.max(1));
+            let mut st = State::with_kv(&model, ctx, batch, false, t, a.kv);
+            for &p in &pps {
+                let label = format!("pp{p} (t {t}, b {})", batch.min(p));
+                let (tps, cpu_share) = measure(&label, p, a.reps, t, || {
+                    st.reset();
+                    for ch in prompt[..p].chunks(batch) {
+                        model.forward(&mut st, ch, Logits::Last)?;
+                    }
+                    Ok(())
+                })?;
+                let batch = batch.min(p);
+                tests.push(Test {
+                    pp: true,
+                    n: p,
+                    threads: t,
+                    batch,
+                    tps,
+                    cpu_share,
+                });
             }
-            let dt = t.elapsed().as_secs_f64();
-            if rep > 0 {
-                (pp_wall, pp_cpu) = (pp_wall + dt, pp_cpu + cpu_seconds() - c0);
+            // generation does not depend on the prompt batch: once per thread count
+            if bi > 0 {
+                continue;
             }
-            eprintln!(
-                "bench: pp{} rep {rep}{}: {:.1} t/s",
-                a.n_prompt,
-                if rep == 0 { " (warm-up)" } else { "" },
-                a.n_prompt as f64 / dt
-            );
-            if rep > 0 {
-                pp.push(a.n_prompt as f64 / dt);
+            for &n in &tgs {
+                let (tps, cpu_share) = measure(&format!("tg{n} (t {t})"), n, a.reps, t, || {
+                    st.reset();
+                    let mut tok = prompt.first().copied().unwrap_or(1);
+                    for _ in 0..n {
+                        model.forward(&mut st, &[tok], Logits::Last)?;
+                        tok = argmax(st.logits());
+                    }
+                    Ok(())
+                })?;
+                tests.push(Test {
+                    pp: false,
+                    n,
+                    threads: t,
+                    batch: 1,
+                    tps,
+                    cpu_share,
+                });
             }
         }
-    }
-    let mut tg = Vec::new();
-    if a.n_gen > 0 {
-        for rep in 0..=a.reps {
-            st.reset();
-            let mut tok = prompt.first().copied().unwrap_or(1);
-            let (t, c0) = (Instant::now(), cpu_seconds());
-            for _ in 0..a.n_gen {
-                model.forward(&mut st, &[tok], Logits::Last)?;
-                tok = argmax(st.logits());
-            }
-            let dt = t.elapsed().as_secs_f64();
-            if rep > 0 {
-                (tg_wall, tg_cpu) = (tg_wall + dt, tg_cpu + cpu_seconds() - c0);
-            }
-            eprintln!(
-                "bench: tg{} rep {rep}{}: {:.1} t/s",
-                a.n_gen,
-                if rep == 0 { " (warm-up)" } else { "" },
-                a.n_gen as f64 / dt
-            );
-            if rep > 0 {
-                tg.push(a.n_gen as f64 / dt);
-            }
-        }
+        let bw = if a.bw_bytes > 0 {
+            eprintln!("bench: measuring read bandwidth ({t} threads) ...");
+            ferroq::pool::measure_read_bandwidth(a.bw_bytes, t)
+        } else {
+            0.0
+        };
+        bws.push((t, bw));
     }
     let rss = peak_rss_mb();
     let bpt = bytes_per_token(&model);
-    let bw = if a.bw_bytes > 0 {
-        eprintln!("bench: measuring read bandwidth ({threads} threads) ...");
-        ferroq::pool::measure_read_bandwidth(a.bw_bytes, threads)
-    } else {
-        0.0
+    let bw_of = |t: usize| bws.iter().find(|b| b.0 == t).map_or(0.0, |b| b.1);
+    // decode figures of a tg test: (read GB/s, machine GB/s, bound t/s, share of the machine)
+    let decode = |x: &Test| {
+        let (gbs, bw) = (x.tps.0 * bpt as f64 / 1e9, bw_of(x.threads));
+        let bound = if bpt > 0 { bw * 1e9 / bpt as f64 } else { 0.0 };
+        (gbs, bw, bound, if bw > 0.0 { gbs / bw } else { 0.0 })
     };
-    let (pp_m, pp_s) = mean_sd(&pp);
-    let (tg_m, tg_s) = mean_sd(&tg);
-    let tg_gbs = tg_m * bpt as f64 / 1e9;
-    let bound = if bpt > 0 { bw * 1e9 / bpt as f64 } else { 0.0 };
-    let share = if bw > 0.0 { tg_gbs / bw } else { 0.0 };
-    let share_of = |cpu: f64, wall: f64| {
-        if wall > 0.0 {
-            cpu / (wall * threads as f64)
-        } else {
-            0.0
-        }
-    };
-    let (pp_cpu_share, tg_cpu_share) = (share_of(pp_cpu, pp_wall), share_of(tg_cpu, tg_wall));
     let name = a.model.display().to_string();
-    // what was not run or not measured is null in JSON and left out of the table
-    let (ran_pp, ran_tg, measured_bw) = (a.n_prompt > 0, a.n_gen > 0, bw > 0.0);
-    let some = |ran: bool, v: f64| ran.then_some(v);
-    if a.json {
-        let o = serde_json::json!({
-            "model": name,
-            "kernels": model.kernels.level.name(),
-            "threads": threads,
-            "kv": format!("{:?}", a.kv).to_lowercase(),
-            "n_prompt": a.n_prompt,
-            "n_gen": a.n_gen,
-            "batch": batch,
-            "reps": a.reps,
-            "pp_tps": some(ran_pp, pp_m),
-            "pp_tps_sd": some(ran_pp, pp_s),
-            "tg_tps": some(ran_tg, tg_m),
-            "tg_tps_sd": some(ran_tg, tg_s),
-            "load_ms": load_ms,
-            "peak_rss_mb": rss,
-            "bytes_per_token": bpt,
-            "tg_read_gbs": some(ran_tg, tg_gbs),
-            "machine_read_gbs": some(measured_bw, bw),
-            "tg_bound_tps": some(measured_bw, bound),
-            "tg_bandwidth_share": some(ran_tg && measured_bw, share),
-            "pp_cpu_share": some(ran_pp, pp_cpu_share),
-            "tg_cpu_share": some(ran_tg, tg_cpu_share),
-        });
-        println!("{o}");
-    } else {
+    let kv = format!("{:?}", a.kv).to_lowercase();
+    let single = threads.len() == 1 && a.batch.len() == 1 && pps.len() <= 1 && tgs.len() <= 1;
+    if single {
+        // one configuration: the one object / table of earlier versions
+        let t = threads[0];
+        let pp = tests.iter().find(|x| x.pp);
+        let tg = tests.iter().find(|x| !x.pp);
+        let (tg_gbs, bw, bound, share) = tg.map_or((0.0, bw_of(t), 0.0, 0.0), decode);
+        let bound = if tg.is_none() && bpt > 0 {
+            bw * 1e9 / bpt as f64
+        } else {
+            bound
+        };
+        let measured_bw = bw > 0.0;
+        let batch = a.batch[0].clamp(1, max_p.max(1));
+        if a.json {
+            let o = serde_json::json!({
+                "model": name,
+                "kernels": model.kernels.level.name(),
+                "threads": t,
+                "kv": kv,
+                "n_prompt": pp.map_or(0, |x| x.n),
+                "n_gen": tg.map_or(0, |x| x.n),
+                "batch": batch,
+                "reps": a.reps,
+                "pp_tps": pp.map(|x| x.tps.0),
+                "pp_tps_sd": pp.map(|x| x.tps.1),
+                "tg_tps": tg.map(|x| x.tps.0),
+                "tg_tps_sd": tg.map(|x| x.tps.1),
+                "load_ms": load_ms,
+                "peak_rss_mb": rss,
+                "bytes_per_token": bpt,
+                "tg_read_gbs": tg.map(|_| tg_gbs),
+                "machine_read_gbs": measured_bw.then_some(bw),
+                "tg_bound_tps": measured_bw.then_some(bound),
+                "tg_bandwidth_share": (tg.is_some() && measured_bw).then_some(share),
+                "pp_cpu_share": pp.map(|x| x.cpu_share),
+                "tg_cpu_share": tg.map(|x| x.cpu_share),
+            });
+            println!("{o}");
+            return Ok(());
+        }
         println!(
-            "model {name}: {} layers, hidden {}, vocab {}; kernels {}, {threads} threads",
+            "model {name}: {} layers, hidden {}, vocab {}; kernels {}, {t} threads",
             c.num_layers,
             c.hidden_size,
             c.vocab_size,
@@ -281,17 +352,13 @@ pub fn run(a: Args) -> Result<()> {
         );
         println!("| test | t/s |");
         println!("|---|---|");
-        if a.n_prompt > 0 {
-            println!("| pp{} | {pp_m:.1} ± {pp_s:.1} |", a.n_prompt);
-        }
-        if a.n_gen > 0 {
-            println!("| tg{} | {tg_m:.1} ± {tg_s:.1} |", a.n_gen);
+        for x in &tests {
+            println!("| {} | {:.1} ± {:.1} |", x.name(), x.tps.0, x.tps.1);
         }
         println!("load {load_ms:.1} ms, peak RSS {rss:.1} MiB");
-        let cpu: Vec<String> = [("pp", ran_pp, pp_cpu_share), ("tg", ran_tg, tg_cpu_share)]
+        let cpu: Vec<String> = tests
             .iter()
-            .filter(|(_, ran, _)| *ran)
-            .map(|(t, _, v)| format!("{t} {:.0} %", v * 100.0))
+            .map(|x| format!("{} {:.0} %", &x.name()[..2], x.cpu_share * 100.0))
             .collect();
         if !cpu.is_empty() {
             println!(
@@ -304,20 +371,104 @@ pub fn run(a: Args) -> Result<()> {
             "weights read per generated token {:.1} MB",
             bpt as f64 / 1e6
         );
-        if ran_tg {
+        if tg.is_some() {
             line += &format!("; tg reads {tg_gbs:.2} GB/s");
         }
         if measured_bw {
-            line += &if ran_tg {
+            line += &if tg.is_some() {
                 format!(" = {:.0} % of the measured", share * 100.0)
             } else {
                 "; measured read bandwidth".to_string()
             };
-            line += &format!(" {bw:.2} GB/s ({threads} threads; bound {bound:.0} t/s)");
+            line += &format!(" {bw:.2} GB/s ({t} threads; bound {bound:.0} t/s)");
         } else {
             line += " (machine bandwidth not measured: --bw-bytes 0)";
         }
         println!("{line}");
+        return Ok(());
+    }
+    // lists: one row (or JSON line) per test
+    if a.json {
+        for x in &tests {
+            let (gbs, bw, bound, share) = decode(x);
+            let measured_bw = bw > 0.0;
+            let o = serde_json::json!({
+                "model": name,
+                "kernels": model.kernels.level.name(),
+                "kv": kv,
+                "test": x.name(),
+                "n_prompt": if x.pp { x.n } else { 0 },
+                "n_gen": if x.pp { 0 } else { x.n },
+                "threads": x.threads,
+                "batch": x.pp.then_some(x.batch),
+                "reps": a.reps,
+                "tps": x.tps.0,
+                "tps_sd": x.tps.1,
+                "cpu_share": x.cpu_share,
+                "load_ms": load_ms,
+                "peak_rss_mb": rss,
+                "bytes_per_token": bpt,
+                "read_gbs": (!x.pp).then_some(gbs),
+                "machine_read_gbs": measured_bw.then_some(bw),
+                "bound_tps": (!x.pp && measured_bw).then_some(bound),
+                "bandwidth_share": (!x.pp && measured_bw).then_some(share),
+            });
+            println!("{o}");
+        }
+        return Ok(());
+    }
+    println!(
+        "model {name}: {} layers, hidden {}, vocab {}; kernels {}",
+        c.num_layers,
+        c.hidden_size,
+        c.vocab_size,
+        model.kernels.level.name()
+    );
+    println!("| test | threads | batch | t/s | CPU % |");
+    println!("|---|---|---|---|---|");
+    for x in &tests {
+        let batch = if x.pp {
+            x.batch.to_string()
+        } else {
+            "-".into()
+        };
+        println!(
+            "| {} | {} | {batch} | {:.1} ± {:.1} | {:.0} |",
+            x.name(),
+            x.threads,
+            x.tps.0,
+            x.tps.1,
+            x.cpu_share * 100.0
+        );
+    }
+    println!("load {load_ms:.1} ms, peak RSS {rss:.1} MiB; CPU % = CPU time / (wall x threads)");
+    println!(
+        "weights read per generated token {:.1} MB",
+        bpt as f64 / 1e6
+    );
+    for &(t, bw) in &bws {
+        if bw > 0.0 {
+            println!(
+                "measured read bandwidth (-t {t}): {bw:.2} GB/s (bound {:.0} t/s)",
+                if bpt > 0 { bw * 1e9 / bpt as f64 } else { 0.0 }
+            );
+        }
+    }
+    for x in tests.iter().filter(|x| !x.pp) {
+        let (gbs, bw, _, share) = decode(x);
+        if bw > 0.0 {
+            println!(
+                "{} (-t {}) reads {gbs:.2} GB/s = {:.0} % of the measured",
+                x.name(),
+                x.threads,
+                share * 100.0
+            );
+        } else {
+            println!("{} (-t {}) reads {gbs:.2} GB/s", x.name(), x.threads);
+        }
+    }
+    if bws.iter().all(|b| b.1 == 0.0) {
+        println!("(machine bandwidth not measured: --bw-bytes 0)");
     }
     Ok(())
 }
