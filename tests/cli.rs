@@ -376,12 +376,14 @@ fn bench_reports_json_and_rejects_bad_arguments() {
         );
         assert!(v["machine_read_gbs"].is_null() && v["tg_bandwidth_share"].is_null());
         // skipped tests are null; the bandwidth probe, when asked for, is a number
-        let v = json(&[&base[..], &["-p", "0", "-n", "3", "--bw-bytes", "4194304"]].concat());
+        let v = json(&[&base[..], &["-p", "0", "-n", "3", "--bw-bytes", "67108864"]].concat());
         assert!(
             v["pp_tps"].is_null() && v["tg_tps"].as_f64().unwrap() > 0.0,
             "{v}"
         );
         assert!(v["machine_read_gbs"].as_f64().unwrap() > 0.0, "{v}");
+        // the peak RSS is the tests', taken before the probe's 64 MiB buffer
+        assert!(v["peak_rss_mb"].as_f64().unwrap() < 48.0, "{v}");
         let v = json(
             &[
                 &base[..],

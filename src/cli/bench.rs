@@ -283,6 +283,10 @@ pub fn run(a: Args) -> Result<()> {
                 });
             }
         }
+    }
+    // peak RSS of the tests, before the bandwidth probe allocates its buffer
+    let rss = peak_rss_mb();
+    for &t in &threads {
         let bw = if a.bw_bytes > 0 {
             eprintln!("bench: measuring read bandwidth ({t} threads) ...");
             ferroq::pool::measure_read_bandwidth(a.bw_bytes, t)
@@ -291,7 +295,6 @@ pub fn run(a: Args) -> Result<()> {
         };
         bws.push((t, bw));
     }
-    let rss = peak_rss_mb();
     let bpt = bytes_per_token(&model);
     let bw_of = |t: usize| bws.iter().find(|b| b.0 == t).map_or(0.0, |b| b.1);
     // decode figures of a tg test: (read GB/s, machine GB/s, bound t/s, share of the machine)
