@@ -33,7 +33,7 @@ typedef struct FerroqSession ferroq_session;
 typedef struct ferroq_session_params {
     size_t ctx;     /* context in tokens; 0 = min(4096, the model's maximum) */
     size_t batch;   /* prompt tokens per forward pass; 0 = default */
-    size_t threads; /* 0 = all cores */
+    size_t threads; /* 0 = all cores; at most 512 */
 } ferroq_session_params;
 
 typedef struct ferroq_gen_params {

@@ -32,7 +32,7 @@ pub struct FerroqSessionParams {
     pub ctx: usize,
     /// Prompt tokens per forward pass (0 = default).
     pub batch: usize,
-    /// Threads (0 = all cores).
+    /// Threads (0 = all cores; at most 512).
     pub threads: usize,
 }
 

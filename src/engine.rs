@@ -262,7 +262,7 @@ pub struct SessionOptions {
     pub ctx: usize,
     /// Prompt tokens per forward call (0 = default).
     pub batch: usize,
-    /// Threads of the forward pass (0 = all cores).
+    /// Threads of the forward pass (0 = all cores; at most [`crate::pool::MAX_THREADS`] = 512).
     pub threads: usize,
     /// KV cache type (`None`: f32 for unquantized models, f16 for quantized ones).
     pub kv: Option<KvType>,
@@ -394,6 +394,7 @@ impl std::fmt::Debug for Session {
 impl Session {
     /// A session with its own cache of `opts.ctx` tokens.
     pub fn new(engine: Arc<Engine>, opts: &SessionOptions) -> Result<Session> {
+        crate::pool::check_threads(opts.threads)?;
         let ctx = engine.context_for(opts.ctx);
         if ctx < 2 {
             return Err(Error::config(

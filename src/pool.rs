@@ -267,6 +267,23 @@ impl Drop for Busy<'_> {
     }
 }
 
+/// Most threads a pool, a session or a CLI command accepts (llama.cpp's limit too). Far more
+/// threads than cores only slow inference down, and an absurd count (`-t 100000`) would exhaust
+/// the process's memory for thread stacks.
+pub const MAX_THREADS: usize = 512;
+
+/// `Ok` for a thread count a pool accepts (`0` = all cores, else at most [`MAX_THREADS`]); the
+/// error names the `threads` setting.
+pub fn check_threads(n_threads: usize) -> crate::Result<()> {
+    if n_threads > MAX_THREADS {
+        return Err(crate::Error::config(
+            "threads",
+            format!("{n_threads} threads requested; at most {MAX_THREADS}"),
+        ));
+    }
+    Ok(())
+}
+
 /// A pool of `n_threads - 1` persistent workers plus the calling thread. See the module docs.
 pub struct ThreadPool {
     shared: Arc<Shared>,
@@ -276,15 +293,18 @@ pub struct ThreadPool {
 
 impl ThreadPool {
     /// A pool running jobs on `n_threads` threads (the caller plus `n_threads - 1` workers).
-    /// `0` means the machine's available parallelism. Panics if the OS refuses to start threads
-    /// (see [`ThreadPool::try_new`]).
+    /// `0` means the machine's available parallelism; more than [`MAX_THREADS`] are capped to
+    /// it. Panics if the OS refuses to start threads (see [`ThreadPool::try_new`], which reports
+    /// both as errors).
     pub fn new(n_threads: usize) -> ThreadPool {
-        Self::try_new(n_threads, DEFAULT_SPIN).expect("ferroq: cannot start pool threads")
+        Self::try_new(n_threads.min(MAX_THREADS), DEFAULT_SPIN)
+            .expect("ferroq: cannot start pool threads")
     }
 
     /// Like [`ThreadPool::new`] with a chosen spin time (how long idle threads busy-wait before
     /// sleeping; `Duration::ZERO` sleeps at once), reporting thread start failures.
     pub fn try_new(n_threads: usize, spin: Duration) -> crate::Result<ThreadPool> {
+        check_threads(n_threads)?;
         let n_threads = if n_threads == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         } else {

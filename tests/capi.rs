@@ -104,6 +104,10 @@ fn tokenize_and_generate_through_the_c_abi() {
 
         let mut sp = ferroq_session_params_default();
         sp.ctx = 256;
+        // an absurd thread count is an error, not a crash
+        sp.threads = 1_000_000;
+        assert!(ferroq_session_new(e, &sp).is_null());
+        assert!(last_error().contains("threads"), "{}", last_error());
         sp.threads = 1;
         let s = ferroq_session_new(e, &sp);
         assert!(!s.is_null(), "{}", last_error());

@@ -292,6 +292,11 @@ fn errors_are_clear_and_never_panic() {
     );
     fails(&["chat", "-m", no_template, "--bogus"], b"", "--bogus");
     fails(
+        &["run", "-m", no_template, "-t", "100000", "-p", "hi"],
+        b"",
+        "at most 512",
+    );
+    fails(
         &["run", "-m", no_template, "-p", "x", "--temp=-1"],
         b"",
         "temperature",
@@ -489,6 +494,17 @@ fn bench_reports_json_and_rejects_bad_arguments() {
         );
         fails(&["bench", "-m", m, "-p", "4,x"], b"", "invalid");
         fails(&["bench", "-m", m, "-r", "0"], b"", "--reps");
+        fails(&["bench", "-m", m, "-t", "2,100000"], b"", "threads");
+        fails(
+            &["generate", "-m", m, "--ids", "1", "-t", "513"],
+            b"",
+            "threads",
+        );
+        fails(
+            &["logits", "-m", m, "--ids", "1", "-t", "100000"],
+            b"",
+            "threads",
+        );
         fails(&["bench", "-m", m, "--kv", "q3"], b"", "q3");
     }
     fails(

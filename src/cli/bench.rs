@@ -203,6 +203,9 @@ pub fn run(a: Args) -> Result<()> {
             msg: "must be at least 1 (the warm-up run is not counted)".into(),
         });
     }
+    for &t in &a.threads {
+        ferroq::pool::check_threads(t)?;
+    }
     let t0 = Instant::now();
     let model = Model::open(&a.model)?;
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;

@@ -25,6 +25,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    ferroq::pool::check_threads(a.threads)?;
     let model = Model::open(&a.model)?;
     let ctx = a.ids.len() + a.n_predict;
     let mut st = State::with_kv(

@@ -76,7 +76,7 @@ pub struct ModelArgs {
     /// Model file (.fqm).
     #[arg(short, long)]
     pub model: PathBuf,
-    /// Threads (0 = all cores).
+    /// Threads (0 = all cores; at most 512).
     #[arg(short = 't', long, default_value_t = 0)]
     pub threads: usize,
     /// Context size in tokens (0 = min(4096, the model's maximum)).

@@ -158,7 +158,8 @@ impl State {
         Self::with_kv(model, max_ctx, max_batch, all_logits, 1, KvType::F32)
     }
 
-    /// [`State::new`] running the heavy ops on `threads` threads (0 = all cores). Results are
+    /// [`State::new`] running the heavy ops on `threads` threads (0 = all cores; more than
+    /// [`crate::pool::MAX_THREADS`] are capped to it). Results are
     /// identical whatever the thread count. The KV cache is exact f32 (what `ferroq logits` and
     /// the parity tests need); generation front ends should use [`State::with_kv`] with
     /// [`KvType::default`] (f16: half the cache memory and bandwidth, logit error ~1e-2 on
