@@ -409,7 +409,7 @@ impl Session {
         }
         .min(ctx);
         let kv = opts.kv.unwrap_or(engine.model.default_kv());
-        let state = State::with_kv(&engine.model, ctx, batch, false, opts.threads, kv);
+        let state = State::try_with_kv(&engine.model, ctx, batch, false, opts.threads, kv)?;
         let vocab = engine.model.config.vocab_size;
         Ok(Session {
             state,

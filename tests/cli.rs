@@ -297,6 +297,34 @@ fn errors_are_clear_and_never_panic() {
         "at most 512",
     );
     fails(
+        &[
+            "run",
+            "-m",
+            no_template,
+            "-c",
+            "100000000000",
+            "-n",
+            "100000000000",
+            "-p",
+            "hi",
+        ],
+        b"",
+        "KV cache",
+    );
+    fails(
+        &[
+            "generate",
+            "-m",
+            no_template,
+            "--ids",
+            "1",
+            "-n",
+            "18446744073709551615",
+        ],
+        b"",
+        "KV cache",
+    );
+    fails(
         &["run", "-m", no_template, "-p", "x", "--temp=-1"],
         b"",
         "temperature",

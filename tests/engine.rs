@@ -221,4 +221,22 @@ fn bad_prompts_are_errors() {
     };
     assert!(s.generate(&[1, 2], &bad, &mut nop()).is_err());
     assert!(Engine::open("/nonexistent/model.fqm").is_err());
+    // settings beyond the machine are named errors, not aborts: a KV cache of 10^11 tokens
+    // (petabytes), a size that overflows, absurd thread counts
+    for ctx in [100_000_000_000, usize::MAX] {
+        let e = Session::new(engine.clone(), &opts(ctx)).unwrap_err();
+        assert!(
+            e.to_string().contains("ctx") && e.to_string().contains("GiB"),
+            "{e}"
+        );
+    }
+    let e = Session::new(
+        engine.clone(),
+        &SessionOptions {
+            threads: 100_000,
+            ..opts(16)
+        },
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("threads"), "{e}");
 }

@@ -242,7 +242,7 @@ pub fn run(a: Args) -> Result<()> {
     for &t in &threads {
         for (bi, &b) in a.batch.iter().enumerate() {
             let batch = b.clamp(1, max_p.max(1));
-            let mut st = State::with_kv(&model, ctx, batch, false, t, a.kv);
+            let mut st = State::try_with_kv(&model, ctx, batch, false, t, a.kv)?;
             for &p in &pps {
                 let label = format!("pp{p} (t {t}, b {})", batch.min(p));
                 let (tps, cpu_share) = measure(&label, p, a.reps, t, || {

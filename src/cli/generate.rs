@@ -27,15 +27,15 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     ferroq::pool::check_threads(a.threads)?;
     let model = Model::open(&a.model)?;
-    let ctx = a.ids.len() + a.n_predict;
-    let mut st = State::with_kv(
+    let ctx = a.ids.len().saturating_add(a.n_predict);
+    let mut st = State::try_with_kv(
         &model,
         ctx,
         a.ids.len().max(1),
         false,
         a.threads,
         a.kv.unwrap_or(model.default_kv()),
-    );
+    )?;
     model.forward(&mut st, &a.ids, Logits::Last)?;
     let mut out = Vec::with_capacity(a.n_predict);
     for i in 0..a.n_predict {

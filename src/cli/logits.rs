@@ -35,14 +35,14 @@ pub fn run(a: Args) -> Result<()> {
     let c = &model.config;
     let (t, v, hs, nl) = (a.ids.len(), c.vocab_size, c.hidden_size, c.num_layers);
     let batch = if a.decode { 1 } else { t };
-    let mut st = State::with_kv(
+    let mut st = State::try_with_kv(
         &model,
         t,
         batch,
         true,
         a.threads,
         a.kv.unwrap_or(model.default_kv()),
-    );
+    )?;
     let mut logits = vec![0f32; t * v];
     let mut hidden = if a.hidden {
         vec![0f32; (nl + 1) * t * hs]

@@ -81,6 +81,22 @@ enum KvLayer<'a> {
 /// Scratch floats one attention task needs: decode `(n_heads + 1) × (ATT_TILE + 2)`; prefill
 /// blocks of `R = ATT_TOK_BLOCK × rep` rows: queries and outputs `R × d` each, running max/sum
 /// `2R`, scores `R × ATT_TILE`, the converted K (transposed) and V tiles `ATT_TILE × d` each.
+/// `n` zeroed elements from the allocator (`calloc`: untouched pages stay unmapped), or `err()`
+/// when the size overflowed (`None`) or the allocation failed.
+fn zeroed<T: bytemuck::Zeroable>(n: Option<usize>, err: &dyn Fn() -> Error) -> Result<Vec<T>> {
+    n.and_then(|n| bytemuck::allocation::try_zeroed_vec(n).ok())
+        .ok_or_else(err)
+}
+
+/// [`zeroed`] once per layer.
+fn layered<T: bytemuck::Zeroable>(
+    layers: usize,
+    n: Option<usize>,
+    err: &dyn Fn() -> Error,
+) -> Result<Vec<Vec<T>>> {
+    (0..layers).map(|_| zeroed(n, err)).collect()
+}
+
 fn att_scratch_len(nh: usize, nkv: usize, d: usize) -> usize {
     let rr = ATT_TOK_BLOCK * (nh / nkv.max(1)).max(1);
     let block = rr * (2 * d + 2 + ATT_TILE) + 2 * ATT_TILE * d;
@@ -174,7 +190,9 @@ impl State {
         Self::with_kv(model, max_ctx, max_batch, all_logits, threads, KvType::F32)
     }
 
-    /// [`State::with_threads`] with a chosen KV cache type.
+    /// [`State::with_threads`] with a chosen KV cache type. Panics where [`State::try_with_kv`]
+    /// fails (buffers larger than memory); front ends taking `max_ctx` or `max_batch` from a
+    /// user call that instead.
     pub fn with_kv(
         model: &Model,
         max_ctx: usize,
@@ -183,10 +201,28 @@ impl State {
         threads: usize,
         kv: KvType,
     ) -> State {
+        Self::try_with_kv(model, max_ctx, max_batch, all_logits, threads, kv)
+            .unwrap_or_else(|e| panic!("ferroq: {e}"))
+    }
+
+    /// [`State::with_kv`], with a named error (field `ctx` or `batch`) instead of an abort when a
+    /// buffer's size overflows or its allocation fails: a context of 10^11 tokens asks for
+    /// terabytes of KV cache. The buffers are zeroed by the allocator (`calloc`), so the pages
+    /// of the cache the session never reaches are never made resident. Thread counts above
+    /// [`crate::pool::MAX_THREADS`] are an error too.
+    pub fn try_with_kv(
+        model: &Model,
+        max_ctx: usize,
+        max_batch: usize,
+        all_logits: bool,
+        threads: usize,
+        kv: KvType,
+    ) -> Result<State> {
+        crate::pool::check_threads(threads)?;
         let pool = if threads == 1 {
             None
         } else {
-            Some(ThreadPool::new(threads))
+            Some(ThreadPool::try_new(threads, crate::pool::DEFAULT_SPIN)?)
         };
         let n_threads = pool.as_ref().map_or(1, |p| p.n_threads());
         let c = &model.config;
@@ -195,63 +231,87 @@ impl State {
         let i_max = c.intermediate_size.max(c.moe_intermediate_size);
         let kx = c.num_experts_per_tok.max(1);
         let wide = c.hidden_size.max(hd).max(i_max);
-        let bk = max_batch * kx;
-        State {
+        // per-layer KV buffers scale with the context, the work buffers with the batch
+        let kv_elem = match kv {
+            KvType::F32 => 4,
+            KvType::F16 => 2,
+            KvType::Q8 => 1,
+        };
+        let kv_err = || {
+            let bytes = (max_ctx as f64) * (kvd as f64) * (2 * c.num_layers * kv_elem) as f64;
+            Error::config(
+                "ctx",
+                format!(
+                    "a KV cache of {max_ctx} tokens needs {:.1} GiB ({} layers × K and V × \
+                     {kvd} values per token, {kv:?}); it cannot be allocated",
+                    bytes / (1u64 << 30) as f64,
+                    c.num_layers
+                ),
+            )
+        };
+        let batch_err = || {
+            Error::config(
+                "batch",
+                format!("buffers for a batch of {max_batch} tokens cannot be allocated"),
+            )
+        };
+        let per_ctx = |per_token: usize| -> Option<usize> { max_ctx.checked_mul(per_token) };
+        let bk = max_batch.checked_mul(kx).ok_or_else(batch_err)?;
+        let nb = |per_token: usize| max_batch.checked_mul(per_token);
+        let nk = |per_token: usize| bk.checked_mul(per_token);
+        let kv = match kv {
+            KvType::F32 => KvCache::F32(
+                layered(c.num_layers, per_ctx(kvd), &kv_err)?,
+                layered(c.num_layers, per_ctx(kvd), &kv_err)?,
+            ),
+            KvType::F16 => KvCache::F16(
+                layered(c.num_layers, per_ctx(kvd), &kv_err)?,
+                layered(c.num_layers, per_ctx(kvd), &kv_err)?,
+            ),
+            KvType::Q8 => KvCache::Q8(Q8Cache {
+                k: layered(c.num_layers, per_ctx(kvd), &kv_err)?,
+                v: layered(c.num_layers, per_ctx(kvd), &kv_err)?,
+                ks: layered(c.num_layers, per_ctx(c.num_kv_heads), &kv_err)?,
+                vs: layered(c.num_layers, per_ctx(c.num_kv_heads), &kv_err)?,
+            }),
+        };
+        let f = |n: Option<usize>| zeroed::<f32>(n, &batch_err);
+        Ok(State {
             pos: 0,
             max_ctx,
             max_batch,
-            kv: {
-                let n = max_ctx * kvd;
-                match kv {
-                    KvType::F32 => KvCache::F32(
-                        (0..c.num_layers).map(|_| vec![0.0; n]).collect(),
-                        (0..c.num_layers).map(|_| vec![0.0; n]).collect(),
-                    ),
-                    KvType::F16 => KvCache::F16(
-                        (0..c.num_layers).map(|_| vec![0; n]).collect(),
-                        (0..c.num_layers).map(|_| vec![0; n]).collect(),
-                    ),
-                    KvType::Q8 => {
-                        let ns = max_ctx * c.num_kv_heads;
-                        KvCache::Q8(Q8Cache {
-                            k: (0..c.num_layers).map(|_| vec![0; n]).collect(),
-                            v: (0..c.num_layers).map(|_| vec![0; n]).collect(),
-                            ks: (0..c.num_layers).map(|_| vec![0.0; ns]).collect(),
-                            vs: (0..c.num_layers).map(|_| vec![0.0; ns]).collect(),
-                        })
-                    }
-                }
-            },
-            h: vec![0.0; max_batch * c.hidden_size],
-            xn: vec![0.0; max_batch * wide],
-            q8: vec![
-                BlockQ8A {
-                    d: 0.0,
-                    sum8: 0,
-                    qs: [0; QK]
-                };
-                bk * wide.div_ceil(QK)
-            ],
-            q: vec![0.0; max_batch * hd],
-            k: vec![0.0; max_batch * kvd],
-            v: vec![0.0; max_batch * kvd],
-            att: vec![0.0; max_batch * hd],
-            cos: vec![0.0; max_batch * c.head_dim / 2],
-            sin: vec![0.0; max_batch * c.head_dim / 2],
-            gate: vec![0.0; bk * i_max],
-            up: vec![0.0; bk * i_max],
-            y: vec![0.0; max_batch * c.hidden_size],
-            router: vec![0.0; max_batch * c.num_experts],
-            top_idx: vec![0; bk],
-            top_val: vec![0.0; bk],
+            kv,
+            h: f(nb(c.hidden_size))?,
+            xn: f(nb(wide))?,
+            q8: zeroed::<BlockQ8A>(nk(wide.div_ceil(QK)), &batch_err)?,
+            q: f(nb(hd))?,
+            k: f(nb(kvd))?,
+            v: f(nb(kvd))?,
+            att: f(nb(hd))?,
+            cos: f(nb(c.head_dim / 2))?,
+            sin: f(nb(c.head_dim / 2))?,
+            gate: f(nk(i_max))?,
+            up: f(nk(i_max))?,
+            y: f(nb(c.hidden_size))?,
+            router: f(nb(c.num_experts))?,
+            top_idx: zeroed(Some(bk), &batch_err)?,
+            top_val: f(Some(bk))?,
             counts: vec![0; c.num_experts],
             offsets: vec![0; c.num_experts + 1],
-            perm: vec![0; bk],
-            inv: vec![0; bk],
-            iota: (0..bk as u32).collect(),
-            xs: vec![0.0; bk * c.hidden_size],
-            ys: vec![0.0; bk * c.hidden_size],
-            logits: vec![0.0; if all_logits { max_batch } else { 1 } * c.vocab_size],
+            perm: zeroed(Some(bk), &batch_err)?,
+            inv: zeroed(Some(bk), &batch_err)?,
+            iota: {
+                let mut v: Vec<u32> = zeroed(Some(bk), &batch_err)?;
+                v.iter_mut().enumerate().for_each(|(i, x)| *x = i as u32);
+                v
+            },
+            xs: f(nk(c.hidden_size))?,
+            ys: f(nk(c.hidden_size))?,
+            logits: f(if all_logits {
+                nb(c.vocab_size)
+            } else {
+                Some(c.vocab_size)
+            })?,
             n_logits: 0,
             pool,
             scratch: (0..n_threads)
@@ -266,7 +326,7 @@ impl State {
                     ])
                 })
                 .collect(),
-        }
+        })
     }
 
     /// Threads the heavy ops run on.
