@@ -605,13 +605,18 @@ impl Tile<'_> {
 /// Measure the machine's memory read bandwidth in GB/s (1e9 bytes/s): `threads` threads of a
 /// [`ThreadPool`] sum a buffer of `bytes` bytes (choose it much larger than the caches, e.g.
 /// 1 GiB), best of 5 passes after a warm-up pass. Allocates and touches the buffer first.
-pub fn measure_read_bandwidth(bytes: usize, threads: usize) -> f64 {
+/// A buffer larger than half the memory the OS reports available (`MemAvailable`, where known)
+/// or one the allocator refuses is an error naming `bw-bytes`, as is a bad thread count.
+pub fn measure_read_bandwidth(bytes: usize, threads: usize) -> crate::Result<f64> {
+    check_bandwidth_buffer(bytes)?;
     let n = (bytes / 8).max(1 << 16);
-    let mut buf = vec![0u64; n];
-    for (i, v) in buf.iter_mut().enumerate() {
-        *v = i as u64; // touch every page: zero pages would all map to one cached page
-    }
-    let pool = ThreadPool::new(threads.max(1));
+    let too_big = |why: String| crate::Error::config("bw-bytes", format!("{bytes} bytes: {why}"));
+    let mut buf: Vec<u64> = Vec::new();
+    buf.try_reserve_exact(n)
+        .map_err(|e| too_big(format!("cannot allocate ({e})")))?;
+    // touch every page: zero pages would all map to one cached page
+    buf.extend((0..n).map(|i| i as u64));
+    let pool = ThreadPool::try_new(threads.max(1), DEFAULT_SPIN)?;
     let chunk = 1 << 18; // 2 MiB per task
     let n_tasks = n.div_ceil(chunk);
     let sink = AtomicU64::new(0);
@@ -628,7 +633,40 @@ pub fn measure_read_bandwidth(bytes: usize, threads: usize) -> f64 {
         }
     }
     std::hint::black_box(sink.load(Relaxed));
-    (n * 8) as f64 / best / 1e9
+    Ok((n * 8) as f64 / best / 1e9)
+}
+
+/// `Ok` if [`measure_read_bandwidth`] may allocate `bytes`: at most half the memory the OS
+/// reports available (where it does), so a typo cannot swap the machine out. Lets a front end
+/// refuse the setting before running anything.
+pub fn check_bandwidth_buffer(bytes: usize) -> crate::Result<()> {
+    if let Some(avail) = mem_available() {
+        if (bytes as u64).max(8 << 16) > avail / 2 {
+            return Err(crate::Error::config(
+                "bw-bytes",
+                format!(
+                    "{bytes} bytes: more than half the available memory ({} MiB)",
+                    avail >> 20
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The bandwidth probe's default buffer: 512 MiB (far beyond any cache), or a quarter of the
+/// available memory on a small machine.
+pub fn default_bandwidth_buffer() -> usize {
+    let want: u64 = 512 << 20;
+    mem_available().map_or(want, |avail| want.min(avail / 4)) as usize
+}
+
+/// `MemAvailable` of /proc/meminfo in bytes (Linux); `None` elsewhere.
+fn mem_available() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib.saturating_mul(1024))
 }
 
 /// Sum with 8 independent accumulators (vectorizes; the loop is load bound).

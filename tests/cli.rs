@@ -524,6 +524,21 @@ fn bench_reports_json_and_rejects_bad_arguments() {
         fails(&["bench", "-m", m, "-r", "0"], b"", "--reps");
         fails(&["bench", "-m", m, "-t", "2,100000"], b"", "threads");
         fails(
+            &[
+                "bench",
+                "-m",
+                m,
+                "-p",
+                "4",
+                "-n",
+                "1",
+                "--bw-bytes",
+                "18446744073709551615",
+            ],
+            b"",
+            "bw-bytes",
+        );
+        fails(
             &["generate", "-m", m, "--ids", "1", "-t", "513"],
             b"",
             "threads",

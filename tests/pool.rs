@@ -254,8 +254,13 @@ fn drop_joins_workers() {
 #[test]
 fn bandwidth_probe_returns_a_rate() {
     // Small buffer: only checks that it runs and returns something finite and positive.
-    let gbs = measure_read_bandwidth(4 << 20, 2);
+    let gbs = measure_read_bandwidth(4 << 20, 2).unwrap();
     assert!(gbs.is_finite() && gbs > 0.0, "{gbs}");
+    // a buffer beyond the machine is a named error, not an abort
+    for bytes in [usize::MAX, usize::MAX / 2, 1 << 60] {
+        let e = measure_read_bandwidth(bytes, 2).unwrap_err();
+        assert!(e.to_string().contains("bw-bytes"), "{e}");
+    }
 }
 
 /// Not a check: prints the machine's read bandwidth (what `ferroq bench` will report).
@@ -264,7 +269,7 @@ fn bandwidth_probe_returns_a_rate() {
 #[ignore]
 fn read_bandwidth_report() {
     for threads in [1, 2] {
-        let gbs = measure_read_bandwidth(1 << 30, threads);
+        let gbs = measure_read_bandwidth(1 << 30, threads).unwrap();
         println!("read bandwidth, 1 GiB, {threads} thread(s): {gbs:.1} GB/s");
     }
 }

@@ -44,9 +44,10 @@ pub struct Args {
     /// Repetitions (after one warm-up run; at least 1).
     #[arg(short = 'r', long, default_value_t = 3)]
     reps: usize,
-    /// Bytes of the buffer used to measure the machine's read bandwidth (0 skips it).
-    #[arg(long, default_value_t = 512 << 20)]
-    bw_bytes: usize,
+    /// Bytes of the buffer used to measure the machine's read bandwidth (0 skips it; default
+    /// 512 MiB, or a quarter of the available memory if that is less).
+    #[arg(long)]
+    bw_bytes: Option<usize>,
     /// KV cache type: f16 (default), q8 or f32.
     #[arg(long, default_value = "f16", value_parser = parse_kv)]
     kv: KvType,
@@ -206,6 +207,13 @@ pub fn run(a: Args) -> Result<()> {
     for &t in &a.threads {
         ferroq::pool::check_threads(t)?;
     }
+    let bw_bytes = match a.bw_bytes {
+        Some(b) => b,
+        None => ferroq::pool::default_bandwidth_buffer(),
+    };
+    if bw_bytes > 0 {
+        ferroq::pool::check_bandwidth_buffer(bw_bytes)?;
+    }
     let t0 = Instant::now();
     let model = Model::open(&a.model)?;
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -290,9 +298,9 @@ pub fn run(a: Args) -> Result<()> {
     // peak RSS of the tests, before the bandwidth probe allocates its buffer
     let rss = peak_rss_mb();
     for &t in &threads {
-        let bw = if a.bw_bytes > 0 {
+        let bw = if bw_bytes > 0 {
             eprintln!("bench: measuring read bandwidth ({t} threads) ...");
-            ferroq::pool::measure_read_bandwidth(a.bw_bytes, t)
+            ferroq::pool::measure_read_bandwidth(bw_bytes, t)?
         } else {
             0.0
         };
