@@ -357,6 +357,25 @@ fn errors_are_clear_and_never_panic() {
             "context",
         );
         fails(&["chat", "-m", m], b"caf\xe9\n", "UTF-8");
+        // -n at its maximum runs until the context is full (the sum overflowed into a context
+        // of 1 token and an error)
+        let (_, se) = ok(
+            &[
+                "run",
+                "-m",
+                m,
+                "-n",
+                "18446744073709551615",
+                "-c",
+                "24",
+                "-p",
+                "hi",
+                "--temp",
+                "0",
+            ],
+            b"",
+        );
+        assert!(se.contains("stopped"), "{se}");
     }
 }
 

@@ -208,7 +208,7 @@ pub fn run(a: Args) -> Result<()> {
     }
     // the cache needs no more than the prompt and the answer
     let opts = SessionOptions {
-        ctx: ctx.min(ids.len() + a.n_predict.max(1)),
+        ctx: ctx.min(ids.len().saturating_add(a.n_predict.max(1))),
         batch: a.model.batch,
         threads: a.model.threads,
         kv: None,
