@@ -296,6 +296,19 @@ fn errors_are_clear_and_never_panic() {
         b"",
         "at most 512",
     );
+    // a directory where a model file is expected, or as the output
+    let d = dir.to_str().unwrap();
+    fails(&["inspect", d], b"", "is a directory");
+    fails(&["run", "-m", d, "-p", "hi"], b"", "is a directory");
+    let src = support::fixture("models/llama3-tiny");
+    let src = src.to_str().unwrap();
+    fails(&["convert", src, "-o", d], b"", "is a directory");
+    let missing = dir.join("no/such/dir/x.fqm");
+    fails(
+        &["convert", src, "-o", missing.to_str().unwrap()],
+        b"",
+        "does not exist",
+    );
     fails(
         &[
             "run",

@@ -128,7 +128,15 @@ impl FqmFile {
             ));
         }
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+        if meta.is_dir() {
+            return Err(bad(
+                "is a directory, not a .fqm model (`ferroq convert DIR -o model.fqm` makes one \
+                 from a Hugging Face checkpoint directory)"
+                    .into(),
+            ));
+        }
+        let len = meta.len();
         if len < HEADER_SIZE as u64 {
             return Err(bad(format!(
                 "file is {len} bytes, shorter than the {HEADER_SIZE}-byte header"

@@ -36,7 +36,22 @@ impl FqmWriter {
         tmp_name.push(file_name);
         tmp_name.push(format!(".tmp-{}", std::process::id()));
         let tmp = dest.with_file_name(tmp_name);
-        let f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        if dest.is_dir() {
+            return Err(Error::Input(format!(
+                "{}: is a directory; give the output file's name (e.g. {}/model.fqm)",
+                dest.display(),
+                dest.display()
+            )));
+        }
+        // name the user's path, not the temporary one, when its directory is the problem
+        let f = File::create(&tmp).map_err(|e| match dest.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => Error::Input(format!(
+                "{}: cannot create it: the directory {} does not exist",
+                dest.display(),
+                dir.display()
+            )),
+            _ => Error::io(&tmp, e),
+        })?;
         let mut w = FqmWriter {
             out: Some(BufWriter::with_capacity(1 << 20, f)),
             tmp,
