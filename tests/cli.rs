@@ -370,6 +370,28 @@ fn errors_are_clear_and_never_panic() {
             "context",
         );
         fails(&["chat", "-m", m], b"caf\xe9\n", "UTF-8");
+        // a refused message (too long, invalid UTF-8) is skipped and the chat goes on; the
+        // exit status still reports it
+        let mut input = "word ".repeat(300).into_bytes();
+        input.extend_from_slice(b"\ncaf\xe9\nWhat is the capital of France?\n");
+        let out = ferroq(
+            &["chat", "-m", m, "-c", "128", "-n", "8", "--temp", "0"],
+            &input,
+        );
+        let (so, se) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert_eq!(out.status.code(), Some(1), "{se}");
+        assert!(!se.contains("panicked"), "{se}");
+        assert!(
+            se.contains("skipped") && se.contains("2 message(s) were refused"),
+            "{se}"
+        );
+        assert!(
+            se.contains("[turn 1:") && !so.trim().is_empty(),
+            "{so}\n{se}"
+        );
         // -n at its maximum runs until the context is full (the sum overflowed into a context
         // of 1 token and an error)
         let (_, se) = ok(

@@ -68,6 +68,9 @@ pub fn run(a: Args) -> Result<()> {
     let mut out = stdout.lock();
     let mut line = Vec::new();
     let mut turn = 0usize;
+    // messages refused as input errors (too long for the context, invalid UTF-8, ...): the chat
+    // goes on without them, and the exit status says some were refused
+    let mut refused = 0usize;
     let (mut total_prompt, mut total_prompt_ms, mut total_gen, mut total_gen_ms) = (0, 0.0, 0, 0.0);
     loop {
         if interactive {
@@ -80,12 +83,18 @@ pub fn run(a: Args) -> Result<()> {
         if n == 0 {
             break;
         }
-        let text = std::str::from_utf8(&line).map_err(|e| {
-            Error::Input(format!(
-                "line {} of stdin is not valid UTF-8: {e}",
-                turn + 1
-            ))
-        })?;
+        let text = match std::str::from_utf8(&line) {
+            Ok(t) => t,
+            Err(e) => {
+                refused += 1;
+                eprintln!(
+                    "ferroq: error: message {} is not valid UTF-8 ({e}); skipped, the \
+                     conversation is unchanged",
+                    turn + refused
+                );
+                continue;
+            }
+        };
         let text = text.trim_end_matches(['\n', '\r']);
         match text.trim() {
             "" => continue,
@@ -100,7 +109,6 @@ pub fn run(a: Args) -> Result<()> {
             }
             _ => {}
         }
-        turn += 1;
         let mut io_err = None;
         let g = session.chat(text, &gen, &mut |_, piece| {
             if piece.is_empty() {
@@ -113,10 +121,21 @@ pub fn run(a: Args) -> Result<()> {
                     false
                 }
             }
-        })?;
+        });
         if let Some(e) = io_err {
             return Err(out_err(e));
         }
+        let g = match g {
+            Ok(g) => g,
+            Err(Error::Input(msg)) => {
+                // nothing was added to the conversation or the cache (Session::chat)
+                refused += 1;
+                eprintln!("ferroq: error: {msg}; message skipped, the conversation is unchanged");
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        turn += 1;
         writeln!(out).map_err(out_err)?;
         out.flush().map_err(out_err)?;
         let t = &g.timings;
@@ -153,6 +172,11 @@ pub fn run(a: Args) -> Result<()> {
     );
     if a.sampling.seed.is_none() && gen.sampler.temperature > 0.0 {
         eprintln!("ferroq: seed = {seed}");
+    }
+    if refused > 0 {
+        return Err(Error::Input(format!(
+            "{refused} message(s) were refused (see the errors above)"
+        )));
     }
     Ok(())
 }
