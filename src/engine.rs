@@ -394,7 +394,6 @@ impl std::fmt::Debug for Session {
 impl Session {
     /// A session with its own cache of `opts.ctx` tokens.
     pub fn new(engine: Arc<Engine>, opts: &SessionOptions) -> Result<Session> {
-        crate::pool::check_threads(opts.threads)?;
         let ctx = engine.context_for(opts.ctx);
         if ctx < 2 {
             return Err(Error::config(

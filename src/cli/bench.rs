@@ -204,6 +204,7 @@ pub fn run(a: Args) -> Result<()> {
             msg: "must be at least 1 (the warm-up run is not counted)".into(),
         });
     }
+    // settings the runs would refuse later, refused before the model is opened and tested
     for &t in &a.threads {
         ferroq::pool::check_threads(t)?;
     }
@@ -245,8 +246,6 @@ pub fn run(a: Args) -> Result<()> {
         .collect();
 
     let mut tests: Vec<Test> = Vec::new();
-    // (threads, measured read bandwidth GB/s; 0 = not measured)
-    let mut bws: Vec<(usize, f64)> = Vec::new();
     for &t in &threads {
         for (bi, &b) in a.batch.iter().enumerate() {
             let batch = b.clamp(1, max_p.max(1));
@@ -297,37 +296,42 @@ pub fn run(a: Args) -> Result<()> {
     }
     // peak RSS of the tests, before the bandwidth probe allocates its buffer
     let rss = peak_rss_mb();
+    // machine read bandwidth (GB/s) per thread count, in the order of `threads`; 0 = not measured
+    let mut bws = Vec::with_capacity(threads.len());
     for &t in &threads {
-        let bw = if bw_bytes > 0 {
+        bws.push(if bw_bytes > 0 {
             eprintln!("bench: measuring read bandwidth ({t} threads) ...");
             ferroq::pool::measure_read_bandwidth(bw_bytes, t)?
         } else {
             0.0
-        };
-        bws.push((t, bw));
+        });
     }
     let bpt = bytes_per_token(&model);
-    let bw_of = |t: usize| bws.iter().find(|b| b.0 == t).map_or(0.0, |b| b.1);
-    // decode figures of a tg test: (read GB/s, machine GB/s, bound t/s, share of the machine)
+    let bw_of = |t: usize| threads.iter().position(|&u| u == t).map_or(0.0, |i| bws[i]);
+    // decode at the bandwidth `bw`: tokens/s if every byte read came at that rate
+    let bound_of = |bw: f64| if bpt > 0 { bw * 1e9 / bpt as f64 } else { 0.0 };
+    // decode figures of a tg test: (weights read GB/s, share of the measured bandwidth)
     let decode = |x: &Test| {
         let (gbs, bw) = (x.tps.0 * bpt as f64 / 1e9, bw_of(x.threads));
-        let bound = if bpt > 0 { bw * 1e9 / bpt as f64 } else { 0.0 };
-        (gbs, bw, bound, if bw > 0.0 { gbs / bw } else { 0.0 })
+        (gbs, if bw > 0.0 { gbs / bw } else { 0.0 })
     };
     let name = a.model.display().to_string();
     let kv = format!("{:?}", a.kv).to_lowercase();
+    let describe = format!(
+        "model {name}: {} layers, hidden {}, vocab {}; kernels {}",
+        c.num_layers,
+        c.hidden_size,
+        c.vocab_size,
+        model.kernels.level.name()
+    );
     let single = threads.len() == 1 && a.batch.len() == 1 && pps.len() <= 1 && tgs.len() <= 1;
     if single {
         // one configuration: the one object / table of earlier versions
         let t = threads[0];
         let pp = tests.iter().find(|x| x.pp);
         let tg = tests.iter().find(|x| !x.pp);
-        let (tg_gbs, bw, bound, share) = tg.map_or((0.0, bw_of(t), 0.0, 0.0), decode);
-        let bound = if tg.is_none() && bpt > 0 {
-            bw * 1e9 / bpt as f64
-        } else {
-            bound
-        };
+        let (tg_gbs, share) = tg.map_or((0.0, 0.0), decode);
+        let (bw, bound) = (bws[0], bound_of(bws[0]));
         let measured_bw = bw > 0.0;
         let batch = a.batch[0].clamp(1, max_p.max(1));
         if a.json {
@@ -357,13 +361,7 @@ pub fn run(a: Args) -> Result<()> {
             println!("{o}");
             return Ok(());
         }
-        println!(
-            "model {name}: {} layers, hidden {}, vocab {}; kernels {}, {t} threads",
-            c.num_layers,
-            c.hidden_size,
-            c.vocab_size,
-            model.kernels.level.name()
-        );
+        println!("{describe}, {t} threads");
         println!("| test | t/s |");
         println!("|---|---|");
         for x in &tests {
@@ -404,7 +402,8 @@ pub fn run(a: Args) -> Result<()> {
     // lists: one row (or JSON line) per test
     if a.json {
         for x in &tests {
-            let (gbs, bw, bound, share) = decode(x);
+            let (gbs, share) = decode(x);
+            let bw = bw_of(x.threads);
             let measured_bw = bw > 0.0;
             let o = serde_json::json!({
                 "model": name,
@@ -424,20 +423,14 @@ pub fn run(a: Args) -> Result<()> {
                 "bytes_per_token": bpt,
                 "read_gbs": (!x.pp).then_some(gbs),
                 "machine_read_gbs": measured_bw.then_some(bw),
-                "bound_tps": (!x.pp && measured_bw).then_some(bound),
+                "bound_tps": (!x.pp && measured_bw).then_some(bound_of(bw)),
                 "bandwidth_share": (!x.pp && measured_bw).then_some(share),
             });
             println!("{o}");
         }
         return Ok(());
     }
-    println!(
-        "model {name}: {} layers, hidden {}, vocab {}; kernels {}",
-        c.num_layers,
-        c.hidden_size,
-        c.vocab_size,
-        model.kernels.level.name()
-    );
+    println!("{describe}");
     println!("| test | threads | batch | t/s | CPU % |");
     println!("|---|---|---|---|---|");
     for x in &tests {
@@ -460,17 +453,17 @@ pub fn run(a: Args) -> Result<()> {
         "weights read per generated token {:.1} MB",
         bpt as f64 / 1e6
     );
-    for &(t, bw) in &bws {
+    for (&t, &bw) in threads.iter().zip(&bws) {
         if bw > 0.0 {
             println!(
                 "measured read bandwidth (-t {t}): {bw:.2} GB/s (bound {:.0} t/s)",
-                if bpt > 0 { bw * 1e9 / bpt as f64 } else { 0.0 }
+                bound_of(bw)
             );
         }
     }
     for x in tests.iter().filter(|x| !x.pp) {
-        let (gbs, bw, _, share) = decode(x);
-        if bw > 0.0 {
+        let (gbs, share) = decode(x);
+        if bw_of(x.threads) > 0.0 {
             println!(
                 "{} (-t {}) reads {gbs:.2} GB/s = {:.0} % of the measured",
                 x.name(),
@@ -481,7 +474,7 @@ pub fn run(a: Args) -> Result<()> {
             println!("{} (-t {}) reads {gbs:.2} GB/s", x.name(), x.threads);
         }
     }
-    if bws.iter().all(|b| b.1 == 0.0) {
+    if bw_bytes == 0 {
         println!("(machine bandwidth not measured: --bw-bytes 0)");
     }
     Ok(())

@@ -25,7 +25,6 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    ferroq::pool::check_threads(a.threads)?;
     let model = Model::open(&a.model)?;
     let ctx = a.ids.len().saturating_add(a.n_predict);
     let mut st = State::try_with_kv(

@@ -30,7 +30,6 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    ferroq::pool::check_threads(a.threads)?;
     let model = Model::open(&a.model)?;
     let c = &model.config;
     let (t, v, hs, nl) = (a.ids.len(), c.vocab_size, c.hidden_size, c.num_layers);

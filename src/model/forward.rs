@@ -218,7 +218,6 @@ impl State {
         threads: usize,
         kv: KvType,
     ) -> Result<State> {
-        crate::pool::check_threads(threads)?;
         let pool = if threads == 1 {
             None
         } else {
