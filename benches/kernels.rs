@@ -7,6 +7,9 @@
 //! * `q4_gemm64/<tier>/<shape>`: 64 activation rows, `Throughput::Elements` = int8 multiply-adds
 //!   × 2 (integer ops), to compare with the tier's peak.
 //! * `q4l_matvec/...`, `q4l_gemm64/...`: the same for the linear 4-bit type `Q4Lx8`.
+//! * `lm_head_matvec/{q6,q8}/<tier>/<shape>`: one token through the output-table shapes in the
+//!   6-bit type `Q6x8` and in `Q8x8`, side by side (bytes streamed per second; the 6-bit table
+//!   is 208/272 of the bytes).
 //! * `f32_matvec`, `bf16_matvec`: float weights.
 //! * `moe/<tier>/<E>x<tokens>`: routing path (top-1 of E router logits, grouping, fused
 //!   gate/up + down gather products, weighted scatter-add) with reduced expert sizes
@@ -14,7 +17,9 @@
 //!
 //! Run one group: `cargo bench -j2 --bench kernels -- q4_matvec`.
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use ferroq_kernels::block::{row_groups, BlockQ4Lx8, BlockQ4x8, BlockQ8A, BlockQ8x8, QK};
+use ferroq_kernels::block::{
+    row_groups, BlockQ4Lx8, BlockQ4x8, BlockQ6x8, BlockQ8A, BlockQ8x8, QK,
+};
 use ferroq_kernels::{scalar, CpuLevel, GemmQ4Fn, Kernels, Q4Block};
 use std::hint::black_box;
 use std::time::Duration;
@@ -69,6 +74,21 @@ fn q8_weights(rows: usize, k: usize) -> Vec<BlockQ8x8> {
         n
     ];
     fill_bytes(bytemuck::cast_slice_mut(&mut v), 2);
+    v.iter_mut().for_each(|b| b.d = [0x2000; 8]);
+    v
+}
+
+fn q6_weights(rows: usize, k: usize) -> Vec<BlockQ6x8> {
+    let n = row_groups(rows) * k / QK;
+    let mut v = vec![
+        BlockQ6x8 {
+            d: [0x2000; 8],
+            ql: [0; 128],
+            qh: [0; 64]
+        };
+        n
+    ];
+    fill_bytes(bytemuck::cast_slice_mut(&mut v), 3);
     v.iter_mut().for_each(|b| b.d = [0x2000; 8]);
     v
 }
@@ -187,6 +207,31 @@ fn matvec(c: &mut Criterion) {
         for kt in tiers(false) {
             g.bench_with_input(BenchmarkId::new(kt.level.name(), name), &(), |b, _| {
                 b.iter(|| (kt.gemm_q8x8)(black_box(&w), rows, k, &x, 1, &mut y, rows))
+            });
+        }
+    }
+    g.finish();
+    let mut g = c.benchmark_group("lm_head_matvec");
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(1))
+        .warm_up_time(Duration::from_millis(300));
+    for &(name, rows, k) in &[
+        ("smol_576x576", 576usize, 576usize),
+        ("smol_lm_head_49152x576", 49152, 576),
+        ("scout_lm_head_slice_16384x5120", 16384, 5120),
+    ] {
+        let (w6, w8) = (q6_weights(rows, k), q8_weights(rows, k));
+        let x = acts(1, k);
+        let mut y = vec![0.0f32; rows];
+        for kt in tiers(false) {
+            let lv = kt.level.name();
+            g.throughput(Throughput::Bytes(std::mem::size_of_val(&w6[..]) as u64));
+            g.bench_with_input(BenchmarkId::new(format!("q6/{lv}"), name), &(), |b, _| {
+                b.iter(|| (kt.gemm_q6x8)(black_box(&w6), rows, k, &x, 1, &mut y, rows))
+            });
+            g.throughput(Throughput::Bytes(std::mem::size_of_val(&w8[..]) as u64));
+            g.bench_with_input(BenchmarkId::new(format!("q8/{lv}"), name), &(), |b, _| {
+                b.iter(|| (kt.gemm_q8x8)(black_box(&w8), rows, k, &x, 1, &mut y, rows))
             });
         }
     }

@@ -3,7 +3,7 @@
 //! `Kernels` table of `ferroq_kernels` (detected once, stored in the model).
 
 use crate::pool::{SharedOut, ThreadPool, Tile};
-use ferroq_kernels::{BlockQ4Lx8, BlockQ4x8, BlockQ8A, BlockQ8x8, Kernels, QK, ROWS};
+use ferroq_kernels::{BlockQ4Lx8, BlockQ4x8, BlockQ6x8, BlockQ8A, BlockQ8x8, Kernels, QK, ROWS};
 use std::sync::Mutex;
 
 /// A weight matrix `[rows, cols]` (nn.Linear layout), borrowed from the mapped model file.
@@ -15,13 +15,15 @@ pub enum Mat<'a> {
     Q4(&'a [BlockQ4x8]),
     /// Linear 4-bit (`q4lx8`).
     Q4L(&'a [BlockQ4Lx8]),
+    /// 6-bit (`q6x8`): output and embedding tables only (plain products).
+    Q6(&'a [BlockQ6x8]),
     Q8(&'a [BlockQ8x8]),
 }
 
 impl Mat<'_> {
     /// Whether products with this matrix use 8-bit quantized activations.
     pub fn wants_q8(&self) -> bool {
-        matches!(self, Mat::Q4(_) | Mat::Q4L(_) | Mat::Q8(_))
+        matches!(self, Mat::Q4(_) | Mat::Q4L(_) | Mat::Q6(_) | Mat::Q8(_))
     }
 }
 
@@ -153,6 +155,10 @@ fn matmul_serial(
             assert_eq!(q8.len(), n * k / QK, "activations not quantized");
             (kern.gemm_q4lx8)(w, rows, k, q8, n, y, ld_y)
         }
+        Mat::Q6(w) => {
+            assert_eq!(q8.len(), n * k / QK, "activations not quantized");
+            (kern.gemm_q6x8)(w, rows, k, q8, n, y, ld_y)
+        }
         Mat::Q8(w) => {
             assert_eq!(q8.len(), n * k / QK, "activations not quantized");
             (kern.gemm_q8x8)(w, rows, k, q8, n, y, ld_y)
@@ -169,6 +175,7 @@ fn mat_rows(w: Mat<'_>, k: usize, r0: usize, r1: usize) -> Mat<'_> {
         Mat::F16(w) => Mat::F16(&w[r0 * k..r1 * k]),
         Mat::Q4(w) => Mat::Q4(&w[r0 / ROWS * nb..r1.div_ceil(ROWS) * nb]),
         Mat::Q4L(w) => Mat::Q4L(&w[r0 / ROWS * nb..r1.div_ceil(ROWS) * nb]),
+        Mat::Q6(w) => Mat::Q6(&w[r0 / ROWS * nb..r1.div_ceil(ROWS) * nb]),
         Mat::Q8(w) => Mat::Q8(&w[r0 / ROWS * nb..r1.div_ceil(ROWS) * nb]),
     }
 }
@@ -388,6 +395,7 @@ pub fn mat_row(w: Mat, row: usize, cols: usize, out: &mut [f32]) {
         Mat::F16(w) => scalar::f16_to_f32(&w[row * cols..(row + 1) * cols], &mut out[..cols]),
         Mat::Q4(w) => scalar::dequantize_row_q4x8(w, row, cols, out),
         Mat::Q4L(w) => scalar::dequantize_row_q4x8(w, row, cols, out),
+        Mat::Q6(w) => scalar::dequantize_row_q6x8(w, row, cols, out),
         Mat::Q8(w) => scalar::dequantize_row_q8x8(w, row, cols, out),
     }
 }

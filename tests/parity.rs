@@ -439,3 +439,51 @@ fn absurd_config_in_model_file_is_an_error() {
     }
     std::fs::remove_file(good).ok();
 }
+
+/// The 6-bit output and embedding type: a q8 model with `--output-tensor-type q6` (also the
+/// embedding table when tied) stays within the q8 cosine budget, and decode agrees with
+/// prefill; a `q6x8` tensor in any other role (it has no expert or fused gate/up kernels) is
+/// refused at open, naming the tensor.
+#[test]
+fn q6_output_table_and_its_roles() {
+    use ferroq::format::{DType, FqmFile, FqmWriter};
+    for name in ["llama3-tiny", "llama4-topk2-ref"] {
+        let e = expected(name);
+        let path = convert(name, "q8", &["--output-tensor-type", "q6"]);
+        let file = FqmFile::open(&path).unwrap();
+        let out = file
+            .get("output")
+            .or_else(|| file.get("tok_embeddings"))
+            .unwrap();
+        assert_eq!(out.info.dtype, DType::Q6x8, "{name}");
+        let model = Model::open(&path).unwrap();
+        let (logits, _) = prefill(&model, &e.ids);
+        let cos = mean_cosine(&logits, &e.logits, model.config.vocab_size);
+        eprintln!("{name} q8 + q6 output: mean cosine = {cos:.5}");
+        assert!(cos >= MIN_COSINE_Q8, "{name}: mean cosine {cos}");
+        let d = max_abs_diff(&decode(&model, &e.ids), &logits);
+        assert!(d <= 1e-2, "{name}: decode vs prefill max|Δ| {d}");
+        // the same bytes declared as q6x8 for an attention matrix: refused
+        let bad = tmp_path("q6-role");
+        let mut w = FqmWriter::create(&bad).unwrap();
+        for t in file.tensors() {
+            let v = file.get(&t.name).unwrap();
+            if t.name == "layers.0.wq" {
+                let n = DType::Q6x8.nbytes(&t.shape).unwrap();
+                w.add_tensor(&t.name, DType::Q6x8, &t.shape, &vec![0u8; n], 64)
+                    .unwrap();
+            } else {
+                w.add_tensor(&t.name, t.dtype, &t.shape, v.data, 64)
+                    .unwrap();
+            }
+        }
+        w.finish(file.meta()).unwrap();
+        let err = Model::open(&bad).unwrap_err().to_string();
+        assert!(
+            err.contains("layers.0.wq") && err.contains("q6x8"),
+            "{name}: {err}"
+        );
+        std::fs::remove_file(bad).ok();
+        std::fs::remove_file(path).ok();
+    }
+}

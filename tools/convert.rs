@@ -17,32 +17,39 @@
 //! | `f32`  | f32  | f32  | f32 |
 //! | `bf16` | bf16 | bf16 | f32 |
 //! | `q8`   | q8x8 | q8x8 | f32 |
-//! | `q4`   | q4x8 | **q8x8** | f32 |
-//! | `q4l`  | q4lx8 | **q8x8** | f32 |
+//! | `q4`   | q4x8 | **q6x8** | f32 |
+//! | `q4m`  | q4x8 (value, FFN down: q8x8) | **q6x8** | f32 |
+//! | `q4l`  | q4lx8 | **q6x8** | f32 |
 //!
 //! `q4l` (alias `q4_0`) stores the same 4.5 bits per weight on the linear grid `q − 8`
 //! (ggml's `Q4_0` levels, our scale search): less accurate than the `q4` codebook (weights'
-//! relative RMS error ~1.2× on SmolLM2; mean KL vs transformers 1.00 against 0.29), but its
+//! relative RMS error ~1.2× on SmolLM2; mean KL vs transformers 0.97 against 0.29), but its
 //! AVX2 kernels run about 1.4× faster at prefill and 1.7× faster at in-cache decode (see
 //! `kernels/src/x86_64/avx2.rs`), and a `Q4_0` source converts to it exactly.
 //!
-//! With `q4` the embedding and output tables stay 8-bit: they are a small share of a MoE
-//! model's bytes, and the output projection's error goes straight into the logits. A matrix
+//! With the 4-bit recipes the embedding and output tables are 6-bit (`q6x8`, 6.5 bits per
+//! weight, like llama.cpp's `Q6_K` output for its 4-bit types): the output projection's error
+//! goes straight into the logits, and it is read for every generated token (SmolLM2: 30 of its
+//! 90 MB per token at 8 bits; l4-mini: 440 of 682 MB). Unlike `Q6_K` (super-blocks of 256
+//! columns) it blocks SmolLM2's 576 columns, where llama.cpp falls back to `Q8_0`. A matrix
 //! whose column count is not a multiple of 32 cannot be blocked and falls back to bf16; each
 //! fallback is listed in the recipe.
 //!
 //! `output_type` / `embedding_type` (CLI `--output-tensor-type`, `--token-embedding-type`, as in
-//! llama.cpp) override the embedding/output rows of the table. A q4 output matrix reads about
-//! half the bytes per generated token (SmolLM2: 89.9 → 75.8 MB/token) at a measured cost in
-//! accuracy (SmolLM2 re-quantized from its Q4_1 GGUF: mean KL vs transformers 0.275 → 0.372).
+//! llama.cpp) override the embedding/output rows of the table. Measured on SmolLM2
+//! re-quantized from its Q4_1 GGUF (`q4`, mean KL vs transformers): q8 output 0.292, q6 (the
+//! default) 0.290, q4 0.372 (an earlier build: 0.275 → 0.372); bytes per generated token
+//! 89.9 / 82.9 / 75.8 MB.
 
 use super::hf::{architecture, model_config_from_hf};
 use super::source::{Checkpoint, TensorSource};
 use crate::format::{DType, FqmWriter, EXPERT_ALIGN, TENSOR_ALIGN};
 use crate::model::{tensor_table, Arch, ModelConfig, Role, TensorSpec};
 use crate::{Error, Result};
-use ferroq_kernels::block::{row_groups, BlockQ4Lx8, BlockQ4x8, BlockQ8x8, Q4Block, QK, ROWS};
-use ferroq_kernels::scalar::{quantize_q4x8_weighted, quantize_q8x8};
+use ferroq_kernels::block::{
+    row_groups, BlockQ4Lx8, BlockQ4x8, BlockQ6x8, BlockQ8x8, Q4Block, QK, ROWS,
+};
+use ferroq_kernels::scalar::{quantize_q4x8_weighted, quantize_q6x8_weighted, quantize_q8x8};
 use rayon::prelude::*;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -80,7 +87,7 @@ impl Quant {
             (Quant::F32, _) | (_, Role::Norm) | (_, Role::Router) => DType::F32,
             (Quant::Bf16, _) => DType::Bf16,
             (Quant::Q8, _) => DType::Q8x8,
-            (Quant::Q4 | Quant::Q4m | Quant::Q4l, Role::Embedding | Role::Output) => DType::Q8x8,
+            (Quant::Q4 | Quant::Q4m | Quant::Q4l, Role::Embedding | Role::Output) => DType::Q6x8,
             (Quant::Q4 | Quant::Q4m, _) => DType::Q4x8,
             (Quant::Q4l, _) => DType::Q4Lx8,
         }
@@ -112,7 +119,7 @@ pub struct ConvertOptions {
     /// Round RoPE frequencies to bf16 like a transformers model cast with
     /// `model.to(torch.bfloat16)` (see `ModelConfig::rope_freq_bf16`). Off by default.
     pub rope_freq_bf16: bool,
-    /// Type of the output projection, overriding the recipe (`q4`, `q4l`, `q8`, `bf16` or `f32`; like
+    /// Type of the output projection, overriding the recipe (`q4`, `q4l`, `q6`, `q8`, `bf16` or `f32`; like
     /// llama.cpp's `--output-tensor-type`). With tied embeddings the shared table is the output
     /// projection and this type wins over `embedding_type`.
     pub output_type: Option<DType>,
@@ -150,12 +157,14 @@ pub fn parse_matrix_type(s: &str) -> Result<DType> {
     match s.to_ascii_lowercase().as_str() {
         "q4" => Ok(DType::Q4x8),
         "q4l" | "q4_0" => Ok(DType::Q4Lx8),
-        "q8" => Ok(DType::Q8x8),
+        // q6_k: what llama.cpp users ask for; ours blocks by 32 columns, not 256
+        "q6" | "q6_k" => Ok(DType::Q6x8),
+        "q8" | "q8_0" => Ok(DType::Q8x8),
         "bf16" => Ok(DType::Bf16),
         "f32" => Ok(DType::F32),
         _ => Err(Error::config(
             "--output-tensor-type / --token-embedding-type",
-            format!("`{s}` is not one of q4, q4l (q4_0), q8, bf16, f32"),
+            format!("`{s}` is not one of q4, q4l (q4_0), q6 (q6_k), q8 (q8_0), bf16, f32"),
         )),
     }
 }
@@ -371,8 +380,10 @@ fn plan(
         {
             dtype = DType::Q8x8;
         }
-        if matches!(dtype, DType::Q4x8 | DType::Q4Lx8 | DType::Q8x8)
-            && spec.shape.len() == 2
+        if matches!(
+            dtype,
+            DType::Q4x8 | DType::Q4Lx8 | DType::Q6x8 | DType::Q8x8
+        ) && spec.shape.len() == 2
             && spec.shape[1] % QK != 0
         {
             fallbacks.push(json!({
@@ -451,6 +462,7 @@ struct Bufs {
 struct OutBufs {
     q4: Vec<BlockQ4x8>,
     q4l: Vec<BlockQ4Lx8>,
+    q6: Vec<BlockQ6x8>,
     q8: Vec<BlockQ8x8>,
     bytes: Vec<u8>,
 }
@@ -544,6 +556,18 @@ fn encode<'b>(
         }
         DType::Q4x8 => bytemuck::cast_slice(encode_q4(w, shape, col_w, &mut b.q4)),
         DType::Q4Lx8 => bytemuck::cast_slice(encode_q4(w, shape, col_w, &mut b.q4l)),
+        DType::Q6x8 => {
+            let (rows, cols) = (shape[0], shape[1]);
+            let nb = cols / QK;
+            b.q6.clear();
+            b.q6.resize(row_groups(rows) * nb, bytemuck::Zeroable::zeroed());
+            b.q6.par_chunks_mut(nb).enumerate().for_each(|(g, out)| {
+                let r0 = g * ROWS;
+                let n = (rows - r0).min(ROWS);
+                quantize_q6x8_weighted(&w[r0 * cols..(r0 + n) * cols], n, cols, col_w, out);
+            });
+            bytemuck::cast_slice(&b.q6)
+        }
         DType::Q8x8 => {
             let (rows, cols) = (shape[0], shape[1]);
             let nb = cols / QK;
@@ -935,7 +959,7 @@ pub fn convert(
         "token_embedding_type": opts.embedding_type.map(DType::name),
         "fallbacks": fallbacks,
         "notes": match opts.quant {
-            Quant::Q4 => "q4x8 for attention, FFN and expert matrices; embedding and output kept at q8x8 for accuracy; norms and router f32; 4-bit scales chosen per 32-weight block by an exhaustive search minimising the squared error weighted by an activation-free column importance",
+            Quant::Q4 => "q4x8 for attention, FFN and expert matrices; embedding and output at q6x8 (6.5 bits per weight, 64 linear levels); norms and router f32; 4-bit scales chosen per 32-weight block by an exhaustive search minimising the squared error weighted by an activation-free column importance",
             Quant::Q4m => "as q4, with the value and FFN down projections at q8x8",
             Quant::Q4l => "as q4 with the linear 4-bit grid (q4lx8, levels q - 8, the scale search of q4) instead of the codebook",
             Quant::Q8 => "q8x8 for all matrices; norms and router f32",

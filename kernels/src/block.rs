@@ -31,6 +31,20 @@
 //! sign trick), and up to eight of its i16 results can be summed before widening: about 1.5×
 //! fewer instructions per multiply-add on AVX2 (see `x86_64/avx2.rs`).
 //!
+//! ## `Q6x8`: 6.5 bits per weight, linear 64 levels (for the output and embedding tables)
+//! ```text
+//! d:  [f16; 8]                                               16 bytes
+//! ql: [u8; 128]    low 4 bits of u = q + 32, the nibble layout of Q4x8's qs
+//! qh: [u8; 64]     high 2 bits: qh[h*32 + r*4 + j] bits 2s..2s+2 = u[r][4c+j] >> 4 for the
+//!                  column quad c = 2s + h                    (s<4, h<2, r<8, j<4)
+//! w[r][k] = d[r] * (u[r][k] - 32)                            (u in 0..64)
+//! ```
+//! Chunk `c` (quad `c`, 32 bytes, lane `r` = row `r`) of the unpacked block is `ql[c % 4]`'s
+//! low (`c < 4`) or high nibbles OR'ed with `(qh[c % 2] >> 2·(c / 2) & 3) << 4`: a few shifts
+//! and masks per 32 weights, shared by every token of a tile. Unlike ggml's `Q6_K` (super-blocks
+//! of 256) it blocks any row length that is a multiple of 32 (SmolLM2's 576, for which
+//! llama.cpp falls back to `Q8_0`).
+//!
 //! ## `Q8x8`: 8.5 bits per weight
 //! ```text
 //! d:  [f16; 8]                                               16 bytes
@@ -127,6 +141,18 @@ pub struct BlockQ8x8 {
     pub qs: [i8; 256],
 }
 
+/// One block of 8 rows × 32 columns of 6-bit weights (`Q6x8`). 208 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable, Debug, PartialEq)]
+pub struct BlockQ6x8 {
+    /// f16 bits of each row's scale.
+    pub d: [u16; ROWS],
+    /// Low 4 bits of `u = q + 32`, in the nibble layout of [`BlockQ4x8::qs`].
+    pub ql: [u8; 128],
+    /// High 2 bits of `u`, see the module docs and [`q6_pos`].
+    pub qh: [u8; 64],
+}
+
 /// One block of 32 activations quantized to int8. 40 bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable, Debug, PartialEq)]
@@ -142,6 +168,7 @@ pub struct BlockQ8A {
 const _: () = assert!(core::mem::size_of::<BlockQ4x8>() == 144);
 const _: () = assert!(core::mem::size_of::<BlockQ4Lx8>() == 144);
 const _: () = assert!(core::mem::size_of::<BlockQ8x8>() == 272);
+const _: () = assert!(core::mem::size_of::<BlockQ6x8>() == 208);
 const _: () = assert!(core::mem::size_of::<BlockQ8A>() == 40);
 
 /// Byte index in `BlockQ4x8::qs` of the nibble for row `r`, column `k` (< 32), and whether it is
@@ -151,6 +178,24 @@ pub const fn q4_pos(r: usize, k: usize) -> (usize, bool) {
     let hi = k >= 16;
     let k = k & 15;
     ((k / 4) * 32 + r * 4 + (k % 4), hi)
+}
+
+/// Where `BlockQ6x8` keeps `u` of row `r`, column `k` (< 32): the `ql` byte and whether its
+/// high nibble (as [`q4_pos`]), and the `qh` byte and the shift of its 2 bits.
+#[inline(always)]
+pub const fn q6_pos(r: usize, k: usize) -> (usize, bool, usize, u32) {
+    let (il, hi) = q4_pos(r, k);
+    let c = k / 4;
+    (il, hi, (c % 2) * 32 + r * 4 + (k % 4), 2 * (c / 2) as u32)
+}
+
+/// The 6-bit value `u` (0..64) of row `r`, column `k` of a `BlockQ6x8`; the weight is
+/// `d[r] · (u − 32)`.
+#[inline(always)]
+pub fn q6_get(b: &BlockQ6x8, r: usize, k: usize) -> u8 {
+    let (il, hi, ih, sh) = q6_pos(r, k);
+    let lo = if hi { b.ql[il] >> 4 } else { b.ql[il] & 0x0F };
+    lo | ((b.qh[ih] >> sh) & 3) << 4
 }
 
 /// Index in `BlockQ8x8::qs` of row `r`, column `k` (< 32).
@@ -169,6 +214,12 @@ pub const fn row_groups(rows: usize) -> usize {
 #[inline]
 pub const fn q4x8_bytes(rows: usize, cols: usize) -> usize {
     row_groups(rows) * (cols / QK) * core::mem::size_of::<BlockQ4x8>()
+}
+
+/// Bytes of a `Q6x8` tensor of `rows × cols` (`cols % 32 == 0`).
+#[inline]
+pub const fn q6x8_bytes(rows: usize, cols: usize) -> usize {
+    row_groups(rows) * (cols / QK) * core::mem::size_of::<BlockQ6x8>()
 }
 
 /// Bytes of a `Q8x8` tensor of `rows × cols` (`cols % 32 == 0`).

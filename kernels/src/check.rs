@@ -3,7 +3,9 @@
 //! reproduce the twin's integer sums and float order); float reductions within
 //! [`CHECK_REL_TOL`] of the sum of absolute terms.
 
-use crate::{scalar, BlockQ4Lx8, BlockQ4x8, BlockQ8A, BlockQ8x8, Kernels, Q4Block, TierTable};
+use crate::{
+    scalar, BlockQ4Lx8, BlockQ4x8, BlockQ6x8, BlockQ8A, BlockQ8x8, Kernels, Q4Block, TierTable,
+};
 use crate::{GateUpQ4Fn, GatherQ4Fn, GemmQ4Fn};
 
 /// The table entries of one 4-bit block type, so one generic wrapper checks both.
@@ -96,6 +98,21 @@ fn gemm_q8x8<T: TierTable>(
     let mut r = y.to_vec();
     scalar::gemm_q8x8(w, n, k, x, t, &mut r, ld);
     exact("gemm_q8x8", y, &r);
+}
+
+fn gemm_q6x8<T: TierTable>(
+    w: &[BlockQ6x8],
+    n: usize,
+    k: usize,
+    x: &[BlockQ8A],
+    t: usize,
+    y: &mut [f32],
+    ld: usize,
+) {
+    (T::K.gemm_q6x8)(w, n, k, x, t, y, ld);
+    let mut r = y.to_vec();
+    scalar::gemm_q6x8(w, n, k, x, t, &mut r, ld);
+    exact("gemm_q6x8", y, &r);
 }
 
 fn gemm_q4x8_gather<T: TierTable, B: Q4Entries>(
@@ -424,6 +441,7 @@ pub(crate) fn wrap<T: TierTable>() -> Kernels {
         gemm_q4x8: gemm_q4x8::<T, BlockQ4x8>,
         gemm_q4lx8: gemm_q4x8::<T, BlockQ4Lx8>,
         gemm_q8x8: gemm_q8x8::<T>,
+        gemm_q6x8: gemm_q6x8::<T>,
         gemm_f32: gemm_f32::<T>,
         gemm_bf16: gemm_bf16::<T>,
         gemm_f16: gemm_f16::<T>,

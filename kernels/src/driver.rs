@@ -318,7 +318,7 @@ pub(crate) trait Tier: Tile<BlockQ4x8> + Tile<BlockQ4Lx8> + Tile<BlockQ8x8> {
     fn get() -> Self;
 }
 
-use crate::block::{BlockQ4Lx8, BlockQ4x8, BlockQ8x8};
+use crate::block::{BlockQ4Lx8, BlockQ4x8, BlockQ6x8, BlockQ8x8};
 
 // Table entries shared by every tier: `driver::gemm_q4x8::<BlockQ4x8, Avx2>` etc. (the 4-bit
 // entries are generic over the two 4-bit block types).
@@ -337,6 +337,19 @@ pub(crate) fn gemm_q4x8<B, T: Tier + Tile<B>>(
 
 pub(crate) fn gemm_q8x8<T: Tier>(
     w: &[BlockQ8x8],
+    n_rows: usize,
+    k: usize,
+    x: &[BlockQ8A],
+    n_tok: usize,
+    y: &mut [f32],
+    ld_y: usize,
+) {
+    gemm(T::get(), w, n_rows, k, x, None, n_tok, y, ld_y);
+}
+
+/// Products with `Q6x8` weights (the output and embedding tables): plain products only.
+pub(crate) fn gemm_q6x8<T: Tier + Tile<BlockQ6x8>>(
+    w: &[BlockQ6x8],
     n_rows: usize,
     k: usize,
     x: &[BlockQ8A],

@@ -20,7 +20,9 @@ mod check;
 #[cfg(target_arch = "x86_64")]
 mod x86_64;
 
-pub use block::{BlockQ4Lx8, BlockQ4x8, BlockQ8A, BlockQ8x8, Q4Block, KVALUES, LVALUES, QK, ROWS};
+pub use block::{
+    BlockQ4Lx8, BlockQ4x8, BlockQ6x8, BlockQ8A, BlockQ8x8, Q4Block, KVALUES, LVALUES, QK, ROWS,
+};
 
 /// A CPU tier. Ordered: a level can always be lowered to any earlier level of its architecture.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -157,6 +159,8 @@ impl CpuLevel {
 pub type GemmQ4Fn<B = BlockQ4x8> = fn(&[B], usize, usize, &[BlockQ8A], usize, &mut [f32], usize);
 /// Same as [`GemmQ4Fn`] for 8-bit weights.
 pub type GemmQ8Fn = fn(&[BlockQ8x8], usize, usize, &[BlockQ8A], usize, &mut [f32], usize);
+/// Same as [`GemmQ4Fn`] for 6-bit weights (`Q6x8`).
+pub type GemmQ6Fn = fn(&[BlockQ6x8], usize, usize, &[BlockQ8A], usize, &mut [f32], usize);
 /// Float-activation product with f32 weights.
 pub type GemmF32Fn = fn(&[f32], usize, usize, &[f32], usize, &mut [f32], usize);
 /// Float-activation product with 16-bit (bf16 or f16 bits) weights.
@@ -229,6 +233,8 @@ pub struct Kernels {
     /// Linear 4-bit weights (`Q4Lx8`).
     pub gemm_q4lx8: GemmQ4Fn<BlockQ4Lx8>,
     pub gemm_q8x8: GemmQ8Fn,
+    /// 6-bit weights (`Q6x8`: output and embedding tables).
+    pub gemm_q6x8: GemmQ6Fn,
     pub gemm_f32: GemmF32Fn,
     pub gemm_bf16: GemmH16Fn,
     pub gemm_f16: GemmH16Fn,
@@ -269,6 +275,7 @@ pub(crate) const SCALAR: Kernels = Kernels {
     gemm_q4x8: scalar::gemm_q4x8::<BlockQ4x8>,
     gemm_q4lx8: scalar::gemm_q4x8::<BlockQ4Lx8>,
     gemm_q8x8: scalar::gemm_q8x8,
+    gemm_q6x8: scalar::gemm_q6x8,
     gemm_f32: scalar::gemm_f32,
     gemm_bf16: scalar::gemm_bf16,
     gemm_f16: scalar::gemm_f16,

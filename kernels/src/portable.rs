@@ -15,7 +15,7 @@
 //!
 //! Rejected: a per-row scalar dequantisation to f32 (4× the bytes touched per block).
 
-use crate::block::{BlockQ4Lx8, BlockQ4x8, BlockQ8A, BlockQ8x8, Q4Block, QK, ROWS};
+use crate::block::{BlockQ4Lx8, BlockQ4x8, BlockQ6x8, BlockQ8A, BlockQ8x8, Q4Block, QK, ROWS};
 use crate::driver::{self, Tier, Tile};
 use crate::{CpuLevel, Kernels};
 use half::{bf16, f16};
@@ -134,6 +134,44 @@ impl Tile<BlockQ8x8> for Portable {
         let mut acc = [f32x8::ZERO; NY];
         for (b, blk) in w.iter().enumerate() {
             block_i8(&blk.qs, scales(&blk.d), x, b, &mut acc);
+        }
+        for (o, a) in out.iter_mut().zip(acc) {
+            *o = a.to_array();
+        }
+    }
+}
+
+/// `Q6x8` → interleaved int8 `u − 32` (chunk `c`: low or high nibbles of `ql` chunk `c % 4`,
+/// the 2 high bits from `qh` chunk `c % 2` at shift `2·(c / 2)`).
+#[inline(always)]
+fn unpack_q6(blk: &BlockQ6x8, wq: &mut [i8; 256]) {
+    for c in 0..8 {
+        let (l, h, sh) = (
+            &blk.ql[(c % 4) * 32..],
+            &blk.qh[(c % 2) * 32..],
+            2 * (c / 2),
+        );
+        for i in 0..32 {
+            let lo = if c < 4 { l[i] & 15 } else { l[i] >> 4 };
+            let u = lo | ((h[i] >> sh) & 3) << 4;
+            wq[c * 32 + i] = u as i8 - 32;
+        }
+    }
+}
+
+impl Tile<BlockQ6x8> for Portable {
+    const NYMAX: usize = 4;
+    fn tile<const NY: usize>(
+        self,
+        w: &[BlockQ6x8],
+        x: &[&[BlockQ8A]; NY],
+        out: &mut [[f32; ROWS]; NY],
+    ) {
+        let mut acc = [f32x8::ZERO; NY];
+        let mut wq = [0i8; 256];
+        for (b, blk) in w.iter().enumerate() {
+            unpack_q6(blk, &mut wq);
+            block_i8(&wq, scales(&blk.d), x, b, &mut acc);
         }
         for (o, a) in out.iter_mut().zip(acc) {
             *o = a.to_array();
@@ -407,6 +445,7 @@ pub(crate) const KERNELS: Kernels = Kernels {
     gemm_q4x8: driver::gemm_q4x8::<BlockQ4x8, Portable>,
     gemm_q4lx8: driver::gemm_q4x8::<BlockQ4Lx8, Portable>,
     gemm_q8x8: driver::gemm_q8x8::<Portable>,
+    gemm_q6x8: driver::gemm_q6x8::<Portable>,
     gemm_f32,
     gemm_bf16,
     gemm_f16,

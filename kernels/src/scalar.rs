@@ -3,7 +3,9 @@
 //! Written as plain loops with one comment per step. Never delete a twin: the converter quantizes
 //! with these functions and every tier's tests compare against them.
 
-use crate::block::{q4_pos, q8_pos, BlockQ8A, BlockQ8x8, Q4Block, KVALUES, QK, ROWS};
+use crate::block::{
+    q4_pos, q6_get, q6_pos, q8_pos, BlockQ6x8, BlockQ8A, BlockQ8x8, Q4Block, KVALUES, QK, ROWS,
+};
 use half::{bf16, f16};
 
 // ---------------------------------------------------------------------------------------------
@@ -241,6 +243,121 @@ pub fn quantize_q8x8(w: &[f32], rows: usize, cols: usize, out: &mut [BlockQ8x8])
     }
 }
 
+/// Quantize 32 weights to the 64 linear levels `q ∈ −32..=31` of `Q6x8`, minimising the
+/// importance-weighted squared error `Σ w[k] (x[k] − d·q[k])²` (`w[k] ≥ 0`; all zero means
+/// uniform). Returns `(d, u)` with `u = q + 32` and `d` rounded to f16.
+///
+/// A short scale search: inverse scales that put the largest-magnitude value `m` at
+/// `−(32 + i/10)` or `+(31 + i/10)` for `i ∈ −6..=6`; each rounding is scored with its
+/// least-squares scale (`Σwxq / Σwq²`, error `Σwx² − (Σwxq)²/Σwq²`). The best scale is rounded
+/// to f16 and the values are rounded again with that exact scale.
+pub fn quantize_block_q6_weighted(x: &[f32], w: &[f32]) -> (f16, [u8; QK]) {
+    debug_assert_eq!(x.len(), QK);
+    debug_assert_eq!(w.len(), QK);
+    // 1. degenerate blocks
+    let m = x
+        .iter()
+        .fold(0.0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+    if m == 0.0 || !m.is_finite() || x.iter().any(|v| !v.is_finite()) {
+        return (f16::ZERO, [32; QK]);
+    }
+    let uniform = [1.0f32; QK];
+    let w = if w.iter().any(|&v| v > 0.0) {
+        w
+    } else {
+        &uniform[..]
+    };
+    // 2. candidate inverse scales, each scored with its least-squares scale
+    let mut best = (f32::NEG_INFINITY, 0.0f32);
+    for base in [-32.0f32, 31.0] {
+        for i in -6..=6 {
+            let t = (base + base.signum() * i as f32 * 0.1) / m;
+            let (mut sxq, mut sqq) = (0.0f32, 0.0f32);
+            for (&v, &wk) in x.iter().zip(w) {
+                let q = (v * t).round_ties_even().clamp(-32.0, 31.0);
+                sxq += wk * v * q;
+                sqq += wk * q * q;
+            }
+            if sqq > 0.0 && sxq * sxq / sqq > best.0 {
+                best = (sxq * sxq / sqq, sxq / sqq);
+            }
+        }
+    }
+    // 3. round the scale to f16 and the values with that exact scale
+    let d = f16::from_f32(best.1);
+    let df = d.to_f32();
+    if df == 0.0 || !df.is_finite() {
+        return (f16::ZERO, [32; QK]);
+    }
+    let mut u = [32u8; QK];
+    for (ui, &v) in u.iter_mut().zip(x) {
+        *ui = ((v / df).round_ties_even().clamp(-32.0, 31.0) + 32.0) as u8;
+    }
+    (d, u)
+}
+
+/// Quantize a row-major `rows × cols` f32 matrix into `Q6x8` blocks (`cols % 32 == 0`),
+/// minimising the error weighted by a per-column importance `col_w[cols]` (`None`: uniform).
+/// `out` must hold `row_groups(rows) * cols / 32` blocks. Rows past `rows` get zero scales.
+pub fn quantize_q6x8_weighted(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    col_w: Option<&[f32]>,
+    out: &mut [BlockQ6x8],
+) {
+    assert_eq!(cols % QK, 0);
+    assert_eq!(w.len(), rows * cols);
+    if let Some(cw) = col_w {
+        assert_eq!(cw.len(), cols);
+    }
+    let nb = cols / QK;
+    assert!(out.len() >= rows.div_ceil(ROWS) * nb);
+    let uniform = [1.0f32; QK];
+    for (g, group) in out.chunks_mut(nb).take(rows.div_ceil(ROWS)).enumerate() {
+        for (b, blk) in group.iter_mut().enumerate() {
+            // padding rows: zero scale, u = 32 (weight 0)
+            *blk = BlockQ6x8 {
+                d: [0; ROWS],
+                ql: [0; 128],
+                qh: [0xAA; 64],
+            };
+            let cw = col_w.map_or(&uniform[..], |c| &c[b * QK..(b + 1) * QK]);
+            for r in 0..ROWS {
+                let row = g * ROWS + r;
+                if row >= rows {
+                    continue;
+                }
+                let x = &w[row * cols + b * QK..row * cols + (b + 1) * QK];
+                let (d, u) = quantize_block_q6_weighted(x, cw);
+                blk.d[r] = d.to_bits();
+                for (k, &uk) in u.iter().enumerate() {
+                    let (il, hi, ih, sh) = q6_pos(r, k);
+                    if hi {
+                        blk.ql[il] = (blk.ql[il] & 0x0F) | (uk & 15) << 4;
+                    } else {
+                        blk.ql[il] = (blk.ql[il] & 0xF0) | (uk & 15);
+                    }
+                    blk.qh[ih] = (blk.qh[ih] & !(3 << sh)) | (uk >> 4) << sh;
+                }
+            }
+        }
+    }
+}
+
+/// Dequantize row `row` of a `Q6x8` matrix with `cols` columns into `out[..cols]`.
+pub fn dequantize_row_q6x8(w: &[BlockQ6x8], row: usize, cols: usize, out: &mut [f32]) {
+    let nb = cols / QK;
+    let (g, r) = (row / ROWS, row % ROWS);
+    for b in 0..nb {
+        let blk = &w[g * nb + b];
+        let d = f16::from_bits(blk.d[r]).to_f32();
+        for k in 0..QK {
+            out[b * QK + k] = d * (q6_get(blk, r, k) as i32 - 32) as f32;
+        }
+    }
+}
+
 /// Dequantize row `row` of a `Q4x8` matrix with `cols` columns into `out[..cols]`.
 /// Any [`Q4Block`] type.
 pub fn dequantize_row_q4x8<B: Q4Block>(w: &[B], row: usize, cols: usize, out: &mut [f32]) {
@@ -305,6 +422,16 @@ pub fn dot_block_q8(blk: &BlockQ8x8, r: usize, a: &BlockQ8A) -> i32 {
     s
 }
 
+/// Integer dot of one row of a `Q6x8` block with one activation block: `Σ (u − 32) · a`.
+#[inline]
+pub fn dot_block_q6(blk: &BlockQ6x8, r: usize, a: &BlockQ8A) -> i32 {
+    let mut s = 0i32;
+    for k in 0..QK {
+        s += (q6_get(blk, r, k) as i32 - 32) * a.qs[k] as i32;
+    }
+    s
+}
+
 /// `Q4x8` weights × quantized activations.
 ///
 /// * `w`: the blocks of `row_groups(n_rows)` row groups, `k / 32` blocks each.
@@ -364,6 +491,38 @@ pub fn gemm_q8x8(
                 for (r, acc_r) in acc.iter_mut().enumerate() {
                     let dw = f16::from_bits(blk.d[r]).to_f32();
                     *acc_r += (dw * a.d) * dot_block_q8(blk, r, a) as f32;
+                }
+            }
+            for (r, &v) in acc.iter().enumerate() {
+                let row = g * ROWS + r;
+                if row < n_rows {
+                    y[t * ld_y + row] = v;
+                }
+            }
+        }
+    }
+}
+
+/// `Q6x8` weights × quantized activations. Same contract as [`gemm_q4x8`].
+pub fn gemm_q6x8(
+    w: &[BlockQ6x8],
+    n_rows: usize,
+    k: usize,
+    x: &[BlockQ8A],
+    n_tok: usize,
+    y: &mut [f32],
+    ld_y: usize,
+) {
+    let nb = k / QK;
+    for g in 0..n_rows.div_ceil(ROWS) {
+        for t in 0..n_tok {
+            let mut acc = [0.0f32; ROWS];
+            for b in 0..nb {
+                let blk = &w[g * nb + b];
+                let a = &x[t * nb + b];
+                for (r, acc_r) in acc.iter_mut().enumerate() {
+                    let dw = f16::from_bits(blk.d[r]).to_f32();
+                    *acc_r += (dw * a.d) * dot_block_q6(blk, r, a) as f32;
                 }
             }
             for (r, &v) in acc.iter().enumerate() {

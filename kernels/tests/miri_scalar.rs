@@ -3,7 +3,7 @@
 //! checks them for undefined behaviour (out-of-bounds, uninitialized reads, bad casts). The
 //! full tier tests (`tiers.rs`) cover the same kernels at realistic sizes natively.
 
-use ferroq_kernels::{scalar, BlockQ4x8, BlockQ8A, BlockQ8x8, Kernels, QK};
+use ferroq_kernels::{scalar, BlockQ4x8, BlockQ6x8, BlockQ8A, BlockQ8x8, Kernels, QK};
 
 fn data(n: usize, seed: u32) -> Vec<f32> {
     let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
@@ -39,8 +39,17 @@ fn quantized_products_and_roundtrip() {
         };
         ROWS.div_ceil(8) * K / QK
     ];
+    let mut q6 = vec![
+        BlockQ6x8 {
+            d: [0; 8],
+            ql: [0; 128],
+            qh: [0; 64]
+        };
+        ROWS.div_ceil(8) * K / QK
+    ];
     scalar::quantize_q4x8(&w, ROWS, K, &mut q4);
     scalar::quantize_q8x8(&w, ROWS, K, &mut q8);
+    scalar::quantize_q6x8_weighted(&w, ROWS, K, None, &mut q6);
     let mut xa = vec![
         BlockQ8A {
             d: 0.0,
@@ -54,6 +63,7 @@ fn quantized_products_and_roundtrip() {
     for r in 0..ROWS {
         scalar::dequantize_row_q4x8(&q4, r, K, &mut row);
         scalar::dequantize_row_q8x8(&q8, r, K, &mut row);
+        scalar::dequantize_row_q6x8(&q6, r, K, &mut row);
     }
     for kern in [
         Kernels::scalar(),
@@ -63,12 +73,17 @@ fn quantized_products_and_roundtrip() {
         let mut y8 = vec![f32::NAN; TOK * ROWS];
         (kern.gemm_q4x8)(&q4, ROWS, K, &xa, TOK, &mut y4, ROWS);
         (kern.gemm_q8x8)(&q8, ROWS, K, &xa, TOK, &mut y8, ROWS);
-        assert!(y4.iter().chain(&y8).all(|v| v.is_finite()));
+        let mut y6 = vec![f32::NAN; TOK * ROWS];
+        (kern.gemm_q6x8)(&q6, ROWS, K, &xa, TOK, &mut y6, ROWS);
+        assert!(y4.iter().chain(&y8).chain(&y6).all(|v| v.is_finite()));
         let mut yf = vec![f32::NAN; TOK * ROWS];
         (kern.gemm_f32)(&w, ROWS, K, &x, TOK, &mut yf, ROWS);
         // q8 weights × q8 activations stay close to the float product
         for (a, b) in y8.iter().zip(&yf) {
             assert!((a - b).abs() < 0.05 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+        for (a, b) in y6.iter().zip(&yf) {
+            assert!((a - b).abs() < 0.1 * (1.0 + b.abs()), "q6: {a} vs {b}");
         }
     }
 }

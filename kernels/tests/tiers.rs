@@ -6,10 +6,10 @@
 //! integer sums are additionally checked exactly against an i64 reference with unit scales and
 //! `k ≤ 1024`, where every partial sum is an integer below 2^24 and so exact in f32.
 
-use ferroq_kernels::block::{q4_pos, q4x8_bytes, q8_pos, row_groups};
+use ferroq_kernels::block::{q4_pos, q4x8_bytes, q6_get, q6_pos, q8_pos, row_groups};
 use ferroq_kernels::{
-    scalar, BlockQ4Lx8, BlockQ4x8, BlockQ8A, BlockQ8x8, CpuLevel, GemmQ4Fn, Kernels, Q4Block,
-    KVALUES, QK,
+    scalar, BlockQ4Lx8, BlockQ4x8, BlockQ6x8, BlockQ8A, BlockQ8x8, CpuLevel, GemmQ4Fn, Kernels,
+    Q4Block, KVALUES, QK,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -41,6 +41,9 @@ const Q4X8_RMSE_MAX: f64 = 0.081;
 const Q4LX8_RMSE_MAX: f64 = 0.089;
 /// Same for `quantize_q8x8`. Measured 0.005339 (amax/127 steps, f16 scale); budget +10 %.
 const Q8X8_RMSE_MAX: f64 = 0.0059;
+/// Same for `Q6x8` (64 linear levels, short scale search). Measured 0.01975 (seed 5; the
+/// round-to-nearest rule `d = m / −32` on the same data 0.02123); budget +10 %.
+const Q6X8_RMSE_MAX: f64 = 0.0218;
 /// Quantized dot (weights and activations quantized) against the f64 dot of the unquantized
 /// data, relative to `‖w‖·‖x‖`, max over 64 rows × 4 tokens at k = 4096 (seed 4). Measured
 /// 0.00294 (Q4) and 0.000342 (Q8), identical on every tier; budget ~2× measured.
@@ -681,6 +684,221 @@ fn q4l_reproduces_q4_0_grid() {
         scalar::dequantize_row_q4x8(&w, r, cols, &mut row);
         assert_eq!(&row[..], &wf[r * cols..(r + 1) * cols], "row {r}");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6-bit weights (Q6x8): output and embedding tables
+// ---------------------------------------------------------------------------------------------
+
+fn random_q6(rng: &mut Rng, n_rows: usize, k: usize, unit_scale: bool) -> Vec<BlockQ6x8> {
+    let n = row_groups(n_rows) * k / QK;
+    (0..n)
+        .map(|_| BlockQ6x8 {
+            d: std::array::from_fn(|_| {
+                if unit_scale {
+                    0x3C00
+                } else {
+                    half::f16::from_f32(rng.gauss() * 0.01).to_bits()
+                }
+            }),
+            // every byte is a valid packing
+            ql: std::array::from_fn(|_| rng.next() as u8),
+            qh: std::array::from_fn(|_| rng.next() as u8),
+        })
+        .collect()
+}
+
+/// Exact integer sums with unit scales against an i64 reference, including the extremes (every
+/// `u` 0 or 63 against activations all 127, −127 or −128): the i16 pair sums of the AVX2
+/// kernel never saturate and the −32 offset is undone exactly.
+#[test]
+fn q6_integer_sums_exact() {
+    let mut rng = Rng(21);
+    for kt in tables() {
+        for &n_rows in &ROW_COUNTS {
+            for &k in &KS {
+                let nb = k / QK;
+                let mut w = random_q6(&mut rng, n_rows, k, true);
+                for n_tok in 1..=9 {
+                    let mut x = unit_acts(&mut rng, n_tok * nb);
+                    if n_tok == 3 {
+                        for (i, b) in w.iter_mut().enumerate() {
+                            let v = if i % 2 == 0 { 0x00 } else { 0xFF };
+                            (b.ql, b.qh) = ([v; 128], [v; 64]);
+                        }
+                        for (i, a) in x.iter_mut().enumerate() {
+                            let v: i8 = [127, -127, -128][i % 3];
+                            a.qs = [v; 32];
+                            a.sum8 = 256 * v as i32;
+                        }
+                    }
+                    let ld = n_rows + 3;
+                    let mut y = nan_buf(n_tok, ld);
+                    (kt.gemm_q6x8)(&w, n_rows, k, &x, n_tok, &mut y, ld);
+                    for t in 0..n_tok {
+                        for r in 0..n_rows {
+                            let (g, rr) = (r / 8, r % 8);
+                            let mut s = 0i64;
+                            for b in 0..nb {
+                                let a = &x[t * nb + b];
+                                let blk = &w[g * nb + b];
+                                for c in 0..QK {
+                                    s += (q6_get(blk, rr, c) as i64 - 32) * a.qs[c] as i64;
+                                }
+                            }
+                            assert_eq!(
+                                y[t * ld + r],
+                                s as f32,
+                                "{} q6 n={n_rows} k={k} t={t} r={r}",
+                                kt.level.name()
+                            );
+                        }
+                        for r in n_rows..ld {
+                            assert!(y[t * ld + r].is_nan());
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Real scales, quantized activations, every tile size, scale edge cases: bit-identical to the
+/// twin.
+#[test]
+fn q6_matches_twin_bitwise() {
+    let mut rng = Rng(22);
+    let scales: [u16; 8] = [
+        0x0000, 0x0001, 0x03FF, 0x7BFF, 0xBC00, 0xFBFF, 0x3C00, 0x8000,
+    ];
+    for kt in tables() {
+        let lv = kt.level.name();
+        for &n_rows in &ROW_COUNTS {
+            for &k in &[32, 96, 576, 4096] {
+                let w = random_q6(&mut rng, n_rows, k, false);
+                for n_tok in [1, 2, 3, 4, 5, 8, 9, 13, 70] {
+                    let x = quant_acts(&rng.gauss_vec(n_tok * k));
+                    let ld = n_rows + 1;
+                    let mut y = nan_buf(n_tok, ld);
+                    let mut r = nan_buf(n_tok, ld);
+                    (kt.gemm_q6x8)(&w, n_rows, k, &x, n_tok, &mut y, ld);
+                    scalar::gemm_q6x8(&w, n_rows, k, &x, n_tok, &mut r, ld);
+                    let what = format!("{lv} q6 n={n_rows} k={k}");
+                    assert_gemm_out(&what, &y, &r, n_tok, n_rows, ld);
+                }
+            }
+        }
+        let k = 128;
+        let mut w = random_q6(&mut rng, 8, k, true);
+        w.iter_mut().for_each(|b| b.d = scales);
+        let mut xf = rng.gauss_vec(3 * k);
+        xf[32..64].iter_mut().for_each(|v| *v = 0.0);
+        xf[k..k + 32].iter_mut().for_each(|v| *v *= 1e-30);
+        xf[2 * k..2 * k + 32].iter_mut().for_each(|v| *v *= 1e30);
+        let x = quant_acts(&xf);
+        for n_tok in 1..=3 {
+            let mut y = nan_buf(n_tok, 8);
+            let mut r = nan_buf(n_tok, 8);
+            (kt.gemm_q6x8)(&w, 8, k, &x, n_tok, &mut y, 8);
+            scalar::gemm_q6x8(&w, 8, k, &x, n_tok, &mut r, 8);
+            for (a, b) in y.iter().zip(&r) {
+                assert!(a.to_bits() == b.to_bits(), "{lv} q6 edges: {a} vs {b}");
+            }
+        }
+    }
+}
+
+/// Every value `u` at every (row, column) slot: one-hot activations pick single weights out of
+/// the product, compared with `d · (u − 32)` and the twin's dequantisation.
+#[test]
+fn q6_all_values_every_slot() {
+    let k = 64;
+    // block b, row r, column c holds u = (b * 8 * 32 + r * 32 + c) % 64 (each value 8 times
+    // per block, in every position over the two blocks' rows)
+    let u_of = |b: usize, r: usize, c: usize| ((b * 256 + r * 37 + c * 5) % 64) as u8;
+    let mut wf = vec![0.0f32; 8 * k];
+    for r in 0..8 {
+        for b in 0..2 {
+            for c in 0..QK {
+                wf[r * k + b * QK + c] = u_of(b, r, c) as f32 - 32.0;
+            }
+        }
+        // pin the scale to 1: the block's extremes must be −32 and 31
+        for b in 0..2 {
+            wf[r * k + b * QK + 30] = -32.0;
+            wf[r * k + b * QK + 31] = 31.0;
+        }
+    }
+    let mut w = zeroed::<BlockQ6x8>(2);
+    scalar::quantize_q6x8_weighted(&wf, 8, k, None, &mut w);
+    let mut row = vec![0.0f32; k];
+    for r in 0..8 {
+        scalar::dequantize_row_q6x8(&w, r, k, &mut row);
+        assert_eq!(&row[..], &wf[r * k..(r + 1) * k], "row {r}");
+        for b in 0..2 {
+            for c in 0..QK {
+                let (il, hi, ih, sh) = q6_pos(r, c);
+                assert!(il < 128 && ih < 64 && sh <= 6 && (hi == (c >= 16)));
+                assert_eq!(q6_get(&w[b], r, c) as f32 - 32.0, wf[r * k + b * QK + c]);
+            }
+        }
+    }
+    for kt in tables() {
+        for col in 0..k {
+            let mut xf = vec![0.0f32; k];
+            xf[col] = 1.0;
+            let x = quant_acts(&xf);
+            let mut y = vec![f32::NAN; 8];
+            (kt.gemm_q6x8)(&w, 8, k, &x, 1, &mut y, 8);
+            for r in 0..8 {
+                assert_eq!(
+                    y[r],
+                    x[col / QK].d * (wf[r * k + col] * 127.0),
+                    "{} q6 col {col} row {r}",
+                    kt.level.name()
+                );
+            }
+        }
+    }
+}
+
+/// Round-trip error of the 6-bit quantizer within budget and below round-to-nearest.
+#[test]
+fn q6_roundtrip_rmse() {
+    let (rows, cols) = (64, 4096);
+    let mut rng = Rng(5);
+    let wf = rng.gauss_vec(rows * cols);
+    let mut w = zeroed::<BlockQ6x8>(row_groups(rows) * cols / QK);
+    scalar::quantize_q6x8_weighted(&wf, rows, cols, None, &mut w);
+    let (mut se, mut se_rtn, mut ss) = (0.0f64, 0.0f64, 0.0f64);
+    let mut row = vec![0.0f32; cols];
+    for r in 0..rows {
+        scalar::dequantize_row_q6x8(&w, r, cols, &mut row);
+        for (b, xb) in wf[r * cols..(r + 1) * cols].chunks_exact(QK).enumerate() {
+            let mx = xb
+                .iter()
+                .fold(0.0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+            let d = half::f16::from_f32(mx / -32.0).to_f32();
+            for (j, &v) in xb.iter().enumerate() {
+                let q = (v / d).round().clamp(-32.0, 31.0);
+                se_rtn += ((v - q * d) as f64).powi(2);
+                se += ((v - row[b * QK + j]) as f64).powi(2);
+                ss += (v as f64).powi(2);
+            }
+        }
+    }
+    let (e, e_rtn) = ((se / ss).sqrt(), (se_rtn / ss).sqrt());
+    eprintln!("relative RMSE: q6x8 {e:.5}, round-to-nearest {e_rtn:.5}");
+    assert!(e <= Q6X8_RMSE_MAX, "q6x8 RMSE {e}");
+    assert!(e < e_rtn, "the scale search must beat round-to-nearest");
+    // non-finite and all-zero rows quantize to zero scales, not garbage
+    let mut bad = vec![1.0f32; 2 * QK];
+    bad[3] = f32::NAN;
+    bad[QK..].iter_mut().for_each(|v| *v = 0.0);
+    let mut wb = zeroed::<BlockQ6x8>(2);
+    scalar::quantize_q6x8_weighted(&bad, 1, 2 * QK, None, &mut wb);
+    scalar::dequantize_row_q6x8(&wb, 0, 2 * QK, &mut row);
+    assert!(row[..2 * QK].iter().all(|&v| v == 0.0));
 }
 
 // ---------------------------------------------------------------------------------------------

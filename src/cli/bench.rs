@@ -106,6 +106,7 @@ fn mat_bytes(m: Mat) -> usize {
         Mat::Bf16(w) | Mat::F16(w) => std::mem::size_of_val(w),
         Mat::Q4(w) => std::mem::size_of_val(w),
         Mat::Q4L(w) => std::mem::size_of_val(w),
+        Mat::Q6(w) => std::mem::size_of_val(w),
         Mat::Q8(w) => std::mem::size_of_val(w),
     }
 }

@@ -15,7 +15,7 @@ pub struct Args {
     /// Output .fqm file (written to a temporary name and renamed when complete).
     #[arg(short, long)]
     pub output: PathBuf,
-    /// Weight precision: q4 (4-bit codebook matrices, 8-bit embedding/output), q4m (q4 with
+    /// Weight precision: q4 (4-bit codebook matrices, 6-bit embedding/output), q4m (q4 with
     /// 8-bit value and down projections), q4l or q4_0 (q4 on the linear 4-bit grid of Q4_0:
     /// faster kernels, less accurate; exact for a Q4_0 source), q8, bf16 or f32.
     #[arg(long, default_value = "q4")]
@@ -24,12 +24,13 @@ pub struct Args {
     /// transformers model cast with `model.to(torch.bfloat16)`).
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
     pub rope_freq: String,
-    /// Type of the output projection (q4, q4l, q8, bf16, f32), overriding the recipe; with tied
-    /// embeddings it is also the embedding table's type. `q4` reads ~half the bytes of the
-    /// default q8 per generated token, at a cost in accuracy.
+    /// Type of the output projection (q4, q4l, q6, q8, bf16, f32), overriding the recipe; with
+    /// tied embeddings it is also the embedding table's type. The 4-bit recipes use q6 (6.5 bits
+    /// per weight); q8 is more accurate, q4 reads fewer bytes per generated token at a cost in
+    /// accuracy.
     #[arg(long, value_name = "TYPE")]
     pub output_tensor_type: Option<String>,
-    /// Type of the token embedding table (q4, q4l, q8, bf16, f32), overriding the recipe.
+    /// Type of the token embedding table (q4, q4l, q6, q8, bf16, f32), overriding the recipe.
     #[arg(long, value_name = "TYPE")]
     pub token_embedding_type: Option<String>,
 }

@@ -12,7 +12,7 @@ mod writer;
 pub use reader::{FqmFile, TensorInfo, TensorView};
 pub use writer::FqmWriter;
 
-use ferroq_kernels::block::{q4x8_bytes, q8x8_bytes, QK};
+use ferroq_kernels::block::{q4x8_bytes, q6x8_bytes, q8x8_bytes, QK};
 
 /// File magic: the first 8 bytes.
 pub const MAGIC: [u8; 8] = *b"FERROQM\0";
@@ -46,6 +46,8 @@ pub enum DType {
     U8 = 5,
     /// Linear 4-bit weights (levels `q − 8`, ggml's `Q4_0` grid) in the `Q4x8` block layout.
     Q4Lx8 = 6,
+    /// 6-bit weights (levels `u − 32`) in 8-row interleaved blocks: output and embedding tables.
+    Q6x8 = 7,
 }
 
 impl DType {
@@ -58,6 +60,7 @@ impl DType {
             4 => DType::Q8x8,
             5 => DType::U8,
             6 => DType::Q4Lx8,
+            7 => DType::Q6x8,
             _ => return None,
         })
     }
@@ -71,6 +74,7 @@ impl DType {
             DType::Q8x8 => "q8x8",
             DType::U8 => "u8",
             DType::Q4Lx8 => "q4lx8",
+            DType::Q6x8 => "q6x8",
         }
     }
 
@@ -82,7 +86,7 @@ impl DType {
             DType::F32 => n.checked_mul(4),
             DType::F16 | DType::Bf16 => n.checked_mul(2),
             DType::U8 => Some(n),
-            DType::Q4x8 | DType::Q4Lx8 | DType::Q8x8 => {
+            DType::Q4x8 | DType::Q4Lx8 | DType::Q6x8 | DType::Q8x8 => {
                 let [rows, cols] = shape else { return None };
                 if cols % QK != 0 || *cols == 0 {
                     return None;
@@ -90,10 +94,10 @@ impl DType {
                 // n fits, so rows*cols fits; the padded size is at most n * 272/256 + a group
                 let padded = rows.div_ceil(8).checked_mul(8)?.checked_mul(*cols)?;
                 let _ = padded.checked_mul(2)?;
-                Some(if self != DType::Q8x8 {
-                    q4x8_bytes(*rows, *cols)
-                } else {
-                    q8x8_bytes(*rows, *cols)
+                Some(match self {
+                    DType::Q8x8 => q8x8_bytes(*rows, *cols),
+                    DType::Q6x8 => q6x8_bytes(*rows, *cols),
+                    _ => q4x8_bytes(*rows, *cols),
                 })
             }
         }
@@ -106,6 +110,7 @@ impl DType {
             DType::F16 | DType::Bf16 => 16.0,
             DType::U8 => 8.0,
             DType::Q4x8 | DType::Q4Lx8 => 4.5,
+            DType::Q6x8 => 6.5,
             DType::Q8x8 => 8.5,
         }
     }

@@ -5,7 +5,7 @@ use super::{
     VERSION,
 };
 use crate::{Error, Result};
-use ferroq_kernels::block::{BlockQ4Lx8, BlockQ4x8, BlockQ8x8};
+use ferroq_kernels::block::{BlockQ4Lx8, BlockQ4x8, BlockQ6x8, BlockQ8x8};
 use memmap2::Mmap;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -59,6 +59,10 @@ impl<'a> TensorView<'a> {
     }
     pub fn q4lx8(&self) -> Result<&'a [BlockQ4Lx8]> {
         self.want(DType::Q4Lx8)?;
+        self.cast()
+    }
+    pub fn q6x8(&self) -> Result<&'a [BlockQ6x8]> {
+        self.want(DType::Q6x8)?;
         self.cast()
     }
     pub fn q8x8(&self) -> Result<&'a [BlockQ8x8]> {

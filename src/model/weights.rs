@@ -91,6 +91,8 @@ impl Model {
             }
             let ok = match spec.role {
                 Role::Norm | Role::Router => info.dtype == DType::F32,
+                // the 6-bit type has a plain product only (no expert gather, no fused gate/up)
+                Role::Embedding | Role::Output if info.dtype == DType::Q6x8 => true,
                 _ => matches!(
                     info.dtype,
                     DType::F32
@@ -194,6 +196,7 @@ impl Model {
             DType::F16 => Mat::F16(bytemuck::cast_slice(bytes)),
             DType::Q4x8 => Mat::Q4(bytemuck::cast_slice(bytes)),
             DType::Q4Lx8 => Mat::Q4L(bytemuck::cast_slice(bytes)),
+            DType::Q6x8 => Mat::Q6(bytemuck::cast_slice(bytes)),
             DType::Q8x8 => Mat::Q8(bytemuck::cast_slice(bytes)),
             DType::U8 => unreachable!("U8 tensors are rejected for matrix roles at open"),
         }

@@ -16,8 +16,8 @@
 use core::arch::aarch64::*;
 use core::arch::asm;
 
-use super::neon::{accumulate, load_q8, scales, unpack_q4};
-use crate::block::{BlockQ8A, BlockQ8x8, Q4Block, KVALUES, ROWS};
+use super::neon::{accumulate, load_q8, scales, unpack_q4, unpack_q6, Q4, Q6, Q8};
+use crate::block::{BlockQ6x8, BlockQ8A, BlockQ8x8, Q4Block, KVALUES, ROWS};
 use crate::driver::{Tier, Tile};
 
 /// Proof that the CPU has NEON and the dot-product extension.
@@ -45,7 +45,7 @@ impl<B: Q4Block> Tile<B> for NeonDot {
     fn tile<const NY: usize>(self, w: &[B], x: &[&[BlockQ8A]; NY], out: &mut [[f32; ROWS]; NY]) {
         assert!(x.iter().all(|xt| xt.len() >= w.len()));
         // SAFETY: `self` proves NEON + dotprod (NeonDot::detect); x[t] hold w.len() blocks.
-        unsafe { q_tile::<NY, true>(&B::LEVELS, w.as_ptr() as *const u8, 144, w.len(), x, out) }
+        unsafe { q_tile::<NY, Q4>(&B::LEVELS, w.as_ptr() as *const u8, 144, w.len(), x, out) }
     }
 }
 
@@ -60,7 +60,22 @@ impl Tile<BlockQ8x8> for NeonDot {
     ) {
         assert!(x.iter().all(|xt| xt.len() >= w.len()));
         // SAFETY: as for the 4-bit tile.
-        unsafe { q_tile::<NY, false>(&KVALUES, w.as_ptr() as *const u8, 272, w.len(), x, out) }
+        unsafe { q_tile::<NY, Q8>(&KVALUES, w.as_ptr() as *const u8, 272, w.len(), x, out) }
+    }
+}
+
+impl Tile<BlockQ6x8> for NeonDot {
+    const NYMAX: usize = 4;
+    #[inline]
+    fn tile<const NY: usize>(
+        self,
+        w: &[BlockQ6x8],
+        x: &[&[BlockQ8A]; NY],
+        out: &mut [[f32; ROWS]; NY],
+    ) {
+        assert!(x.iter().all(|xt| xt.len() >= w.len()));
+        // SAFETY: as for the 4-bit tile.
+        unsafe { q_tile::<NY, Q6>(&KVALUES, w.as_ptr() as *const u8, 208, w.len(), x, out) }
     }
 }
 
@@ -75,11 +90,10 @@ macro_rules! sdot_lane {
 
 /// # Safety
 /// * NEON and dotprod available.
-/// * `w` points to `nb` readable blocks (a 4-bit type with these `levels` when `Q4`, else
-///   `BlockQ8x8`) of `stride`
-///   bytes; `x[t].len() >= nb`.
+/// * `w` points to `nb` readable blocks of `stride` bytes (a 4-bit type with these `levels`
+///   when `M == Q4`, `BlockQ6x8` when `Q6`, else `BlockQ8x8`); `x[t].len() >= nb`.
 #[target_feature(enable = "neon,dotprod")]
-pub(crate) unsafe fn q_tile<const NY: usize, const Q4: bool>(
+pub(crate) unsafe fn q_tile<const NY: usize, const M: u8>(
     levels: &[i8; 16],
     w: *const u8,
     stride: usize,
@@ -91,10 +105,10 @@ pub(crate) unsafe fn q_tile<const NY: usize, const Q4: bool>(
     let mut acc = [(vdupq_n_f32(0.0), vdupq_n_f32(0.0)); NY];
     for b in 0..nb {
         let blk = w.add(b * stride);
-        let wv = if Q4 {
-            unpack_q4(blk.add(16), kv)
-        } else {
-            load_q8(blk.add(16) as *const i8)
+        let wv = match M {
+            Q4 => unpack_q4(blk.add(16), kv),
+            Q6 => unpack_q6(blk.add(16), blk.add(144)),
+            _ => load_q8(blk.add(16) as *const i8),
         };
         let dw = scales(blk as *const u16);
         for t in 0..NY {

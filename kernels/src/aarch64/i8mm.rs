@@ -21,8 +21,8 @@
 use core::arch::aarch64::*;
 use core::arch::asm;
 
-use super::neon::{accumulate, load_q8, scales, unpack_q4};
-use crate::block::{BlockQ8A, BlockQ8x8, Q4Block, KVALUES, ROWS};
+use super::neon::{accumulate, load_q8, scales, unpack_q4, unpack_q6, Q4, Q6, Q8};
+use crate::block::{BlockQ6x8, BlockQ8A, BlockQ8x8, Q4Block, KVALUES, ROWS};
 use crate::driver::{Tier, Tile};
 
 /// Proof that the CPU has NEON, dotprod and i8mm.
@@ -54,9 +54,9 @@ impl<B: Q4Block> Tile<B> for NeonI8mm {
         // blocks.
         unsafe {
             if NY == 1 {
-                super::dotprod::q_tile::<NY, true>(&B::LEVELS, p, 144, w.len(), x, out)
+                super::dotprod::q_tile::<NY, Q4>(&B::LEVELS, p, 144, w.len(), x, out)
             } else {
-                q_tile::<NY, true>(&B::LEVELS, p, 144, w.len(), x, out)
+                q_tile::<NY, Q4>(&B::LEVELS, p, 144, w.len(), x, out)
             }
         }
     }
@@ -76,9 +76,31 @@ impl Tile<BlockQ8x8> for NeonI8mm {
         // SAFETY: as for the 4-bit tile.
         unsafe {
             if NY == 1 {
-                super::dotprod::q_tile::<NY, false>(&KVALUES, p, 272, w.len(), x, out)
+                super::dotprod::q_tile::<NY, Q8>(&KVALUES, p, 272, w.len(), x, out)
             } else {
-                q_tile::<NY, false>(&KVALUES, p, 272, w.len(), x, out)
+                q_tile::<NY, Q8>(&KVALUES, p, 272, w.len(), x, out)
+            }
+        }
+    }
+}
+
+impl Tile<BlockQ6x8> for NeonI8mm {
+    const NYMAX: usize = 4;
+    #[inline]
+    fn tile<const NY: usize>(
+        self,
+        w: &[BlockQ6x8],
+        x: &[&[BlockQ8A]; NY],
+        out: &mut [[f32; ROWS]; NY],
+    ) {
+        assert!(x.iter().all(|xt| xt.len() >= w.len()));
+        let p = w.as_ptr() as *const u8;
+        // SAFETY: as for the 4-bit tile.
+        unsafe {
+            if NY == 1 {
+                super::dotprod::q_tile::<NY, Q6>(&KVALUES, p, 208, w.len(), x, out)
+            } else {
+                q_tile::<NY, Q6>(&KVALUES, p, 208, w.len(), x, out)
             }
         }
     }
@@ -112,11 +134,10 @@ unsafe fn zip64(a: int8x16_t, b: int8x16_t) -> (int8x16_t, int8x16_t) {
 
 /// # Safety
 /// * NEON, dotprod and i8mm available.
-/// * `w` points to `nb` readable blocks (a 4-bit type with these `levels` when `Q4`, else
-///   `BlockQ8x8`) of `stride`
-///   bytes; `x[t].len() >= nb`.
+/// * `w` points to `nb` readable blocks of `stride` bytes (a 4-bit type with these `levels`
+///   when `M == Q4`, `BlockQ6x8` when `Q6`, else `BlockQ8x8`); `x[t].len() >= nb`.
 #[target_feature(enable = "neon,dotprod,i8mm")]
-unsafe fn q_tile<const NY: usize, const Q4: bool>(
+unsafe fn q_tile<const NY: usize, const M: u8>(
     levels: &[i8; 16],
     w: *const u8,
     stride: usize,
@@ -128,10 +149,10 @@ unsafe fn q_tile<const NY: usize, const Q4: bool>(
     let mut acc = [(vdupq_n_f32(0.0), vdupq_n_f32(0.0)); NY];
     for b in 0..nb {
         let blk = w.add(b * stride);
-        let wv = if Q4 {
-            unpack_q4(blk.add(16), kv)
-        } else {
-            load_q8(blk.add(16) as *const i8)
+        let wv = match M {
+            Q4 => unpack_q4(blk.add(16), kv),
+            Q6 => unpack_q6(blk.add(16), blk.add(144)),
+            _ => load_q8(blk.add(16) as *const i8),
         };
         // wm[g][p]: column group g (8 columns), row pair p (rows 2p, 2p+1)
         let mut wm = [[vdupq_n_s8(0); 4]; 4];

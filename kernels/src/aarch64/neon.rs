@@ -21,7 +21,7 @@
 
 use core::arch::aarch64::*;
 
-use crate::block::{BlockQ8A, BlockQ8x8, Q4Block, KVALUES, QK, ROWS};
+use crate::block::{BlockQ6x8, BlockQ8A, BlockQ8x8, Q4Block, KVALUES, QK, ROWS};
 use crate::driver::{Tier, Tile};
 
 /// Proof that the CPU has Advanced SIMD.
@@ -47,7 +47,7 @@ impl<B: Q4Block> Tile<B> for Neon {
     fn tile<const NY: usize>(self, w: &[B], x: &[&[BlockQ8A]; NY], out: &mut [[f32; ROWS]; NY]) {
         assert!(x.iter().all(|xt| xt.len() >= w.len()));
         // SAFETY: `self` proves NEON (Neon::detect); every x[t] holds w.len() blocks.
-        unsafe { q_tile::<NY, true>(&B::LEVELS, w.as_ptr() as *const u8, 144, w.len(), x, out) }
+        unsafe { q_tile::<NY, Q4>(&B::LEVELS, w.as_ptr() as *const u8, 144, w.len(), x, out) }
     }
 }
 
@@ -62,7 +62,22 @@ impl Tile<BlockQ8x8> for Neon {
     ) {
         assert!(x.iter().all(|xt| xt.len() >= w.len()));
         // SAFETY: as for the 4-bit tile.
-        unsafe { q_tile::<NY, false>(&KVALUES, w.as_ptr() as *const u8, 272, w.len(), x, out) }
+        unsafe { q_tile::<NY, Q8>(&KVALUES, w.as_ptr() as *const u8, 272, w.len(), x, out) }
+    }
+}
+
+impl Tile<BlockQ6x8> for Neon {
+    const NYMAX: usize = 4;
+    #[inline]
+    fn tile<const NY: usize>(
+        self,
+        w: &[BlockQ6x8],
+        x: &[&[BlockQ8A]; NY],
+        out: &mut [[f32; ROWS]; NY],
+    ) {
+        assert!(x.iter().all(|xt| xt.len() >= w.len()));
+        // SAFETY: as for the 4-bit tile.
+        unsafe { q_tile::<NY, Q6>(&KVALUES, w.as_ptr() as *const u8, 208, w.len(), x, out) }
     }
 }
 
@@ -127,6 +142,47 @@ pub(crate) unsafe fn unpack_q4(qs: *const u8, kv: int8x16_t) -> [[int8x16_t; 2];
     w
 }
 
+/// Block kinds of the shared tile loops (`q_tile::<NY, M>`): 4-bit through levels, `Q6x8`,
+/// `Q8x8`.
+pub(crate) const Q4: u8 = 0;
+pub(crate) const Q6: u8 = 1;
+pub(crate) const Q8: u8 = 2;
+
+/// The 8 chunks of a `Q6x8` block (`ql` at `ql`, `qh` at `qh`) as signed `u − 32`, same shape
+/// as [`unpack_q4`]: chunk `c` = nibbles of `ql` chunk `c % 4` (low for `c < 4`) OR'ed with
+/// bits `2·(c/2)..` of `qh` chunk `c % 2` moved to bits 4–5.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // `c` and `h` compute the load address too
+pub(crate) unsafe fn unpack_q6(ql: *const u8, qh: *const u8) -> [[int8x16_t; 2]; 8] {
+    let m4 = vdupq_n_u8(0x0F);
+    let m30 = vdupq_n_u8(0x30);
+    let off = vdupq_n_u8(32);
+    let mut w = [[vdupq_n_s8(0); 2]; 8];
+    for h in 0..2 {
+        for c in 0..4 {
+            let raw = vld1q_u8(ql.add(c * 32 + h * 16));
+            w[c][h] = vreinterpretq_s8_u8(vandq_u8(raw, m4));
+            w[4 + c][h] = vreinterpretq_s8_u8(vshrq_n_u8::<4>(raw));
+        }
+        for p in 0..2 {
+            let hb = vld1q_u8(qh.add(p * 32 + h * 16));
+            // chunk 2s + p takes bits 2s..2s+2 of hb
+            let hs = [
+                vandq_u8(vshlq_n_u8::<4>(hb), m30),
+                vandq_u8(vshlq_n_u8::<2>(hb), m30),
+                vandq_u8(hb, m30),
+                vandq_u8(vshrq_n_u8::<2>(hb), m30),
+            ];
+            for (s, hv) in hs.into_iter().enumerate() {
+                let c = 2 * s + p;
+                let u = vorrq_u8(vreinterpretq_u8_s8(w[c][h]), hv);
+                w[c][h] = vreinterpretq_s8_u8(vsubq_u8(u, off));
+            }
+        }
+    }
+    w
+}
+
 /// The 8 chunks of a `Q8x8` block, same shape as [`unpack_q4`].
 #[inline(always)]
 pub(crate) unsafe fn load_q8(qs: *const i8) -> [[int8x16_t; 2]; 8] {
@@ -138,13 +194,14 @@ pub(crate) unsafe fn load_q8(qs: *const i8) -> [[int8x16_t; 2]; 8] {
     w
 }
 
-/// `w` points to `nb` blocks of `stride` bytes (`BlockQ4x8` when `Q4`, else `BlockQ8x8`).
+/// `w` points to `nb` blocks of `stride` bytes (a 4-bit type when `M == Q4`, `BlockQ6x8` when
+/// `Q6`, else `BlockQ8x8`).
 ///
 /// # Safety
 /// * NEON available.
 /// * `w` points to `nb` readable blocks of the given type; `x[t].len() >= nb`.
 #[target_feature(enable = "neon")]
-unsafe fn q_tile<const NY: usize, const Q4: bool>(
+unsafe fn q_tile<const NY: usize, const M: u8>(
     levels: &[i8; 16],
     w: *const u8,
     stride: usize,
@@ -156,11 +213,11 @@ unsafe fn q_tile<const NY: usize, const Q4: bool>(
     let mut acc = [(vdupq_n_f32(0.0), vdupq_n_f32(0.0)); NY];
     for b in 0..nb {
         let blk = w.add(b * stride);
-        // d is the first field of both block types; qs follows at byte 16
-        let wv = if Q4 {
-            unpack_q4(blk.add(16), kv)
-        } else {
-            load_q8(blk.add(16) as *const i8)
+        // d is the first field of every block type; qs / ql follows at byte 16
+        let wv = match M {
+            Q4 => unpack_q4(blk.add(16), kv),
+            Q6 => unpack_q6(blk.add(16), blk.add(144)),
+            _ => load_q8(blk.add(16) as *const i8),
         };
         let dw = scales(blk as *const u16);
         for t in 0..NY {

@@ -55,7 +55,7 @@
 
 use core::arch::x86_64::*;
 
-use crate::block::{BlockQ4Lx8, BlockQ4x8, BlockQ8A, BlockQ8x8, KVALUES, QK, ROWS};
+use crate::block::{BlockQ4Lx8, BlockQ4x8, BlockQ6x8, BlockQ8A, BlockQ8x8, KVALUES, QK, ROWS};
 use crate::driver::{Tier, Tile};
 
 /// Proof that the CPU has AVX2, FMA and F16C.
@@ -125,6 +125,8 @@ avx2_tile!(BlockQ4x8, 8, q4_tile, q4_tile1x2);
 // NY 3 → 161, 4 → 163, 5 → 141, 6 → 143, 8 → 147–152 Gelem/s (spills from 5 on).
 avx2_tile!(BlockQ4Lx8, 4, q4l_tile, q4l_tile1x2);
 avx2_tile!(BlockQ8x8, 8, q8_tile, q8_tile1x2);
+// Q6x8: 4 tokens, as Q4Lx8 (4 i32 sums + 2 unpacked chunks + 3 constants).
+avx2_tile!(BlockQ6x8, 4, q6_tile, q6_tile1x2);
 
 /// The 16 levels in both 128-bit lanes (vpshufb looks up within each lane).
 static KV32: [i8; 32] = {
@@ -453,6 +455,135 @@ unsafe fn q8_tile1x2(
         let da = _mm256_set1_ps(a.d);
         acc0 = acc_block(acc0, scales(&k0.d), da, s0);
         acc1 = acc_block(acc1, scales(&k1.d), da, s1);
+    }
+    _mm256_storeu_ps(out0.as_mut_ptr(), acc0);
+    _mm256_storeu_ps(out1.as_mut_ptr(), acc1);
+}
+
+/// The unsigned 6-bit values `u` (0..64) of chunks `2p` and `2p + 1` of a `Q6x8` block, lane
+/// `r` = row `r`: the low 4 bits are the nibbles of `ql` chunks `2p % 4`, `(2p + 1) % 4` (low
+/// nibbles for `p < 2`, high for `p ≥ 2`), the high 2 bits are bits `2p..2p+2` of `qh` chunks 0
+/// and 1 moved to bits 4–5 (a 16-bit shift, then the mask drops what crossed a byte).
+#[inline(always)]
+pub(crate) unsafe fn q6_pair(
+    blk: &BlockQ6x8,
+    p: usize,
+    m4: __m256i,
+    m30: __m256i,
+) -> (__m256i, __m256i) {
+    // no closures here: this function has no target features of its own, and a closure body
+    // would be compiled without them (the intrinsics become calls; measured 3x slower)
+    let ql = blk.ql.as_ptr();
+    let l0 = _mm256_loadu_si256(ql.add((2 * p % 4) * 32) as *const __m256i);
+    let l1 = _mm256_loadu_si256(ql.add(((2 * p + 1) % 4) * 32) as *const __m256i);
+    let (l0, l1) = if p < 2 {
+        (l0, l1)
+    } else {
+        (_mm256_srli_epi16(l0, 4), _mm256_srli_epi16(l1, 4))
+    };
+    let h0 = _mm256_loadu_si256(blk.qh.as_ptr() as *const __m256i);
+    let h1 = _mm256_loadu_si256(blk.qh.as_ptr().add(32) as *const __m256i);
+    let (h0, h1) = match p {
+        0 => (_mm256_slli_epi16(h0, 4), _mm256_slli_epi16(h1, 4)),
+        1 => (_mm256_slli_epi16(h0, 2), _mm256_slli_epi16(h1, 2)),
+        2 => (h0, h1),
+        _ => (_mm256_srli_epi16(h0, 2), _mm256_srli_epi16(h1, 2)),
+    };
+    (
+        _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(h0, m30)),
+        _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(h1, m30)),
+    )
+}
+
+/// `Σ u·a` of chunks `2p`, `2p + 1` per i32 lane: two `vpmaddubsw` (unsigned `u` ≤ 63 ×
+/// signed `a`: a pair is at most 2 · 63 · 128 = 16128, so two pairs sum in i16 without
+/// saturation), one `vpaddw`, one `vpmaddwd`.
+#[inline(always)]
+unsafe fn dot8_q6(u: (__m256i, __m256i), qa: __m256i, qb: __m256i, ones: __m256i) -> __m256i {
+    let s16 = _mm256_add_epi16(_mm256_maddubs_epi16(u.0, qa), _mm256_maddubs_epi16(u.1, qb));
+    _mm256_madd_epi16(s16, ones)
+}
+
+/// `isum = Σ u·a − 32 · Σa` = `Σ (u − 32)·a`, the twin's integer sum (`32 Σa = 4 · sum8`).
+#[inline(always)]
+unsafe fn finish_q6(s32: __m256i, a: &BlockQ8A) -> __m256i {
+    _mm256_sub_epi32(s32, _mm256_set1_epi32(a.sum8 << 2))
+}
+
+/// 6-bit tile (`Q6x8`): per block, four chunk pairs unpacked once ([`q6_pair`], ~9
+/// instructions each) and shared by the `NY` tokens; per (block, token) 8 broadcasts,
+/// 8 `vpmaddubsw`, 4 `vpaddw`, 4 `vpmaddwd`, 3 `vpaddd`, the offset and the float epilogue.
+///
+/// # Safety
+/// Same as [`q4_tile`].
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::needless_range_loop)] // as in q4_tile
+unsafe fn q6_tile<const NY: usize>(
+    w: &[BlockQ6x8],
+    x: &[&[BlockQ8A]; NY],
+    out: &mut [[f32; ROWS]; NY],
+) {
+    let m4 = _mm256_set1_epi8(0x0F);
+    let m30 = _mm256_set1_epi8(0x30);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); NY];
+    for (b, blk) in w.iter().enumerate() {
+        let part = |p: usize, t: usize, u: (__m256i, __m256i)| {
+            let a = x[t].get_unchecked(b);
+            dot8_q6(u, quad(a, 2 * p), quad(a, 2 * p + 1), ones)
+        };
+        let u = q6_pair(blk, 0, m4, m30);
+        let mut s32: [__m256i; NY] = core::array::from_fn(|t| part(0, t, u));
+        for p in 1..4 {
+            let u = q6_pair(blk, p, m4, m30);
+            for t in 0..NY {
+                s32[t] = _mm256_add_epi32(s32[t], part(p, t, u));
+            }
+        }
+        let dw = scales(&blk.d);
+        for t in 0..NY {
+            let a = x[t].get_unchecked(b);
+            acc[t] = acc_block(acc[t], dw, _mm256_set1_ps(a.d), finish_q6(s32[t], a));
+        }
+    }
+    for t in 0..NY {
+        _mm256_storeu_ps(out[t].as_mut_ptr(), acc[t]);
+    }
+}
+
+/// Two `Q6x8` groups against one activation row (the decode case of [`q6_tile`]), each quad
+/// broadcast once for both.
+///
+/// # Safety
+/// Same as [`q4_tile1x2`].
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6_tile1x2(
+    w0: &[BlockQ6x8],
+    w1: &[BlockQ6x8],
+    x: &[BlockQ8A],
+    out0: &mut [f32; ROWS],
+    out1: &mut [f32; ROWS],
+) {
+    let m4 = _mm256_set1_epi8(0x0F);
+    let m30 = _mm256_set1_epi8(0x30);
+    let ones = _mm256_set1_epi16(1);
+    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    for (b, (k0, k1)) in w0.iter().zip(w1).enumerate() {
+        let a = x.get_unchecked(b);
+        let (mut s0, mut s1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+        for p in 0..4 {
+            let (qa, qb) = (quad(a, 2 * p), quad(a, 2 * p + 1));
+            let p0 = dot8_q6(q6_pair(k0, p, m4, m30), qa, qb, ones);
+            let p1 = dot8_q6(q6_pair(k1, p, m4, m30), qa, qb, ones);
+            (s0, s1) = if p == 0 {
+                (p0, p1)
+            } else {
+                (_mm256_add_epi32(s0, p0), _mm256_add_epi32(s1, p1))
+            };
+        }
+        let da = _mm256_set1_ps(a.d);
+        acc0 = acc_block(acc0, scales(&k0.d), da, finish_q6(s0, a));
+        acc1 = acc_block(acc1, scales(&k1.d), da, finish_q6(s1, a));
     }
     _mm256_storeu_ps(out0.as_mut_ptr(), acc0);
     _mm256_storeu_ps(out1.as_mut_ptr(), acc1);

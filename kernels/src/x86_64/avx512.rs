@@ -22,7 +22,7 @@
 
 use core::arch::x86_64::*;
 
-use crate::block::{BlockQ8A, BlockQ8x8, Q4Block, ROWS};
+use crate::block::{BlockQ6x8, BlockQ8A, BlockQ8x8, Q4Block, ROWS};
 use crate::driver::{Tier, Tile};
 
 /// Proof that the CPU has AVX-512 F/BW/VL/VNNI (and AVX2, FMA, F16C).
@@ -69,6 +69,21 @@ impl Tile<BlockQ8x8> for Avx512Vnni {
         assert!(x.iter().all(|xt| xt.len() >= w.len()));
         // SAFETY: as for the 4-bit tile.
         unsafe { q8_tile::<NY>(w, x, out) }
+    }
+}
+
+impl Tile<BlockQ6x8> for Avx512Vnni {
+    const NYMAX: usize = 8;
+    #[inline]
+    fn tile<const NY: usize>(
+        self,
+        w: &[BlockQ6x8],
+        x: &[&[BlockQ8A]; NY],
+        out: &mut [[f32; ROWS]; NY],
+    ) {
+        assert!(x.iter().all(|xt| xt.len() >= w.len()));
+        // SAFETY: as for the 4-bit tile.
+        unsafe { q6_tile::<NY>(w, x, out) }
     }
 }
 
@@ -134,6 +149,43 @@ unsafe fn q8_tile<const NY: usize>(
             let u = _mm256_xor_si256(wv, flip);
             for t in 0..NY {
                 isum[t] = _mm256_dpbusd_epi32(isum[t], u, quad(x[t].get_unchecked(b), c));
+            }
+        }
+        let dw = _mm256_cvtph_ps(_mm_loadu_si128(blk.d.as_ptr() as *const __m128i));
+        for t in 0..NY {
+            let s = _mm256_mul_ps(dw, _mm256_set1_ps(x[t].get_unchecked(b).d));
+            acc[t] = _mm256_add_ps(acc[t], _mm256_mul_ps(s, _mm256_cvtepi32_ps(isum[t])));
+        }
+    }
+    for t in 0..NY {
+        _mm256_storeu_ps(out[t].as_mut_ptr(), acc[t]);
+    }
+}
+
+/// `Q6x8`: the unsigned `u` (0..64) of each chunk pair from the AVX2 unpack
+/// ([`super::avx2::q6_pair`]) is `vpdpbusd`'s unsigned operand as it is; the i32 sums start at
+/// `-32 · Σa = -4 · sum8`, which leaves `Σ (u − 32)·a`.
+///
+/// # Safety
+/// Same as [`q4_tile`].
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn q6_tile<const NY: usize>(
+    w: &[BlockQ6x8],
+    x: &[&[BlockQ8A]; NY],
+    out: &mut [[f32; ROWS]; NY],
+) {
+    let m4 = _mm256_set1_epi8(0x0F);
+    let m30 = _mm256_set1_epi8(0x30);
+    let mut acc = [_mm256_setzero_ps(); NY];
+    for (b, blk) in w.iter().enumerate() {
+        let mut isum: [__m256i; NY] =
+            core::array::from_fn(|t| _mm256_set1_epi32(-4 * x[t].get_unchecked(b).sum8));
+        for p in 0..4 {
+            let (u0, u1) = super::avx2::q6_pair(blk, p, m4, m30);
+            for t in 0..NY {
+                let a = x[t].get_unchecked(b);
+                isum[t] = _mm256_dpbusd_epi32(isum[t], u0, quad(a, 2 * p));
+                isum[t] = _mm256_dpbusd_epi32(isum[t], u1, quad(a, 2 * p + 1));
             }
         }
         let dw = _mm256_cvtph_ps(_mm_loadu_si128(blk.d.as_ptr() as *const __m128i));
