@@ -1151,6 +1151,21 @@ fn output_and_embedding_type_overrides() {
     m.forward(&mut st, &[1, 2, 3], ferroq::model::Logits::Last)
         .unwrap();
     assert!(st.logits().iter().all(|x| x.is_finite()));
+    // every accepted name, llama.cpp's spellings included
+    for (name, want) in [
+        ("q4", DType::Q4x8),
+        ("q4l", DType::Q4Lx8),
+        ("Q4_0", DType::Q4Lx8),
+        ("q6", DType::Q6x8),
+        ("q6_k", DType::Q6x8),
+        ("q8", DType::Q8x8),
+        ("q8_0", DType::Q8x8),
+        ("bf16", DType::Bf16),
+        ("f32", DType::F32),
+    ] {
+        let got = ferroq::tools::convert::parse_matrix_type(name).unwrap();
+        assert_eq!(got, want, "{name}");
+    }
     // bad names are refused with the flag named
     let e = ferroq::tools::convert::parse_matrix_type("q5")
         .unwrap_err()

@@ -46,10 +46,8 @@ use super::source::{Checkpoint, TensorSource};
 use crate::format::{DType, FqmWriter, EXPERT_ALIGN, TENSOR_ALIGN};
 use crate::model::{tensor_table, Arch, ModelConfig, Role, TensorSpec};
 use crate::{Error, Result};
-use ferroq_kernels::block::{
-    row_groups, BlockQ4Lx8, BlockQ4x8, BlockQ6x8, BlockQ8x8, Q4Block, QK, ROWS,
-};
-use ferroq_kernels::scalar::{quantize_q4x8_weighted, quantize_q6x8_weighted, quantize_q8x8};
+use ferroq_kernels::block::{row_groups, BlockQ4Lx8, BlockQ4x8, BlockQ6x8, BlockQ8x8, QK, ROWS};
+use ferroq_kernels::scalar::{quantize_q4x8_weighted, quantize_q6x8, quantize_q8x8};
 use rayon::prelude::*;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -554,48 +552,25 @@ fn encode<'b>(
                 });
             &b.bytes
         }
-        DType::Q4x8 => bytemuck::cast_slice(encode_q4(w, shape, col_w, &mut b.q4)),
-        DType::Q4Lx8 => bytemuck::cast_slice(encode_q4(w, shape, col_w, &mut b.q4l)),
-        DType::Q6x8 => {
-            let (rows, cols) = (shape[0], shape[1]);
-            let nb = cols / QK;
-            b.q6.clear();
-            b.q6.resize(row_groups(rows) * nb, bytemuck::Zeroable::zeroed());
-            b.q6.par_chunks_mut(nb).enumerate().for_each(|(g, out)| {
-                let r0 = g * ROWS;
-                let n = (rows - r0).min(ROWS);
-                quantize_q6x8_weighted(&w[r0 * cols..(r0 + n) * cols], n, cols, col_w, out);
-            });
-            bytemuck::cast_slice(&b.q6)
-        }
-        DType::Q8x8 => {
-            let (rows, cols) = (shape[0], shape[1]);
-            let nb = cols / QK;
-            b.q8.clear();
-            b.q8.resize(
-                row_groups(rows) * nb,
-                BlockQ8x8 {
-                    d: [0; ROWS],
-                    qs: [0; 256],
-                },
-            );
-            b.q8.par_chunks_mut(nb).enumerate().for_each(|(g, out)| {
-                let r0 = g * ROWS;
-                let n = (rows - r0).min(ROWS);
-                quantize_q8x8(&w[r0 * cols..(r0 + n) * cols], n, cols, out);
-            });
-            bytemuck::cast_slice(&b.q8)
-        }
+        DType::Q4x8 => bytemuck::cast_slice(encode_blocks(w, shape, &mut b.q4, |x, n, c, o| {
+            quantize_q4x8_weighted(x, n, c, col_w, o)
+        })),
+        DType::Q4Lx8 => bytemuck::cast_slice(encode_blocks(w, shape, &mut b.q4l, |x, n, c, o| {
+            quantize_q4x8_weighted(x, n, c, col_w, o)
+        })),
+        DType::Q6x8 => bytemuck::cast_slice(encode_blocks(w, shape, &mut b.q6, quantize_q6x8)),
+        DType::Q8x8 => bytemuck::cast_slice(encode_blocks(w, shape, &mut b.q8, quantize_q8x8)),
         DType::U8 => unreachable!("model tensors are never u8"),
     }
 }
 
-/// Quantize `w [rows, cols]` to a 4-bit block type, one task per 8-row group.
-fn encode_q4<'b, B: Q4Block>(
+/// Quantize `w [rows, cols]` to a block type with `quantize(rows, n, cols, out)` (one of the
+/// scalar quantizers), one task per 8-row group.
+fn encode_blocks<'b, B: bytemuck::Pod + Send>(
     w: &[f32],
     shape: &[usize],
-    col_w: Option<&[f32]>,
     out: &'b mut Vec<B>,
+    quantize: impl Fn(&[f32], usize, usize, &mut [B]) + Sync,
 ) -> &'b [B] {
     let (rows, cols) = (shape[0], shape[1]);
     let nb = cols / QK;
@@ -605,7 +580,7 @@ fn encode_q4<'b, B: Q4Block>(
     out.par_chunks_mut(nb).enumerate().for_each(|(g, o)| {
         let r0 = g * ROWS;
         let n = (rows - r0).min(ROWS);
-        quantize_q4x8_weighted(&w[r0 * cols..(r0 + n) * cols], n, cols, col_w, o);
+        quantize(&w[r0 * cols..(r0 + n) * cols], n, cols, o);
     });
     out
 }

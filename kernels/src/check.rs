@@ -8,17 +8,44 @@ use crate::{
 };
 use crate::{GateUpQ4Fn, GatherQ4Fn, GemmQ4Fn};
 
-/// The table entries of one 4-bit block type, so one generic wrapper checks both.
-trait Q4Entries: Q4Block {
+/// The plain-product entry of one quantized block type and its twin, so one generic wrapper
+/// checks them all.
+trait GemmEntry: Sized + 'static {
+    const NAME: &'static str;
     fn gemm(k: &Kernels) -> GemmQ4Fn<Self>;
+    fn twin() -> GemmQ4Fn<Self>;
+}
+
+macro_rules! gemm_entry {
+    ($block:ty, $name:literal, $field:ident, $twin:expr) => {
+        impl GemmEntry for $block {
+            const NAME: &'static str = $name;
+            fn gemm(k: &Kernels) -> GemmQ4Fn<Self> {
+                k.$field
+            }
+            fn twin() -> GemmQ4Fn<Self> {
+                $twin
+            }
+        }
+    };
+}
+gemm_entry!(BlockQ4x8, "q4x8", gemm_q4x8, scalar::gemm_q4x8::<BlockQ4x8>);
+gemm_entry!(
+    BlockQ4Lx8,
+    "q4lx8",
+    gemm_q4lx8,
+    scalar::gemm_q4x8::<BlockQ4Lx8>
+);
+gemm_entry!(BlockQ6x8, "q6x8", gemm_q6x8, scalar::gemm_q6x8);
+gemm_entry!(BlockQ8x8, "q8x8", gemm_q8x8, scalar::gemm_q8x8);
+
+/// The expert entries of one 4-bit block type, so one generic wrapper checks both.
+trait Q4Entries: Q4Block {
     fn gather(k: &Kernels) -> GatherQ4Fn<Self>;
     fn gate_up(k: &Kernels) -> GateUpQ4Fn<Self>;
 }
 
 impl Q4Entries for BlockQ4x8 {
-    fn gemm(k: &Kernels) -> GemmQ4Fn<Self> {
-        k.gemm_q4x8
-    }
     fn gather(k: &Kernels) -> GatherQ4Fn<Self> {
         k.gemm_q4x8_gather
     }
@@ -28,9 +55,6 @@ impl Q4Entries for BlockQ4x8 {
 }
 
 impl Q4Entries for BlockQ4Lx8 {
-    fn gemm(k: &Kernels) -> GemmQ4Fn<Self> {
-        k.gemm_q4lx8
-    }
     fn gather(k: &Kernels) -> GatherQ4Fn<Self> {
         k.gemm_q4lx8_gather
     }
@@ -70,7 +94,7 @@ fn quantize_q8a<T: TierTable>(x: &[f32], out: &mut [BlockQ8A]) {
     );
 }
 
-fn gemm_q4x8<T: TierTable, B: Q4Entries>(
+fn gemm_q<T: TierTable, B: GemmEntry>(
     w: &[B],
     n: usize,
     k: usize,
@@ -81,38 +105,8 @@ fn gemm_q4x8<T: TierTable, B: Q4Entries>(
 ) {
     (B::gemm(&T::K))(w, n, k, x, t, y, ld);
     let mut r = y.to_vec();
-    scalar::gemm_q4x8(w, n, k, x, t, &mut r, ld);
+    (B::twin())(w, n, k, x, t, &mut r, ld);
     exact(&format!("gemm {}", B::NAME), y, &r);
-}
-
-fn gemm_q8x8<T: TierTable>(
-    w: &[BlockQ8x8],
-    n: usize,
-    k: usize,
-    x: &[BlockQ8A],
-    t: usize,
-    y: &mut [f32],
-    ld: usize,
-) {
-    (T::K.gemm_q8x8)(w, n, k, x, t, y, ld);
-    let mut r = y.to_vec();
-    scalar::gemm_q8x8(w, n, k, x, t, &mut r, ld);
-    exact("gemm_q8x8", y, &r);
-}
-
-fn gemm_q6x8<T: TierTable>(
-    w: &[BlockQ6x8],
-    n: usize,
-    k: usize,
-    x: &[BlockQ8A],
-    t: usize,
-    y: &mut [f32],
-    ld: usize,
-) {
-    (T::K.gemm_q6x8)(w, n, k, x, t, y, ld);
-    let mut r = y.to_vec();
-    scalar::gemm_q6x8(w, n, k, x, t, &mut r, ld);
-    exact("gemm_q6x8", y, &r);
 }
 
 fn gemm_q4x8_gather<T: TierTable, B: Q4Entries>(
@@ -438,10 +432,10 @@ pub(crate) fn wrap<T: TierTable>() -> Kernels {
     Kernels {
         level: T::K.level,
         quantize_q8a: quantize_q8a::<T>,
-        gemm_q4x8: gemm_q4x8::<T, BlockQ4x8>,
-        gemm_q4lx8: gemm_q4x8::<T, BlockQ4Lx8>,
-        gemm_q8x8: gemm_q8x8::<T>,
-        gemm_q6x8: gemm_q6x8::<T>,
+        gemm_q4x8: gemm_q::<T, BlockQ4x8>,
+        gemm_q4lx8: gemm_q::<T, BlockQ4Lx8>,
+        gemm_q8x8: gemm_q::<T, BlockQ8x8>,
+        gemm_q6x8: gemm_q::<T, BlockQ6x8>,
         gemm_f32: gemm_f32::<T>,
         gemm_bf16: gemm_bf16::<T>,
         gemm_f16: gemm_f16::<T>,

@@ -318,12 +318,13 @@ pub(crate) trait Tier: Tile<BlockQ4x8> + Tile<BlockQ4Lx8> + Tile<BlockQ8x8> {
     fn get() -> Self;
 }
 
-use crate::block::{BlockQ4Lx8, BlockQ4x8, BlockQ6x8, BlockQ8x8};
+use crate::block::{BlockQ4Lx8, BlockQ4x8, BlockQ8x8};
 
-// Table entries shared by every tier: `driver::gemm_q4x8::<BlockQ4x8, Avx2>` etc. (the 4-bit
-// entries are generic over the two 4-bit block types).
+// Table entries shared by every tier and every quantized block type:
+// `driver::gemm_q::<BlockQ4Lx8, Avx2>`, `driver::gather_q::<BlockQ8x8, Neon>`, ...
 
-pub(crate) fn gemm_q4x8<B, T: Tier + Tile<B>>(
+/// Plain product ([`crate::GemmQ4Fn`] and its 6- and 8-bit twins).
+pub(crate) fn gemm_q<B, T: Tier + Tile<B>>(
     w: &[B],
     n_rows: usize,
     k: usize,
@@ -335,32 +336,8 @@ pub(crate) fn gemm_q4x8<B, T: Tier + Tile<B>>(
     gemm(T::get(), w, n_rows, k, x, None, n_tok, y, ld_y);
 }
 
-pub(crate) fn gemm_q8x8<T: Tier>(
-    w: &[BlockQ8x8],
-    n_rows: usize,
-    k: usize,
-    x: &[BlockQ8A],
-    n_tok: usize,
-    y: &mut [f32],
-    ld_y: usize,
-) {
-    gemm(T::get(), w, n_rows, k, x, None, n_tok, y, ld_y);
-}
-
-/// Products with `Q6x8` weights (the output and embedding tables): plain products only.
-pub(crate) fn gemm_q6x8<T: Tier + Tile<BlockQ6x8>>(
-    w: &[BlockQ6x8],
-    n_rows: usize,
-    k: usize,
-    x: &[BlockQ8A],
-    n_tok: usize,
-    y: &mut [f32],
-    ld_y: usize,
-) {
-    gemm(T::get(), w, n_rows, k, x, None, n_tok, y, ld_y);
-}
-
-pub(crate) fn gemm_q4x8_gather<B, T: Tier + Tile<B>>(
+/// Expert gather product ([`crate::GatherQ4Fn`], [`crate::GatherQ8Fn`]).
+pub(crate) fn gather_q<B, T: Tier + Tile<B>>(
     w: &[B],
     n_rows: usize,
     k: usize,
@@ -382,46 +359,11 @@ pub(crate) fn gemm_q4x8_gather<B, T: Tier + Tile<B>>(
     );
 }
 
-pub(crate) fn gemm_q8x8_gather<T: Tier>(
-    w: &[BlockQ8x8],
-    n_rows: usize,
-    k: usize,
-    x_all: &[BlockQ8A],
-    rows: &[u32],
-    y: &mut [f32],
-    ld_y: usize,
-) {
-    gemm(
-        T::get(),
-        w,
-        n_rows,
-        k,
-        x_all,
-        Some(rows),
-        rows.len(),
-        y,
-        ld_y,
-    );
-}
-
+/// Fused gate/up with SiLU ([`crate::GateUpQ4Fn`], [`crate::GateUpQ8Fn`]).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn ffn_gate_up_q4x8<B, T: Tier + Tile<B>>(
+pub(crate) fn gate_up_q<B, T: Tier + Tile<B>>(
     w_gate: &[B],
     w_up: &[B],
-    n_rows: usize,
-    k: usize,
-    x_all: &[BlockQ8A],
-    rows: &[u32],
-    y: &mut [f32],
-    ld_y: usize,
-) {
-    gate_up(T::get(), w_gate, w_up, n_rows, k, x_all, rows, y, ld_y);
-}
-
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn ffn_gate_up_q8x8<T: Tier>(
-    w_gate: &[BlockQ8x8],
-    w_up: &[BlockQ8x8],
     n_rows: usize,
     k: usize,
     x_all: &[BlockQ8A],

@@ -244,16 +244,16 @@ pub fn quantize_q8x8(w: &[f32], rows: usize, cols: usize, out: &mut [BlockQ8x8])
 }
 
 /// Quantize 32 weights to the 64 linear levels `q ∈ −32..=31` of `Q6x8`, minimising the
-/// importance-weighted squared error `Σ w[k] (x[k] − d·q[k])²` (`w[k] ≥ 0`; all zero means
-/// uniform). Returns `(d, u)` with `u = q + 32` and `d` rounded to f16.
+/// squared error `Σ (x[k] − d·q[k])²`. Returns `(d, u)` with `u = q + 32` and `d` rounded to
+/// f16. (No importance weighting: the 6-bit type holds the output and embedding tables, where
+/// weighting by the final norm was measured no better, see `docs/performance.md`.)
 ///
 /// A short scale search: inverse scales that put the largest-magnitude value `m` at
 /// `−(32 + i/10)` or `+(31 + i/10)` for `i ∈ −6..=6`; each rounding is scored with its
-/// least-squares scale (`Σwxq / Σwq²`, error `Σwx² − (Σwxq)²/Σwq²`). The best scale is rounded
-/// to f16 and the values are rounded again with that exact scale.
-pub fn quantize_block_q6_weighted(x: &[f32], w: &[f32]) -> (f16, [u8; QK]) {
+/// least-squares scale (`Σxq / Σq²`, error `Σx² − (Σxq)²/Σq²`). The best scale is rounded to
+/// f16 and the values are rounded again with that exact scale.
+pub fn quantize_block_q6(x: &[f32]) -> (f16, [u8; QK]) {
     debug_assert_eq!(x.len(), QK);
-    debug_assert_eq!(w.len(), QK);
     // 1. degenerate blocks
     let m = x
         .iter()
@@ -261,22 +261,16 @@ pub fn quantize_block_q6_weighted(x: &[f32], w: &[f32]) -> (f16, [u8; QK]) {
     if m == 0.0 || !m.is_finite() || x.iter().any(|v| !v.is_finite()) {
         return (f16::ZERO, [32; QK]);
     }
-    let uniform = [1.0f32; QK];
-    let w = if w.iter().any(|&v| v > 0.0) {
-        w
-    } else {
-        &uniform[..]
-    };
     // 2. candidate inverse scales, each scored with its least-squares scale
     let mut best = (f32::NEG_INFINITY, 0.0f32);
     for base in [-32.0f32, 31.0] {
         for i in -6..=6 {
             let t = (base + base.signum() * i as f32 * 0.1) / m;
             let (mut sxq, mut sqq) = (0.0f32, 0.0f32);
-            for (&v, &wk) in x.iter().zip(w) {
+            for &v in x {
                 let q = (v * t).round_ties_even().clamp(-32.0, 31.0);
-                sxq += wk * v * q;
-                sqq += wk * q * q;
+                sxq += v * q;
+                sqq += q * q;
             }
             if sqq > 0.0 && sxq * sxq / sqq > best.0 {
                 best = (sxq * sxq / sqq, sxq / sqq);
@@ -296,24 +290,13 @@ pub fn quantize_block_q6_weighted(x: &[f32], w: &[f32]) -> (f16, [u8; QK]) {
     (d, u)
 }
 
-/// Quantize a row-major `rows × cols` f32 matrix into `Q6x8` blocks (`cols % 32 == 0`),
-/// minimising the error weighted by a per-column importance `col_w[cols]` (`None`: uniform).
+/// Quantize a row-major `rows × cols` f32 matrix into `Q6x8` blocks (`cols % 32 == 0`).
 /// `out` must hold `row_groups(rows) * cols / 32` blocks. Rows past `rows` get zero scales.
-pub fn quantize_q6x8_weighted(
-    w: &[f32],
-    rows: usize,
-    cols: usize,
-    col_w: Option<&[f32]>,
-    out: &mut [BlockQ6x8],
-) {
+pub fn quantize_q6x8(w: &[f32], rows: usize, cols: usize, out: &mut [BlockQ6x8]) {
     assert_eq!(cols % QK, 0);
     assert_eq!(w.len(), rows * cols);
-    if let Some(cw) = col_w {
-        assert_eq!(cw.len(), cols);
-    }
     let nb = cols / QK;
     assert!(out.len() >= rows.div_ceil(ROWS) * nb);
-    let uniform = [1.0f32; QK];
     for (g, group) in out.chunks_mut(nb).take(rows.div_ceil(ROWS)).enumerate() {
         for (b, blk) in group.iter_mut().enumerate() {
             // padding rows: zero scale, u = 32 (weight 0)
@@ -322,14 +305,13 @@ pub fn quantize_q6x8_weighted(
                 ql: [0; 128],
                 qh: [0xAA; 64],
             };
-            let cw = col_w.map_or(&uniform[..], |c| &c[b * QK..(b + 1) * QK]);
             for r in 0..ROWS {
                 let row = g * ROWS + r;
                 if row >= rows {
                     continue;
                 }
                 let x = &w[row * cols + b * QK..row * cols + (b + 1) * QK];
-                let (d, u) = quantize_block_q6_weighted(x, cw);
+                let (d, u) = quantize_block_q6(x);
                 blk.d[r] = d.to_bits();
                 for (k, &uk) in u.iter().enumerate() {
                     let (il, hi, ih, sh) = q6_pos(r, k);
@@ -432,6 +414,43 @@ pub fn dot_block_q6(blk: &BlockQ6x8, r: usize, a: &BlockQ8A) -> i32 {
     s
 }
 
+/// The loop of every quantized product twin: per 8-row group and token, the float sum over
+/// blocks in order, `acc += (d_w · d_a) · isum` with `isum = dot(block, row, activations)`
+/// (the order every tier reproduces bit for bit). `y[t * ld_y + r]` for `r < n_rows`.
+#[allow(clippy::too_many_arguments)] // the product's arguments plus the block type's accessors
+fn gemm_blocks<B>(
+    w: &[B],
+    n_rows: usize,
+    k: usize,
+    x: &[BlockQ8A],
+    n_tok: usize,
+    y: &mut [f32],
+    ld_y: usize,
+    d: impl Fn(&B) -> &[u16; ROWS],
+    dot: impl Fn(&B, usize, &BlockQ8A) -> i32,
+) {
+    let nb = k / QK;
+    for g in 0..n_rows.div_ceil(ROWS) {
+        for t in 0..n_tok {
+            let mut acc = [0.0f32; ROWS];
+            for b in 0..nb {
+                let blk = &w[g * nb + b];
+                let a = &x[t * nb + b];
+                for (r, acc_r) in acc.iter_mut().enumerate() {
+                    let dw = f16::from_bits(d(blk)[r]).to_f32();
+                    *acc_r += (dw * a.d) * dot(blk, r, a) as f32;
+                }
+            }
+            for (r, &v) in acc.iter().enumerate() {
+                let row = g * ROWS + r;
+                if row < n_rows {
+                    y[t * ld_y + row] = v;
+                }
+            }
+        }
+    }
+}
+
 /// `Q4x8` weights × quantized activations.
 ///
 /// * `w`: the blocks of `row_groups(n_rows)` row groups, `k / 32` blocks each.
@@ -449,26 +468,7 @@ pub fn gemm_q4x8<B: Q4Block>(
     y: &mut [f32],
     ld_y: usize,
 ) {
-    let nb = k / QK;
-    for g in 0..n_rows.div_ceil(ROWS) {
-        for t in 0..n_tok {
-            let mut acc = [0.0f32; ROWS];
-            for b in 0..nb {
-                let blk = &w[g * nb + b];
-                let a = &x[t * nb + b];
-                for (r, acc_r) in acc.iter_mut().enumerate() {
-                    let dw = f16::from_bits(blk.d()[r]).to_f32();
-                    *acc_r += (dw * a.d) * dot_block_q4(blk, r, a) as f32;
-                }
-            }
-            for (r, &v) in acc.iter().enumerate() {
-                let row = g * ROWS + r;
-                if row < n_rows {
-                    y[t * ld_y + row] = v;
-                }
-            }
-        }
-    }
+    gemm_blocks(w, n_rows, k, x, n_tok, y, ld_y, B::d, dot_block_q4::<B>);
 }
 
 /// `Q8x8` weights × quantized activations. Same contract as [`gemm_q4x8`].
@@ -481,26 +481,17 @@ pub fn gemm_q8x8(
     y: &mut [f32],
     ld_y: usize,
 ) {
-    let nb = k / QK;
-    for g in 0..n_rows.div_ceil(ROWS) {
-        for t in 0..n_tok {
-            let mut acc = [0.0f32; ROWS];
-            for b in 0..nb {
-                let blk = &w[g * nb + b];
-                let a = &x[t * nb + b];
-                for (r, acc_r) in acc.iter_mut().enumerate() {
-                    let dw = f16::from_bits(blk.d[r]).to_f32();
-                    *acc_r += (dw * a.d) * dot_block_q8(blk, r, a) as f32;
-                }
-            }
-            for (r, &v) in acc.iter().enumerate() {
-                let row = g * ROWS + r;
-                if row < n_rows {
-                    y[t * ld_y + row] = v;
-                }
-            }
-        }
-    }
+    gemm_blocks(
+        w,
+        n_rows,
+        k,
+        x,
+        n_tok,
+        y,
+        ld_y,
+        |b: &BlockQ8x8| &b.d,
+        dot_block_q8,
+    );
 }
 
 /// `Q6x8` weights × quantized activations. Same contract as [`gemm_q4x8`].
@@ -513,26 +504,17 @@ pub fn gemm_q6x8(
     y: &mut [f32],
     ld_y: usize,
 ) {
-    let nb = k / QK;
-    for g in 0..n_rows.div_ceil(ROWS) {
-        for t in 0..n_tok {
-            let mut acc = [0.0f32; ROWS];
-            for b in 0..nb {
-                let blk = &w[g * nb + b];
-                let a = &x[t * nb + b];
-                for (r, acc_r) in acc.iter_mut().enumerate() {
-                    let dw = f16::from_bits(blk.d[r]).to_f32();
-                    *acc_r += (dw * a.d) * dot_block_q6(blk, r, a) as f32;
-                }
-            }
-            for (r, &v) in acc.iter().enumerate() {
-                let row = g * ROWS + r;
-                if row < n_rows {
-                    y[t * ld_y + row] = v;
-                }
-            }
-        }
-    }
+    gemm_blocks(
+        w,
+        n_rows,
+        k,
+        x,
+        n_tok,
+        y,
+        ld_y,
+        |b: &BlockQ6x8| &b.d,
+        dot_block_q6,
+    );
 }
 
 /// Float weights (row-major `n_rows × k`) × float activations. `y[t * ld_y + r]`.

@@ -49,7 +49,7 @@ fn quantized_products_and_roundtrip() {
     ];
     scalar::quantize_q4x8(&w, ROWS, K, &mut q4);
     scalar::quantize_q8x8(&w, ROWS, K, &mut q8);
-    scalar::quantize_q6x8_weighted(&w, ROWS, K, None, &mut q6);
+    scalar::quantize_q6x8(&w, ROWS, K, &mut q6);
     let mut xa = vec![
         BlockQ8A {
             d: 0.0,

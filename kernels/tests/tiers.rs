@@ -117,17 +117,91 @@ fn assert_gemm_out(what: &str, got: &[f32], want: &[f32], n_out: usize, n_rows: 
     }
 }
 
+/// Asserts that `y` (a product with unit scales: `x.len() / nb` tokens, rows of stride `ld`)
+/// holds the exact sums `Σ_b Σ_c weight(r, b, c) · x[t][b].qs[c]` for `r < n_rows`, and that the
+/// slots past `n_rows` are untouched (NaN).
+fn assert_exact_sums(
+    what: &str,
+    y: &[f32],
+    ld: usize,
+    n_rows: usize,
+    x: &[BlockQ8A],
+    nb: usize,
+    weight: impl Fn(usize, usize, usize) -> i64,
+) {
+    for t in 0..x.len() / nb {
+        for r in 0..n_rows {
+            let mut s = 0i64;
+            for b in 0..nb {
+                let a = &x[t * nb + b];
+                for c in 0..QK {
+                    s += weight(r, b, c) * a.qs[c] as i64;
+                }
+            }
+            assert_eq!(y[t * ld + r], s as f32, "{what} t={t} r={r}");
+        }
+        for r in n_rows..ld {
+            assert!(
+                y[t * ld + r].is_nan(),
+                "{what}: y[{t}][{r}] written past n_rows"
+            );
+        }
+    }
+}
+
+/// Row scales of the edge-case tests: 0, smallest and largest f16 subnormal, f16 max, −1,
+/// −max, 1, −0.
+const EDGE_SCALES: [u16; 8] = [
+    0x0000, 0x0001, 0x03FF, 0x7BFF, 0xBC00, 0xFBFF, 0x3C00, 0x8000,
+];
+
+/// Three quantized activation rows of `k` with a zero block (d = 0), a tiny one (×1e-30) and a
+/// huge one (×1e30).
+fn edge_acts(rng: &mut Rng, k: usize) -> Vec<BlockQ8A> {
+    let mut xf = rng.gauss_vec(3 * k);
+    xf[32..64].iter_mut().for_each(|v| *v = 0.0);
+    xf[k..k + 32].iter_mut().for_each(|v| *v *= 1e-30);
+    xf[2 * k..2 * k + 32].iter_mut().for_each(|v| *v *= 1e30);
+    quant_acts(&xf)
+}
+
+/// 8 rows of `w` (`k` wide) against 1..=3 rows of `x` through a tier's product and its twin:
+/// bit-identical.
+fn assert_edges<B>(
+    what: &str,
+    w: &[B],
+    k: usize,
+    x: &[BlockQ8A],
+    gemm: GemmQ4Fn<B>,
+    twin: GemmQ4Fn<B>,
+) {
+    for n_tok in 1..=3 {
+        let mut y = nan_buf(n_tok, 8);
+        let mut r = nan_buf(n_tok, 8);
+        gemm(w, 8, k, x, n_tok, &mut y, 8);
+        twin(w, 8, k, x, n_tok, &mut r, 8);
+        for (a, b) in y.iter().zip(&r) {
+            assert!(a.to_bits() == b.to_bits(), "{what} edges: {a} vs {b}");
+        }
+    }
+}
+
+/// The 8 row scales of a random block: 1.0 with `unit`, else N(0, 0.01²) in f16.
+fn rand_scales(rng: &mut Rng, unit: bool) -> [u16; 8] {
+    std::array::from_fn(|_| {
+        if unit {
+            0x3C00
+        } else {
+            half::f16::from_f32(rng.gauss() * 0.01).to_bits()
+        }
+    })
+}
+
 fn random_q4(rng: &mut Rng, n_rows: usize, k: usize, unit_scale: bool) -> Vec<BlockQ4x8> {
     let n = row_groups(n_rows) * k / QK;
     (0..n)
         .map(|_| BlockQ4x8 {
-            d: std::array::from_fn(|_| {
-                if unit_scale {
-                    0x3C00
-                } else {
-                    half::f16::from_f32(rng.gauss() * 0.01).to_bits()
-                }
-            }),
+            d: rand_scales(rng, unit_scale),
             qs: std::array::from_fn(|_| rng.next() as u8),
         })
         .collect()
@@ -137,13 +211,7 @@ fn random_q8(rng: &mut Rng, n_rows: usize, k: usize, unit_scale: bool) -> Vec<Bl
     let n = row_groups(n_rows) * k / QK;
     (0..n)
         .map(|_| BlockQ8x8 {
-            d: std::array::from_fn(|_| {
-                if unit_scale {
-                    0x3C00
-                } else {
-                    half::f16::from_f32(rng.gauss() * 0.01).to_bits()
-                }
-            }),
+            d: rand_scales(rng, unit_scale),
             // the full i8 range including -128 (not produced by the converter, still exact)
             qs: std::array::from_fn(|_| rng.next() as i8),
         })
@@ -207,34 +275,13 @@ fn q_gemm_integer_sums_exact() {
                     let mut y8 = nan_buf(n_tok, ld);
                     (kt.gemm_q4x8)(&w4, n_rows, k, &x, n_tok, &mut y4, ld);
                     (kt.gemm_q8x8)(&w8, n_rows, k, &x, n_tok, &mut y8, ld);
-                    for t in 0..n_tok {
-                        for r in 0..n_rows {
-                            let (g, rr) = (r / 8, r % 8);
-                            let (mut s4, mut s8) = (0i64, 0i64);
-                            for b in 0..nb {
-                                let a = &x[t * nb + b];
-                                for c in 0..QK {
-                                    let q = a.qs[c] as i64;
-                                    s4 += q4_weight(&w4[g * nb + b], rr, c) * q;
-                                    s8 += w8[g * nb + b].qs[q8_pos(rr, c)] as i64 * q;
-                                }
-                            }
-                            let lv = kt.level.name();
-                            assert_eq!(
-                                y4[t * ld + r],
-                                s4 as f32,
-                                "{lv} q4 n={n_rows} k={k} t={t} r={r}"
-                            );
-                            assert_eq!(
-                                y8[t * ld + r],
-                                s8 as f32,
-                                "{lv} q8 n={n_rows} k={k} t={t} r={r}"
-                            );
-                        }
-                        for r in n_rows..ld {
-                            assert!(y4[t * ld + r].is_nan() && y8[t * ld + r].is_nan());
-                        }
-                    }
+                    let what = format!("{} n={n_rows} k={k}", kt.level.name());
+                    assert_exact_sums(&format!("{what} q4"), &y4, ld, n_rows, &x, nb, |r, b, c| {
+                        q4_weight(&w4[r / 8 * nb + b], r % 8, c)
+                    });
+                    assert_exact_sums(&format!("{what} q8"), &y8, ld, n_rows, &x, nb, |r, b, c| {
+                        w8[r / 8 * nb + b].qs[q8_pos(r % 8, c)] as i64
+                    });
                 }
             }
         }
@@ -290,43 +337,17 @@ fn q_gemm_matches_twin_bitwise() {
 /// negative max, and an all-zero activation block (d = 0).
 #[test]
 fn q_gemm_scale_edges() {
-    let scales: [u16; 8] = [
-        0x0000, 0x0001, 0x03FF, 0x7BFF, 0xBC00, 0xFBFF, 0x3C00, 0x8000,
-    ];
     let mut rng = Rng(3);
     for kt in tables() {
-        let k = 128;
+        let (lv, k) = (kt.level.name(), 128);
         let mut w4 = random_q4(&mut rng, 8, k, true);
         let mut w8 = random_q8(&mut rng, 8, k, true);
-        w4.iter_mut().for_each(|b| b.d = scales);
-        w8.iter_mut().for_each(|b| b.d = scales);
-        let mut xf = rng.gauss_vec(3 * k);
-        xf[32..64].iter_mut().for_each(|v| *v = 0.0); // zero block
-        xf[k..k + 32].iter_mut().for_each(|v| *v *= 1e-30); // tiny
-        xf[2 * k..2 * k + 32].iter_mut().for_each(|v| *v *= 1e30); // huge
-        let x = quant_acts(&xf);
-        for n_tok in 1..=3 {
-            let mut y = nan_buf(n_tok, 8);
-            let mut r = nan_buf(n_tok, 8);
-            (kt.gemm_q4x8)(&w4, 8, k, &x, n_tok, &mut y, 8);
-            scalar::gemm_q4x8(&w4, 8, k, &x, n_tok, &mut r, 8);
-            for (a, b) in y.iter().zip(&r) {
-                assert!(
-                    a.to_bits() == b.to_bits(),
-                    "{} q4 edges: {a} vs {b}",
-                    kt.level.name()
-                );
-            }
-            (kt.gemm_q8x8)(&w8, 8, k, &x, n_tok, &mut y, 8);
-            scalar::gemm_q8x8(&w8, 8, k, &x, n_tok, &mut r, 8);
-            for (a, b) in y.iter().zip(&r) {
-                assert!(
-                    a.to_bits() == b.to_bits(),
-                    "{} q8 edges: {a} vs {b}",
-                    kt.level.name()
-                );
-            }
-        }
+        w4.iter_mut().for_each(|b| b.d = EDGE_SCALES);
+        w8.iter_mut().for_each(|b| b.d = EDGE_SCALES);
+        let x = edge_acts(&mut rng, k);
+        let (q4, q8) = (format!("{lv} q4"), format!("{lv} q8"));
+        assert_edges(&q4, &w4, k, &x, kt.gemm_q4x8, scalar::gemm_q4x8);
+        assert_edges(&q8, &w8, k, &x, kt.gemm_q8x8, scalar::gemm_q8x8);
     }
 }
 
@@ -524,30 +545,13 @@ fn q4l_integer_sums_exact() {
                     let ld = n_rows + 3;
                     let mut y = nan_buf(n_tok, ld);
                     (kt.gemm_q4lx8)(&w, n_rows, k, &x, n_tok, &mut y, ld);
-                    for t in 0..n_tok {
-                        for r in 0..n_rows {
-                            let (g, rr) = (r / 8, r % 8);
-                            let mut s = 0i64;
-                            for b in 0..nb {
-                                let a = &x[t * nb + b];
-                                let blk = &w[g * nb + b];
-                                for c in 0..QK {
-                                    let (i, hi) = q4_pos(rr, c);
-                                    let nib = if hi { blk.qs[i] >> 4 } else { blk.qs[i] & 15 };
-                                    s += (nib as i64 - 8) * a.qs[c] as i64;
-                                }
-                            }
-                            assert_eq!(
-                                y[t * ld + r],
-                                s as f32,
-                                "{} q4l n={n_rows} k={k} t={t} r={r}",
-                                kt.level.name()
-                            );
-                        }
-                        for r in n_rows..ld {
-                            assert!(y[t * ld + r].is_nan());
-                        }
-                    }
+                    let what = format!("{} q4l n={n_rows} k={k}", kt.level.name());
+                    assert_exact_sums(&what, &y, ld, n_rows, &x, nb, |r, b, c| {
+                        let blk = &w[r / 8 * nb + b];
+                        let (i, hi) = q4_pos(r % 8, c);
+                        let nib = if hi { blk.qs[i] >> 4 } else { blk.qs[i] & 15 };
+                        nib as i64 - 8
+                    });
                 }
             }
         }
@@ -559,9 +563,6 @@ fn q4l_integer_sums_exact() {
 #[test]
 fn q4l_matches_twin_bitwise() {
     let mut rng = Rng(12);
-    let scales: [u16; 8] = [
-        0x0000, 0x0001, 0x03FF, 0x7BFF, 0xBC00, 0xFBFF, 0x3C00, 0x8000,
-    ];
     for kt in tables() {
         let lv = kt.level.name();
         for &n_rows in &ROW_COUNTS {
@@ -582,21 +583,10 @@ fn q4l_matches_twin_bitwise() {
         // scale edge cases (subnormal, max, negative, zero) and zero / tiny / huge activations
         let k = 128;
         let mut w = to_q4l(&random_q4(&mut rng, 8, k, true));
-        w.iter_mut().for_each(|b| b.d = scales);
-        let mut xf = rng.gauss_vec(3 * k);
-        xf[32..64].iter_mut().for_each(|v| *v = 0.0);
-        xf[k..k + 32].iter_mut().for_each(|v| *v *= 1e-30);
-        xf[2 * k..2 * k + 32].iter_mut().for_each(|v| *v *= 1e30);
-        let x = quant_acts(&xf);
-        for n_tok in 1..=3 {
-            let mut y = nan_buf(n_tok, 8);
-            let mut r = nan_buf(n_tok, 8);
-            (kt.gemm_q4lx8)(&w, 8, k, &x, n_tok, &mut y, 8);
-            scalar::gemm_q4x8(&w, 8, k, &x, n_tok, &mut r, 8);
-            for (a, b) in y.iter().zip(&r) {
-                assert!(a.to_bits() == b.to_bits(), "{lv} q4l edges: {a} vs {b}");
-            }
-        }
+        w.iter_mut().for_each(|b| b.d = EDGE_SCALES);
+        let x = edge_acts(&mut rng, k);
+        let what = format!("{lv} q4l");
+        assert_edges(&what, &w, k, &x, kt.gemm_q4lx8, scalar::gemm_q4x8);
         // expert gather and fused gate/up, repeated and out-of-order rows
         for &(n_rows, k) in &[(9usize, 64usize), (24, 96), (40, 1024)] {
             let n_x = 13;
@@ -694,13 +684,7 @@ fn random_q6(rng: &mut Rng, n_rows: usize, k: usize, unit_scale: bool) -> Vec<Bl
     let n = row_groups(n_rows) * k / QK;
     (0..n)
         .map(|_| BlockQ6x8 {
-            d: std::array::from_fn(|_| {
-                if unit_scale {
-                    0x3C00
-                } else {
-                    half::f16::from_f32(rng.gauss() * 0.01).to_bits()
-                }
-            }),
+            d: rand_scales(rng, unit_scale),
             // every byte is a valid packing
             ql: std::array::from_fn(|_| rng.next() as u8),
             qh: std::array::from_fn(|_| rng.next() as u8),
@@ -735,28 +719,10 @@ fn q6_integer_sums_exact() {
                     let ld = n_rows + 3;
                     let mut y = nan_buf(n_tok, ld);
                     (kt.gemm_q6x8)(&w, n_rows, k, &x, n_tok, &mut y, ld);
-                    for t in 0..n_tok {
-                        for r in 0..n_rows {
-                            let (g, rr) = (r / 8, r % 8);
-                            let mut s = 0i64;
-                            for b in 0..nb {
-                                let a = &x[t * nb + b];
-                                let blk = &w[g * nb + b];
-                                for c in 0..QK {
-                                    s += (q6_get(blk, rr, c) as i64 - 32) * a.qs[c] as i64;
-                                }
-                            }
-                            assert_eq!(
-                                y[t * ld + r],
-                                s as f32,
-                                "{} q6 n={n_rows} k={k} t={t} r={r}",
-                                kt.level.name()
-                            );
-                        }
-                        for r in n_rows..ld {
-                            assert!(y[t * ld + r].is_nan());
-                        }
-                    }
+                    let what = format!("{} q6 n={n_rows} k={k}", kt.level.name());
+                    assert_exact_sums(&what, &y, ld, n_rows, &x, nb, |r, b, c| {
+                        q6_get(&w[r / 8 * nb + b], r % 8, c) as i64 - 32
+                    });
                 }
             }
         }
@@ -768,9 +734,6 @@ fn q6_integer_sums_exact() {
 #[test]
 fn q6_matches_twin_bitwise() {
     let mut rng = Rng(22);
-    let scales: [u16; 8] = [
-        0x0000, 0x0001, 0x03FF, 0x7BFF, 0xBC00, 0xFBFF, 0x3C00, 0x8000,
-    ];
     for kt in tables() {
         let lv = kt.level.name();
         for &n_rows in &ROW_COUNTS {
@@ -790,21 +753,16 @@ fn q6_matches_twin_bitwise() {
         }
         let k = 128;
         let mut w = random_q6(&mut rng, 8, k, true);
-        w.iter_mut().for_each(|b| b.d = scales);
-        let mut xf = rng.gauss_vec(3 * k);
-        xf[32..64].iter_mut().for_each(|v| *v = 0.0);
-        xf[k..k + 32].iter_mut().for_each(|v| *v *= 1e-30);
-        xf[2 * k..2 * k + 32].iter_mut().for_each(|v| *v *= 1e30);
-        let x = quant_acts(&xf);
-        for n_tok in 1..=3 {
-            let mut y = nan_buf(n_tok, 8);
-            let mut r = nan_buf(n_tok, 8);
-            (kt.gemm_q6x8)(&w, 8, k, &x, n_tok, &mut y, 8);
-            scalar::gemm_q6x8(&w, 8, k, &x, n_tok, &mut r, 8);
-            for (a, b) in y.iter().zip(&r) {
-                assert!(a.to_bits() == b.to_bits(), "{lv} q6 edges: {a} vs {b}");
-            }
-        }
+        w.iter_mut().for_each(|b| b.d = EDGE_SCALES);
+        let x = edge_acts(&mut rng, k);
+        assert_edges(
+            &format!("{lv} q6"),
+            &w,
+            k,
+            &x,
+            kt.gemm_q6x8,
+            scalar::gemm_q6x8,
+        );
     }
 }
 
@@ -830,7 +788,7 @@ fn q6_all_values_every_slot() {
         }
     }
     let mut w = zeroed::<BlockQ6x8>(2);
-    scalar::quantize_q6x8_weighted(&wf, 8, k, None, &mut w);
+    scalar::quantize_q6x8(&wf, 8, k, &mut w);
     let mut row = vec![0.0f32; k];
     for r in 0..8 {
         scalar::dequantize_row_q6x8(&w, r, k, &mut row);
@@ -869,7 +827,7 @@ fn q6_roundtrip_rmse() {
     let mut rng = Rng(5);
     let wf = rng.gauss_vec(rows * cols);
     let mut w = zeroed::<BlockQ6x8>(row_groups(rows) * cols / QK);
-    scalar::quantize_q6x8_weighted(&wf, rows, cols, None, &mut w);
+    scalar::quantize_q6x8(&wf, rows, cols, &mut w);
     let (mut se, mut se_rtn, mut ss) = (0.0f64, 0.0f64, 0.0f64);
     let mut row = vec![0.0f32; cols];
     for r in 0..rows {
@@ -896,7 +854,7 @@ fn q6_roundtrip_rmse() {
     bad[3] = f32::NAN;
     bad[QK..].iter_mut().for_each(|v| *v = 0.0);
     let mut wb = zeroed::<BlockQ6x8>(2);
-    scalar::quantize_q6x8_weighted(&bad, 1, 2 * QK, None, &mut wb);
+    scalar::quantize_q6x8(&bad, 1, 2 * QK, &mut wb);
     scalar::dequantize_row_q6x8(&wb, 0, 2 * QK, &mut row);
     assert!(row[..2 * QK].iter().all(|&v| v == 0.0));
 }

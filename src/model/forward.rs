@@ -78,9 +78,6 @@ enum KvLayer<'a> {
     Q8(&'a [i8], &'a [i8], &'a [f32], &'a [f32]),
 }
 
-/// Scratch floats one attention task needs: decode `(n_heads + 1) × (ATT_TILE + 2)`; prefill
-/// blocks of `R = ATT_TOK_BLOCK × rep` rows: queries and outputs `R × d` each, running max/sum
-/// `2R`, scores `R × ATT_TILE`, the converted K (transposed) and V tiles `ATT_TILE × d` each.
 /// `n` zeroed elements from the allocator (`calloc`: untouched pages stay unmapped), or `err()`
 /// when the size overflowed (`None`) or the allocation failed.
 fn zeroed<T: bytemuck::Zeroable>(n: Option<usize>, err: &dyn Fn() -> Error) -> Result<Vec<T>> {
@@ -97,6 +94,9 @@ fn layered<T: bytemuck::Zeroable>(
     (0..layers).map(|_| zeroed(n, err)).collect()
 }
 
+/// Scratch floats one attention task needs: decode `(n_heads + 1) × (ATT_TILE + 2)`; prefill
+/// blocks of `R = ATT_TOK_BLOCK × rep` rows: queries and outputs `R × d` each, running max/sum
+/// `2R`, scores `R × ATT_TILE`, the converted K (transposed) and V tiles `ATT_TILE × d` each.
 fn att_scratch_len(nh: usize, nkv: usize, d: usize) -> usize {
     let rr = ATT_TOK_BLOCK * (nh / nkv.max(1)).max(1);
     let block = rr * (2 * d + 2 + ATT_TILE) + 2 * ATT_TILE * d;

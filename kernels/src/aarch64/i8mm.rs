@@ -62,49 +62,9 @@ impl<B: Q4Block> Tile<B> for NeonI8mm {
     }
 }
 
-impl Tile<BlockQ8x8> for NeonI8mm {
-    const NYMAX: usize = 4;
-    #[inline]
-    fn tile<const NY: usize>(
-        self,
-        w: &[BlockQ8x8],
-        x: &[&[BlockQ8A]; NY],
-        out: &mut [[f32; ROWS]; NY],
-    ) {
-        assert!(x.iter().all(|xt| xt.len() >= w.len()));
-        let p = w.as_ptr() as *const u8;
-        // SAFETY: as for the 4-bit tile.
-        unsafe {
-            if NY == 1 {
-                super::dotprod::q_tile::<NY, Q8>(&KVALUES, p, 272, w.len(), x, out)
-            } else {
-                q_tile::<NY, Q8>(&KVALUES, p, 272, w.len(), x, out)
-            }
-        }
-    }
-}
+fixed_tile!(NeonI8mm, BlockQ8x8, Q8, super::dotprod::q_tile, q_tile);
 
-impl Tile<BlockQ6x8> for NeonI8mm {
-    const NYMAX: usize = 4;
-    #[inline]
-    fn tile<const NY: usize>(
-        self,
-        w: &[BlockQ6x8],
-        x: &[&[BlockQ8A]; NY],
-        out: &mut [[f32; ROWS]; NY],
-    ) {
-        assert!(x.iter().all(|xt| xt.len() >= w.len()));
-        let p = w.as_ptr() as *const u8;
-        // SAFETY: as for the 4-bit tile.
-        unsafe {
-            if NY == 1 {
-                super::dotprod::q_tile::<NY, Q6>(&KVALUES, p, 208, w.len(), x, out)
-            } else {
-                q_tile::<NY, Q6>(&KVALUES, p, 208, w.len(), x, out)
-            }
-        }
-    }
-}
+fixed_tile!(NeonI8mm, BlockQ6x8, Q6, super::dotprod::q_tile, q_tile);
 
 macro_rules! smmla {
     ($acc:expr, $n:expr, $m:expr) => {

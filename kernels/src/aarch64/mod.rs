@@ -1,11 +1,41 @@
 //! aarch64 tiers. The float vector ops other than dot/axpy are the portable ones: `wide` is
 //! compiled with NEON on aarch64 (baseline feature), so they are NEON code already.
 
+/// `Tile<$block>` for `$tier`, a block type read without levels (`Q8x8`, `Q6x8`; block kind
+/// `$mode` of the tiers' `q_tile` loops): `$one` runs a single token, `$many` more (the same
+/// function except on i8mm, whose `smmla` needs token pairs).
+macro_rules! fixed_tile {
+    ($tier:ty, $block:ty, $mode:expr, $($one:ident)::+, $($many:ident)::+) => {
+        impl Tile<$block> for $tier {
+            const NYMAX: usize = 4;
+            #[inline]
+            fn tile<const NY: usize>(
+                self,
+                w: &[$block],
+                x: &[&[BlockQ8A]; NY],
+                out: &mut [[f32; ROWS]; NY],
+            ) {
+                assert!(x.iter().all(|xt| xt.len() >= w.len()));
+                let (p, stride) = (w.as_ptr() as *const u8, core::mem::size_of::<$block>());
+                // SAFETY: `self` proves the tier's CPU features (its `detect`); `w` holds
+                // `w.len()` blocks of `stride` bytes and every x[t] at least as many (asserted).
+                unsafe {
+                    if NY == 1 {
+                        $($one)::+::<NY, { $mode }>(&KVALUES, p, stride, w.len(), x, out)
+                    } else {
+                        $($many)::+::<NY, { $mode }>(&KVALUES, p, stride, w.len(), x, out)
+                    }
+                }
+            }
+        }
+    };
+}
+
 pub(crate) mod dotprod;
 pub(crate) mod i8mm;
 pub(crate) mod neon;
 
-use crate::block::{BlockQ4Lx8, BlockQ4x8};
+use crate::block::{BlockQ4Lx8, BlockQ4x8, BlockQ6x8, BlockQ8x8};
 use crate::driver;
 use crate::{portable, CpuLevel, Kernels};
 use dotprod::NeonDot;
@@ -16,10 +46,10 @@ use neon::Neon;
 pub(crate) const NEON: Kernels = Kernels {
     level: CpuLevel::Neon,
     quantize_q8a: neon::quantize_q8a,
-    gemm_q4x8: driver::gemm_q4x8::<BlockQ4x8, Neon>,
-    gemm_q4lx8: driver::gemm_q4x8::<BlockQ4Lx8, Neon>,
-    gemm_q8x8: driver::gemm_q8x8::<Neon>,
-    gemm_q6x8: driver::gemm_q6x8::<Neon>,
+    gemm_q4x8: driver::gemm_q::<BlockQ4x8, Neon>,
+    gemm_q4lx8: driver::gemm_q::<BlockQ4Lx8, Neon>,
+    gemm_q8x8: driver::gemm_q::<BlockQ8x8, Neon>,
+    gemm_q6x8: driver::gemm_q::<BlockQ6x8, Neon>,
     gemm_f32: portable::gemm_f32,
     gemm_bf16: portable::gemm_bf16,
     gemm_f16: portable::gemm_f16,
@@ -28,12 +58,12 @@ pub(crate) const NEON: Kernels = Kernels {
     rmsnorm: portable::rmsnorm,
     softmax: portable::softmax,
     silu_mul: portable::silu_mul,
-    gemm_q4x8_gather: driver::gemm_q4x8_gather::<BlockQ4x8, Neon>,
-    gemm_q4lx8_gather: driver::gemm_q4x8_gather::<BlockQ4Lx8, Neon>,
-    gemm_q8x8_gather: driver::gemm_q8x8_gather::<Neon>,
-    ffn_gate_up_q4x8: driver::ffn_gate_up_q4x8::<BlockQ4x8, Neon>,
-    ffn_gate_up_q4lx8: driver::ffn_gate_up_q4x8::<BlockQ4Lx8, Neon>,
-    ffn_gate_up_q8x8: driver::ffn_gate_up_q8x8::<Neon>,
+    gemm_q4x8_gather: driver::gather_q::<BlockQ4x8, Neon>,
+    gemm_q4lx8_gather: driver::gather_q::<BlockQ4Lx8, Neon>,
+    gemm_q8x8_gather: driver::gather_q::<BlockQ8x8, Neon>,
+    ffn_gate_up_q4x8: driver::gate_up_q::<BlockQ4x8, Neon>,
+    ffn_gate_up_q4lx8: driver::gate_up_q::<BlockQ4Lx8, Neon>,
+    ffn_gate_up_q8x8: driver::gate_up_q::<BlockQ8x8, Neon>,
     scatter_add: neon::scatter_add,
     topk: crate::scalar::topk,
     group_by_expert: crate::routing::group_by_expert,
@@ -54,31 +84,31 @@ pub(crate) const NEON: Kernels = Kernels {
 /// NEON + dotprod (Cortex-A55/A76 and later, Neoverse N1, Apple M1, Graviton 2).
 pub(crate) const NEON_DOT: Kernels = Kernels {
     level: CpuLevel::NeonDot,
-    gemm_q4x8: driver::gemm_q4x8::<BlockQ4x8, NeonDot>,
-    gemm_q4lx8: driver::gemm_q4x8::<BlockQ4Lx8, NeonDot>,
-    gemm_q8x8: driver::gemm_q8x8::<NeonDot>,
-    gemm_q6x8: driver::gemm_q6x8::<NeonDot>,
-    gemm_q4x8_gather: driver::gemm_q4x8_gather::<BlockQ4x8, NeonDot>,
-    gemm_q4lx8_gather: driver::gemm_q4x8_gather::<BlockQ4Lx8, NeonDot>,
-    gemm_q8x8_gather: driver::gemm_q8x8_gather::<NeonDot>,
-    ffn_gate_up_q4x8: driver::ffn_gate_up_q4x8::<BlockQ4x8, NeonDot>,
-    ffn_gate_up_q4lx8: driver::ffn_gate_up_q4x8::<BlockQ4Lx8, NeonDot>,
-    ffn_gate_up_q8x8: driver::ffn_gate_up_q8x8::<NeonDot>,
+    gemm_q4x8: driver::gemm_q::<BlockQ4x8, NeonDot>,
+    gemm_q4lx8: driver::gemm_q::<BlockQ4Lx8, NeonDot>,
+    gemm_q8x8: driver::gemm_q::<BlockQ8x8, NeonDot>,
+    gemm_q6x8: driver::gemm_q::<BlockQ6x8, NeonDot>,
+    gemm_q4x8_gather: driver::gather_q::<BlockQ4x8, NeonDot>,
+    gemm_q4lx8_gather: driver::gather_q::<BlockQ4Lx8, NeonDot>,
+    gemm_q8x8_gather: driver::gather_q::<BlockQ8x8, NeonDot>,
+    ffn_gate_up_q4x8: driver::gate_up_q::<BlockQ4x8, NeonDot>,
+    ffn_gate_up_q4lx8: driver::gate_up_q::<BlockQ4Lx8, NeonDot>,
+    ffn_gate_up_q8x8: driver::gate_up_q::<BlockQ8x8, NeonDot>,
     ..NEON
 };
 
 /// NEON + dotprod + i8mm (Cortex-A510/A710/X2, Neoverse V1/N2, Graviton 3, Apple M2).
 pub(crate) const NEON_I8MM: Kernels = Kernels {
     level: CpuLevel::NeonI8mm,
-    gemm_q4x8: driver::gemm_q4x8::<BlockQ4x8, NeonI8mm>,
-    gemm_q4lx8: driver::gemm_q4x8::<BlockQ4Lx8, NeonI8mm>,
-    gemm_q8x8: driver::gemm_q8x8::<NeonI8mm>,
-    gemm_q6x8: driver::gemm_q6x8::<NeonI8mm>,
-    gemm_q4x8_gather: driver::gemm_q4x8_gather::<BlockQ4x8, NeonI8mm>,
-    gemm_q4lx8_gather: driver::gemm_q4x8_gather::<BlockQ4Lx8, NeonI8mm>,
-    gemm_q8x8_gather: driver::gemm_q8x8_gather::<NeonI8mm>,
-    ffn_gate_up_q4x8: driver::ffn_gate_up_q4x8::<BlockQ4x8, NeonI8mm>,
-    ffn_gate_up_q4lx8: driver::ffn_gate_up_q4x8::<BlockQ4Lx8, NeonI8mm>,
-    ffn_gate_up_q8x8: driver::ffn_gate_up_q8x8::<NeonI8mm>,
+    gemm_q4x8: driver::gemm_q::<BlockQ4x8, NeonI8mm>,
+    gemm_q4lx8: driver::gemm_q::<BlockQ4Lx8, NeonI8mm>,
+    gemm_q8x8: driver::gemm_q::<BlockQ8x8, NeonI8mm>,
+    gemm_q6x8: driver::gemm_q::<BlockQ6x8, NeonI8mm>,
+    gemm_q4x8_gather: driver::gather_q::<BlockQ4x8, NeonI8mm>,
+    gemm_q4lx8_gather: driver::gather_q::<BlockQ4Lx8, NeonI8mm>,
+    gemm_q8x8_gather: driver::gather_q::<BlockQ8x8, NeonI8mm>,
+    ffn_gate_up_q4x8: driver::gate_up_q::<BlockQ4x8, NeonI8mm>,
+    ffn_gate_up_q4lx8: driver::gate_up_q::<BlockQ4Lx8, NeonI8mm>,
+    ffn_gate_up_q8x8: driver::gate_up_q::<BlockQ8x8, NeonI8mm>,
     ..NEON_DOT
 };

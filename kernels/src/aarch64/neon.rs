@@ -51,35 +51,9 @@ impl<B: Q4Block> Tile<B> for Neon {
     }
 }
 
-impl Tile<BlockQ8x8> for Neon {
-    const NYMAX: usize = 4;
-    #[inline]
-    fn tile<const NY: usize>(
-        self,
-        w: &[BlockQ8x8],
-        x: &[&[BlockQ8A]; NY],
-        out: &mut [[f32; ROWS]; NY],
-    ) {
-        assert!(x.iter().all(|xt| xt.len() >= w.len()));
-        // SAFETY: as for the 4-bit tile.
-        unsafe { q_tile::<NY, Q8>(&KVALUES, w.as_ptr() as *const u8, 272, w.len(), x, out) }
-    }
-}
+fixed_tile!(Neon, BlockQ8x8, Q8, q_tile, q_tile);
 
-impl Tile<BlockQ6x8> for Neon {
-    const NYMAX: usize = 4;
-    #[inline]
-    fn tile<const NY: usize>(
-        self,
-        w: &[BlockQ6x8],
-        x: &[&[BlockQ8A]; NY],
-        out: &mut [[f32; ROWS]; NY],
-    ) {
-        assert!(x.iter().all(|xt| xt.len() >= w.len()));
-        // SAFETY: as for the 4-bit tile.
-        unsafe { q_tile::<NY, Q6>(&KVALUES, w.as_ptr() as *const u8, 208, w.len(), x, out) }
-    }
-}
+fixed_tile!(Neon, BlockQ6x8, Q6, q_tile, q_tile);
 
 /// The 8 f16 row scales at `d` as two f32x4 (rows 0–3, rows 4–7).
 ///

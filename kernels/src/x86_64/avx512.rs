@@ -57,35 +57,28 @@ impl<B: Q4Block> Tile<B> for Avx512Vnni {
     }
 }
 
-impl Tile<BlockQ8x8> for Avx512Vnni {
-    const NYMAX: usize = 8;
-    #[inline]
-    fn tile<const NY: usize>(
-        self,
-        w: &[BlockQ8x8],
-        x: &[&[BlockQ8A]; NY],
-        out: &mut [[f32; ROWS]; NY],
-    ) {
-        assert!(x.iter().all(|xt| xt.len() >= w.len()));
-        // SAFETY: as for the 4-bit tile.
-        unsafe { q8_tile::<NY>(w, x, out) }
-    }
+/// `Tile<$block>` from the tile function `$tile` of a block type without levels.
+macro_rules! vnni_tile {
+    ($block:ty, $tile:ident) => {
+        impl Tile<$block> for Avx512Vnni {
+            const NYMAX: usize = 8;
+            #[inline]
+            fn tile<const NY: usize>(
+                self,
+                w: &[$block],
+                x: &[&[BlockQ8A]; NY],
+                out: &mut [[f32; ROWS]; NY],
+            ) {
+                assert!(x.iter().all(|xt| xt.len() >= w.len()));
+                // SAFETY: `self` proves the features (Avx512Vnni::detect); every x[t] holds
+                // w.len() blocks.
+                unsafe { $tile::<NY>(w, x, out) }
+            }
+        }
+    };
 }
-
-impl Tile<BlockQ6x8> for Avx512Vnni {
-    const NYMAX: usize = 8;
-    #[inline]
-    fn tile<const NY: usize>(
-        self,
-        w: &[BlockQ6x8],
-        x: &[&[BlockQ8A]; NY],
-        out: &mut [[f32; ROWS]; NY],
-    ) {
-        assert!(x.iter().all(|xt| xt.len() >= w.len()));
-        // SAFETY: as for the 4-bit tile.
-        unsafe { q6_tile::<NY>(w, x, out) }
-    }
-}
+vnni_tile!(BlockQ8x8, q8_tile);
+vnni_tile!(BlockQ6x8, q6_tile);
 
 #[inline(always)]
 unsafe fn quad(a: &BlockQ8A, i: usize) -> __m256i {

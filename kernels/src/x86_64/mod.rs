@@ -4,7 +4,7 @@
 pub(crate) mod avx2;
 pub(crate) mod avx512;
 
-use crate::block::{BlockQ4Lx8, BlockQ4x8};
+use crate::block::{BlockQ4Lx8, BlockQ4x8, BlockQ6x8, BlockQ8x8};
 use crate::driver;
 use crate::{portable, CpuLevel, Kernels};
 use avx2::Avx2;
@@ -14,10 +14,10 @@ use avx512::Avx512Vnni;
 pub(crate) const AVX2: Kernels = Kernels {
     level: CpuLevel::Avx2,
     quantize_q8a: avx2::quantize_q8a,
-    gemm_q4x8: driver::gemm_q4x8::<BlockQ4x8, Avx2>,
-    gemm_q4lx8: driver::gemm_q4x8::<BlockQ4Lx8, Avx2>,
-    gemm_q8x8: driver::gemm_q8x8::<Avx2>,
-    gemm_q6x8: driver::gemm_q6x8::<Avx2>,
+    gemm_q4x8: driver::gemm_q::<BlockQ4x8, Avx2>,
+    gemm_q4lx8: driver::gemm_q::<BlockQ4Lx8, Avx2>,
+    gemm_q8x8: driver::gemm_q::<BlockQ8x8, Avx2>,
+    gemm_q6x8: driver::gemm_q::<BlockQ6x8, Avx2>,
     gemm_f32: avx2::gemm_f32,
     gemm_bf16: avx2::gemm_bf16,
     gemm_f16: avx2::gemm_f16,
@@ -26,12 +26,12 @@ pub(crate) const AVX2: Kernels = Kernels {
     rmsnorm: portable::rmsnorm,
     softmax: portable::softmax,
     silu_mul: portable::silu_mul,
-    gemm_q4x8_gather: driver::gemm_q4x8_gather::<BlockQ4x8, Avx2>,
-    gemm_q4lx8_gather: driver::gemm_q4x8_gather::<BlockQ4Lx8, Avx2>,
-    gemm_q8x8_gather: driver::gemm_q8x8_gather::<Avx2>,
-    ffn_gate_up_q4x8: driver::ffn_gate_up_q4x8::<BlockQ4x8, Avx2>,
-    ffn_gate_up_q4lx8: driver::ffn_gate_up_q4x8::<BlockQ4Lx8, Avx2>,
-    ffn_gate_up_q8x8: driver::ffn_gate_up_q8x8::<Avx2>,
+    gemm_q4x8_gather: driver::gather_q::<BlockQ4x8, Avx2>,
+    gemm_q4lx8_gather: driver::gather_q::<BlockQ4Lx8, Avx2>,
+    gemm_q8x8_gather: driver::gather_q::<BlockQ8x8, Avx2>,
+    ffn_gate_up_q4x8: driver::gate_up_q::<BlockQ4x8, Avx2>,
+    ffn_gate_up_q4lx8: driver::gate_up_q::<BlockQ4Lx8, Avx2>,
+    ffn_gate_up_q8x8: driver::gate_up_q::<BlockQ8x8, Avx2>,
     scatter_add: avx2::scatter_add,
     topk: crate::scalar::topk,
     group_by_expert: crate::routing::group_by_expert,
@@ -52,15 +52,15 @@ pub(crate) const AVX2: Kernels = Kernels {
 /// AVX-512 F/BW/VL + VNNI (Cascade Lake, Ice Lake, Sapphire Rapids, Zen 4 and later).
 pub(crate) const AVX512VNNI: Kernels = Kernels {
     level: CpuLevel::Avx512Vnni,
-    gemm_q4x8: driver::gemm_q4x8::<BlockQ4x8, Avx512Vnni>,
-    gemm_q4lx8: driver::gemm_q4x8::<BlockQ4Lx8, Avx512Vnni>,
-    gemm_q8x8: driver::gemm_q8x8::<Avx512Vnni>,
-    gemm_q6x8: driver::gemm_q6x8::<Avx512Vnni>,
-    gemm_q4x8_gather: driver::gemm_q4x8_gather::<BlockQ4x8, Avx512Vnni>,
-    gemm_q4lx8_gather: driver::gemm_q4x8_gather::<BlockQ4Lx8, Avx512Vnni>,
-    gemm_q8x8_gather: driver::gemm_q8x8_gather::<Avx512Vnni>,
-    ffn_gate_up_q4x8: driver::ffn_gate_up_q4x8::<BlockQ4x8, Avx512Vnni>,
-    ffn_gate_up_q4lx8: driver::ffn_gate_up_q4x8::<BlockQ4Lx8, Avx512Vnni>,
-    ffn_gate_up_q8x8: driver::ffn_gate_up_q8x8::<Avx512Vnni>,
+    gemm_q4x8: driver::gemm_q::<BlockQ4x8, Avx512Vnni>,
+    gemm_q4lx8: driver::gemm_q::<BlockQ4Lx8, Avx512Vnni>,
+    gemm_q8x8: driver::gemm_q::<BlockQ8x8, Avx512Vnni>,
+    gemm_q6x8: driver::gemm_q::<BlockQ6x8, Avx512Vnni>,
+    gemm_q4x8_gather: driver::gather_q::<BlockQ4x8, Avx512Vnni>,
+    gemm_q4lx8_gather: driver::gather_q::<BlockQ4Lx8, Avx512Vnni>,
+    gemm_q8x8_gather: driver::gather_q::<BlockQ8x8, Avx512Vnni>,
+    ffn_gate_up_q4x8: driver::gate_up_q::<BlockQ4x8, Avx512Vnni>,
+    ffn_gate_up_q4lx8: driver::gate_up_q::<BlockQ4Lx8, Avx512Vnni>,
+    ffn_gate_up_q8x8: driver::gate_up_q::<BlockQ8x8, Avx512Vnni>,
     ..AVX2
 };
