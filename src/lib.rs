@@ -10,6 +10,7 @@ pub mod error;
 pub mod format;
 pub mod model;
 pub mod ops;
+pub mod perplexity;
 pub mod pool;
 pub mod sampling;
 pub mod tokenizer;

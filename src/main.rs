@@ -32,6 +32,8 @@ enum Cmd {
     Synth(cli::synth::Args),
     /// Text to token ids (one JSON string per line with --jsonl), or ids to text (--decode).
     Tokenize(cli::tokenize::Args),
+    /// Perplexity of a text and KL divergence from a reference (like llama-perplexity).
+    Perplexity(cli::perplexity::Args),
     /// Generate text from a prompt, streamed as it comes (timings on stderr).
     Run(cli::run::Args),
     /// Interactive multi-turn chat (one message per stdin line), keeping the KV cache.
@@ -48,6 +50,7 @@ fn main() {
         Cmd::Generate(a) => cli::generate::run(a),
         Cmd::Synth(a) => cli::synth::run(a),
         Cmd::Tokenize(a) => cli::tokenize::run(a),
+        Cmd::Perplexity(a) => cli::perplexity::run(a),
         Cmd::Run(a) => cli::run::run(a),
         Cmd::Chat(a) => cli::chat::run(a),
     };
