@@ -47,7 +47,7 @@ use crate::format::{DType, FqmWriter, EXPERT_ALIGN, TENSOR_ALIGN};
 use crate::model::{tensor_table, Arch, ModelConfig, Role, TensorSpec};
 use crate::{Error, Result};
 use ferroq_kernels::block::{row_groups, BlockQ4Lx8, BlockQ4x8, BlockQ6x8, BlockQ8x8, QK, ROWS};
-use ferroq_kernels::scalar::{quantize_q4x8_weighted, quantize_q6x8, quantize_q8x8};
+use ferroq_kernels::scalar::{quantize_q4x8_importance, quantize_q6x8, quantize_q8x8};
 use rayon::prelude::*;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -553,10 +553,10 @@ fn encode<'b>(
             &b.bytes
         }
         DType::Q4x8 => bytemuck::cast_slice(encode_blocks(w, shape, &mut b.q4, |x, n, c, o| {
-            quantize_q4x8_weighted(x, n, c, col_w, o)
+            quantize_q4x8_importance(x, n, c, col_w, o)
         })),
         DType::Q4Lx8 => bytemuck::cast_slice(encode_blocks(w, shape, &mut b.q4l, |x, n, c, o| {
-            quantize_q4x8_weighted(x, n, c, col_w, o)
+            quantize_q4x8_importance(x, n, c, col_w, o)
         })),
         DType::Q6x8 => bytemuck::cast_slice(encode_blocks(w, shape, &mut b.q6, quantize_q6x8)),
         DType::Q8x8 => bytemuck::cast_slice(encode_blocks(w, shape, &mut b.q8, quantize_q8x8)),
@@ -583,104 +583,6 @@ fn encode_blocks<'b, B: bytemuck::Pod + Send>(
         quantize(&w[r0 * cols..(r0 + n) * cols], n, cols, o);
     });
     out
-}
-
-/// Load the planned tensor named `name` (our table name) as f32.
-fn load_named(
-    planned: &[Planned],
-    name: &str,
-    src: &dyn TensorSource,
-    cfg: &ModelConfig,
-) -> Result<Option<Vec<f32>>> {
-    let Some(pl) = planned.iter().find(|p| p.spec.name == name) else {
-        return Ok(None);
-    };
-    let mut b = Bufs::default();
-    let in_mat = load(src, pl, cfg, &mut b)?;
-    Ok(Some(if in_mat { b.mat } else { b.src }))
-}
-
-/// Per-row variance proxy of `W diag(g)`: `Σ_c (W[r][c] g[c])²` for each row.
-fn row_energy(w: &[f32], g: &[f32]) -> Vec<f32> {
-    w.chunks_exact(g.len())
-        .map(|row| row.iter().zip(g).map(|(x, s)| (x * s) * (x * s)).sum())
-        .collect()
-}
-
-/// Activation-free importance of each input column of a 4-bit matrix: a proxy for the
-/// expected square of its input activation, from the tensors upstream of it (the RMSNorm
-/// output is taken as having unit variance per channel):
-/// - wq/wk/wv, FFN gate/up: `γ[c]²` of the preceding RMSNorm;
-/// - wo: the variance proxy of the value channel `c` reads, `Σ_k (Wv[c][k] γ[k])²`;
-/// - FFN down: `Σ_k (Wg[c][k] γ[k])² · Σ_k (Wu[c][k] γ[k])²` (gate × up channel).
-///
-/// Normalized to mean 1. `None` (uniform) when a dependency is missing.
-fn column_importance(
-    planned: &[Planned],
-    pl: &Planned,
-    src: &dyn TensorSource,
-    cfg: &ModelConfig,
-) -> Result<Option<Vec<f32>>> {
-    let n = pl.spec.name.as_str();
-    let Some(rest) = n.strip_prefix("layers.") else {
-        return Ok(None);
-    };
-    let (i, what) = rest.split_once('.').unwrap_or((rest, ""));
-    let l = format!("layers.{i}.");
-    let get = |t: &str| load_named(planned, &format!("{l}{t}"), src, cfg);
-    let sq = |v: Vec<f32>| v.into_iter().map(|x| x * x).collect::<Vec<f32>>();
-    let (gate, up, norm_ffn): (String, String, &str) =
-        if let Some(e) = what.strip_prefix("experts.") {
-            let e = e.split('.').next().unwrap_or("");
-            (
-                format!("experts.{e}.gate"),
-                format!("experts.{e}.up"),
-                "ffn_norm",
-            )
-        } else if what.starts_with("shared_") {
-            ("shared_gate".into(), "shared_up".into(), "ffn_norm")
-        } else {
-            ("ffn_gate".into(), "ffn_up".into(), "ffn_norm")
-        };
-    let mut imp = match what {
-        "wq" | "wk" | "wv" => get("attn_norm")?.map(sq),
-        "wo" => {
-            let (Some(g), Some(wv)) = (get("attn_norm")?, get("wv")?) else {
-                return Ok(None);
-            };
-            let ev = row_energy(&wv, &g);
-            let hd = cfg.head_dim;
-            let grp = cfg.num_heads / cfg.num_kv_heads.max(1);
-            Some(
-                (0..cfg.num_heads * hd)
-                    .map(|c| ev[(c / hd / grp.max(1)) * hd + c % hd])
-                    .collect(),
-            )
-        }
-        w if w.ends_with("down") => {
-            let (Some(g), Some(wg), Some(wu)) = (get(norm_ffn)?, get(&gate)?, get(&up)?) else {
-                return Ok(None);
-            };
-            let eg = row_energy(&wg, &g);
-            let eu = row_energy(&wu, &g);
-            Some(eg.iter().zip(&eu).map(|(a, b)| a * b).collect())
-        }
-        _ => get(norm_ffn)?.map(sq),
-    };
-    if let Some(v) = imp.as_mut() {
-        if v.len() != pl.spec.shape[1] {
-            return Ok(None);
-        }
-        let mean = v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64;
-        for x in v.iter_mut() {
-            *x = if mean > 0.0 && x.is_finite() {
-                (*x as f64 / mean) as f32
-            } else {
-                1.0
-            };
-        }
-    }
-    Ok(imp)
 }
 
 fn token_str(v: Option<&Value>) -> Option<String> {
@@ -858,12 +760,9 @@ pub fn convert(
             ..
         } = &mut bufs;
         let data: &[f32] = if in_mat { mat } else { sbuf };
-        let col_w = if matches!(pl.dtype, DType::Q4x8 | DType::Q4Lx8) {
-            column_importance(&planned, pl, src, &cfg)?
-        } else {
-            None
-        };
-        let bytes = encode(data, &pl.spec.shape, pl.dtype, col_w.as_deref(), obuf);
+        // no activation statistics: every column equally important (the activation-free
+        // norm proxy this replaced made q4l worse than round-to-nearest, docs/quantization.md)
+        let bytes = encode(data, &pl.spec.shape, pl.dtype, None, obuf);
         let align = match pl.spec.expert {
             // the first tensor of each routed expert starts on a page
             Some(_) if pl.spec.name.ends_with(".gate") => EXPERT_ALIGN,
@@ -934,7 +833,7 @@ pub fn convert(
         "token_embedding_type": opts.embedding_type.map(DType::name),
         "fallbacks": fallbacks,
         "notes": match opts.quant {
-            Quant::Q4 => "q4x8 for attention, FFN and expert matrices; embedding and output at q6x8 (6.5 bits per weight, 64 linear levels); norms and router f32; 4-bit scales chosen per 32-weight block by an exhaustive search minimising the squared error weighted by an activation-free column importance",
+            Quant::Q4 => "q4x8 for attention, FFN and expert matrices; embedding and output at q6x8 (6.5 bits per weight, 64 linear levels); norms and router f32; 4-bit scales chosen per 32-weight block by an exhaustive search minimising the squared error weighted by sqrt(sigma^2 + x^2) (ggml's weighting)",
             Quant::Q4m => "as q4, with the value and FFN down projections at q8x8",
             Quant::Q4l => "as q4 with the linear 4-bit grid (q4lx8, levels q - 8, the scale search of q4) instead of the codebook",
             Quant::Q8 => "q8x8 for all matrices; norms and router f32",
