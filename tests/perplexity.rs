@@ -116,7 +116,9 @@ fn cli_perplexity_and_kl_divergence() {
         "--kld-base",
         b,
     ]);
-    assert_eq!(p["ppl"], saved["ppl"]);
+    // the saving path sums the f32 NLLs of llama.cpp's file writer: equal up to rounding
+    let (p0, p1) = (p["ppl"].as_f64().unwrap(), saved["ppl"].as_f64().unwrap());
+    assert!(((p0 - p1) / p0).abs() < 1e-5, "{p0} vs {p1}");
     assert_eq!(
         (p["count"].as_u64(), p["chunks"].as_u64()),
         (Some(84), Some(12))
@@ -135,7 +137,7 @@ fn cli_perplexity_and_kl_divergence() {
         same["ppl"]["value"].as_f64().unwrap(),
         same["ppl_base"]["value"].as_f64().unwrap(),
     );
-    assert!(rel(pq, p["ppl"].as_f64().unwrap()) < 1e-9 && rel(pb, pq) < 1e-4);
+    assert!(rel(pq, p0) < 1e-5 && rel(pb, pq) < 1e-4);
     // a 4-bit model differs measurably, and --chunks limits the comparison
     let q = ferroq(&[
         "perplexity",
