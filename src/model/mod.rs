@@ -11,12 +11,15 @@ pub mod attention;
 mod ffn;
 pub mod forward;
 pub mod kv;
+pub mod kvmem;
 pub mod moe;
 pub mod probe;
+pub mod residency;
 pub mod state;
 pub mod weights;
 
 pub use kv::KvType;
+pub use kvmem::{kv_bytes, KvBytes};
 pub use probe::{Input, Point, Probe};
 pub use state::{Logits, State};
 pub use weights::Model;

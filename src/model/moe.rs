@@ -81,6 +81,11 @@ impl Model {
             &mut st.perm,
             &mut st.inv,
         );
+        // paged experts: drop cold ones, ask in the picked ones that are not resident; the
+        // reads run while the shared expert computes
+        if let Some(r) = &self.residency {
+            r.prepare_layer(layer, &st.counts);
+        }
         // shared expert on the unscaled input, into y (or zeros)
         match w.shared {
             Some(sw) => {

@@ -111,6 +111,7 @@ impl State {
         threads: usize,
         kv: KvType,
     ) -> Result<State> {
+        super::kvmem::check_context(&model.config, max_ctx, model.ctx_limit)?;
         let pool = if threads == 1 {
             None
         } else {
