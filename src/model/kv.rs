@@ -224,7 +224,7 @@ impl KvCache {
         let Some(cs) = self.ring.iter().copied().filter(|&c| c > 0).min() else {
             return pos;
         };
-        if pos == held || pos % cs == 0 || (held > 0 && pos / cs == (held - 1) / cs) {
+        if pos == held || pos.is_multiple_of(cs) || (held > 0 && pos / cs == (held - 1) / cs) {
             pos
         } else {
             pos / cs * cs
