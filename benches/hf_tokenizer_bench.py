@@ -6,7 +6,7 @@ from tokenizers import Tokenizer
 
 root = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "tokenizers")
 corpus = gzip.open(os.path.join(root, "corpus.txt.gz")).read().decode()
-for name in ["smollm2", "llama3", "llama4"]:
+for name in ["smollm2", "llama3", "llama4", "spm-mistral"]:
     tok = Tokenizer.from_str(gzip.open(os.path.join(root, name, "tokenizer.json.gz")).read().decode())
     tok.encode(corpus, add_special_tokens=False)  # warm up (fills HF's word cache, as in criterion)
     best = float("inf")

@@ -21,6 +21,14 @@ fn fixture(path: &str) -> Vec<u8> {
     out
 }
 
+fn raw(path: &str) -> Vec<u8> {
+    let full = format!(
+        "{}/tests/fixtures/tokenizers/{path}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    std::fs::read(full).unwrap()
+}
+
 fn bench(c: &mut Criterion) {
     let corpus = String::from_utf8(fixture("corpus.txt.gz")).unwrap();
     let mut g = c.benchmark_group("encode_corpus");
@@ -41,6 +49,20 @@ fn bench(c: &mut Criterion) {
         (
             "llama4_model",
             Tokenizer::from_tiktoken(&fixture("llama4/tokenizer.model.gz")),
+        ),
+        // SentencePiece: Mistral 7B's tokenizer.model and its legacy tokenizer.json (no
+        // pre-tokenizer: each line is one word for the merges), a small Unigram model.
+        (
+            "mistral_model",
+            Tokenizer::from_sentencepiece(&fixture("spm-mistral/tokenizer.model.gz")),
+        ),
+        (
+            "mistral_json",
+            Tokenizer::from_hf_json(&fixture("spm-mistral/tokenizer.json.gz")),
+        ),
+        (
+            "unigram_model",
+            Tokenizer::from_sentencepiece(&raw("spm-unigram/tokenizer.model")),
         ),
     ] {
         let tok = tok.unwrap();
@@ -63,6 +85,14 @@ fn bench(c: &mut Criterion) {
     let m = fixture("llama4/tokenizer.model.gz");
     g.bench_function("llama4_tokenizer_model", |b| {
         b.iter(|| Tokenizer::from_tiktoken(&m).unwrap())
+    });
+    let m = fixture("spm-mistral/tokenizer.model.gz");
+    g.bench_function("mistral_tokenizer_model", |b| {
+        b.iter(|| Tokenizer::from_sentencepiece(&m).unwrap())
+    });
+    let j = fixture("spm-mistral/tokenizer.json.gz");
+    g.bench_function("mistral_tokenizer_json", |b| {
+        b.iter(|| Tokenizer::from_hf_json(&j).unwrap())
     });
     g.finish();
 }
