@@ -282,6 +282,24 @@ fn masks_equal_brute_force_smollm2() {
         4,
         false,
     );
+    // states chosen by hand: open strings with and without room, escapes, numbers, keys
+    for (si, prefix) in [
+        (0, r#"{"name": "x"#),
+        (0, r#"{"name": "x\"#),
+        (0, "{\"name\": \"\u{e9}"),
+        (2, r#"[{"id": 1, "done": true, "note": "abcdefghij"#),
+        (2, r#"[{"id": 1, "done": true, "note": "abcdefghijkl"#),
+        (2, r#"[{"id": 1, "done": true, "note": "#),
+        (6, r#"{"tags": [""#),
+        (6, r#"{"tags": ["a", "b"], "score": -1.5"#),
+        (8, r#"{"answer": "#),
+        (0, r#"{"name": "x", "#),
+    ] {
+        let g = Arc::new(Grammar::from_schema_str(SCHEMAS[si]).unwrap());
+        let mut m = GrammarMatcher::new(g, ix.clone());
+        assert!(m.accept_bytes(prefix.as_bytes()), "{prefix}");
+        brute_force_check(&mut m, &ix, &tok);
+    }
 }
 
 #[test]

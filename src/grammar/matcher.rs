@@ -214,6 +214,24 @@ impl Arena {
         }
     }
 
+    /// If the top of stack `h` is the body of a string (not inside an escape or a UTF-8
+    /// sequence), how many more characters it takes (`u32::MAX`: no limit). Plain text
+    /// (see `tokens.rs`) only counts characters there.
+    pub fn string_room(&self, g: &Graph, h: u32) -> Option<u32> {
+        if h == EMPTY {
+            return None;
+        }
+        let f = &self.links[h as usize].f;
+        match &g.nodes[f.node as usize] {
+            Node::String { max, .. } if f.st == 1 && f.x == 0 => Some(if *max == UNBOUNDED {
+                u32::MAX
+            } else {
+                max.saturating_sub(f.a)
+            }),
+            _ => None,
+        }
+    }
+
     /// Whether stack `h` is complete and takes no more bytes.
     pub fn is_done(&self, h: u32) -> bool {
         h == EMPTY

@@ -16,79 +16,25 @@ use super::Grammar;
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 
-/// The tokens of a vocabulary as a trie, for computing masks. Build it once per tokenizer
-/// ([`crate::engine::Engine::token_index`] keeps one) and share it.
-#[derive(Debug)]
-pub struct TokenIndex {
-    vocab: usize,
-    /// Per trie node (preorder): its byte, its depth (1 = first byte), the index after its
-    /// subtree, and where its tokens start in `toks` (`tok_start[i]..tok_start[i + 1]`).
+/// Byte strings as a trie laid out in preorder.
+#[derive(Debug, Default)]
+struct Trie {
+    /// Per node: its byte, its depth (1 = first byte), the index after its subtree, and where
+    /// its tokens start in `toks` (`tok_start[i]..tok_start[i + 1]`).
     byte: Vec<u8>,
     depth: Vec<u16>,
     end: Vec<u32>,
     tok_start: Vec<u32>,
     toks: Vec<u32>,
-    /// Ids that end generation (allowed only where the value is complete).
-    stop: Vec<u32>,
     max_len: usize,
-    /// Byte strings by id (empty for ids never generated under a grammar).
-    bytes: Vec<Box<[u8]>>,
 }
 
-/// Longest token the trie takes (longer ones are left out: no real vocabulary has them).
-const MAX_TOKEN_BYTES: usize = 1024;
-
-impl TokenIndex {
-    /// Index the tokens of `tok`. Special tokens and `stop_ids` are left out of the trie
-    /// (a grammar never produces them); `stop_ids` are allowed where the value may end.
-    pub fn new(tok: &Tokenizer, stop_ids: &[u32]) -> TokenIndex {
-        let vocab = tok.vocab_size();
-        let mut bytes: Vec<Box<[u8]>> = vec![Box::default(); vocab];
-        let mut ids: Vec<u32> = Vec::with_capacity(vocab);
-        for id in 0..vocab as u32 {
-            if tok.is_special(id) || stop_ids.contains(&id) {
-                continue;
-            }
-            if let Some(b) = tok.id_to_bytes(id) {
-                if !b.is_empty() && b.len() <= MAX_TOKEN_BYTES {
-                    bytes[id as usize] = b.into();
-                    ids.push(id);
-                }
-            }
-        }
-        Self::build(vocab, bytes, ids, stop_ids)
-    }
-
-    /// An index over explicit byte strings (id = position), for tests and custom vocabularies.
-    pub fn from_bytes(tokens: &[&[u8]], stop_ids: &[u32]) -> TokenIndex {
-        let vocab = tokens.len();
-        let mut bytes: Vec<Box<[u8]>> = vec![Box::default(); vocab];
-        let mut ids = Vec::new();
-        for (i, t) in tokens.iter().enumerate() {
-            if !t.is_empty() && t.len() <= MAX_TOKEN_BYTES && !stop_ids.contains(&(i as u32)) {
-                bytes[i] = (*t).into();
-                ids.push(i as u32);
-            }
-        }
-        Self::build(vocab, bytes, ids, stop_ids)
-    }
-
-    fn build(vocab: usize, bytes: Vec<Box<[u8]>>, mut ids: Vec<u32>, stop: &[u32]) -> TokenIndex {
+impl Trie {
+    fn build(bytes: &[Box<[u8]>], mut ids: Vec<u32>) -> Trie {
         ids.sort_by(|&a, &b| bytes[a as usize].cmp(&bytes[b as usize]).then(a.cmp(&b)));
-        let mut t = TokenIndex {
-            vocab,
-            byte: Vec::new(),
-            depth: Vec::new(),
-            end: Vec::new(),
-            tok_start: Vec::new(),
+        let mut t = Trie {
             toks: Vec::with_capacity(ids.len()),
-            stop: stop
-                .iter()
-                .copied()
-                .filter(|&s| (s as usize) < vocab)
-                .collect(),
-            max_len: 0,
-            bytes: Vec::new(),
+            ..Trie::default()
         };
         // path[d] = node index at depth d + 1 of the current token
         let mut path: Vec<u32> = Vec::new();
@@ -115,8 +61,110 @@ impl TokenIndex {
             t.end[n as usize] = t.byte.len() as u32;
         }
         t.tok_start.push(t.toks.len() as u32);
-        t.bytes = bytes;
         t
+    }
+}
+
+/// Plain-string tokens are grouped by length up to this many characters.
+const PLAIN_GROUPS: usize = 32;
+
+/// The tokens of a vocabulary as a trie, for computing masks. Build it once per tokenizer
+/// ([`crate::engine::Engine::token_index`] keeps one) and share it.
+///
+/// Tokens that are "plain string text" (printable ASCII other than `"` and `\`, or whole
+/// UTF-8 characters) keep the state of an open string apart from its character count, so in
+/// a string they are allowed in bulk (by length) and only the other tokens are walked.
+#[derive(Debug)]
+pub struct TokenIndex {
+    vocab: usize,
+    all: Trie,
+    /// The tokens that are not plain string text.
+    rest: Trie,
+    /// `plain_le[n]`: mask of the plain tokens of at most `n` characters.
+    plain_le: Vec<Vec<u64>>,
+    /// Plain tokens longer than `PLAIN_GROUPS` characters: (characters, id).
+    long_plain: Vec<(u32, u32)>,
+    /// Ids that end generation (allowed only where the value is complete).
+    stop: Vec<u32>,
+    /// Byte strings by id (empty for ids never generated under a grammar).
+    bytes: Vec<Box<[u8]>>,
+}
+
+/// Longest token the trie takes (longer ones are left out: no real vocabulary has them).
+const MAX_TOKEN_BYTES: usize = 1024;
+
+/// Characters of `b` if it is plain string text (see [`TokenIndex`]).
+fn plain_chars(b: &[u8]) -> Option<u32> {
+    let s = std::str::from_utf8(b).ok()?;
+    if b.iter().any(|&c| c < 0x20 || c == b'"' || c == b'\\') {
+        return None;
+    }
+    Some(s.chars().count() as u32)
+}
+
+impl TokenIndex {
+    /// Index the tokens of `tok`. Special tokens and `stop_ids` are left out of the trie
+    /// (a grammar never produces them); `stop_ids` are allowed where the value may end.
+    pub fn new(tok: &Tokenizer, stop_ids: &[u32]) -> TokenIndex {
+        let vocab = tok.vocab_size();
+        let mut bytes: Vec<Box<[u8]>> = vec![Box::default(); vocab];
+        for id in 0..vocab as u32 {
+            if tok.is_special(id) || stop_ids.contains(&id) {
+                continue;
+            }
+            if let Some(b) = tok.id_to_bytes(id) {
+                if b.len() <= MAX_TOKEN_BYTES {
+                    bytes[id as usize] = b.into();
+                }
+            }
+        }
+        Self::build(vocab, bytes, stop_ids)
+    }
+
+    /// An index over explicit byte strings (id = position), for tests and custom vocabularies.
+    pub fn from_bytes(tokens: &[&[u8]], stop_ids: &[u32]) -> TokenIndex {
+        let bytes = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                if t.len() <= MAX_TOKEN_BYTES && !stop_ids.contains(&(i as u32)) {
+                    (*t).into()
+                } else {
+                    Box::default()
+                }
+            })
+            .collect();
+        Self::build(tokens.len(), bytes, stop_ids)
+    }
+
+    fn build(vocab: usize, bytes: Vec<Box<[u8]>>, stop: &[u32]) -> TokenIndex {
+        let words = vocab.div_ceil(64);
+        let mut plain_le = vec![vec![0u64; words]; PLAIN_GROUPS + 1];
+        let (mut all, mut rest, mut long_plain) = (Vec::new(), Vec::new(), Vec::new());
+        for (id, b) in bytes.iter().enumerate() {
+            if b.is_empty() {
+                continue;
+            }
+            all.push(id as u32);
+            match plain_chars(b) {
+                Some(n) if (n as usize) <= PLAIN_GROUPS => {
+                    for m in &mut plain_le[n as usize..] {
+                        m[id / 64] |= 1 << (id % 64);
+                    }
+                }
+                Some(n) => long_plain.push((n, id as u32)),
+                None => rest.push(id as u32),
+            }
+        }
+        TokenIndex {
+            vocab,
+            all: Trie::build(&bytes, all),
+            rest: Trie::build(&bytes, rest),
+            plain_le,
+            long_plain,
+            stop: stop.iter().copied().filter(|&s| (s as usize) < vocab).collect(),
+            bytes,
+        }
     }
 
     /// Number of ids (the mask's length in bits).
@@ -126,7 +174,7 @@ impl TokenIndex {
 
     /// Nodes in the trie.
     pub fn nodes(&self) -> usize {
-        self.byte.len()
+        self.all.byte.len()
     }
 
     /// The bytes a grammar sees for `id` (empty: never allowed by the grammar itself).
@@ -374,12 +422,11 @@ impl GrammarMatcher {
 fn fill_mask(g: &Grammar, ix: &TokenIndex, state: &[Frame], w: &mut Walk, out: &mut [u64]) {
     out.fill(0);
     let words = out.len() - 1;
-    let (gr, lim) = (&g.graph, &g.limits);
+    let gr = &g.graph;
     w.arena.clear();
     w.heads.clear();
     w.arena.load(state, &mut w.heads);
     let mut flags = 0;
-    let base = w.heads.len() as u32;
     if w.heads.iter().any(|&h| w.arena.can_end(gr, h)) {
         flags |= FLAG_END;
         for &s in &ix.stop {
@@ -392,35 +439,70 @@ fn fill_mask(g: &Grammar, ix: &TokenIndex, state: &[Frame], w: &mut Walk, out: &
         out[words] = flags;
         return;
     }
+    // inside one open string: plain text tokens in bulk, the others walked
+    let trie = match (w.heads.len(), w.heads.first()) {
+        (1, Some(&h)) => match w.arena.string_room(gr, h) {
+            Some(room) => {
+                let groups = &ix.plain_le[(room.min(PLAIN_GROUPS as u32)) as usize];
+                let mut any = 0;
+                for (o, &m) in out[..words].iter_mut().zip(groups) {
+                    *o |= m;
+                    any |= m;
+                }
+                for &(n, id) in &ix.long_plain {
+                    if n <= room {
+                        out[id as usize / 64] |= 1 << (id % 64);
+                        any |= 1;
+                    }
+                }
+                if any != 0 {
+                    flags |= FLAG_ANY;
+                }
+                &ix.rest
+            }
+            None => &ix.all,
+        },
+        _ => &ix.all,
+    };
+    flags |= walk_trie(g, trie, w, out);
+    out[words] = flags;
+}
+
+/// Walk `t` from the states in `w.heads`, setting the bits of the tokens that survive.
+/// Returns `FLAG_ANY` if any did.
+fn walk_trie(g: &Grammar, t: &Trie, w: &mut Walk, out: &mut [u64]) -> u64 {
+    let (gr, lim) = (&g.graph, &g.limits);
+    let mut flags = 0;
+    let base = w.heads.len() as u32;
     w.levels.clear();
-    w.levels.resize(ix.max_len + 1, (0, 0, 0));
+    w.levels.resize(t.max_len + 1, (0, 0, 0));
     w.levels[0] = (0, base, w.arena.len() as u32);
-    let n = ix.byte.len();
+    let n = t.byte.len();
     let mut i = 0;
     while i < n {
-        let d = ix.depth[i] as usize;
+        let d = t.depth[i] as usize;
         let (ps, pe, al) = w.levels[d - 1];
         w.heads.truncate(pe as usize);
         w.arena.truncate(al as usize);
-        let c = ix.byte[i];
+        let c = t.byte[i];
         for k in ps..pe {
             let h = w.heads[k as usize];
             w.arena.step(gr, lim, h, c, &mut w.heads);
         }
         if w.heads.len() == pe as usize {
-            i = ix.end[i] as usize;
+            i = t.end[i] as usize;
             continue;
         }
         w.arena.dedup(&mut w.heads, pe as usize);
         w.levels[d] = (pe, w.heads.len() as u32, w.arena.len() as u32);
-        let (t0, t1) = (ix.tok_start[i] as usize, ix.tok_start[i + 1] as usize);
+        let (t0, t1) = (t.tok_start[i] as usize, t.tok_start[i + 1] as usize);
         if t1 > t0 {
             flags |= FLAG_ANY;
-            for &id in &ix.toks[t0..t1] {
+            for &id in &t.toks[t0..t1] {
                 out[id as usize / 64] |= 1 << (id % 64);
             }
         }
         i += 1;
     }
-    out[words] = flags;
+    flags
 }
