@@ -162,7 +162,11 @@ impl TokenIndex {
             rest: Trie::build(&bytes, rest),
             plain_le,
             long_plain,
-            stop: stop.iter().copied().filter(|&s| (s as usize) < vocab).collect(),
+            stop: stop
+                .iter()
+                .copied()
+                .filter(|&s| (s as usize) < vocab)
+                .collect(),
             bytes,
         }
     }
