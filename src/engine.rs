@@ -21,11 +21,12 @@
 //! differing token when the rendered conversation does not extend the previous one).
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use crate::chat::{no_template_error, ChatTemplate, Message};
 use crate::format::{DType, FqmFile};
+use crate::grammar::{Grammar, GrammarMatcher, TokenIndex};
 use crate::model::{KvType, Logits, Model, State};
 use crate::sampling::{Sampler, SamplerConfig, Stop, StopCondition};
 use crate::tokenizer::{Tokenizer, TokenizerKind};
@@ -45,6 +46,8 @@ pub struct Engine {
     stop_ids: Vec<u32>,
     add_bos: bool,
     load_ms: f64,
+    /// The tokenizer's trie for structured output, built on first use.
+    token_index: OnceLock<Arc<TokenIndex>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -262,6 +265,7 @@ impl Engine {
             stop_ids,
             add_bos,
             load_ms: t0.elapsed().as_secs_f64() * 1e3,
+            token_index: OnceLock::new(),
         })
     }
 
@@ -281,6 +285,14 @@ impl Engine {
     /// Ids that end generation (generation config, template end-of-turn token).
     pub fn stop_ids(&self) -> &[u32] {
         &self.stop_ids
+    }
+
+    /// The tokenizer's token trie for structured output (built on the first call, then
+    /// shared; stop ids are allowed only where a value is complete).
+    pub fn token_index(&self) -> Arc<TokenIndex> {
+        self.token_index
+            .get_or_init(|| Arc::new(TokenIndex::new(&self.tokenizer, &self.stop_ids)))
+            .clone()
     }
 
     /// Whether plain prompts get the BOS token (as the Hugging Face tokenizer does).
@@ -601,7 +613,23 @@ impl Session {
         opts: &GenOptions,
         on_token: &mut dyn FnMut(Option<u32>, &str) -> bool,
     ) -> Result<Generation> {
+        self.generate_constrained(prompt, opts, None, on_token)
+    }
+
+    /// [`Session::generate`] with the output constrained to `grammar` (structured output:
+    /// see [`crate::grammar`]). The generation ends with [`StopReason::StopToken`] only where
+    /// the value is complete (the text then parses and matches the schema);
+    /// [`StopReason::MaxTokens`] means it was cut first (OpenAI's `finish_reason: "length"`).
+    pub fn generate_constrained(
+        &mut self,
+        prompt: &[u32],
+        opts: &GenOptions,
+        grammar: Option<&Arc<Grammar>>,
+        on_token: &mut dyn FnMut(Option<u32>, &str) -> bool,
+    ) -> Result<Generation> {
         opts.sampler.validate()?;
+        let mut matcher =
+            grammar.map(|g| GrammarMatcher::new(g.clone(), self.engine.token_index()));
         let t0 = Instant::now();
         let reused = self.prefill(prompt)?;
         let mut timings = Timings {
@@ -627,7 +655,24 @@ impl Session {
             }
             let l = self.state.logits();
             self.logits[..l.len().min(vocab)].copy_from_slice(&l[..l.len().min(vocab)]);
-            let id = sampler.sample(&mut self.logits, &self.cached);
+            let mask = match matcher.as_mut() {
+                Some(m) => {
+                    if !m.any_allowed() {
+                        // complete and no stop id, or nesting beyond the grammar's limit
+                        break if m.can_end() {
+                            StopReason::StopToken
+                        } else {
+                            StopReason::MaxTokens
+                        };
+                    }
+                    Some(m.mask())
+                }
+                None => None,
+            };
+            let id = sampler.sample_masked(&mut self.logits, &self.cached, mask);
+            if let Some(m) = matcher.as_mut() {
+                m.accept_token(id)?;
+            }
             if stop.is_stop_id(id) {
                 break StopReason::StopToken;
             }

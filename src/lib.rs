@@ -8,6 +8,7 @@ pub mod chat;
 pub mod engine;
 pub mod error;
 pub mod format;
+pub mod grammar;
 pub mod model;
 pub mod ops;
 pub mod perplexity;

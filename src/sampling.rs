@@ -177,6 +177,21 @@ impl Sampler {
         }
     }
 
+    /// [`Sampler::sample`] with only the ids of `mask` allowed (one bit per id, bit `id % 64`
+    /// of word `id / 64`; see [`apply_mask`]), e.g. the mask of a structured-output grammar.
+    /// `None` costs nothing.
+    pub fn sample_masked(
+        &mut self,
+        logits: &mut [f32],
+        history: &[u32],
+        mask: Option<&[u64]>,
+    ) -> u32 {
+        if let Some(m) = mask {
+            apply_mask(logits, m);
+        }
+        self.sample(logits, history)
+    }
+
     /// Pick the next token. `logits` (one per vocabulary entry) is modified in place;
     /// `history` is the ids so far (prompt and generated), used by the penalties.
     /// NaN logits are never picked unless every logit is NaN (then id 0).
@@ -267,6 +282,26 @@ impl Sampler {
             .iter()
             .rposition(|&p| p > 0.0)
             .map_or(idx[0], |j| idx[j])
+    }
+}
+
+/// The logit-mask hook: set the logits of ids whose bit in `mask` is clear (bit `id % 64` of
+/// word `id / 64`; ids past the mask too) to minus infinity, so that no sampling setting can
+/// pick them. Costs one pass over the logits (whole words of allowed ids skipped).
+pub fn apply_mask(logits: &mut [f32], mask: &[u64]) {
+    for (chunk, &m) in logits.chunks_mut(64).zip(mask) {
+        if m == u64::MAX {
+            continue;
+        }
+        for (j, l) in chunk.iter_mut().enumerate() {
+            if (m >> j) & 1 == 0 {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+    }
+    let covered = mask.len() * 64;
+    if logits.len() > covered {
+        logits[covered..].fill(f32::NEG_INFINITY);
     }
 }
 
