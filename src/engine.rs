@@ -125,11 +125,28 @@ pub fn tokenizer_from_fqm(file: &FqmFile) -> Result<Tokenizer> {
     Ok(tok)
 }
 
+/// How an engine is opened.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EngineOptions {
+    /// Check every tensor against the checksums of the file (reads the whole model once,
+    /// about as fast as the disk or page cache; see `ferroq verify`). Off by default: opening
+    /// stays instant (the directory and metadata are always checked).
+    pub verify: bool,
+}
+
 impl Engine {
     /// Open a `.fqm` model and load its tokenizer, chat template (if any) and stop ids.
     pub fn open(path: impl AsRef<Path>) -> Result<Engine> {
+        Self::open_with(path, &EngineOptions::default())
+    }
+
+    /// [`Engine::open`] with options.
+    pub fn open_with(path: impl AsRef<Path>, opts: &EngineOptions) -> Result<Engine> {
         let t0 = Instant::now();
         let model = Model::open(path)?;
+        if opts.verify {
+            model.file.verify(&|_, _| {})?;
+        }
         let mut e = Engine::from_model(model)?;
         e.load_ms = t0.elapsed().as_secs_f64() * 1e3;
         Ok(e)
@@ -375,6 +392,8 @@ pub struct Session {
     engine: Arc<Engine>,
     state: State,
     batch: usize,
+    /// Threads asked for (kept to rebuild the state after an internal error).
+    threads: usize,
     /// Ids whose keys/values are in the cache (`cached.len() == state.pos`).
     cached: Vec<u32>,
     logits: Vec<f32>,
@@ -413,6 +432,7 @@ impl Session {
         Ok(Session {
             state,
             batch,
+            threads: opts.threads,
             cached: Vec::with_capacity(ctx),
             logits: vec![0.0; vocab],
             messages: Vec::new(),
@@ -439,11 +459,30 @@ impl Session {
         &self.messages
     }
 
-    /// Forget the conversation and the cache.
+    /// Forget the conversation and the cache. A state left unusable by an internal error
+    /// (a caught panic) is rebuilt; if that fails, later calls report it (see
+    /// [`Session::try_reset`]).
     pub fn reset(&mut self) {
+        let _ = self.try_reset();
+    }
+
+    /// [`Session::reset`], with the error when the state had to be rebuilt and could not be.
+    pub fn try_reset(&mut self) -> Result<()> {
         self.messages.clear();
         self.cached.clear();
         self.state.reset();
+        if !self.state.is_usable() {
+            let st = &self.state;
+            self.state = State::try_with_kv(
+                &self.engine.model,
+                st.max_ctx(),
+                st.max_batch(),
+                false,
+                self.threads,
+                st.kv_type(),
+            )?;
+        }
+        Ok(())
     }
 
     /// Set the system message of the conversation (only before the first turn).

@@ -304,7 +304,7 @@ fn every_fixture_at_every_quant() {
             }
             // metadata
             let m = f.meta();
-            assert_eq!(m["ferroq_format"], 1);
+            assert_eq!(m["ferroq_format"], ferroq::format::VERSION);
             let stored: ModelConfig = serde_json::from_value(m["config"].clone()).unwrap();
             assert_eq!(stored, cfg);
             assert_eq!(m["tokenizer"]["kind"], Value::Null);

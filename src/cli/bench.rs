@@ -28,6 +28,9 @@ pub struct Args {
     /// Model file (.fqm).
     #[arg(short, long)]
     model: PathBuf,
+    /// Check every tensor against the file's checksums before running (reads the whole model).
+    #[arg(long)]
+    verify: bool,
     /// Prompt tokens of the pp test (0 skips it); a comma-separated list runs each, like
     /// llama-bench.
     #[arg(short = 'p', long, value_delimiter = ',', default_value = "512")]
@@ -218,6 +221,9 @@ pub fn run(a: Args) -> Result<()> {
     }
     let t0 = Instant::now();
     let model = Model::open(&a.model)?;
+    if a.verify {
+        model.file.verify(&|_, _| {})?;
+    }
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
     let c = &model.config;
     let all_cores = std::thread::available_parallelism().map_or(1, |n| n.get());

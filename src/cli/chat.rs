@@ -31,7 +31,7 @@ fn out_err(e: std::io::Error) -> Error {
 
 pub fn run(a: Args) -> Result<()> {
     let (sampler, seed) = a.sampling.config()?;
-    let engine = open_engine(&a.model.model)?;
+    let engine = open_engine(&a.model.model, a.model.verify)?;
     if engine.template().is_none() {
         return Err(ferroq::chat::no_template_error());
     }

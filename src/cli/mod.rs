@@ -9,3 +9,4 @@ pub mod logits;
 pub mod run;
 pub mod synth;
 pub mod tokenize;
+pub mod verify;

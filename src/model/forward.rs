@@ -315,16 +315,11 @@ impl State {
             pool,
             scratch: (0..n_threads)
                 .map(|_| {
-                    Mutex::new(vec![
-                        0.0;
-                        SCRATCH_LEN.max(att_scratch_len(
-                            c.num_heads,
-                            c.num_kv_heads,
-                            c.head_dim
-                        ))
-                    ])
+                    let n =
+                        SCRATCH_LEN.max(att_scratch_len(c.num_heads, c.num_kv_heads, c.head_dim));
+                    f(Some(n)).map(Mutex::new)
                 })
-                .collect(),
+                .collect::<Result<_>>()?,
         })
     }
 
@@ -350,6 +345,13 @@ impl State {
     /// Largest batch one forward call takes.
     pub fn max_batch(&self) -> usize {
         self.max_batch
+    }
+
+    /// Whether the state can run a forward call: false after a panic interrupted one (its
+    /// thread pool and scratch were moved out for the call and lost). Rebuild it then (e.g.
+    /// [`crate::engine::Session::reset`] does).
+    pub fn is_usable(&self) -> bool {
+        !self.scratch.is_empty()
     }
 
     /// Forget the cache (start a new conversation).
@@ -393,6 +395,13 @@ impl Model {
         let n = tokens.len();
         if n == 0 {
             return Err(Error::Input("no tokens to process".into()));
+        }
+        if !st.is_usable() {
+            return Err(Error::Input(
+                "this session's state was left unusable by an internal error in an earlier \
+                 call; reset the session (or make a new state)"
+                    .into(),
+            ));
         }
         if n > st.max_batch {
             return Err(Error::Input(format!(

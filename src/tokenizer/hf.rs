@@ -264,11 +264,50 @@ pub(crate) fn load(bytes: &[u8]) -> Result<Tokenizer> {
 
     let max_vocab = m.vocab.values().copied().max();
     let max_added = j.added_tokens.iter().map(|a| a.id).max();
+    // The id tables are sized by the highest id: it must stay near the number of tokens the
+    // file defines (ids of real tokenizers are dense), so that a 5 KB file naming id 10^8
+    // cannot make us allocate gigabytes.
+    let count = m.vocab.len() + j.added_tokens.len();
     let n = match max_vocab.max(max_added) {
-        Some(x) if x < (1 << 28) => x as usize + 1,
-        Some(x) => return Err(err(format!("token id {x} is too large"))),
+        Some(x) if (x as usize) < super::max_ids(count) => x as usize + 1,
+        Some(x) => {
+            return Err(err(format!(
+                "token id {x} is too large for a vocabulary of {count} tokens (ids must be \
+                 below {}: 2 × the token count + 65,536)",
+                super::max_ids(count)
+            )))
+        }
         None => return Err(err("empty vocabulary")),
     };
+    // one token per id: two vocabulary strings with the same id would make decoding depend
+    // on the order of the JSON object
+    {
+        let mut owner: Vec<Option<&str>> = vec![None; n];
+        for (s, &id) in &m.vocab {
+            if let Some(prev) = owner[id as usize].replace(s) {
+                let (a, b) = if prev < s.as_str() {
+                    (prev, s.as_str())
+                } else {
+                    (s.as_str(), prev)
+                };
+                return Err(err(format!(
+                    "`model.vocab`: id {id} is given to both {a:?} and {b:?}"
+                )));
+            }
+        }
+        let mut added_seen: Vec<Option<&str>> = vec![None; n];
+        for a in &j.added_tokens {
+            let i = a.id as usize;
+            if let Some(prev) = added_seen[i].replace(&a.content) {
+                if prev != a.content {
+                    return Err(err(format!(
+                        "`added_tokens`: id {} is given to both {prev:?} and {:?}",
+                        a.id, a.content
+                    )));
+                }
+            }
+        }
+    }
     let mut parts = Parts::new(n);
     let mut vocab = fx_map(m.vocab.len());
     for (s, &id) in &m.vocab {
