@@ -429,11 +429,18 @@ impl Session {
         let kv = opts.kv.unwrap_or(engine.model.default_kv());
         let state = State::try_with_kv(&engine.model, ctx, batch, false, opts.threads, kv)?;
         let vocab = engine.model.config.vocab_size;
+        let mut cached = Vec::new();
+        cached.try_reserve_exact(ctx).map_err(|_| {
+            Error::config(
+                "ctx",
+                format!("a context of {ctx} tokens cannot be allocated"),
+            )
+        })?;
         Ok(Session {
             state,
             batch,
             threads: opts.threads,
-            cached: Vec::with_capacity(ctx),
+            cached,
             logits: vec![0.0; vocab],
             messages: Vec::new(),
             engine,

@@ -52,12 +52,15 @@ fn scout(dir: &Path, quant: Quant) -> PathBuf {
     out
 }
 
+/// A tensor's new type and bytes from its name, type, shape and bytes (`None`: unchanged).
+type TensorEdit = dyn Fn(&str, DType, &[usize], &[u8]) -> Option<(DType, Vec<u8>)>;
+
 /// Copy a `.fqm` with `edit(name, dtype, shape, bytes)` deciding each tensor's new type and
 /// bytes (`None`: unchanged), and `edit_meta` changing the metadata.
 fn rewrite(
     src: &Path,
     dst: &Path,
-    edit: &dyn Fn(&str, DType, &[usize], &[u8]) -> Option<(DType, Vec<u8>)>,
+    edit: &TensorEdit,
     edit_meta: &dyn Fn(&mut Value),
 ) {
     let f = FqmFile::open(src).unwrap();
