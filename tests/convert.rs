@@ -570,6 +570,8 @@ fn tokenizer_files_and_stop_tokens_travel_in_the_file() {
     let tok = json!({
         "version": "1.0",
         "added_tokens": [{"id": 1, "content": "<s>", "special": true}],
+        // a tokenizer the runtime can load: the converter re-opens what it wrote
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "use_regex": true},
         "post_processor": {"type": "Sequence", "processors": [
             {"type": "ByteLevel"},
             {"type": "TemplateProcessing",

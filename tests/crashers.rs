@@ -57,12 +57,7 @@ type TensorEdit = dyn Fn(&str, DType, &[usize], &[u8]) -> Option<(DType, Vec<u8>
 
 /// Copy a `.fqm` with `edit(name, dtype, shape, bytes)` deciding each tensor's new type and
 /// bytes (`None`: unchanged), and `edit_meta` changing the metadata.
-fn rewrite(
-    src: &Path,
-    dst: &Path,
-    edit: &TensorEdit,
-    edit_meta: &dyn Fn(&mut Value),
-) {
+fn rewrite(src: &Path, dst: &Path, edit: &TensorEdit, edit_meta: &dyn Fn(&mut Value)) {
     let f = FqmFile::open(src).unwrap();
     let mut w = FqmWriter::create(dst).unwrap();
     for t in f.tensors() {
