@@ -235,6 +235,7 @@ pub unsafe extern "C" fn ferroq_engine_open_ex(
                 b => crate::engine::MemBudget::Bytes(b),
             },
             mlock: ep.mlock != 0,
+            verify: false,
         };
         let e = Engine::open_with(p, &opts)?;
         Ok(Box::into_raw(Box::new(FerroqEngine(Arc::new(e)))))

@@ -95,17 +95,24 @@ pub fn tokenizer_from_fqm(file: &FqmFile) -> Result<Tokenizer> {
         .get("tokenizer")
         .and_then(|t| t.get("kind"))
         .and_then(|k| k.as_str());
+    const KINDS: [TokenizerKind; 3] = [
+        TokenizerKind::HfJson,
+        TokenizerKind::Tiktoken,
+        TokenizerKind::SentencePiece,
+    ];
     let (name, kind) = match kind {
-        Some("hf_json") => ("blob.tokenizer.json", TokenizerKind::HfJson),
-        Some("tiktoken") => ("blob.tokenizer.model", TokenizerKind::Tiktoken),
-        Some(other) => {
-            return Err(Error::format(
-                file.path(),
-                format!(
-                    "metadata `tokenizer.kind` is {other:?}, expected \"hf_json\" or \"tiktoken\""
-                ),
-            ))
-        }
+        Some(k) => match KINDS.iter().find(|x| x.fqm_name().0 == k) {
+            Some(&x) => (x.fqm_name().1, x),
+            None => {
+                return Err(Error::format(
+                    file.path(),
+                    format!(
+                        "metadata `tokenizer.kind` is {k:?}, expected \"hf_json\", \"tiktoken\" \
+                         or \"sentencepiece\""
+                    ),
+                ))
+            }
+        },
         None => {
             return Err(Error::format(
                 file.path(),

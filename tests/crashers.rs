@@ -532,11 +532,11 @@ fn logits_buffers_too_large_are_an_error_naming_ids() {
     let m = scout(&dir, Quant::Q8);
     let model = Model::open(&m).unwrap();
     // a batch whose all-position logits cannot exist: an error, not an abort
-    let e = State::try_with_kv(&model, 1 << 40, 1 << 40, true, 1, KvType::F32)
+    let e = State::try_with_kv(&model, 16, 1 << 40, true, 1, KvType::F32)
         .err()
         .unwrap()
         .to_string();
-    assert!(e.contains("`ctx`") || e.contains("`batch`"), "{e}");
+    assert!(e.contains("`batch`"), "{e}");
 }
 
 #[test]

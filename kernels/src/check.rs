@@ -4,57 +4,8 @@
 //! [`CHECK_REL_TOL`] of the sum of absolute terms.
 
 use crate::{
-    scalar, BlockQ4Lx8, BlockQ4x8, BlockQ6x8, BlockQ8A, BlockQ8x8, Kernels, Q4Block, TierTable,
+    scalar, BlockQ4Lx8, BlockQ4x8, BlockQ6x8, BlockQ8A, BlockQ8x8, Kernels, TierTable, WeightType,
 };
-use crate::{GateUpQ4Fn, GemmQ4Fn};
-
-/// The plain-product entry of one quantized block type and its twin, so one generic wrapper
-/// checks them all.
-trait GemmEntry: Sized + 'static {
-    const NAME: &'static str;
-    fn gemm(k: &Kernels) -> GemmQ4Fn<Self>;
-    fn twin() -> GemmQ4Fn<Self>;
-}
-
-macro_rules! gemm_entry {
-    ($block:ty, $name:literal, $field:ident, $twin:expr) => {
-        impl GemmEntry for $block {
-            const NAME: &'static str = $name;
-            fn gemm(k: &Kernels) -> GemmQ4Fn<Self> {
-                k.$field
-            }
-            fn twin() -> GemmQ4Fn<Self> {
-                $twin
-            }
-        }
-    };
-}
-gemm_entry!(BlockQ4x8, "q4x8", gemm_q4x8, scalar::gemm_q4x8::<BlockQ4x8>);
-gemm_entry!(
-    BlockQ4Lx8,
-    "q4lx8",
-    gemm_q4lx8,
-    scalar::gemm_q4x8::<BlockQ4Lx8>
-);
-gemm_entry!(BlockQ6x8, "q6x8", gemm_q6x8, scalar::gemm_q6x8);
-gemm_entry!(BlockQ8x8, "q8x8", gemm_q8x8, scalar::gemm_q8x8);
-
-/// The fused expert entry of one 4-bit block type, so one generic wrapper checks both.
-trait Q4Entries: Q4Block {
-    fn gate_up(k: &Kernels) -> GateUpQ4Fn<Self>;
-}
-
-impl Q4Entries for BlockQ4x8 {
-    fn gate_up(k: &Kernels) -> GateUpQ4Fn<Self> {
-        k.ffn_gate_up_q4x8
-    }
-}
-
-impl Q4Entries for BlockQ4Lx8 {
-    fn gate_up(k: &Kernels) -> GateUpQ4Fn<Self> {
-        k.ffn_gate_up_q4lx8
-    }
-}
 
 /// Relative tolerance for reassociated f32 sums: `n · ε` bound for `n` up to ~2^13 terms,
 /// taken as 1e-3 of `Σ|terms|` (loose on purpose: this guards against wrong kernels, the unit
@@ -87,7 +38,7 @@ fn quantize_q8a<T: TierTable>(x: &[f32], out: &mut [BlockQ8A]) {
     );
 }
 
-fn gemm_q<T: TierTable, B: GemmEntry>(
+fn gemm_q<T: TierTable, B: WeightType>(
     w: &[B],
     n: usize,
     k: usize,
@@ -98,12 +49,12 @@ fn gemm_q<T: TierTable, B: GemmEntry>(
 ) {
     (B::gemm(&T::K))(w, n, k, x, t, y, ld);
     let mut r = y.to_vec();
-    (B::twin())(w, n, k, x, t, &mut r, ld);
+    (B::gemm_twin())(w, n, k, x, t, &mut r, ld);
     exact(&format!("gemm {}", B::NAME), y, &r);
 }
 
 #[allow(clippy::too_many_arguments)]
-fn ffn_gate_up_q4x8<T: TierTable, B: Q4Entries>(
+fn gate_up_q<T: TierTable, B: WeightType>(
     g: &[B],
     u: &[B],
     n: usize,
@@ -113,27 +64,13 @@ fn ffn_gate_up_q4x8<T: TierTable, B: Q4Entries>(
     y: &mut [f32],
     ld: usize,
 ) {
-    (B::gate_up(&T::K))(g, u, n, k, x, rows, y, ld);
+    let (Some(f), Some(twin)) = (B::gate_up(&T::K), B::gate_up_twin()) else {
+        unreachable!("{} has no fused gate/up entry", B::NAME)
+    };
+    f(g, u, n, k, x, rows, y, ld);
     let mut r = y.to_vec();
-    scalar::ffn_gate_up_q4x8(g, u, n, k, x, rows, &mut r, ld);
+    twin(g, u, n, k, x, rows, &mut r, ld);
     exact(&format!("ffn_gate_up {}", B::NAME), y, &r);
-}
-
-#[allow(clippy::too_many_arguments)]
-fn ffn_gate_up_q8x8<T: TierTable>(
-    g: &[BlockQ8x8],
-    u: &[BlockQ8x8],
-    n: usize,
-    k: usize,
-    x: &[BlockQ8A],
-    rows: &[u32],
-    y: &mut [f32],
-    ld: usize,
-) {
-    (T::K.ffn_gate_up_q8x8)(g, u, n, k, x, rows, y, ld);
-    let mut r = y.to_vec();
-    scalar::ffn_gate_up_q8x8(g, u, n, k, x, rows, &mut r, ld);
-    exact("ffn_gate_up_q8x8", y, &r);
 }
 
 fn dot_scale(w: &[f32], x: &[f32]) -> f32 {
@@ -361,9 +298,9 @@ pub(crate) fn wrap<T: TierTable>() -> Kernels {
         gemm_bf16: gemm_bf16::<T>,
         gemm_f16: gemm_f16::<T>,
         rmsnorm: rmsnorm::<T>,
-        ffn_gate_up_q4x8: ffn_gate_up_q4x8::<T, BlockQ4x8>,
-        ffn_gate_up_q4lx8: ffn_gate_up_q4x8::<T, BlockQ4Lx8>,
-        ffn_gate_up_q8x8: ffn_gate_up_q8x8::<T>,
+        ffn_gate_up_q4x8: gate_up_q::<T, BlockQ4x8>,
+        ffn_gate_up_q4lx8: gate_up_q::<T, BlockQ4Lx8>,
+        ffn_gate_up_q8x8: gate_up_q::<T, BlockQ8x8>,
         topk: T::K.topk,
         group_by_expert: group_by_expert::<T>,
         attn_scores: attn_scores::<T>,

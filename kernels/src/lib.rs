@@ -11,6 +11,7 @@ mod driver;
 mod portable;
 pub mod routing;
 pub mod scalar;
+pub mod wtype;
 
 // The only places where the target architecture is selected (style rule 2).
 #[cfg(target_arch = "aarch64")]
@@ -23,6 +24,7 @@ mod x86_64;
 pub use block::{
     BlockQ4Lx8, BlockQ4x8, BlockQ6x8, BlockQ8A, BlockQ8x8, Q4Block, KVALUES, LVALUES, QK, ROWS,
 };
+pub use wtype::WeightType;
 
 /// A CPU tier. Ordered: a level can always be lowered to any earlier level of its architecture.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -9,7 +9,7 @@
 use ferroq_kernels::block::{q4_pos, q4x8_bytes, q6_get, q6_pos, q8_pos, row_groups};
 use ferroq_kernels::{
     scalar, BlockQ4Lx8, BlockQ4x8, BlockQ6x8, BlockQ8A, BlockQ8x8, CpuLevel, GemmQ4Fn, Kernels,
-    Q4Block, KVALUES, QK,
+    Q4Block, WeightType, KVALUES, QK,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -1297,4 +1297,77 @@ fn exp_poly_and_silu() {
     assert_eq!(scalar::silu(100.0), 100.0);
     assert!(scalar::silu(-100.0).abs() < 1e-30);
     assert!(scalar::silu(f32::NAN).is_nan());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Every registered weight type (`for_each_weight_type!`), without naming it: a type added to the
+// registry is tested here by itself.
+// ---------------------------------------------------------------------------------------------
+
+fn registered_type_matches_twins<B: WeightType>() {
+    let mut rng = Rng(21);
+    // 8 rows × 32 columns per block, so the block size fixes the bits per weight
+    assert_eq!(
+        std::mem::size_of::<B>() as f64 * 8.0 / 256.0,
+        B::BITS_PER_WEIGHT,
+        "{}",
+        B::NAME
+    );
+    for &(n_rows, k) in &[(8usize, 32usize), (13, 96), (40, 256)] {
+        let wf: Vec<f32> = rng.gauss_vec(n_rows * k);
+        let mut w: Vec<B> = zeroed(row_groups(n_rows) * k / QK);
+        B::quantize(&wf, n_rows, k, &mut w);
+        // the dequantized rows are close to the floats (8 rows per group, padding excluded)
+        let mut row = vec![0.0f32; k];
+        for r in 0..n_rows {
+            B::dequantize_row(&w, r, k, &mut row);
+            let amax = wf[r * k..(r + 1) * k]
+                .iter()
+                .fold(0.0f32, |m, v| m.max(v.abs()));
+            for (a, b) in row.iter().zip(&wf[r * k..(r + 1) * k]) {
+                assert!(
+                    (a - b).abs() <= 0.2 * amax,
+                    "{} dequantize {a} {b}",
+                    B::NAME
+                );
+            }
+        }
+        for kt in tables() {
+            let lv = kt.level.name();
+            for n_tok in [1, 2, 5, 9, 64] {
+                let x = quant_acts(&rng.gauss_vec(n_tok * k));
+                let ld = n_rows + 1;
+                let (mut y, mut r) = (nan_buf(n_tok, ld), nan_buf(n_tok, ld));
+                (B::gemm(&kt))(&w, n_rows, k, &x, n_tok, &mut y, ld);
+                (B::gemm_twin())(&w, n_rows, k, &x, n_tok, &mut r, ld);
+                let what = format!("{lv} {} gemm n={n_rows} k={k}", B::NAME);
+                assert_gemm_out(&what, &y, &r, n_tok, n_rows, ld);
+            }
+            if let (Some(f), Some(twin)) = (B::gate_up(&kt), B::gate_up_twin()) {
+                let mut u: Vec<B> = zeroed(w.len());
+                B::quantize(&rng.gauss_vec(n_rows * k), n_rows, k, &mut u);
+                let n_x = 11;
+                let x = quant_acts(&rng.gauss_vec(n_x * k));
+                for n_sel in [1, 3, 10] {
+                    let rows: Vec<u32> = (0..n_sel).map(|_| rng.below(n_x as u64) as u32).collect();
+                    let ld = n_rows + 2;
+                    let (mut y, mut r) = (nan_buf(n_sel, ld), nan_buf(n_sel, ld));
+                    f(&w, &u, n_rows, k, &x, &rows, &mut y, ld);
+                    twin(&w, &u, n_rows, k, &x, &rows, &mut r, ld);
+                    let what = format!("{lv} {} gate_up n={n_rows} k={k}", B::NAME);
+                    assert_gemm_out(&what, &y, &r, n_sel, n_rows, ld);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn every_registered_weight_type() {
+    macro_rules! run {
+        ($b:ty) => {
+            registered_type_matches_twins::<$b>()
+        };
+    }
+    ferroq_kernels::for_each_weight_type!(run);
 }
