@@ -14,8 +14,9 @@
  *   - All strings are UTF-8.
  *
  * Errors: functions return NULL or a negative number and set a per-thread message read with
- * ferroq_last_error(). No Rust panic crosses this boundary (it becomes an error). NULL
- * pointers are reported as errors, never dereferenced.
+ * ferroq_last_error(). No Rust panic crosses this boundary (it becomes an error and is not
+ * printed on stderr; a session whose generation hit one drops its conversation and stays
+ * usable). NULL pointers are reported as errors, never dereferenced.
  */
 #ifndef FERROQ_H
 #define FERROQ_H
@@ -105,8 +106,9 @@ void ferroq_string_free(char *s); /* NULL allowed */
 int64_t ferroq_tokenize(const ferroq_engine *engine, const char *text, int add_bos,
                         uint32_t *out, size_t cap);
 
-/* Text of `n` ids; writes up to cap-1 bytes and a NUL to `out` and returns the full length
- * in bytes (retry with a larger buffer if it is >= cap), or -1 on error. */
+/* Text of `n` ids; writes up to cap-1 bytes and a NUL to `out` (never cutting a UTF-8
+ * character: fewer bytes when one would not fit) and returns the full length in bytes (retry
+ * with a larger buffer if it is >= cap), or -1 on error. */
 int64_t ferroq_detokenize(const ferroq_engine *engine, const uint32_t *ids, size_t n,
                           int skip_special, char *out, size_t cap);
 

@@ -112,10 +112,47 @@ fn clear_error() {
     LAST_ERROR.with(|e| *e.borrow_mut() = None);
 }
 
+thread_local! {
+    /// Depth of ferroq C calls on this thread (their panics are not printed).
+    static IN_CALL: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Keep caught panics off the host's stderr: a panic inside a ferroq C call (or on one of
+/// ferroq's pool threads, whose panics are resumed on the caller) becomes an error message, so
+/// printing it would only clutter the host's output. The process's panic hook is wrapped once,
+/// on the first C call; panics elsewhere still go to the previous hook.
+fn quiet_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let in_call = IN_CALL.try_with(|c| c.get() > 0).unwrap_or(false);
+            let pool = std::thread::current()
+                .name()
+                .is_some_and(|n| n.starts_with("ferroq-pool"));
+            if !(in_call || pool) {
+                prev(info)
+            }
+        }));
+    });
+}
+
 /// Run `f`, turning errors and panics into the thread's last error and `fail`.
 fn guard<T>(fail: T, f: impl FnOnce() -> Result<T>) -> T {
+    guard_or(fail, f, || {})
+}
+
+/// [`guard`], running `on_panic` after a caught panic (sessions rebuild their state there).
+fn guard_or<T>(fail: T, f: impl FnOnce() -> Result<T>, on_panic: impl FnOnce()) -> T {
     clear_error();
-    match catch_unwind(AssertUnwindSafe(f)) {
+    quiet_panics();
+    IN_CALL.with(|c| c.set(c.get() + 1));
+    let r = catch_unwind(AssertUnwindSafe(f));
+    IN_CALL.with(|c| c.set(c.get().saturating_sub(1)));
+    if r.is_err() {
+        let _ = catch_unwind(AssertUnwindSafe(on_panic));
+    }
+    match r {
         Ok(Ok(v)) => v,
         Ok(Err(e)) => {
             set_error(e.to_string());
@@ -198,6 +235,7 @@ pub unsafe extern "C" fn ferroq_engine_open_ex(
                 b => crate::engine::MemBudget::Bytes(b),
             },
             mlock: ep.mlock != 0,
+            verify: false,
         };
         let e = Engine::open_with(p, &opts)?;
         Ok(Box::into_raw(Box::new(FerroqEngine(Arc::new(e)))))
@@ -317,7 +355,7 @@ pub unsafe extern "C" fn ferroq_session_reset(session: *mut FerroqSession) -> c_
     guard(-1, || {
         // SAFETY: caller contract.
         let s = unsafe { session.as_mut() }.ok_or_else(|| null("session"))?;
-        s.0.reset();
+        s.0.try_reset()?;
         Ok(0)
     })
 }
@@ -340,77 +378,90 @@ pub unsafe extern "C" fn ferroq_generate(
     user: *mut c_void,
     text_out: *mut *mut c_char,
 ) -> i64 {
-    guard(-1, || {
-        if !text_out.is_null() {
-            // SAFETY: caller contract: writable.
-            unsafe { *text_out = std::ptr::null_mut() };
+    // after an internal error (a caught panic) the conversation is dropped and the state
+    // rebuilt, so the session stays usable
+    let recover = || {
+        // SAFETY: caller contract (the closure that borrowed it has returned).
+        if let Some(s) = unsafe { session.as_mut() } {
+            s.0.reset();
         }
-        // SAFETY: caller contract.
-        let s = unsafe { session.as_mut() }.ok_or_else(|| null("session"))?;
-        // SAFETY: caller contract.
-        let prompt = unsafe { c_str(prompt, "prompt") }?;
-        // SAFETY: caller contract.
-        let p = unsafe { params.as_ref() }
-            .copied()
-            .unwrap_or_else(|| ferroq_gen_params_default());
-        let mut stop_strings = Vec::with_capacity(p.n_stop);
-        if p.n_stop > 0 {
-            if p.stop.is_null() {
-                return Err(null("params.stop"));
+    };
+    guard_or(
+        -1,
+        || {
+            if !text_out.is_null() {
+                // SAFETY: caller contract: writable.
+                unsafe { *text_out = std::ptr::null_mut() };
             }
-            // SAFETY: caller contract: `stop` points to `n_stop` pointers.
-            let list = unsafe { std::slice::from_raw_parts(p.stop, p.n_stop) };
-            for (i, &sp) in list.iter().enumerate() {
-                // SAFETY: caller contract: each is a NUL-terminated string.
-                stop_strings.push(unsafe { c_str(sp, &format!("params.stop[{i}]")) }?.to_string());
+            // SAFETY: caller contract.
+            let s = unsafe { session.as_mut() }.ok_or_else(|| null("session"))?;
+            // SAFETY: caller contract.
+            let prompt = unsafe { c_str(prompt, "prompt") }?;
+            // SAFETY: caller contract.
+            let p = unsafe { params.as_ref() }
+                .copied()
+                .unwrap_or_else(|| ferroq_gen_params_default());
+            let mut stop_strings = Vec::with_capacity(p.n_stop);
+            if p.n_stop > 0 {
+                if p.stop.is_null() {
+                    return Err(null("params.stop"));
+                }
+                // SAFETY: caller contract: `stop` points to `n_stop` pointers.
+                let list = unsafe { std::slice::from_raw_parts(p.stop, p.n_stop) };
+                for (i, &sp) in list.iter().enumerate() {
+                    // SAFETY: caller contract: each is a NUL-terminated string.
+                    stop_strings
+                        .push(unsafe { c_str(sp, &format!("params.stop[{i}]")) }?.to_string());
+                }
             }
-        }
-        let opts = GenOptions {
-            max_tokens: p.max_tokens,
-            sampler: SamplerConfig {
-                temperature: p.temperature,
-                top_k: p.top_k,
-                top_p: p.top_p,
-                min_p: p.min_p,
-                repetition_penalty: p.repeat_penalty,
-                presence_penalty: p.presence_penalty,
-                frequency_penalty: p.frequency_penalty,
-                penalty_last_n: 0,
-                seed: p.seed,
-            },
-            stop_strings,
-        };
-        let mut on_token = |id: Option<u32>, piece: &str| -> bool {
-            match cb {
-                // SAFETY: the caller supplied a valid function; it gets a pointer/length pair
-                // valid for the duration of the call.
-                Some(f) => unsafe {
-                    f(
-                        user,
-                        id.map_or(-1, i64::from),
-                        piece.as_ptr().cast(),
-                        piece.len(),
-                    ) == 0
+            let opts = GenOptions {
+                max_tokens: p.max_tokens,
+                sampler: SamplerConfig {
+                    temperature: p.temperature,
+                    top_k: p.top_k,
+                    top_p: p.top_p,
+                    min_p: p.min_p,
+                    repetition_penalty: p.repeat_penalty,
+                    presence_penalty: p.presence_penalty,
+                    frequency_penalty: p.frequency_penalty,
+                    penalty_last_n: 0,
+                    seed: p.seed,
                 },
-                None => true,
+                stop_strings,
+            };
+            let mut on_token = |id: Option<u32>, piece: &str| -> bool {
+                match cb {
+                    // SAFETY: the caller supplied a valid function; it gets a pointer/length pair
+                    // valid for the duration of the call.
+                    Some(f) => unsafe {
+                        f(
+                            user,
+                            id.map_or(-1, i64::from),
+                            piece.as_ptr().cast(),
+                            piece.len(),
+                        ) == 0
+                    },
+                    None => true,
+                }
+            };
+            let g = if p.chat != 0 {
+                s.0.chat(prompt, &opts, &mut on_token)?
+            } else {
+                if prompt.is_empty() {
+                    return Err(Error::Input("the prompt is empty".into()));
+                }
+                let ids = s.0.engine().encode_prompt(prompt);
+                s.0.generate(&ids, &opts, &mut on_token)?
+            };
+            if !text_out.is_null() {
+                let c = CString::new(g.text.replace('\0', "")).unwrap_or_default();
+                // SAFETY: caller contract: writable.
+                unsafe { *text_out = c.into_raw() };
             }
-        };
-        let g = if p.chat != 0 {
-            s.0.chat(prompt, &opts, &mut on_token)?
-        } else {
-            if prompt.is_empty() {
-                return Err(Error::Input("the prompt is empty".into()));
-            }
-            let ids = s.0.engine().encode_prompt(prompt);
-            s.0.generate(&ids, &opts, &mut on_token)?
-        };
-        if !text_out.is_null() {
-            let c = CString::new(g.text.replace('\0', "")).unwrap_or_default();
-            // SAFETY: caller contract: writable.
-            unsafe { *text_out = c.into_raw() };
-        }
-        Ok(g.ids.len() as i64)
-    })
+            Ok(g.ids.len() as i64)
+        },
+        recover,
+    )
 }
 
 /// Free a string returned by ferroq (NULL is allowed).
@@ -500,7 +551,11 @@ pub unsafe extern "C" fn ferroq_detokenize(
             if out.is_null() {
                 return Err(null("out"));
             }
-            let k = text.len().min(cap - 1);
+            // never cut a UTF-8 character: stop at the last boundary that fits
+            let mut k = text.len().min(cap - 1);
+            while !text.is_char_boundary(k) {
+                k -= 1;
+            }
             // SAFETY: `out` is writable for `cap > k` bytes (caller contract).
             unsafe {
                 std::ptr::copy_nonoverlapping(text.as_ptr(), out.cast::<u8>(), k);

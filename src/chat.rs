@@ -33,6 +33,41 @@ impl Message {
 
 const NAME: &str = "chat_template";
 
+/// Work one render may do, in minijinja instructions ("fuel"). Real chat templates use a few
+/// dozen per message (a 1,000-message conversation with the Llama 4 template: well under 10^5);
+/// a template looping `range(100000)` inside `range(100000)` runs out after a fraction of a
+/// second instead of hanging.
+pub const TEMPLATE_FUEL: u64 = 5_000_000;
+
+/// Most bytes a render may produce: 1 MiB plus 8 × the conversation's text (a template
+/// writes each message once or twice, plus its markup).
+pub fn template_output_cap(messages: &[Message]) -> usize {
+    let text: usize = messages
+        .iter()
+        .map(|m| m.content.len() + m.role.len())
+        .sum();
+    text.saturating_mul(8).saturating_add(1 << 20)
+}
+
+/// A writer that refuses to grow past `cap` bytes.
+struct Capped {
+    out: Vec<u8>,
+    cap: usize,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if self.out.len() + b.len() > self.cap {
+            return Err(std::io::Error::other("output cap"));
+        }
+        self.out.extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A compiled chat template with the model's special tokens.
 pub struct ChatTemplate {
     env: Environment<'static>,
@@ -85,6 +120,7 @@ impl ChatTemplate {
         env.set_lstrip_blocks(true);
         env.set_keep_trailing_newline(false);
         env.set_unknown_method_callback(py_method);
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.add_function(
             "raise_exception",
             |msg: String| -> std::result::Result<Value, minijinja::Error> {
@@ -161,7 +197,31 @@ impl ChatTemplate {
             documents => Value::from(()),
             strftime_now => strftime_now,
         };
-        tmpl.render(ctx).map_err(template_err)
+        let cap = template_output_cap(messages);
+        let mut out = Capped {
+            out: Vec::new(),
+            cap,
+        };
+        match tmpl.render_captured_to(ctx, &mut out) {
+            Ok(_) => String::from_utf8(out.out).map_err(|_| {
+                Error::config("chat_template", "chat template: output is not valid UTF-8")
+            }),
+            Err(e) if e.kind() == ErrorKind::OutOfFuel => Err(Error::config(
+                "chat_template",
+                format!(
+                    "chat template: gave up after {TEMPLATE_FUEL} steps (a chat template needs \
+                     far fewer; this one loops too much, so it is refused)"
+                ),
+            )),
+            Err(e) if e.kind() == ErrorKind::WriteFailure => Err(Error::config(
+                "chat_template",
+                format!(
+                    "chat template: output exceeds {cap} bytes (1 MiB + 8 × the \
+                         conversation's text), so it is refused"
+                ),
+            )),
+            Err(e) => Err(template_err(e)),
+        }
     }
 }
 

@@ -172,6 +172,10 @@ pub struct EngineOptions {
     /// Lock the weights that stay resident in memory (`mlock`): the dense part when experts
     /// are paged, else the whole file.
     pub mlock: bool,
+    /// Check every tensor against the checksums of the file before use (reads the whole
+    /// model once, about as fast as the disk or page cache; see `ferroq verify`). Off by
+    /// default: opening stays instant (the directory and metadata are always checked).
+    pub verify: bool,
 }
 
 impl Engine {
@@ -184,6 +188,9 @@ impl Engine {
     pub fn open_with(path: impl AsRef<Path>, opts: &EngineOptions) -> Result<Engine> {
         let t0 = Instant::now();
         let mut model = Model::open(path)?;
+        if opts.verify {
+            model.file.verify(&|_, _| {})?;
+        }
         if opts.ctx_override {
             model.allow_any_context();
         }
@@ -457,6 +464,8 @@ pub struct Session {
     engine: Arc<Engine>,
     state: State,
     batch: usize,
+    /// Threads asked for (kept to rebuild the state after an internal error).
+    threads: usize,
     /// Ids whose keys/values are in the cache (`cached.len() == state.pos`).
     cached: Vec<u32>,
     logits: Vec<f32>,
@@ -492,10 +501,18 @@ impl Session {
         let kv = opts.kv.unwrap_or(engine.model.default_kv());
         let state = State::try_with_kv(&engine.model, ctx, batch, false, opts.threads, kv)?;
         let vocab = engine.model.config.vocab_size;
+        let mut cached = Vec::new();
+        cached.try_reserve_exact(ctx).map_err(|_| {
+            Error::config(
+                "ctx",
+                format!("a context of {ctx} tokens cannot be allocated"),
+            )
+        })?;
         Ok(Session {
             state,
             batch,
-            cached: Vec::with_capacity(ctx),
+            threads: opts.threads,
+            cached,
             logits: vec![0.0; vocab],
             messages: Vec::new(),
             engine,
@@ -535,11 +552,30 @@ impl Session {
         &self.messages
     }
 
-    /// Forget the conversation and the cache.
+    /// Forget the conversation and the cache. A state left unusable by an internal error
+    /// (a caught panic) is rebuilt; if that fails, later calls report it (see
+    /// [`Session::try_reset`]).
     pub fn reset(&mut self) {
+        let _ = self.try_reset();
+    }
+
+    /// [`Session::reset`], with the error when the state had to be rebuilt and could not be.
+    pub fn try_reset(&mut self) -> Result<()> {
         self.messages.clear();
         self.cached.clear();
         self.state.reset();
+        if !self.state.is_usable() {
+            let st = &self.state;
+            self.state = State::try_with_kv(
+                &self.engine.model,
+                st.max_ctx(),
+                st.max_batch(),
+                false,
+                self.threads,
+                st.kv_type(),
+            )?;
+        }
+        Ok(())
     }
 
     /// Set the system message of the conversation (only before the first turn).

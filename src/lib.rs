@@ -3,6 +3,7 @@
 //! Layers (one way): CLI (`main.rs`) → [`model`] → [`ops`] → `ferroq_kernels`.
 //! See `ARCHITECTURE.md`.
 
+pub mod atomic;
 pub mod capi;
 pub mod chat;
 pub mod engine;

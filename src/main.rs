@@ -38,9 +38,13 @@ enum Cmd {
     Run(cli::run::Args),
     /// Interactive multi-turn chat (one message per stdin line), keeping the KV cache.
     Chat(cli::chat::Args),
+    /// Check a model file's tensors against the checksums it records.
+    Verify(cli::verify::Args),
 }
 
 fn main() {
+    // an interrupted convert / logits -o leaves no temporary file behind
+    ferroq::atomic::remove_temp_files_on_signal();
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Bench(a) => cli::bench::run(a),
@@ -53,6 +57,7 @@ fn main() {
         Cmd::Perplexity(a) => cli::perplexity::run(a),
         Cmd::Run(a) => cli::run::run(a),
         Cmd::Chat(a) => cli::chat::run(a),
+        Cmd::Verify(a) => cli::verify::run(a),
     };
     if let Err(e) = r {
         eprintln!("ferroq: error: {e}");

@@ -244,9 +244,10 @@ fn tiny_models(dir: &Path) -> (PathBuf, PathBuf) {
             std::fs::copy(src.join(f), d.join(f)).unwrap();
         }
     }
+    // the SmolLM2 tokenizer cut to the model's 384 ids
     std::fs::write(
         with_tok.join("tokenizer.json"),
-        support::read_gz("smollm2-tokenizer.json.gz"),
+        support::trim_tokenizer(&support::read_gz("smollm2-tokenizer.json.gz"), 384),
     )
     .unwrap();
     let mut out = Vec::new();

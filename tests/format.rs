@@ -112,7 +112,7 @@ fn sample_tensors() -> Vec<(T, Vec<u8>)> {
 }
 
 fn write_sample(path: &Path) -> serde_json::Value {
-    let meta = json!({"ferroq_format": 1, "hello": "wörld", "n": [1, 2, 3]});
+    let meta = json!({"ferroq_format": VERSION, "hello": "wörld", "n": [1, 2, 3]});
     let mut w = FqmWriter::create(path).unwrap();
     for (t, b) in sample_tensors() {
         w.add_tensor(t.name, t.dtype, &t.shape, &b, t.align)
@@ -261,15 +261,39 @@ fn entry_pos(b: &[u8], k: usize) -> EntryPos {
         if i == k {
             return e;
         }
-        at = e.nbytes + 8;
+        at = e.nbytes + 8 + 8; // nbytes, then the version 2 checksum
     }
     unreachable!()
 }
 
-/// Write `b` to a file and open it; the error message must contain `want`.
+/// Recompute the version 2 metadata and directory checksums where the header points (when it
+/// points inside the file), so that an edited field reaches the check it is about instead of
+/// failing the checksum first.
+fn fix_sums(b: &mut [u8]) {
+    if b.len() < HEADER_SIZE {
+        return;
+    }
+    let (mo, ml, d_o, dl) = (le64(b, 16), le64(b, 24), le64(b, 32), le64(b, 40));
+    let (Some(me), Some(de)) = (mo.checked_add(ml), d_o.checked_add(dl)) else {
+        return;
+    };
+    let (mo, me, d_o, de) = (mo as usize, me as usize, d_o as usize, de as usize);
+    if me > b.len() || de > b.len() || de < d_o + 16 {
+        return;
+    }
+    let mh = ferroq::format::xxh64(&b[mo..me]);
+    b[de - 16..de - 8].copy_from_slice(&mh.to_le_bytes());
+    let dh = ferroq::format::xxh64(&b[d_o..de - 8]);
+    b[de - 8..de].copy_from_slice(&dh.to_le_bytes());
+}
+
+/// Write `b` (checksums fixed up, see [`fix_sums`]) to a file and open it; the error message
+/// must contain `want`.
 fn expect_err(d: &Path, b: &[u8], want: &str) {
     let p = d.join("bad.fqm");
-    std::fs::write(&p, b).unwrap();
+    let mut b = b.to_vec();
+    fix_sums(&mut b);
+    std::fs::write(&p, &b).unwrap();
     match FqmFile::open(&p) {
         Ok(_) => panic!("corrupt file accepted (expected error containing `{want}`)"),
         Err(e) => {
@@ -446,5 +470,44 @@ fn single_byte_corruption_never_panics() {
             let _ = FqmFile::open(&tp);
         }
     }
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// Version 2 checksums: an edited directory or metadata byte fails at open, an edited tensor
+/// byte only `verify` (opening reads no tensor data).
+#[test]
+fn checksums_catch_edits() {
+    let d = scratch("sums");
+    let p = d.join("m.fqm");
+    write_sample(&p);
+    let good = std::fs::read(&p).unwrap();
+    let f = FqmFile::open(&p).unwrap();
+    assert_eq!(f.version(), 2);
+    assert!(f.tensors().iter().all(|t| t.checksum.is_some()));
+    f.verify(&|_, _| {}).unwrap();
+    let t = f.tensors()[1].clone();
+    drop(f);
+    let meta_off = le64(&good, 16) as usize;
+    let e = entry_pos(&good, 0);
+    for (at, want) in [
+        (meta_off + 3, "checksum mismatch in the metadata"),
+        (e.offset, "checksum mismatch in the tensor directory"),
+        (e.dtype, "checksum mismatch in the tensor directory"),
+    ] {
+        let mut b = good.clone();
+        b[at] ^= 0x40;
+        std::fs::write(&p, &b).unwrap();
+        let msg = FqmFile::open(&p).unwrap_err().to_string();
+        assert!(msg.contains(want), "{msg}");
+    }
+    let mut b = good.clone();
+    b[t.offset] ^= 1;
+    std::fs::write(&p, &b).unwrap();
+    let f = FqmFile::open(&p).unwrap();
+    let msg = f.verify(&|_, _| {}).unwrap_err().to_string();
+    assert!(
+        msg.contains(&t.name) && msg.contains("checksum mismatch"),
+        "{msg}"
+    );
     std::fs::remove_dir_all(&d).unwrap();
 }

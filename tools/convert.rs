@@ -705,6 +705,9 @@ pub fn convert(
         ));
     }
     let t0 = Instant::now();
+    // before any work: the output may not overwrite what we read
+    let origin = Path::new(&ck.origin);
+    crate::atomic::check_output(out, &[origin])?;
     let arch_name = architecture(&ck.config)?;
     let mut cfg = model_config_from_hf(&ck.config)?;
     cfg.rope_freq_bf16 = opts.rope_freq_bf16;
@@ -754,7 +757,7 @@ pub fn convert(
         bytes: total_bytes,
     });
 
-    let mut w = FqmWriter::create(out)?;
+    let mut w = FqmWriter::create_from(out, &[origin])?;
     let mut bufs = Bufs::default();
     let mut done = 0u64;
     for (i, pl) in planned.iter().enumerate() {
@@ -865,7 +868,9 @@ pub fn convert(
             m.insert(k.clone(), v.clone());
         }
     }
-    w.finish(&meta)?;
+    // the model must load as `ferroq run` will load it: directory, config, tensor types,
+    // tokenizer and chat template; only then does it get its final name
+    w.finish_checked(&meta, |tmp| check_written(tmp, out))?;
     let file_bytes = std::fs::metadata(out).map_err(|e| Error::io(out, e))?.len();
     let elapsed = t0.elapsed();
     progress(ProgressEvent::Done {
@@ -881,4 +886,43 @@ pub fn convert(
         notes,
         recipe,
     })
+}
+
+/// Open the model just written at `tmp` (to be renamed to `out`) as the runtime will: the
+/// directory and tensor types, then the tokenizer and chat template it embeds, whose ids must
+/// fit the model's vocabulary. Errors name `out`, not the temporary file.
+fn check_written(tmp: &Path, out: &Path) -> Result<()> {
+    let rename = |e: Error| {
+        let msg = e
+            .to_string()
+            .replace(&tmp.display().to_string(), &out.display().to_string());
+        Error::Other(format!(
+            "{}: the converted model does not load, so it was not written: {msg}",
+            out.display()
+        ))
+    };
+    let model = crate::model::Model::open(tmp).map_err(rename)?;
+    let has_tokenizer = model
+        .file
+        .meta()
+        .get("tokenizer")
+        .and_then(|t| t.get("kind"))
+        .is_some_and(|k| !k.is_null());
+    if !has_tokenizer {
+        return Ok(());
+    }
+    let vocab = model.config.vocab_size;
+    let engine = crate::engine::Engine::from_model(model).map_err(rename)?;
+    let n = engine.tokenizer().vocab_size();
+    if n > vocab {
+        return Err(rename(Error::config(
+            "vocab_size",
+            format!(
+                "the tokenizer defines ids up to {} but the model has only {vocab} embedding \
+                 rows (the tokenizer does not belong to this model?)",
+                n - 1
+            ),
+        )));
+    }
+    Ok(())
 }

@@ -155,6 +155,16 @@ impl<'a> Fields<'a> {
         match v {
             None => Ok(None),
             Some(x) => match x.as_f64() {
+                // the runtime computes in f32 (as transformers does for these buffers): a value
+                // beyond its range would become infinity and could not be stored in the model
+                Some(f) if f.is_finite() && f.abs() > f32::MAX as f64 => Err(Error::config(
+                    k,
+                    format!(
+                        "{x} exceeds the largest f32 ({:e}); ferroq computes in f32, where it \
+                         would be infinite (no real model uses such a value)",
+                        f32::MAX
+                    ),
+                )),
                 Some(f) if f.is_finite() => Ok(Some(f as f32)),
                 _ => Err(Error::config(k, format!("{x} is not a finite number"))),
             },
@@ -309,6 +319,17 @@ pub fn model_config_from_hf(v: &Value) -> Result<ModelConfig> {
     let vocab_size = f.usize_req("vocab_size")?;
     let hidden_size = f.usize_req("hidden_size")?;
     let num_layers = f.usize_req("num_hidden_layers")?;
+    // checked before the per-layer lists are built from it (2^31 layers would allocate
+    // gigabytes before `validate` ran)
+    if num_layers == 0 || num_layers > crate::model::config::MAX_LAYERS {
+        return Err(Error::config(
+            "num_hidden_layers",
+            format!(
+                "{num_layers} is out of range (1..={})",
+                crate::model::config::MAX_LAYERS
+            ),
+        ));
+    }
     let num_heads = f.usize_req("num_attention_heads")?;
     if num_heads == 0 {
         return Err(Error::config("num_attention_heads", "must be > 0"));

@@ -28,6 +28,9 @@ pub struct Args {
     /// Model file (.fqm).
     #[arg(short, long)]
     model: PathBuf,
+    /// Check every tensor against the file's checksums before running (reads the whole model).
+    #[arg(long)]
+    verify: bool,
     /// Prompt tokens of the pp test (0 skips it); a comma-separated list runs each, like
     /// llama-bench.
     #[arg(short = 'p', long, value_delimiter = ',', default_value = "512")]
@@ -265,6 +268,9 @@ pub fn run(a: Args) -> Result<()> {
     }
     let t0 = Instant::now();
     let mut model = Model::open(&a.model)?;
+    if a.verify {
+        model.file.verify(&|_, _| {})?;
+    }
     if a.ctx_override {
         model.allow_any_context();
     }

@@ -10,6 +10,9 @@ pub struct Args {
     /// Model file (.fqm).
     #[arg(short, long)]
     model: PathBuf,
+    /// Check every tensor against the file's checksums before running (reads the whole model).
+    #[arg(long)]
+    verify: bool,
     /// Comma-separated prompt token ids.
     #[arg(long, value_delimiter = ',', required = true)]
     ids: Vec<u32>,
@@ -30,6 +33,9 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     let mut model = Model::open(&a.model)?;
+    if a.verify {
+        model.file.verify(&|_, _| {})?;
+    }
     if a.ctx_override {
         model.allow_any_context();
     }

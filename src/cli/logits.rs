@@ -9,6 +9,9 @@ pub struct Args {
     /// Model file (.fqm).
     #[arg(short, long)]
     model: PathBuf,
+    /// Check every tensor against the file's checksums before running (reads the whole model).
+    #[arg(long)]
+    verify: bool,
     /// Comma-separated token ids.
     #[arg(long, value_delimiter = ',', required = true)]
     ids: Vec<u32>,
@@ -34,13 +37,42 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    // refuse a bad output path before any work (an existing directory, the model itself)
+    ferroq::atomic::check_output(&a.output, &[&a.model])?;
     let mut model = Model::open(&a.model)?;
+    if a.verify {
+        model.file.verify(&|_, _| {})?;
+    }
     if a.ctx_override {
         model.allow_any_context();
     }
     let c = &model.config;
     let (t, v, hs, nl) = (a.ids.len(), c.vocab_size, c.hidden_size, c.num_layers);
     let batch = if a.decode { 1 } else { t };
+    // the buffers below hold t × vocab (and (L + 1) × t × hidden) floats: sizes checked and
+    // allocated fallibly, so 10^4 ids on a 49k vocabulary is an error naming `ids`, not an abort
+    let buf = |what: &str, n: Option<usize>| -> Result<Vec<f32>> {
+        n.and_then(|n| bytemuck::allocation::try_zeroed_vec(n).ok())
+            .ok_or_else(|| {
+                Error::config(
+                    "ids",
+                    format!(
+                        "{t} ids need a {what} buffer of {:.1} GiB, which cannot be allocated; \
+                         pass fewer ids",
+                        n.map_or(f64::INFINITY, |n| n as f64 * 4.0 / (1u64 << 30) as f64)
+                    ),
+                )
+            })
+    };
+    let mut logits = buf("logits", t.checked_mul(v))?;
+    let mut hidden = if a.hidden {
+        buf(
+            "hidden-state",
+            t.checked_mul(hs).and_then(|x| x.checked_mul(nl + 1)),
+        )?
+    } else {
+        vec![]
+    };
     let mut st = State::try_with_kv(
         &model,
         t,
@@ -48,13 +80,15 @@ pub fn run(a: Args) -> Result<()> {
         true,
         a.threads,
         a.kv.unwrap_or(model.default_kv()),
-    )?;
-    let mut logits = vec![0f32; t * v];
-    let mut hidden = if a.hidden {
-        vec![0f32; (nl + 1) * t * hs]
-    } else {
-        vec![]
-    };
+    )
+    .map_err(|e| match e {
+        // the state's logits rows scale with the number of ids here
+        Error::Config { field, msg } if field == "batch" => Error::config(
+            "ids",
+            format!("{t} ids at once: {msg}; pass fewer ids (or --decode)"),
+        ),
+        e => e,
+    })?;
     for (step, chunk) in a.ids.chunks(batch).enumerate() {
         let t0 = step * batch;
         let mut obs = |layer: usize, _name: &str, h: &[f32]| {
@@ -75,7 +109,8 @@ pub fn run(a: Args) -> Result<()> {
     write_safetensors_f32(&a.output, &tensors)
 }
 
-/// Write f32 tensors as a safetensors file (to a temporary name, renamed when complete).
+/// Write f32 tensors as a safetensors file (through [`ferroq::atomic::AtomicFile`]: a
+/// temporary name in the same directory, renamed when complete, removed on error).
 pub fn write_safetensors_f32(
     path: &std::path::Path,
     tensors: &[(&str, Vec<usize>, &[f32])],
@@ -95,15 +130,13 @@ pub fn write_safetensors_f32(
     while h.len() % 8 != 0 {
         h.push(b' ');
     }
-    let mut buf = Vec::with_capacity(8 + h.len() + off);
-    buf.extend_from_slice(&(h.len() as u64).to_le_bytes());
-    buf.extend_from_slice(&h);
+    let mut f = ferroq::atomic::AtomicFile::create(path, &[])?;
+    f.write_all(&(h.len() as u64).to_le_bytes())?;
+    f.write_all(&h)?;
     for (_, _, data) in tensors {
-        buf.extend_from_slice(bytemuck::cast_slice(data));
+        f.write_all(bytemuck::cast_slice(data))?;
     }
-    let tmp = path.with_extension("safetensors.tmp");
-    std::fs::write(&tmp, &buf).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    f.commit()
 }
 
 /// Parse `--kv`.

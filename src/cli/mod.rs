@@ -10,3 +10,4 @@ pub mod perplexity;
 pub mod run;
 pub mod synth;
 pub mod tokenize;
+pub mod verify;

@@ -13,29 +13,43 @@ use ferroq::{Error, Result};
 /// Sampling flags shared by `run` and `chat` (llama.cpp names and defaults).
 #[derive(clap::Args, Clone, Debug)]
 pub struct SamplingArgs {
+    // (negative numbers parse as values, e.g. `--temp -1`, so the sampler's range check can
+    // name the field instead of clap reporting an unknown flag)
     /// Temperature; 0 = greedy.
-    #[arg(long = "temp", default_value_t = 0.8)]
+    #[arg(long = "temp", default_value_t = 0.8, allow_negative_numbers = true)]
     pub temp: f32,
     /// Keep the k most likely tokens (0 = off).
     #[arg(long = "top-k", default_value_t = 40)]
     pub top_k: usize,
     /// Nucleus sampling threshold (1.0 = off).
-    #[arg(long = "top-p", default_value_t = 0.95)]
+    #[arg(long = "top-p", default_value_t = 0.95, allow_negative_numbers = true)]
     pub top_p: f32,
     /// Drop tokens below this fraction of the best one's probability (0 = off).
-    #[arg(long = "min-p", default_value_t = 0.05)]
+    #[arg(long = "min-p", default_value_t = 0.05, allow_negative_numbers = true)]
     pub min_p: f32,
     /// Repetition penalty (1.0 = off).
-    #[arg(long = "repeat-penalty", default_value_t = 1.0)]
+    #[arg(
+        long = "repeat-penalty",
+        default_value_t = 1.0,
+        allow_negative_numbers = true
+    )]
     pub repeat_penalty: f32,
     /// Penalties look at the last N tokens (0 = all).
     #[arg(long = "repeat-last-n", default_value_t = 64)]
     pub repeat_last_n: usize,
     /// Presence penalty (0 = off).
-    #[arg(long = "presence-penalty", default_value_t = 0.0)]
+    #[arg(
+        long = "presence-penalty",
+        default_value_t = 0.0,
+        allow_negative_numbers = true
+    )]
     pub presence_penalty: f32,
     /// Frequency penalty (0 = off).
-    #[arg(long = "frequency-penalty", default_value_t = 0.0)]
+    #[arg(
+        long = "frequency-penalty",
+        default_value_t = 0.0,
+        allow_negative_numbers = true
+    )]
     pub frequency_penalty: f32,
     /// Random seed (default: from the clock, printed to stderr).
     #[arg(short = 's', long)]
@@ -76,6 +90,9 @@ pub struct ModelArgs {
     /// Model file (.fqm).
     #[arg(short, long)]
     pub model: PathBuf,
+    /// Check every tensor against the file's checksums before running (reads the whole model).
+    #[arg(long)]
+    pub verify: bool,
     /// Threads (0 = all cores; at most 512).
     #[arg(short = 't', long, default_value_t = 0)]
     pub threads: usize,
@@ -115,6 +132,7 @@ impl ModelArgs {
             ctx_override: self.ctx_override,
             mem: self.mem,
             mlock: self.mlock,
+            verify: self.verify,
         };
         let e = Arc::new(Engine::open_with(&self.model, &opts)?);
         print_paging(e.model());

@@ -8,16 +8,21 @@
 
 mod reader;
 mod writer;
+mod xxh64;
 
-pub use reader::{FqmFile, TensorInfo, TensorView};
+pub use reader::{FqmFile, TensorInfo, TensorView, VerifyReport, COPY_BELOW};
 pub use writer::FqmWriter;
+pub use xxh64::xxh64;
 
 use ferroq_kernels::block::{q4x8_bytes, q6x8_bytes, q8x8_bytes, QK};
 
 /// File magic: the first 8 bytes.
 pub const MAGIC: [u8; 8] = *b"FERROQM\0";
-/// Format version this build reads and writes. Bumped on any layout change.
-pub const VERSION: u32 = 1;
+/// Format version this build writes. Bumped on any layout change. Version 2 added checksums
+/// (XXH64 per tensor, of the metadata and of the directory); version 1 files still read.
+pub const VERSION: u32 = 2;
+/// Oldest format version this build reads.
+pub const MIN_VERSION: u32 = 1;
 /// Size of the fixed header.
 pub const HEADER_SIZE: usize = 64;
 /// Minimum alignment of tensor data (one AVX-512 vector, one cache line).

@@ -1,8 +1,9 @@
 //! `.fqm` reader: map, validate everything, hand out typed views.
 
+use super::xxh64::xxh64;
 use super::{
-    DType, HEADER_SIZE, MAGIC, MAX_DIMS, MAX_META_LEN, MAX_NAME_LEN, MAX_TENSORS, TENSOR_ALIGN,
-    VERSION,
+    DType, HEADER_SIZE, MAGIC, MAX_DIMS, MAX_META_LEN, MAX_NAME_LEN, MAX_TENSORS, MIN_VERSION,
+    TENSOR_ALIGN, VERSION,
 };
 use crate::{Error, Result};
 use ferroq_kernels::block::{BlockQ4Lx8, BlockQ4x8, BlockQ6x8, BlockQ8x8};
@@ -19,6 +20,8 @@ pub struct TensorInfo {
     /// Absolute byte offset in the file (multiple of 64).
     pub offset: usize,
     pub nbytes: usize,
+    /// XXH64 of the tensor's bytes (format version 2; `None` in version 1 files).
+    pub checksum: Option<u64>,
 }
 
 /// A typed view of one tensor's bytes inside the mapping.
@@ -71,9 +74,25 @@ impl<'a> TensorView<'a> {
     }
 }
 
+/// What [`FqmFile::verify`] checked.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct VerifyReport {
+    pub tensors: usize,
+    pub bytes: u64,
+    pub seconds: f64,
+}
+
+/// Files up to this size are read into memory at open instead of mapped (a few ms): a small
+/// model then cannot be changed or truncated underneath (no SIGBUS). Larger ones are mapped, so
+/// opening stays instant and resident memory is the pages the forward pass touches.
+pub const COPY_BELOW: u64 = 64 << 20;
+
 /// An open, validated `.fqm` file.
 pub struct FqmFile {
     path: PathBuf,
+    version: u32,
+    /// Read into anonymous memory (files up to [`COPY_BELOW`]) rather than mapped from the file.
+    copied: bool,
     map: Mmap,
     meta: serde_json::Value,
     tensors: Vec<TensorInfo>,
@@ -146,22 +165,34 @@ impl FqmFile {
                 "file is {len} bytes, shorter than the {HEADER_SIZE}-byte header"
             )));
         }
-        // SAFETY: the mapping is read-only and private to this process. Another process
-        // truncating or rewriting the file while it is mapped could change the bytes under us
-        // (SIGBUS on truncation); this is the standard mmap caveat, documented in SPEC.md. All
-        // reads go through bounds-checked slices of the mapping.
-        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let map = if len <= COPY_BELOW {
+            // small files are copied into anonymous memory with read(2): a file truncated or
+            // rewritten later cannot change the bytes or raise SIGBUS (docs/reliability.md)
+            let mut m = memmap2::MmapMut::map_anon(len as usize).map_err(|e| Error::io(path, e))?;
+            let mut f = &file;
+            std::io::Read::read_exact(&mut f, &mut m).map_err(|e| Error::io(path, e))?;
+            m.make_read_only().map_err(|e| Error::io(path, e))?
+        } else {
+            // SAFETY: the mapping is read-only and private to this process. Another process
+            // truncating or rewriting the file while it is mapped could change the bytes under
+            // us (SIGBUS on truncation); this is the standard mmap caveat, documented in
+            // SPEC.md and docs/reliability.md. All reads go through bounds-checked slices of
+            // the mapping.
+            unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?
+        };
         let b: &[u8] = &map;
         // header
         if b[0..8] != MAGIC {
             return Err(bad("not a ferroq model (bad magic)".into()));
         }
         let version = le_u32(b, 8);
-        if version != VERSION {
+        if !(MIN_VERSION..=VERSION).contains(&version) {
             return Err(bad(format!(
-                "format version {version} is not supported (this build reads {VERSION})"
+                "format version {version} is not supported (this build reads \
+                 {MIN_VERSION}..={VERSION}; a newer ferroq may read it)"
             )));
         }
+        let v2 = version >= 2;
         let header_size = le_u32(b, 12) as usize;
         if header_size != HEADER_SIZE {
             return Err(bad(format!(
@@ -200,6 +231,36 @@ impl FqmFile {
         }
         let meta_r = range("metadata", meta_off, meta_len)?;
         let dir_r = range("tensor directory", dir_off, dir_len)?;
+        // version 2: the directory ends with the checksums of the metadata and of itself,
+        // checked before anything in them is trusted (both are small: opening stays instant)
+        let dir_r = if v2 {
+            let d = &b[dir_r.clone()];
+            if d.len() < 16 {
+                return Err(bad(format!(
+                    "tensor directory is {} bytes, shorter than its 16-byte checksum trailer",
+                    d.len()
+                )));
+            }
+            let (body, dir_sum) = d.split_at(d.len() - 8);
+            if xxh64(body).to_le_bytes() != dir_sum {
+                return Err(bad(
+                    "checksum mismatch in the tensor directory: the file is corrupt (copy or \
+                     download it again, or reconvert it)"
+                        .into(),
+                ));
+            }
+            let meta_sum = &body[body.len() - 8..];
+            if xxh64(&b[meta_r.clone()]).to_le_bytes() != meta_sum {
+                return Err(bad(
+                    "checksum mismatch in the metadata: the file is corrupt (copy or download \
+                     it again, or reconvert it)"
+                        .into(),
+                ));
+            }
+            dir_r.start..dir_r.end - 16
+        } else {
+            dir_r
+        };
         let meta: serde_json::Value = serde_json::from_slice(&b[meta_r])
             .map_err(|e| bad(format!("metadata is not valid JSON: {e}")))?;
         if !meta.is_object() {
@@ -212,8 +273,8 @@ impl FqmFile {
         };
         // a corrupt count must not make us reserve gigabytes: an entry takes at least
         // MIN_ENTRY bytes of the directory
-        const MIN_ENTRY: u64 = 2 + 1 + 1 + 1 + 8 + 8;
-        let cap = n_tensors.min(dir_len / MIN_ENTRY) as usize;
+        let min_entry: u64 = 2 + 1 + 1 + 1 + 8 + 8 + if v2 { 8 } else { 0 };
+        let cap = n_tensors.min(dir_len / min_entry) as usize;
         let mut tensors = Vec::with_capacity(cap);
         let mut index = HashMap::with_capacity(cap);
         for i in 0..n_tensors {
@@ -244,6 +305,11 @@ impl FqmFile {
             }
             let offset = cur.u64().ok_or_else(trunc)?;
             let nbytes = cur.u64().ok_or_else(trunc)?;
+            let checksum = if v2 {
+                Some(cur.u64().ok_or_else(trunc)?)
+            } else {
+                None
+            };
             let expect = dtype.nbytes(&shape).ok_or_else(|| {
                 tbad(format!(
                     "shape {shape:?} is invalid for {} or overflows",
@@ -271,6 +337,7 @@ impl FqmFile {
                 shape,
                 offset: r.start,
                 nbytes: r.len(),
+                checksum,
             });
         }
         if cur.pos != cur.b.len() {
@@ -281,6 +348,8 @@ impl FqmFile {
         }
         Ok(FqmFile {
             path: path.to_path_buf(),
+            version,
+            copied: len <= COPY_BELOW,
             map,
             meta,
             tensors,
@@ -290,6 +359,77 @@ impl FqmFile {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether the bytes are a private copy (files up to [`COPY_BELOW`]) rather than a mapping
+    /// of the file. `madvise(MADV_DONTNEED)` on a copy would zero it: page-management code must
+    /// check this.
+    pub fn is_copied(&self) -> bool {
+        self.copied
+    }
+
+    /// The file's format version (1: no checksums; 2: checksummed).
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+
+    /// Check every tensor's bytes against its recorded checksum (reads the whole file, in
+    /// parallel over tensors). `progress(done_bytes, total_bytes)` is called as tensors finish.
+    /// An error names the first (in file order) corrupt tensor; a version 1 file has no
+    /// checksums and is an error too (nothing could be verified).
+    pub fn verify(&self, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<VerifyReport> {
+        use rayon::prelude::*;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        if self.version < 2 {
+            return Err(Error::format(
+                &self.path,
+                format!(
+                    "format version {} has no checksums, so it cannot be verified (reconvert \
+                     the model with this ferroq to add them)",
+                    self.version
+                ),
+            ));
+        }
+        let total: u64 = self.tensors.iter().map(|t| t.nbytes as u64).sum();
+        let done = AtomicU64::new(0);
+        let t0 = std::time::Instant::now();
+        let bad: Vec<usize> = self
+            .tensors
+            .par_iter()
+            .enumerate()
+            .filter_map(|(i, t)| {
+                let ok = t.checksum == Some(xxh64(&self.map[t.offset..t.offset + t.nbytes]));
+                let d = done.fetch_add(t.nbytes as u64, Ordering::Relaxed) + t.nbytes as u64;
+                progress(d, total);
+                (!ok).then_some(i)
+            })
+            .collect();
+        if let Some(&i) = bad.iter().min() {
+            let names: Vec<&str> = bad
+                .iter()
+                .take(5)
+                .map(|&j| self.tensors[j].name.as_str())
+                .collect();
+            return Err(Error::format(
+                &self.path,
+                format!(
+                    "checksum mismatch in tensor `{}` ({} corrupt tensor(s){}): the file is \
+                     corrupt (copy or download it again, or reconvert it)",
+                    self.tensors[i].name,
+                    bad.len(),
+                    if bad.len() > 1 {
+                        format!(": {}", names.join(", "))
+                    } else {
+                        String::new()
+                    }
+                ),
+            ));
+        }
+        Ok(VerifyReport {
+            tensors: self.tensors.len(),
+            bytes: total,
+            seconds: t0.elapsed().as_secs_f64(),
+        })
     }
 
     /// The metadata object (config, tokenizer info, provenance, recipe).

@@ -2,11 +2,12 @@
 //! metadata and directory go at the end, and the file appears under its final name only when
 //! complete (written to a temporary name in the same folder, then renamed).
 
+use super::xxh64::xxh64;
 use super::{DType, HEADER_SIZE, MAGIC, VERSION};
+use crate::atomic::AtomicFile;
 use crate::{Error, Result};
-use std::fs::File;
-use std::io::{BufWriter, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::io::{Seek, SeekFrom, Write};
+use std::path::Path;
 
 struct Entry {
     name: String,
@@ -14,13 +15,13 @@ struct Entry {
     shape: Vec<usize>,
     offset: u64,
     nbytes: u64,
+    hash: u64,
 }
 
-/// Writes one `.fqm` file. Dropping it before [`FqmWriter::finish`] removes the partial file.
+/// Writes one `.fqm` file (through [`AtomicFile`]: dropping it before [`FqmWriter::finish`]
+/// removes the partial file, and so does SIGINT/SIGTERM in the CLI).
 pub struct FqmWriter {
-    out: Option<BufWriter<File>>,
-    tmp: PathBuf,
-    dest: PathBuf,
+    out: Option<AtomicFile>,
     pos: u64,
     entries: Vec<Entry>,
 }
@@ -28,34 +29,15 @@ pub struct FqmWriter {
 impl FqmWriter {
     /// Start writing `dest`. Nothing at `dest` is touched until [`FqmWriter::finish`].
     pub fn create(dest: impl AsRef<Path>) -> Result<FqmWriter> {
-        let dest = dest.as_ref().to_path_buf();
-        let file_name = dest
-            .file_name()
-            .ok_or_else(|| Error::Input(format!("{}: not a file path", dest.display())))?;
-        let mut tmp_name = std::ffi::OsString::from(".");
-        tmp_name.push(file_name);
-        tmp_name.push(format!(".tmp-{}", std::process::id()));
-        let tmp = dest.with_file_name(tmp_name);
-        if dest.is_dir() {
-            return Err(Error::Input(format!(
-                "{}: is a directory; give the output file's name (e.g. {}/model.fqm)",
-                dest.display(),
-                dest.display()
-            )));
-        }
-        // name the user's path, not the temporary one, when its directory is the problem
-        let f = File::create(&tmp).map_err(|e| match dest.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => Error::Input(format!(
-                "{}: cannot create it: the directory {} does not exist",
-                dest.display(),
-                dir.display()
-            )),
-            _ => Error::io(&tmp, e),
-        })?;
+        Self::create_from(dest, &[])
+    }
+
+    /// [`FqmWriter::create`], refusing a `dest` that is one of `inputs` (see
+    /// [`crate::atomic::check_output`]).
+    pub fn create_from(dest: impl AsRef<Path>, inputs: &[&Path]) -> Result<FqmWriter> {
+        let out = AtomicFile::create(dest, inputs)?;
         let mut w = FqmWriter {
-            out: Some(BufWriter::with_capacity(1 << 20, f)),
-            tmp,
-            dest,
+            out: Some(out),
             pos: 0,
             entries: vec![],
         };
@@ -65,7 +47,7 @@ impl FqmWriter {
 
     fn write(&mut self, b: &[u8]) -> Result<()> {
         let out = self.out.as_mut().expect("writer used after finish");
-        out.write_all(b).map_err(|e| Error::io(&self.tmp, e))?;
+        out.write_all(b)?;
         self.pos += b.len() as u64;
         Ok(())
     }
@@ -118,13 +100,25 @@ impl FqmWriter {
             shape: shape.to_vec(),
             offset,
             nbytes: data.len() as u64,
+            hash: xxh64(data),
         });
         Ok(())
     }
 
     /// Write the metadata and directory, fill in the header, flush, and rename the file to its
     /// final name.
-    pub fn finish(mut self, meta: &serde_json::Value) -> Result<()> {
+    pub fn finish(self, meta: &serde_json::Value) -> Result<()> {
+        self.finish_checked(meta, |_| Ok(()))
+    }
+
+    /// [`FqmWriter::finish`], running `check` on the complete temporary file before the rename
+    /// (the converter re-opens the model it wrote there): on an error nothing appears at the
+    /// destination.
+    pub fn finish_checked(
+        mut self,
+        meta: &serde_json::Value,
+        check: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<()> {
         // metadata JSON
         self.pad_to(8)?;
         let meta_bytes =
@@ -144,7 +138,12 @@ impl FqmWriter {
             }
             dir.extend_from_slice(&e.offset.to_le_bytes());
             dir.extend_from_slice(&e.nbytes.to_le_bytes());
+            dir.extend_from_slice(&e.hash.to_le_bytes());
         }
+        // version 2 trailer: checksums of the metadata and of the directory before this hash
+        dir.extend_from_slice(&xxh64(&meta_bytes).to_le_bytes());
+        let dir_hash = xxh64(&dir);
+        dir.extend_from_slice(&dir_hash.to_le_bytes());
         let (dir_off, dir_len) = (self.pos, dir.len() as u64);
         self.write(&dir)?;
         // end padding: a whole page, so the mapping of the last tensor never ends mid-page
@@ -167,24 +166,12 @@ impl FqmWriter {
         }
         debug_assert_eq!(h.len(), HEADER_SIZE);
         let mut out = self.out.take().expect("finish called once");
-        let io = |e| Error::io(&self.tmp, e);
-        out.flush().map_err(io)?;
-        let mut f = out
-            .into_inner()
-            .map_err(|e| Error::io(&self.tmp, e.into_error()))?;
-        f.seek(SeekFrom::Start(0)).map_err(io)?;
-        f.write_all(&h).map_err(io)?;
-        f.sync_all().map_err(io)?;
-        drop(f);
-        std::fs::rename(&self.tmp, &self.dest).map_err(|e| Error::io(&self.dest, e))?;
-        Ok(())
-    }
-}
-
-impl Drop for FqmWriter {
-    fn drop(&mut self) {
-        if self.out.take().is_some() {
-            let _ = std::fs::remove_file(&self.tmp);
-        }
+        let w = out.writer();
+        let r = w
+            .flush()
+            .and_then(|_| w.get_mut().seek(SeekFrom::Start(0)).map(|_| ()))
+            .and_then(|_| w.get_mut().write_all(&h));
+        r.map_err(|e| out.io_err(e))?;
+        out.commit_checked(check)
     }
 }

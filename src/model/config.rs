@@ -124,6 +124,17 @@ impl ModelConfig {
                 return err(name, &format!("{v} is out of range"));
             }
         }
+        // widths that may be 0 when unused, capped like the sizes above so that a corrupt
+        // config is reported by its field, not as a failed allocation later
+        for (name, v) in [
+            ("intermediate_size", self.intermediate_size),
+            ("moe_intermediate_size", self.moe_intermediate_size),
+            ("num_experts_per_tok", self.num_experts_per_tok),
+        ] {
+            if v > (1 << 24) {
+                return err(name, &format!("{v} is out of range (at most 2^24)"));
+            }
+        }
         // caps far above any real model, so that a corrupt config cannot make the loader build
         // a tensor table of billions of entries before it finds the tensors missing
         if self.num_layers > MAX_LAYERS {
@@ -174,12 +185,18 @@ impl ModelConfig {
                 "chunked layers need a chunk size > 0",
             );
         }
-        if !self.rms_norm_eps.is_finite()
-            || self.rms_norm_eps < 0.0
-            || !self.rope_theta.is_finite()
-            || self.rope_theta <= 0.0
-        {
-            return err("rms_norm_eps/rope_theta", "must be finite and positive");
+        // (values beyond f32's range are refused where config.json is read, with that reason)
+        if !self.rms_norm_eps.is_finite() || self.rms_norm_eps < 0.0 {
+            return err(
+                "rms_norm_eps",
+                &format!("{} must be finite and >= 0", self.rms_norm_eps),
+            );
+        }
+        if !self.rope_theta.is_finite() || self.rope_theta <= 0.0 {
+            return err(
+                "rope_theta",
+                &format!("{} must be finite and > 0", self.rope_theta),
+            );
         }
         if self.layers.iter().any(|l| l.temp_tune)
             && (self.floor_scale.is_nan() || self.floor_scale <= 0.0)

@@ -47,6 +47,13 @@ impl Model {
         if n == 0 {
             return Err(Error::Input("no tokens to process".into()));
         }
+        if !st.is_usable() {
+            return Err(Error::Input(
+                "this session's state was left unusable by an internal error in an earlier \
+                 call; reset the session (or make a new state)"
+                    .into(),
+            ));
+        }
         if n > st.max_batch {
             return Err(Error::Input(format!(
                 "{n} tokens exceed the batch size {}",

@@ -577,6 +577,17 @@ mod tests {
     }
 }
 
+/// The bytes of `file` a pager may advise: none when the file was copied into memory at open
+/// (files up to [`crate::format::COPY_BELOW`]): `MADV_DONTNEED` on that anonymous copy would
+/// zero it, and it is resident anyway. A pager over an empty slice does nothing.
+fn pageable(file: &crate::format::FqmFile) -> &[u8] {
+    if file.is_copied() {
+        &[]
+    } else {
+        file.bytes()
+    }
+}
+
 /// The [`Pager`] of a read-only shared file mapping: `madvise` on the mapping, and
 /// `posix_fadvise(DONTNEED)` on the file so that dropped pages leave the page cache too.
 pub struct MmapPager {
@@ -728,7 +739,7 @@ impl Model {
         let file =
             std::fs::File::open(self.file.path()).map_err(|e| Error::io(self.file.path(), e))?;
         let b = self.file.bytes();
-        MmapPager::new(b, file).lock(Range::pages(0, b.len() / PAGE * PAGE))
+        MmapPager::new(pageable(&self.file), file).lock(Range::pages(0, b.len() / PAGE * PAGE))
     }
 
     /// Page the routed experts under a memory budget (see the module docs). Returns whether
@@ -774,7 +785,7 @@ impl Model {
         }
         let file =
             std::fs::File::open(self.file.path()).map_err(|e| Error::io(self.file.path(), e))?;
-        let pager = MmapPager::new(self.file.bytes(), file);
+        let pager = MmapPager::new(pageable(&self.file), file);
         // the dense part: every tensor outside the experts and the embedding table
         let mut is_expert = vec![false; self.file.tensors().len()];
         for lw in &self.layers {

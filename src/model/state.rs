@@ -210,6 +210,13 @@ impl State {
         self.max_batch
     }
 
+    /// Whether the state can run a forward call: false after a panic interrupted one (its
+    /// thread pool and scratch were moved out for the call and lost). Rebuild it then (e.g.
+    /// [`crate::engine::Session::reset`] does).
+    pub fn is_usable(&self) -> bool {
+        !self.scratch.is_empty()
+    }
+
     /// Forget the cache (start a new conversation).
     pub fn reset(&mut self) {
         self.pos = 0;

@@ -69,6 +69,50 @@ pub struct Model {
     pub residency: Option<super::residency::Residency>,
 }
 
+/// Whether products with a matrix of this type use 8-bit quantized activations.
+fn quantized(d: DType) -> bool {
+    matches!(d, DType::Q4x8 | DType::Q4Lx8 | DType::Q6x8 | DType::Q8x8)
+}
+
+/// The routed experts of a layer share one quantization of their inputs (the forward pass
+/// quantizes the activations of all routed pairs once, for the types of the first expert), so
+/// every expert's `gate` and `up` must be all quantized or all float, and so must every `down`.
+/// A file mixing them (e.g. one expert's `gate` stored as f32 beside q4 `up`) is refused here
+/// instead of failing mid-forward.
+fn check_expert_types(file: &FqmFile, config: &ModelConfig, get: &dyn Fn(&str) -> W) -> Result<()> {
+    let dtype = |n: &str| file.tensors()[get(n).0].dtype;
+    for (i, l) in config.layers.iter().enumerate() {
+        if !l.moe || config.num_experts == 0 {
+            continue;
+        }
+        let first = [
+            quantized(dtype(&format!("layers.{i}.experts.0.gate"))),
+            quantized(dtype(&format!("layers.{i}.experts.0.down"))),
+        ];
+        for e in 0..config.num_experts {
+            for (n, want) in [("gate", first[0]), ("up", first[0]), ("down", first[1])] {
+                let name = format!("layers.{i}.experts.{e}.{n}");
+                let d = dtype(&name);
+                if quantized(d) != want {
+                    let first_name = if n == "down" { "down" } else { "gate" };
+                    return Err(Error::format(
+                        file.path(),
+                        format!(
+                            "tensor `{name}` has type {}, but `layers.{i}.experts.0.{first_name}` \
+                             is {}: the routed experts of a layer must be all quantized or all \
+                             float in their gate/up and in their down projections (reconvert \
+                             the model)",
+                            d.name(),
+                            if want { "quantized" } else { "float" }
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Model {
     /// Open and validate a `.fqm` model: every tensor of the table must be present with its
     /// shape and an allowed type. Takes milliseconds: nothing is read but the directory.
@@ -129,6 +173,7 @@ impl Model {
             ids.insert(spec.name, W(idx));
         }
         let get = |n: &str| ids[n];
+        check_expert_types(&file, &config, &get)?;
         let mut layers = Vec::with_capacity(config.num_layers);
         for (i, l) in config.layers.iter().enumerate() {
             let p = |s: &str| get(&format!("layers.{i}.{s}"));

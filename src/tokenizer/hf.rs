@@ -269,12 +269,19 @@ fn has_byte_level(v: &Value) -> bool {
     }
 }
 
-/// The number of ids: highest id + 1 (vocabulary and added tokens), bounded.
-fn id_count(max_vocab: Option<u32>, added: &[AddedJson]) -> Result<usize> {
+/// The number of ids: highest id + 1 (vocabulary of `n_vocab` entries and added tokens). The
+/// id tables are sized by it, so it must stay near the number of tokens the file defines (ids
+/// of real tokenizers are dense): a 5 KB file naming id 10^8 cannot make us allocate gigabytes.
+fn id_count(max_vocab: Option<u32>, n_vocab: usize, added: &[AddedJson]) -> Result<usize> {
     let max_added = added.iter().map(|a| a.id).max();
+    let count = n_vocab + added.len();
     match max_vocab.max(max_added) {
-        Some(x) if x < (1 << 28) => Ok(x as usize + 1),
-        Some(x) => Err(err(format!("token id {x} is too large"))),
+        Some(x) if (x as usize) < super::max_ids(count) => Ok(x as usize + 1),
+        Some(x) => Err(err(format!(
+            "token id {x} is too large for a vocabulary of {count} tokens (ids must be below \
+             {}: 2 × the token count + 65,536)",
+            super::max_ids(count)
+        ))),
         None => Err(err("empty vocabulary")),
     }
 }
@@ -343,7 +350,36 @@ pub(crate) fn load(bytes: &[u8]) -> Result<Tokenizer> {
         }
     }
 
-    let n = id_count(vocab.values().copied().max(), &j.added_tokens)?;
+    let n = id_count(vocab.values().copied().max(), vocab.len(), &j.added_tokens)?;
+    // one token per id: two vocabulary strings with the same id would make decoding depend
+    // on the order of the JSON object
+    {
+        let mut owner: Vec<Option<&str>> = vec![None; n];
+        for (s, &id) in &vocab {
+            if let Some(prev) = owner[id as usize].replace(s) {
+                let (a, b) = if prev < s.as_str() {
+                    (prev, s.as_str())
+                } else {
+                    (s.as_str(), prev)
+                };
+                return Err(err(format!(
+                    "`model.vocab`: id {id} is given to both {a:?} and {b:?}"
+                )));
+            }
+        }
+        let mut added_seen: Vec<Option<&str>> = vec![None; n];
+        for a in &j.added_tokens {
+            let i = a.id as usize;
+            if let Some(prev) = added_seen[i].replace(&a.content) {
+                if prev != a.content {
+                    return Err(err(format!(
+                        "`added_tokens`: id {} is given to both {prev:?} and {:?}",
+                        a.id, a.content
+                    )));
+                }
+            }
+        }
+    }
     let mut parts = Parts::new(n);
     let mut bvocab = fx_map(vocab.len());
     for (s, &id) in &vocab {
@@ -469,7 +505,7 @@ fn load_spm(j: TokJson) -> Result<Tokenizer> {
     let mut parts;
     let model = match (unigram, m.vocab) {
         (false, Vocab::Map(vocab)) => {
-            n = id_count(vocab.values().copied().max(), &j.added_tokens)?;
+            n = id_count(vocab.values().copied().max(), vocab.len(), &j.added_tokens)?;
             parts = Parts::new(n);
             strs = fx_map(vocab.len());
             let mut bvocab = fx_map(vocab.len());
@@ -497,7 +533,7 @@ fn load_spm(j: TokJson) -> Result<Tokenizer> {
                 .ok()
                 .filter(|&c| c > 0)
                 .ok_or_else(|| err("Unigram vocabulary is empty or too large"))?;
-            n = id_count(Some(count - 1), &j.added_tokens)?;
+            n = id_count(Some(count - 1), list.len(), &j.added_tokens)?;
             parts = Parts::new(n);
             strs = fx_map(list.len());
             let mut scores = Vec::with_capacity(list.len());

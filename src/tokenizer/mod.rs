@@ -99,6 +99,13 @@ pub struct Tokenizer {
     bos: Option<u32>,
 }
 
+/// Most ids a tokenizer defining `count` tokens may span (highest id + 1): the loaders size
+/// their id tables by the highest id, so a file naming a huge id for a handful of tokens is
+/// refused before it is allocated for.
+pub(crate) fn max_ids(count: usize) -> usize {
+    count.saturating_mul(2).saturating_add(1 << 16).min(1 << 28)
+}
+
 /// Builder shared by the loaders.
 pub(crate) struct Parts {
     id_strs: Vec<Option<Box<str>>>,

@@ -227,6 +227,37 @@ pub fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// A `tokenizer.json` cut down to the ids below `n` (vocabulary, merges among kept tokens,
+/// added tokens), so that it fits a tiny model's vocabulary (the converter refuses a
+/// tokenizer with more ids than the model has embedding rows).
+pub fn trim_tokenizer(json: &[u8], n: u64) -> Vec<u8> {
+    let mut v: serde_json::Value = serde_json::from_slice(json).unwrap();
+    let vocab = v["model"]["vocab"].as_object_mut().unwrap();
+    vocab.retain(|_, id| id.as_u64().unwrap() < n);
+    let keep: std::collections::HashSet<String> = vocab.keys().cloned().collect();
+    let parts = |m: &serde_json::Value| -> (String, String) {
+        match m {
+            serde_json::Value::String(s) => {
+                let (a, b) = s.split_once(' ').unwrap();
+                (a.to_string(), b.to_string())
+            }
+            a => (
+                a[0].as_str().unwrap().to_string(),
+                a[1].as_str().unwrap().to_string(),
+            ),
+        }
+    };
+    v["model"]["merges"].as_array_mut().unwrap().retain(|m| {
+        let (a, b) = parts(m);
+        keep.contains(&a) && keep.contains(&b) && keep.contains(&format!("{a}{b}"))
+    });
+    v["added_tokens"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|t| t["id"].as_u64().unwrap() < n);
+    serde_json::to_vec(&v).unwrap()
+}
+
 /// Read a gzip-compressed fixture.
 pub fn read_gz(name: &str) -> Vec<u8> {
     let f = std::fs::File::open(fixture(name)).unwrap_or_else(|e| panic!("fixture {name}: {e}"));
