@@ -12,6 +12,8 @@ pub mod model;
 pub mod ops;
 pub mod pool;
 pub mod sampling;
+#[cfg(feature = "server")]
+pub mod server;
 pub mod tokenizer;
 #[path = "../tools/mod.rs"]
 pub mod tools;

@@ -36,6 +36,9 @@ enum Cmd {
     Run(cli::run::Args),
     /// Interactive multi-turn chat (one message per stdin line), keeping the KV cache.
     Chat(cli::chat::Args),
+    /// OpenAI-compatible HTTP server (chat/completions, completions, streaming, batching).
+    #[cfg(feature = "server")]
+    Serve(cli::serve::Args),
 }
 
 fn main() {
@@ -50,6 +53,8 @@ fn main() {
         Cmd::Tokenize(a) => cli::tokenize::run(a),
         Cmd::Run(a) => cli::run::run(a),
         Cmd::Chat(a) => cli::chat::run(a),
+        #[cfg(feature = "server")]
+        Cmd::Serve(a) => cli::serve::run(a),
     };
     if let Err(e) = r {
         eprintln!("ferroq: error: {e}");

@@ -7,5 +7,7 @@ pub mod generate;
 pub mod inspect;
 pub mod logits;
 pub mod run;
+#[cfg(feature = "server")]
+pub mod serve;
 pub mod synth;
 pub mod tokenize;

@@ -5,8 +5,10 @@ pub mod tensors;
 
 pub use config::{Arch, LayerSpec, Llama3Scaling, ModelConfig, RopeStyle};
 pub use tensors::{tensor_table, Role, TensorSpec};
+pub mod batch;
 pub mod forward;
 pub mod weights;
 
+pub use batch::{BatchSeg, MultiState};
 pub use forward::{KvType, Logits, State};
 pub use weights::Model;
