@@ -12,7 +12,7 @@
 //!   is 208/272 of the bytes).
 //! * `f32_matvec`, `bf16_matvec`: float weights.
 //! * `moe/<tier>/<E>x<tokens>`: routing path (top-1 of E router logits, grouping, fused
-//!   gate/up + down gather products, weighted scatter-add) with reduced expert sizes
+//!   gate/up on the expert's rows, down product, weighted scatter-add) with reduced expert sizes
 //!   (hidden 512, ff 1024) so that 128 experts fit in memory.
 //!
 //! Run one group: `cargo bench -j2 --bench kernels -- q4_matvec`.
@@ -307,7 +307,6 @@ fn moe(c: &mut Criterion) {
                 n_tok * ff / QK
             ];
             let mut o = vec![0.0f32; n_tok * hidden];
-            let all: Vec<u32> = (0..n_tok as u32).collect();
             for kt in tiers(false) {
                 g.bench_with_input(
                     BenchmarkId::new(kt.level.name(), format!("{n_exp}x{n_tok}")),
@@ -335,16 +334,16 @@ fn moe(c: &mut Criterion) {
                                     &gate[e], &up[e], ff, hidden, &x, rows, &mut h, ff,
                                 );
                                 (kt.quantize_q8a)(&h[..n * ff], &mut hq[..n * ff / QK]);
-                                (kt.gemm_q4x8_gather)(
+                                (kt.gemm_q4x8)(
                                     &down[e],
                                     hidden,
                                     ff,
-                                    &hq,
-                                    &all[..n],
+                                    &hq[..n * ff / QK],
+                                    n,
                                     &mut o,
                                     hidden,
                                 );
-                                (kt.scatter_add)(
+                                scalar::scatter_add(
                                     &o,
                                     hidden,
                                     hidden,

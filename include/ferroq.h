@@ -34,7 +34,18 @@ typedef struct ferroq_session_params {
     size_t ctx;     /* context in tokens; 0 = min(4096, the model's maximum) */
     size_t batch;   /* prompt tokens per forward pass; 0 = default */
     size_t threads; /* 0 = all cores; at most 512 */
+    int kv;         /* KV cache type: 0 = default (f32 unquantized, f16 quantized models),
+                       1 = f32, 2 = f16, 3 = q8 */
 } ferroq_session_params;
+
+typedef struct ferroq_engine_params {
+    int ctx_override;    /* non-zero: contexts beyond max_position_embeddings are allowed
+                            (refused by default with an error naming the limit) */
+    uint64_t mem_budget; /* bytes for the model; 0 = what is free (machine or memory cgroup),
+                            UINT64_MAX = never page. A MoE model whose file does not fit pages
+                            its routed experts (expert-aware residency). */
+    int mlock;           /* non-zero: lock the resident weights in memory */
+} ferroq_engine_params;
 
 typedef struct ferroq_gen_params {
     size_t max_tokens;
@@ -61,6 +72,9 @@ const char *ferroq_last_error(void);
 
 /* Open a .fqm model. NULL on error. */
 ferroq_engine *ferroq_engine_open(const char *path);
+ferroq_engine_params ferroq_engine_params_default(void); /* all zero */
+/* ferroq_engine_open with settings; params may be NULL (defaults). NULL on error. */
+ferroq_engine *ferroq_engine_open_ex(const char *path, const ferroq_engine_params *params);
 void ferroq_engine_free(ferroq_engine *engine); /* NULL allowed */
 double ferroq_engine_load_ms(const ferroq_engine *engine);
 

@@ -34,6 +34,42 @@ pub struct FerroqSessionParams {
     pub batch: usize,
     /// Threads (0 = all cores; at most 512).
     pub threads: usize,
+    /// KV cache type: 0 = default (f32 for unquantized models, f16 for quantized ones),
+    /// 1 = f32, 2 = f16, 3 = q8.
+    pub kv: c_int,
+}
+
+/// Engine settings (`ferroq_engine_params`) of [`ferroq_engine_open_ex`]. Zero fields mean
+/// "default".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FerroqEngineParams {
+    /// Non-zero: sessions may hold more positions than the model's `max_position_embeddings`
+    /// (refused by default).
+    pub ctx_override: c_int,
+    /// Memory budget in bytes for the model: 0 = what the machine (or the process's memory
+    /// cgroup) has free; `u64::MAX` = never page (the page cache decides). A MoE model whose
+    /// file does not fit pages its routed experts (expert-aware residency).
+    pub mem_budget: u64,
+    /// Non-zero: lock the resident weights in memory (`mlock`).
+    pub mlock: c_int,
+}
+
+/// The KV type of a C `kv` field.
+fn kv_of(kv: c_int) -> Result<Option<crate::model::KvType>> {
+    use crate::model::KvType;
+    Ok(match kv {
+        0 => None,
+        1 => Some(KvType::F32),
+        2 => Some(KvType::F16),
+        3 => Some(KvType::Q8),
+        _ => {
+            return Err(Error::config(
+                "kv",
+                format!("{kv} is not a KV cache type (0 default, 1 f32, 2 f16, 3 q8)"),
+            ))
+        }
+    })
 }
 
 /// Generation settings (`ferroq_gen_params`); get defaults from [`ferroq_gen_params_default`].
@@ -134,6 +170,40 @@ pub unsafe extern "C" fn ferroq_engine_open(path: *const c_char) -> *mut FerroqE
     })
 }
 
+/// Default engine settings (all zero).
+#[no_mangle]
+pub extern "C" fn ferroq_engine_params_default() -> FerroqEngineParams {
+    FerroqEngineParams::default()
+}
+
+/// [`ferroq_engine_open`] with settings (`params` may be NULL for defaults).
+///
+/// # Safety
+/// `path` is NULL or a NUL-terminated string; `params` is NULL or points to a valid struct.
+#[no_mangle]
+pub unsafe extern "C" fn ferroq_engine_open_ex(
+    path: *const c_char,
+    params: *const FerroqEngineParams,
+) -> *mut FerroqEngine {
+    guard(std::ptr::null_mut(), || {
+        // SAFETY: forwarded caller contract.
+        let p = unsafe { c_str(path, "path") }?;
+        // SAFETY: caller contract: NULL or valid.
+        let ep = unsafe { params.as_ref() }.copied().unwrap_or_default();
+        let opts = crate::engine::EngineOptions {
+            ctx_override: ep.ctx_override != 0,
+            mem: match ep.mem_budget {
+                0 => crate::engine::MemBudget::Auto,
+                u64::MAX => crate::engine::MemBudget::Off,
+                b => crate::engine::MemBudget::Bytes(b),
+            },
+            mlock: ep.mlock != 0,
+        };
+        let e = Engine::open_with(p, &opts)?;
+        Ok(Box::into_raw(Box::new(FerroqEngine(Arc::new(e)))))
+    })
+}
+
 /// Free an engine (NULL is allowed). Sessions created from it stay valid.
 ///
 /// # Safety
@@ -169,6 +239,7 @@ pub extern "C" fn ferroq_session_params_default() -> FerroqSessionParams {
         ctx: 0,
         batch: 0,
         threads: 0,
+        kv: 0,
     }
 }
 
@@ -215,7 +286,7 @@ pub unsafe extern "C" fn ferroq_session_new(
                 ctx: p.ctx,
                 batch: p.batch,
                 threads: p.threads,
-                kv: None,
+                kv: kv_of(p.kv)?,
             },
         )?;
         Ok(Box::into_raw(Box::new(FerroqSession(s))))

@@ -125,11 +125,74 @@ pub fn tokenizer_from_fqm(file: &FqmFile) -> Result<Tokenizer> {
     Ok(tok)
 }
 
+/// The memory a model may use for its weights ([`EngineOptions::mem`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MemBudget {
+    /// What the machine (or the process's memory cgroup) has free: experts are paged only when
+    /// the model does not fit.
+    #[default]
+    Auto,
+    /// Never page: the page cache decides what stays (as before).
+    Off,
+    /// This many bytes for weights, KV cache and buffers: experts are paged when the model
+    /// file does not fit.
+    Bytes(u64),
+}
+
+impl MemBudget {
+    /// Parse `auto`, `off` or a size (`12G`, `800M`, `1.5GiB`, bytes).
+    pub fn parse(s: &str) -> Result<MemBudget> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(MemBudget::Auto),
+            "off" | "none" => Ok(MemBudget::Off),
+            _ => crate::model::residency::parse_mem(s).map(MemBudget::Bytes),
+        }
+    }
+}
+
+/// How an engine is opened ([`Engine::open_with`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EngineOptions {
+    /// Let sessions hold more positions than the model's `max_position_embeddings` (refused
+    /// by default: the model was not trained for them).
+    pub ctx_override: bool,
+    /// Memory budget: routed experts are paged (expert-aware residency,
+    /// [`crate::model::residency`]) when the model does not fit in it.
+    pub mem: MemBudget,
+    /// Lock the weights that stay resident in memory (`mlock`): the dense part when experts
+    /// are paged, else the whole file.
+    pub mlock: bool,
+}
+
 impl Engine {
     /// Open a `.fqm` model and load its tokenizer, chat template (if any) and stop ids.
     pub fn open(path: impl AsRef<Path>) -> Result<Engine> {
+        Self::open_with(path, &EngineOptions::default())
+    }
+
+    /// [`Engine::open`] with options.
+    pub fn open_with(path: impl AsRef<Path>, opts: &EngineOptions) -> Result<Engine> {
         let t0 = Instant::now();
-        let model = Model::open(path)?;
+        let mut model = Model::open(path)?;
+        if opts.ctx_override {
+            model.allow_any_context();
+        }
+        let budget = match opts.mem {
+            MemBudget::Off => None,
+            MemBudget::Auto => Some(None),
+            MemBudget::Bytes(b) => Some(Some(b)),
+        };
+        let paged = match budget {
+            Some(budget) => model.enable_paging(&crate::model::residency::PagingOptions {
+                budget,
+                mlock: opts.mlock,
+                force: false,
+            })?,
+            None => false,
+        };
+        if opts.mlock && !paged {
+            model.lock_all()?;
+        }
         let mut e = Engine::from_model(model)?;
         e.load_ms = t0.elapsed().as_secs_f64() * 1e3;
         Ok(e)
@@ -427,6 +490,20 @@ impl Session {
     /// Context size in tokens.
     pub fn ctx(&self) -> usize {
         self.state.max_ctx()
+    }
+
+    /// The KV cache element type.
+    pub fn kv_type(&self) -> KvType {
+        self.state.kv_type()
+    }
+
+    /// Memory of this session's KV cache (print [`crate::model::KvBytes::describe`] at start).
+    pub fn kv_bytes(&self) -> crate::model::KvBytes {
+        crate::model::kv_bytes(
+            &self.engine.model.config,
+            self.state.max_ctx(),
+            self.state.kv_type(),
+        )
     }
 
     /// Ids currently in the KV cache.

@@ -309,6 +309,13 @@ fn errors_are_clear_and_never_panic() {
         b"",
         "does not exist",
     );
+    // a context beyond max_position_embeddings is refused naming the field; with
+    // --ctx-override the cache that cannot be allocated is
+    fails(
+        &["run", "-m", no_template, "-c", "4097", "-p", "hi"],
+        b"",
+        "max_position_embeddings of 4096",
+    );
     fails(
         &[
             "run",
@@ -320,6 +327,7 @@ fn errors_are_clear_and_never_panic() {
             "100000000000",
             "-p",
             "hi",
+            "--ctx-override",
         ],
         b"",
         "KV cache",
@@ -333,6 +341,20 @@ fn errors_are_clear_and_never_panic() {
             "1",
             "-n",
             "18446744073709551615",
+        ],
+        b"",
+        "max_position_embeddings",
+    );
+    fails(
+        &[
+            "generate",
+            "-m",
+            no_template,
+            "--ids",
+            "1",
+            "-n",
+            "18446744073709551615",
+            "--ctx-override",
         ],
         b"",
         "KV cache",

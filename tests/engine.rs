@@ -221,10 +221,28 @@ fn bad_prompts_are_errors() {
     };
     assert!(s.generate(&[1, 2], &bad, &mut nop()).is_err());
     assert!(Engine::open("/nonexistent/model.fqm").is_err());
-    // settings beyond the machine are named errors, not aborts: a KV cache of 10^11 tokens
-    // (petabytes), a size that overflows, absurd thread counts
+    // a context beyond the model's max_position_embeddings is refused, naming the field and
+    // the limit; with ctx_override, settings beyond the machine are named errors, not aborts:
+    // a KV cache of 10^11 tokens (petabytes), a size that overflows, absurd thread counts
+    let max = engine.model().config.max_position_embeddings;
+    let e = Session::new(engine.clone(), &opts(max + 1)).unwrap_err();
+    assert!(
+        e.to_string().contains("max_position_embeddings")
+            && e.to_string().contains(&max.to_string()),
+        "{e}"
+    );
+    let unlimited = Arc::new(
+        Engine::open_with(
+            &path,
+            &ferroq::engine::EngineOptions {
+                ctx_override: true,
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+    );
     for ctx in [100_000_000_000, usize::MAX] {
-        let e = Session::new(engine.clone(), &opts(ctx)).unwrap_err();
+        let e = Session::new(unlimited.clone(), &opts(ctx)).unwrap_err();
         assert!(
             e.to_string().contains("ctx") && e.to_string().contains("GiB"),
             "{e}"

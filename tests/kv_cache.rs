@@ -132,3 +132,89 @@ fn long_prompt_blocked_attention() {
         std::fs::remove_file(path).ok();
     }
 }
+
+/// A context beyond `max_position_embeddings` is refused with an error naming the field and
+/// the limit, unless the model was opened to allow it.
+#[test]
+fn context_beyond_max_position_embeddings() {
+    let path = convert_f32("llama3-tiny");
+    let mut model = Model::open(&path).unwrap();
+    let max = model.config.max_position_embeddings;
+    assert!(State::try_with_kv(&model, max, 1, false, 1, KvType::F16).is_ok());
+    let e = State::try_with_kv(&model, max + 1, 1, false, 1, KvType::F16)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        e.contains("max_position_embeddings") && e.contains(&max.to_string()),
+        "{e}"
+    );
+    model.allow_any_context();
+    assert!(State::try_with_kv(&model, max + 1, 1, false, 1, KvType::F16).is_ok());
+    // the CLI says the same, and --ctx-override lets it run
+    let gen = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_ferroq"))
+            .arg("generate")
+            .arg("-m")
+            .arg(&path)
+            .args(["--ids", "1,2,3", "-n"])
+            .arg((max - 1).to_string())
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let o = gen(&[]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("max_position_embeddings"), "{err}");
+    std::fs::remove_file(path).ok();
+}
+
+/// Expert paging under a budget far below the model (every expert dropped and read back again
+/// and again) changes no logit, counts its hits and misses, and stays within the budget; a
+/// budget below the dense part is a clear error.
+#[test]
+fn paged_experts_same_logits() {
+    use ferroq::model::residency::PagingOptions;
+    for name in ["llama4-scout-tiny", "llama4-maverick-tiny"] {
+        let path = convert_f32(name);
+        let model = Model::open(&path).unwrap();
+        let (ids, _) = expected(name);
+        let want = run(&model, &ids, KvType::F32, 1, false);
+        let want_dec = run(&model, &ids, KvType::F32, 1, true);
+        let len = std::fs::metadata(&path).unwrap().len();
+        let mut paged = Model::open(&path).unwrap();
+        let dense_too_big = paged.enable_paging(&PagingOptions {
+            budget: Some(4096),
+            mlock: false,
+            force: true,
+        });
+        let e = dense_too_big.expect_err("refused").to_string();
+        assert!(e.contains("dense part") && e.contains("mem"), "{e}");
+        let opts = |budget| PagingOptions {
+            budget: Some(budget),
+            mlock: false,
+            force: true,
+        };
+        assert!(paged.enable_paging(&opts(len + (1 << 30))).unwrap());
+        let r = paged.residency.as_ref().unwrap();
+        let (dense, experts) = (r.dense_bytes, r.total_expert_bytes());
+        // a budget whose expert cache holds about a third of the experts (the margin is
+        // 64 MiB + budget / 32)
+        let budget = ((dense + experts / 3 + (64 << 20)) * 32).div_ceil(31);
+        let mut paged = Model::open(&path).unwrap();
+        assert!(paged.enable_paging(&opts(budget)).unwrap());
+        let got = run(&paged, &ids, KvType::F32, 2, false);
+        assert_eq!(got, want, "{name}: paging changed the prefill logits");
+        let dec = run(&paged, &ids, KvType::F32, 1, true);
+        assert_eq!(dec, want_dec, "{name}: paging changed the decode logits");
+        let r = paged.residency.as_ref().unwrap();
+        let s = r.stats();
+        let (used, eb) = r.expert_bytes();
+        eprintln!("{name}: {s:?}, {used} of {eb} expert bytes");
+        assert!(s.misses > 0 && s.hits > 0 && s.evictions > 0, "{s:?}");
+        assert!(used <= eb, "{used} > {eb}");
+        assert!(eb < experts / 2, "{eb} of {experts}");
+        std::fs::remove_file(path).ok();
+    }
+}

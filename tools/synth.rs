@@ -70,7 +70,7 @@ pub struct Shape {
 }
 
 /// Names accepted by [`Shape::preset`].
-pub const PRESETS: &[&str] = &["l4-mini", "l4-tiny", "smollm2-135m"];
+pub const PRESETS: &[&str] = &["l4-mini", "l4-mini-128e", "l4-tiny", "smollm2-135m"];
 
 impl Shape {
     /// A named shape: `l4-mini` (issue 5's 3.5 B Llama 4 speed model), `smollm2-135m`
@@ -106,6 +106,13 @@ impl Shape {
         };
         Ok(match name {
             "l4-mini" => l4,
+            // the same expert bytes in 128 experts of width 256 (top-1, like Maverick's MoE
+            // layers): the expert cache of paging then holds many small experts
+            "l4-mini-128e" => Shape {
+                expert_width: 256,
+                num_experts: 128,
+                ..l4
+            },
             "l4-tiny" => Shape {
                 vocab_size: 512,
                 hidden_size: 64,

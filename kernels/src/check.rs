@@ -4,64 +4,8 @@
 //! [`CHECK_REL_TOL`] of the sum of absolute terms.
 
 use crate::{
-    scalar, BlockQ4Lx8, BlockQ4x8, BlockQ6x8, BlockQ8A, BlockQ8x8, Kernels, Q4Block, TierTable,
+    scalar, BlockQ4Lx8, BlockQ4x8, BlockQ6x8, BlockQ8A, BlockQ8x8, Kernels, TierTable, WeightType,
 };
-use crate::{GateUpQ4Fn, GatherQ4Fn, GemmQ4Fn};
-
-/// The plain-product entry of one quantized block type and its twin, so one generic wrapper
-/// checks them all.
-trait GemmEntry: Sized + 'static {
-    const NAME: &'static str;
-    fn gemm(k: &Kernels) -> GemmQ4Fn<Self>;
-    fn twin() -> GemmQ4Fn<Self>;
-}
-
-macro_rules! gemm_entry {
-    ($block:ty, $name:literal, $field:ident, $twin:expr) => {
-        impl GemmEntry for $block {
-            const NAME: &'static str = $name;
-            fn gemm(k: &Kernels) -> GemmQ4Fn<Self> {
-                k.$field
-            }
-            fn twin() -> GemmQ4Fn<Self> {
-                $twin
-            }
-        }
-    };
-}
-gemm_entry!(BlockQ4x8, "q4x8", gemm_q4x8, scalar::gemm_q4x8::<BlockQ4x8>);
-gemm_entry!(
-    BlockQ4Lx8,
-    "q4lx8",
-    gemm_q4lx8,
-    scalar::gemm_q4x8::<BlockQ4Lx8>
-);
-gemm_entry!(BlockQ6x8, "q6x8", gemm_q6x8, scalar::gemm_q6x8);
-gemm_entry!(BlockQ8x8, "q8x8", gemm_q8x8, scalar::gemm_q8x8);
-
-/// The expert entries of one 4-bit block type, so one generic wrapper checks both.
-trait Q4Entries: Q4Block {
-    fn gather(k: &Kernels) -> GatherQ4Fn<Self>;
-    fn gate_up(k: &Kernels) -> GateUpQ4Fn<Self>;
-}
-
-impl Q4Entries for BlockQ4x8 {
-    fn gather(k: &Kernels) -> GatherQ4Fn<Self> {
-        k.gemm_q4x8_gather
-    }
-    fn gate_up(k: &Kernels) -> GateUpQ4Fn<Self> {
-        k.ffn_gate_up_q4x8
-    }
-}
-
-impl Q4Entries for BlockQ4Lx8 {
-    fn gather(k: &Kernels) -> GatherQ4Fn<Self> {
-        k.gemm_q4lx8_gather
-    }
-    fn gate_up(k: &Kernels) -> GateUpQ4Fn<Self> {
-        k.ffn_gate_up_q4lx8
-    }
-}
 
 /// Relative tolerance for reassociated f32 sums: `n · ε` bound for `n` up to ~2^13 terms,
 /// taken as 1e-3 of `Σ|terms|` (loose on purpose: this guards against wrong kernels, the unit
@@ -94,7 +38,7 @@ fn quantize_q8a<T: TierTable>(x: &[f32], out: &mut [BlockQ8A]) {
     );
 }
 
-fn gemm_q<T: TierTable, B: GemmEntry>(
+fn gemm_q<T: TierTable, B: WeightType>(
     w: &[B],
     n: usize,
     k: usize,
@@ -105,42 +49,12 @@ fn gemm_q<T: TierTable, B: GemmEntry>(
 ) {
     (B::gemm(&T::K))(w, n, k, x, t, y, ld);
     let mut r = y.to_vec();
-    (B::twin())(w, n, k, x, t, &mut r, ld);
+    (B::gemm_twin())(w, n, k, x, t, &mut r, ld);
     exact(&format!("gemm {}", B::NAME), y, &r);
 }
 
-fn gemm_q4x8_gather<T: TierTable, B: Q4Entries>(
-    w: &[B],
-    n: usize,
-    k: usize,
-    x: &[BlockQ8A],
-    rows: &[u32],
-    y: &mut [f32],
-    ld: usize,
-) {
-    (B::gather(&T::K))(w, n, k, x, rows, y, ld);
-    let mut r = y.to_vec();
-    scalar::gemm_q4x8_gather(w, n, k, x, rows, &mut r, ld);
-    exact(&format!("gather {}", B::NAME), y, &r);
-}
-
-fn gemm_q8x8_gather<T: TierTable>(
-    w: &[BlockQ8x8],
-    n: usize,
-    k: usize,
-    x: &[BlockQ8A],
-    rows: &[u32],
-    y: &mut [f32],
-    ld: usize,
-) {
-    (T::K.gemm_q8x8_gather)(w, n, k, x, rows, y, ld);
-    let mut r = y.to_vec();
-    scalar::gemm_q8x8_gather(w, n, k, x, rows, &mut r, ld);
-    exact("gemm_q8x8_gather", y, &r);
-}
-
 #[allow(clippy::too_many_arguments)]
-fn ffn_gate_up_q4x8<T: TierTable, B: Q4Entries>(
+fn gate_up_q<T: TierTable, B: WeightType>(
     g: &[B],
     u: &[B],
     n: usize,
@@ -150,27 +64,13 @@ fn ffn_gate_up_q4x8<T: TierTable, B: Q4Entries>(
     y: &mut [f32],
     ld: usize,
 ) {
-    (B::gate_up(&T::K))(g, u, n, k, x, rows, y, ld);
+    let (Some(f), Some(twin)) = (B::gate_up(&T::K), B::gate_up_twin()) else {
+        unreachable!("{} has no fused gate/up entry", B::NAME)
+    };
+    f(g, u, n, k, x, rows, y, ld);
     let mut r = y.to_vec();
-    scalar::ffn_gate_up_q4x8(g, u, n, k, x, rows, &mut r, ld);
+    twin(g, u, n, k, x, rows, &mut r, ld);
     exact(&format!("ffn_gate_up {}", B::NAME), y, &r);
-}
-
-#[allow(clippy::too_many_arguments)]
-fn ffn_gate_up_q8x8<T: TierTable>(
-    g: &[BlockQ8x8],
-    u: &[BlockQ8x8],
-    n: usize,
-    k: usize,
-    x: &[BlockQ8A],
-    rows: &[u32],
-    y: &mut [f32],
-    ld: usize,
-) {
-    (T::K.ffn_gate_up_q8x8)(g, u, n, k, x, rows, y, ld);
-    let mut r = y.to_vec();
-    scalar::ffn_gate_up_q8x8(g, u, n, k, x, rows, &mut r, ld);
-    exact("ffn_gate_up_q8x8", y, &r);
 }
 
 fn dot_scale(w: &[f32], x: &[f32]) -> f32 {
@@ -225,19 +125,6 @@ fn gemm_f16<T: TierTable>(
     scalar::gemm_f16(w, n, k, x, t, &mut r, ld);
     let s = r.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     close("gemm_f16", y, &r, s);
-}
-
-fn dot_f32<T: TierTable>(a: &[f32], b: &[f32]) -> f32 {
-    let g = (T::K.dot_f32)(a, b);
-    close("dot_f32", &[g], &[scalar::dot_f32(a, b)], dot_scale(a, b));
-    g
-}
-
-fn axpy_f32<T: TierTable>(a: f32, x: &[f32], y: &mut [f32]) {
-    let mut r = y.to_vec();
-    (T::K.axpy_f32)(a, x, y);
-    scalar::axpy_f32(a, x, &mut r);
-    exact("axpy_f32", y, &r);
 }
 
 fn attn_scores<T: TierTable>(q: &[f32], k: &[f32], ld_k: usize, scale: f32, s: &mut [f32]) {
@@ -381,35 +268,6 @@ fn rmsnorm<T: TierTable>(x: &[f32], w: Option<&[f32]>, eps: f32, out: &mut [f32]
     close("rmsnorm", out, &r, 0.0);
 }
 
-fn softmax<T: TierTable>(x: &mut [f32]) {
-    let mut r = x.to_vec();
-    (T::K.softmax)(x);
-    scalar::softmax(&mut r);
-    close("softmax", x, &r, 0.0);
-}
-
-fn silu_mul<T: TierTable>(g: &[f32], u: &[f32], out: &mut [f32]) {
-    (T::K.silu_mul)(g, u, out);
-    let mut r = out.to_vec();
-    scalar::silu_mul(g, u, &mut r);
-    close("silu_mul", out, &r, 0.0);
-}
-
-fn scatter_add<T: TierTable>(
-    src: &[f32],
-    ld_src: usize,
-    n: usize,
-    rows: &[u32],
-    w: &[f32],
-    dst: &mut [f32],
-    ld_dst: usize,
-) {
-    let mut r = dst.to_vec();
-    (T::K.scatter_add)(src, ld_src, n, rows, w, dst, ld_dst);
-    scalar::scatter_add(src, ld_src, n, rows, w, &mut r, ld_dst);
-    exact("scatter_add", dst, &r);
-}
-
 fn group_by_expert<T: TierTable>(
     e: &[u32],
     n: usize,
@@ -439,18 +297,10 @@ pub(crate) fn wrap<T: TierTable>() -> Kernels {
         gemm_f32: gemm_f32::<T>,
         gemm_bf16: gemm_bf16::<T>,
         gemm_f16: gemm_f16::<T>,
-        dot_f32: dot_f32::<T>,
-        axpy_f32: axpy_f32::<T>,
         rmsnorm: rmsnorm::<T>,
-        softmax: softmax::<T>,
-        silu_mul: silu_mul::<T>,
-        gemm_q4x8_gather: gemm_q4x8_gather::<T, BlockQ4x8>,
-        gemm_q4lx8_gather: gemm_q4x8_gather::<T, BlockQ4Lx8>,
-        gemm_q8x8_gather: gemm_q8x8_gather::<T>,
-        ffn_gate_up_q4x8: ffn_gate_up_q4x8::<T, BlockQ4x8>,
-        ffn_gate_up_q4lx8: ffn_gate_up_q4x8::<T, BlockQ4Lx8>,
-        ffn_gate_up_q8x8: ffn_gate_up_q8x8::<T>,
-        scatter_add: scatter_add::<T>,
+        ffn_gate_up_q4x8: gate_up_q::<T, BlockQ4x8>,
+        ffn_gate_up_q4lx8: gate_up_q::<T, BlockQ4Lx8>,
+        ffn_gate_up_q8x8: gate_up_q::<T, BlockQ8x8>,
         topk: T::K.topk,
         group_by_expert: group_by_expert::<T>,
         attn_scores: attn_scores::<T>,

@@ -52,8 +52,9 @@ pub(crate) trait Tile<B>: Copy {
     }
 
     /// `g[i][r] = silu(g[i][r]) · u[i][r]` (the SwiGLU step of the fused gate/up), bit-identical
-    /// to [`crate::scalar::silu`]; a tier may override it with a vector version.
-    #[inline]
+    /// to [`crate::scalar::silu`]; a tier may override it with a vector version. Inlined into
+    /// the tier's feature context by [`tier_entries!`] either way.
+    #[inline(always)]
     fn silu_mul<const NY: usize>(self, g: &mut [[f32; ROWS]; NY], u: &[[f32; ROWS]; NY]) {
         for (o, u) in g.iter_mut().zip(u) {
             for (ov, &uv) in o.iter_mut().zip(u) {
@@ -69,7 +70,7 @@ const TOK_CHUNK: usize = 64;
 /// `y[i * ld_y + r] = Σ_k W[r][k] · x[row(i)][k]` for `i < n_out`, `r < n_rows`, where
 /// `row(i) = rows[i]` if `rows` is given, else `i`.
 #[allow(clippy::too_many_arguments)]
-#[inline]
+#[inline(always)]
 pub(crate) fn gemm<B, T: Tile<B>>(
     t: T,
     w: &[B],
@@ -87,7 +88,7 @@ pub(crate) fn gemm<B, T: Tile<B>>(
 /// Fused gate/up: `y[i * ld_y + r] = silu(G x_i)[r] · (U x_i)[r]`. Both weight groups are
 /// multiplied against the same activation tile while it is in L1.
 #[allow(clippy::too_many_arguments)]
-#[inline]
+#[inline(always)]
 pub(crate) fn gate_up<B, T: Tile<B>>(
     t: T,
     w_gate: &[B],
@@ -115,6 +116,7 @@ pub(crate) fn gate_up<B, T: Tile<B>>(
 
 /// Shape checks shared by every quantized product (done once per call, not in the hot loop).
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 pub(crate) fn check_shapes<B>(
     w: &[B],
     n_rows: usize,
@@ -311,86 +313,122 @@ fn one<B, T: Tile<B>, const NY: usize>(t: T, a: Args<'_, B>) {
     }
 }
 
-/// A tier with quantized micro-kernels for both weight types. `get` returns the proof token
-/// after checking the CPU features (a cached atomic load per call, negligible next to a matrix
-/// product); it panics if the CPU lacks them, which the table construction rules out.
-pub(crate) trait Tier: Tile<BlockQ4x8> + Tile<BlockQ4Lx8> + Tile<BlockQ8x8> {
-    fn get() -> Self;
+/// A tier's proof token: a value exists only once the CPU is known to have the tier's features.
+/// The token is obtained once, by the tier's detection in [`crate::TIERS`], which then builds
+/// the tier's table; the table's entries ([`tier_entries!`]) are reachable only through that
+/// table, so they re-create the token without detecting again.
+pub(crate) trait Tier:
+    Tile<BlockQ4x8> + Tile<BlockQ4Lx8> + Tile<BlockQ8x8> + Tile<BlockQ6x8>
+{
+    /// # Safety
+    /// The CPU has the tier's features (call only from code reachable through the tier's table).
+    unsafe fn assume() -> Self;
 }
 
-use crate::block::{BlockQ4Lx8, BlockQ4x8, BlockQ8x8};
+use crate::block::{BlockQ4Lx8, BlockQ4x8, BlockQ6x8, BlockQ8x8};
 
-// Table entries shared by every tier and every quantized block type:
-// `driver::gemm_q::<BlockQ4Lx8, Avx2>`, `driver::gather_q::<BlockQ8x8, Neon>`, ...
+/// The quantized-product table entries of one tier, defined in the invoking module for every
+/// block type the tier has a [`Tile`] for: `gemm_q::<B>` ([`crate::GemmQ4Fn`] and its 6- and
+/// 8-bit twins) and `gate_up_q::<B>` ([`crate::GateUpQ4Fn`]).
+///
+/// Each entry compiles the whole driver (chunking, tiles, the fused gate/up epilogue, the
+/// stores) inside `#[target_feature(enable = $features)]`: every driver function is
+/// `#[inline(always)]`, so no part of a tier's product runs as code compiled for the baseline
+/// target (the AVX-512 tier's SiLU epilogue once did, calling libm `fmaf`/`rintf` per element:
+/// 30 % of its prefill). `tools/check-tier-code.sh` checks the built code for it.
+macro_rules! tier_entries {
+    ($tier:ty $(, $features:literal)?) => {
+        /// Plain product (`GemmQ4Fn`), compiled in this tier's feature context.
+        pub(crate) fn gemm_q<B>(
+            w: &[B],
+            n_rows: usize,
+            k: usize,
+            x: &[$crate::block::BlockQ8A],
+            n_tok: usize,
+            y: &mut [f32],
+            ld_y: usize,
+        ) where
+            $tier: $crate::driver::Tile<B>,
+        {
+            $(#[target_feature(enable = $features)])?
+            #[allow(clippy::too_many_arguments)]
+            fn inner<B>(
+                t: $tier,
+                w: &[B],
+                n_rows: usize,
+                k: usize,
+                x: &[$crate::block::BlockQ8A],
+                n_tok: usize,
+                y: &mut [f32],
+                ld_y: usize,
+            ) where
+                $tier: $crate::driver::Tile<B>,
+            {
+                $crate::driver::gemm(t, w, n_rows, k, x, None, n_tok, y, ld_y)
+            }
+            // SAFETY: this entry is reachable only through the tier's table, built after its
+            // detection succeeded (`Tier::assume`); that also provides `$features`.
+            unsafe {
+                inner(
+                    <$tier as $crate::driver::Tier>::assume(),
+                    w,
+                    n_rows,
+                    k,
+                    x,
+                    n_tok,
+                    y,
+                    ld_y,
+                )
+            }
+        }
 
-/// Plain product ([`crate::GemmQ4Fn`] and its 6- and 8-bit twins).
-pub(crate) fn gemm_q<B, T: Tier + Tile<B>>(
-    w: &[B],
-    n_rows: usize,
-    k: usize,
-    x: &[BlockQ8A],
-    n_tok: usize,
-    y: &mut [f32],
-    ld_y: usize,
-) {
-    gemm(T::get(), w, n_rows, k, x, None, n_tok, y, ld_y);
+        /// Fused gate/up with SiLU (`GateUpQ4Fn`), epilogue included, compiled in this tier's
+        /// feature context.
+        #[allow(clippy::too_many_arguments)]
+        pub(crate) fn gate_up_q<B>(
+            w_gate: &[B],
+            w_up: &[B],
+            n_rows: usize,
+            k: usize,
+            x_all: &[$crate::block::BlockQ8A],
+            rows: &[u32],
+            y: &mut [f32],
+            ld_y: usize,
+        ) where
+            $tier: $crate::driver::Tile<B>,
+        {
+            $(#[target_feature(enable = $features)])?
+            #[allow(clippy::too_many_arguments)]
+            fn inner<B>(
+                t: $tier,
+                w_gate: &[B],
+                w_up: &[B],
+                n_rows: usize,
+                k: usize,
+                x_all: &[$crate::block::BlockQ8A],
+                rows: &[u32],
+                y: &mut [f32],
+                ld_y: usize,
+            ) where
+                $tier: $crate::driver::Tile<B>,
+            {
+                $crate::driver::gate_up(t, w_gate, w_up, n_rows, k, x_all, rows, y, ld_y)
+            }
+            // SAFETY: as in `gemm_q`.
+            unsafe {
+                inner(
+                    <$tier as $crate::driver::Tier>::assume(),
+                    w_gate,
+                    w_up,
+                    n_rows,
+                    k,
+                    x_all,
+                    rows,
+                    y,
+                    ld_y,
+                )
+            }
+        }
+    };
 }
-
-/// Expert gather product ([`crate::GatherQ4Fn`], [`crate::GatherQ8Fn`]).
-pub(crate) fn gather_q<B, T: Tier + Tile<B>>(
-    w: &[B],
-    n_rows: usize,
-    k: usize,
-    x_all: &[BlockQ8A],
-    rows: &[u32],
-    y: &mut [f32],
-    ld_y: usize,
-) {
-    gemm(
-        T::get(),
-        w,
-        n_rows,
-        k,
-        x_all,
-        Some(rows),
-        rows.len(),
-        y,
-        ld_y,
-    );
-}
-
-/// Fused gate/up with SiLU ([`crate::GateUpQ4Fn`], [`crate::GateUpQ8Fn`]).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn gate_up_q<B, T: Tier + Tile<B>>(
-    w_gate: &[B],
-    w_up: &[B],
-    n_rows: usize,
-    k: usize,
-    x_all: &[BlockQ8A],
-    rows: &[u32],
-    y: &mut [f32],
-    ld_y: usize,
-) {
-    gate_up(T::get(), w_gate, w_up, n_rows, k, x_all, rows, y, ld_y);
-}
-
-/// Scatter-add through a tier's `axpy` (multiply then add, so every tier matches the twin
-/// bit for bit).
-#[inline(always)]
-#[allow(clippy::too_many_arguments)] // the table entry's argument list, plus the tier's axpy
-pub(crate) fn scatter_add_with(
-    axpy: fn(f32, &[f32], &mut [f32]),
-    src: &[f32],
-    ld_src: usize,
-    n: usize,
-    rows: &[u32],
-    weights: &[f32],
-    dst: &mut [f32],
-    ld_dst: usize,
-) {
-    assert!(weights.len() >= rows.len());
-    for (i, (&row, &wt)) in rows.iter().zip(weights).enumerate() {
-        let d = &mut dst[row as usize * ld_dst..row as usize * ld_dst + n];
-        axpy(wt, &src[i * ld_src..i * ld_src + n], d);
-    }
-}
+pub(crate) use tier_entries;

@@ -11,6 +11,7 @@ mod driver;
 mod portable;
 pub mod routing;
 pub mod scalar;
+pub mod wtype;
 
 // The only places where the target architecture is selected (style rule 2).
 #[cfg(target_arch = "aarch64")]
@@ -23,6 +24,7 @@ mod x86_64;
 pub use block::{
     BlockQ4Lx8, BlockQ4x8, BlockQ6x8, BlockQ8A, BlockQ8x8, Q4Block, KVALUES, LVALUES, QK, ROWS,
 };
+pub use wtype::WeightType;
 
 /// A CPU tier. Ordered: a level can always be lowered to any earlier level of its architecture.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -43,40 +45,108 @@ pub enum CpuLevel {
     NeonI8mm,
 }
 
+/// One CPU tier of the registry [`TIERS`]: its level, the names `FERROQ_CPU` accepts, whether it
+/// is chosen automatically, and its table.
+pub struct TierDesc {
+    pub level: CpuLevel,
+    /// Accepted names, the first one canonical (logs, `ferroq bench`).
+    pub names: &'static [&'static str],
+    /// Whether the tier is chosen automatically when the CPU has it (see [`TIERS`]).
+    pub auto: bool,
+    /// The tier's table if this CPU has the tier's features, else `None`. The detection here is
+    /// the only one: its proof token builds the table, and the table's entries rely on it.
+    table: fn() -> Option<Kernels>,
+}
+
+/// `$path` on target architecture `$arch`, elsewhere a table function that finds nothing.
+macro_rules! on_arch {
+    ($arch:literal, $($path:ident)::+) => {{
+        #[cfg(target_arch = $arch)]
+        let f: fn() -> Option<Kernels> = $($path)::+;
+        #[cfg(not(target_arch = $arch))]
+        let f: fn() -> Option<Kernels> = || None;
+        f
+    }};
+}
+
+/// The tier registry, lowest first within each architecture. Adding a tier is one file (its
+/// tiles, its `TierTable` and its table function) plus one entry here and its [`CpuLevel`]
+/// variant.
+///
+/// The AVX-512 VNNI tier is not chosen automatically: it has never been measured on real
+/// hardware against the AVX2 tier (the development and CI machines are AVX2-only and QEMU's
+/// TCG does not emulate AVX-512), so it is used only when asked for with
+/// `FERROQ_CPU=avx512vnni`; its tests still run wherever the CPU supports it.
+pub static TIERS: [TierDesc; 7] = [
+    TierDesc {
+        level: CpuLevel::Scalar,
+        names: &["scalar", "generic", "none"],
+        auto: true,
+        table: || Some(finish::<ScalarT>()),
+    },
+    TierDesc {
+        level: CpuLevel::Portable,
+        names: &["portable", "wide"],
+        auto: true,
+        table: || Some(finish::<PortableT>()),
+    },
+    TierDesc {
+        level: CpuLevel::Avx2,
+        names: &["avx2"],
+        auto: true,
+        table: on_arch!("x86_64", x86_64::avx2_table),
+    },
+    TierDesc {
+        level: CpuLevel::Avx512Vnni,
+        names: &["avx512vnni", "avx512", "avx512-vnni", "vnni"],
+        auto: false,
+        table: on_arch!("x86_64", x86_64::avx512vnni_table),
+    },
+    TierDesc {
+        level: CpuLevel::Neon,
+        names: &["neon"],
+        auto: true,
+        table: on_arch!("aarch64", aarch64::neon_table),
+    },
+    TierDesc {
+        level: CpuLevel::NeonDot,
+        names: &["neon-dotprod", "dotprod", "neondot"],
+        auto: true,
+        table: on_arch!("aarch64", aarch64::neon_dot_table),
+    },
+    TierDesc {
+        level: CpuLevel::NeonI8mm,
+        names: &["neon-i8mm", "i8mm"],
+        auto: true,
+        table: on_arch!("aarch64", aarch64::neon_i8mm_table),
+    },
+];
+
 impl CpuLevel {
+    fn desc(self) -> &'static TierDesc {
+        TIERS
+            .iter()
+            .find(|t| t.level == self)
+            .expect("every CpuLevel has an entry in TIERS (checked by a test)")
+    }
+
     /// Name used by `FERROQ_CPU` and in logs.
     pub fn name(self) -> &'static str {
-        match self {
-            CpuLevel::Scalar => "scalar",
-            CpuLevel::Portable => "portable",
-            CpuLevel::Avx2 => "avx2",
-            CpuLevel::Avx512Vnni => "avx512vnni",
-            CpuLevel::Neon => "neon",
-            CpuLevel::NeonDot => "neon-dotprod",
-            CpuLevel::NeonI8mm => "neon-i8mm",
-        }
+        self.desc().names[0]
     }
 
     /// Parse a `FERROQ_CPU` value.
     pub fn parse(s: &str) -> Option<CpuLevel> {
-        Some(match s.trim().to_ascii_lowercase().as_str() {
-            "scalar" | "generic" | "none" => CpuLevel::Scalar,
-            "portable" | "wide" => CpuLevel::Portable,
-            "avx2" => CpuLevel::Avx2,
-            "avx512" | "avx512vnni" | "avx512-vnni" | "vnni" => CpuLevel::Avx512Vnni,
-            "neon" => CpuLevel::Neon,
-            "dotprod" | "neon-dotprod" | "neondot" => CpuLevel::NeonDot,
-            "i8mm" | "neon-i8mm" => CpuLevel::NeonI8mm,
-            _ => return None,
-        })
+        let s = s.trim().to_ascii_lowercase();
+        TIERS
+            .iter()
+            .find(|t| t.names.contains(&s.as_str()))
+            .map(|t| t.level)
     }
 
-    /// Whether a level is chosen automatically when the CPU has it. The AVX-512 VNNI tier has
-    /// never run on real hardware (the development and CI machines are AVX2-only, and QEMU's
-    /// TCG does not emulate AVX-512), so it is used only when asked for with
-    /// `FERROQ_CPU=avx512vnni`; its tests still run wherever the CPU supports it.
+    /// Whether a level is chosen automatically when the CPU has it (see [`TIERS`]).
     pub fn auto_selected(self) -> bool {
-        self != CpuLevel::Avx512Vnni
+        self.desc().auto
     }
 
     /// The best level this CPU supports that is chosen automatically (see
@@ -90,37 +160,11 @@ impl CpuLevel {
 
     /// Every level this CPU supports, lowest first (always starts with `Scalar`, `Portable`).
     pub fn available() -> Vec<CpuLevel> {
-        let mut v = vec![CpuLevel::Scalar, CpuLevel::Portable];
-        #[cfg(target_arch = "x86_64")]
-        {
-            // F16C (vcvtph2ps) ships with every AVX2 CPU; checked because the AVX2 tier uses it.
-            if std::is_x86_feature_detected!("avx2")
-                && std::is_x86_feature_detected!("fma")
-                && std::is_x86_feature_detected!("f16c")
-            {
-                v.push(CpuLevel::Avx2);
-                if std::is_x86_feature_detected!("avx512f")
-                    && std::is_x86_feature_detected!("avx512bw")
-                    && std::is_x86_feature_detected!("avx512vl")
-                    && std::is_x86_feature_detected!("avx512vnni")
-                {
-                    v.push(CpuLevel::Avx512Vnni);
-                }
-            }
-        }
-        #[cfg(target_arch = "aarch64")]
-        {
-            if std::arch::is_aarch64_feature_detected!("neon") {
-                v.push(CpuLevel::Neon);
-                if std::arch::is_aarch64_feature_detected!("dotprod") {
-                    v.push(CpuLevel::NeonDot);
-                    if std::arch::is_aarch64_feature_detected!("i8mm") {
-                        v.push(CpuLevel::NeonI8mm);
-                    }
-                }
-            }
-        }
-        v
+        TIERS
+            .iter()
+            .filter(|t| (t.table)().is_some())
+            .map(|t| t.level)
+            .collect()
     }
 
     /// The level to use: the detected one, lowered (never raised above what the CPU supports)
@@ -166,13 +210,6 @@ pub type GemmF32Fn = fn(&[f32], usize, usize, &[f32], usize, &mut [f32], usize);
 /// Float-activation product with 16-bit (bf16 or f16 bits) weights.
 pub type GemmH16Fn = fn(&[u16], usize, usize, &[f32], usize, &mut [f32], usize);
 
-/// Expert gather product, `gemm_q4x8_gather(w, n_rows, k, x_all, rows, y, ld_y)`:
-/// `y[i * ld_y + r] = Σ_k W[r][k] · x_all[rows[i]][k]` for `i < rows.len()`, `r < n_rows`.
-/// `x_all` holds whole activation rows (`k / 32` blocks each); the rows are read in place.
-/// Twin: [`scalar::gemm_q4x8_gather`].
-pub type GatherQ4Fn<B = BlockQ4x8> = fn(&[B], usize, usize, &[BlockQ8A], &[u32], &mut [f32], usize);
-/// Same as [`GatherQ4Fn`] for 8-bit weights. Twin: [`scalar::gemm_q8x8_gather`].
-pub type GatherQ8Fn = fn(&[BlockQ8x8], usize, usize, &[BlockQ8A], &[u32], &mut [f32], usize);
 /// Fused expert gate/up with SiLU, `ffn_gate_up_q4x8(w_gate, w_up, n_rows, k, x_all, rows, y,
 /// ld_y)`: `y[i * ld_y + r] = silu((G x_all[rows[i]])[r]) · (U x_all[rows[i]])[r]`.
 /// Twin: [`scalar::ffn_gate_up_q4x8`].
@@ -181,10 +218,6 @@ pub type GateUpQ4Fn<B = BlockQ4x8> =
 /// Same as [`GateUpQ4Fn`] for 8-bit weights. Twin: [`scalar::ffn_gate_up_q8x8`].
 pub type GateUpQ8Fn =
     fn(&[BlockQ8x8], &[BlockQ8x8], usize, usize, &[BlockQ8A], &[u32], &mut [f32], usize);
-/// Weighted scatter-add, `scatter_add(src, ld_src, n, rows, weights, dst, ld_dst)`:
-/// `dst[rows[i] * ld_dst + j] += weights[i] · src[i * ld_src + j]` for `j < n`, in order of `i`.
-/// Twin: [`scalar::scatter_add`].
-pub type ScatterAddFn = fn(&[f32], usize, usize, &[u32], &[f32], &mut [f32], usize);
 /// Attention scores of one query against `s.len()` key rows, `attn_scores(q, k, ld_k, scale, s)`.
 /// Twin: [`scalar::attn_scores`].
 pub type AttnScoresFn = fn(&[f32], &[f32], usize, f32, &mut [f32]);
@@ -238,19 +271,11 @@ pub struct Kernels {
     pub gemm_f32: GemmF32Fn,
     pub gemm_bf16: GemmH16Fn,
     pub gemm_f16: GemmH16Fn,
-    pub dot_f32: fn(&[f32], &[f32]) -> f32,
-    pub axpy_f32: fn(f32, &[f32], &mut [f32]),
     pub rmsnorm: RmsNormFn,
-    pub softmax: fn(&mut [f32]),
-    pub silu_mul: fn(&[f32], &[f32], &mut [f32]),
     // Expert routing.
-    pub gemm_q4x8_gather: GatherQ4Fn,
-    pub gemm_q4lx8_gather: GatherQ4Fn<BlockQ4Lx8>,
-    pub gemm_q8x8_gather: GatherQ8Fn,
     pub ffn_gate_up_q4x8: GateUpQ4Fn,
     pub ffn_gate_up_q4lx8: GateUpQ4Fn<BlockQ4Lx8>,
     pub ffn_gate_up_q8x8: GateUpQ8Fn,
-    pub scatter_add: ScatterAddFn,
     pub topk: TopkFn,
     pub group_by_expert: GroupFn,
     // Attention.
@@ -279,18 +304,10 @@ pub(crate) const SCALAR: Kernels = Kernels {
     gemm_f32: scalar::gemm_f32,
     gemm_bf16: scalar::gemm_bf16,
     gemm_f16: scalar::gemm_f16,
-    dot_f32: scalar::dot_f32,
-    axpy_f32: scalar::axpy_f32,
     rmsnorm: scalar::rmsnorm,
-    softmax: scalar::softmax,
-    silu_mul: scalar::silu_mul,
-    gemm_q4x8_gather: scalar::gemm_q4x8_gather::<BlockQ4x8>,
-    gemm_q4lx8_gather: scalar::gemm_q4x8_gather::<BlockQ4Lx8>,
-    gemm_q8x8_gather: scalar::gemm_q8x8_gather,
     ffn_gate_up_q4x8: scalar::ffn_gate_up_q4x8::<BlockQ4x8>,
     ffn_gate_up_q4lx8: scalar::ffn_gate_up_q4x8::<BlockQ4Lx8>,
     ffn_gate_up_q8x8: scalar::ffn_gate_up_q8x8,
-    scatter_add: scalar::scatter_add,
     topk: scalar::topk,
     group_by_expert: scalar::group_by_expert,
     attn_scores: scalar::attn_scores,
@@ -323,18 +340,10 @@ macro_rules! tier_table {
 }
 tier_table!(ScalarT, SCALAR);
 tier_table!(PortableT, portable::KERNELS);
-#[cfg(target_arch = "x86_64")]
-tier_table!(Avx2T, x86_64::AVX2);
-#[cfg(target_arch = "x86_64")]
-tier_table!(Avx512T, x86_64::AVX512VNNI);
-#[cfg(target_arch = "aarch64")]
-tier_table!(NeonT, aarch64::NEON);
-#[cfg(target_arch = "aarch64")]
-tier_table!(NeonDotT, aarch64::NEON_DOT);
-#[cfg(target_arch = "aarch64")]
-tier_table!(NeonI8mmT, aarch64::NEON_I8MM);
 
-fn finish<T: TierTable>() -> Kernels {
+/// The table of tier `T` (wrapped by the scalar twins with `check-kernels`). Called only by the
+/// tiers' table functions in [`TIERS`], after their detection.
+pub(crate) fn finish<T: TierTable>() -> Kernels {
     #[cfg(feature = "check-kernels")]
     {
         check::wrap::<T>()
@@ -352,31 +361,8 @@ impl Kernels {
     }
 
     /// The table for `level`. Returns `None` if this CPU does not support it.
-    ///
-    /// The SIMD entries of a table re-check their CPU features (a cached atomic load) on every
-    /// call, so a table can never run an instruction the CPU lacks, even if copied elsewhere.
     pub fn for_level(level: CpuLevel) -> Option<Kernels> {
-        if !CpuLevel::available().contains(&level) {
-            return None;
-        }
-        // Generations per tier: see the `CpuLevel` variants.
-        let k = match level {
-            CpuLevel::Scalar => finish::<ScalarT>(),
-            CpuLevel::Portable => finish::<PortableT>(),
-            #[cfg(target_arch = "x86_64")]
-            CpuLevel::Avx2 => finish::<Avx2T>(),
-            #[cfg(target_arch = "x86_64")]
-            CpuLevel::Avx512Vnni => finish::<Avx512T>(),
-            #[cfg(target_arch = "aarch64")]
-            CpuLevel::Neon => finish::<NeonT>(),
-            #[cfg(target_arch = "aarch64")]
-            CpuLevel::NeonDot => finish::<NeonDotT>(),
-            #[cfg(target_arch = "aarch64")]
-            CpuLevel::NeonI8mm => finish::<NeonI8mmT>(),
-            #[allow(unreachable_patterns)]
-            _ => return None,
-        };
-        Some(k)
+        (level.desc().table)()
     }
 
     /// Detect the CPU once (honouring `FERROQ_CPU`), log the choice on stderr and build its table.

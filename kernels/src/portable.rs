@@ -16,7 +16,7 @@
 //! Rejected: a per-row scalar dequantisation to f32 (4× the bytes touched per block).
 
 use crate::block::{BlockQ4Lx8, BlockQ4x8, BlockQ6x8, BlockQ8A, BlockQ8x8, Q4Block, QK, ROWS};
-use crate::driver::{self, Tier, Tile};
+use crate::driver::{Tier, Tile};
 use crate::{CpuLevel, Kernels};
 use half::{bf16, f16};
 use wide::{f32x8, i16x8, i32x4};
@@ -26,10 +26,13 @@ use wide::{f32x8, i16x8, i32x4};
 pub(crate) struct Portable(());
 
 impl Tier for Portable {
-    fn get() -> Self {
+    unsafe fn assume() -> Self {
         Portable(())
     }
 }
+
+// The quantized-product entries of this tier's table, compiled with its features.
+crate::driver::tier_entries!(Portable);
 
 /// Byte → (level of the low nibble, level of the high nibble) of a 4-bit block type.
 struct Pairs<B>(core::marker::PhantomData<B>);
@@ -373,56 +376,6 @@ pub(crate) fn rmsnorm(x: &[f32], w: Option<&[f32]>, eps: f32, out: &mut [f32]) {
     }
 }
 
-pub(crate) fn softmax(x: &mut [f32]) {
-    let m = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    if m == f32::NEG_INFINITY {
-        x.iter_mut().for_each(|v| *v = 0.0);
-        return;
-    }
-    let vm = f32x8::splat(m);
-    let mut s = 0.0f32;
-    let mut xc = x.chunks_exact_mut(8);
-    for c in &mut xc {
-        let e = (f32x8::new((*c).try_into().unwrap()) - vm).exp();
-        s += e.reduce_add();
-        c.copy_from_slice(&e.to_array());
-    }
-    for v in xc.into_remainder() {
-        *v = (*v - m).exp();
-        s += *v;
-    }
-    let inv = 1.0 / s;
-    x.iter_mut().for_each(|v| *v *= inv);
-}
-
-pub(crate) fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
-    let n = gate.len().min(up.len()).min(out.len());
-    let one = f32x8::ONE;
-    let mut i = 0;
-    while i + 8 <= n {
-        let g = f32x8::new(gate[i..i + 8].try_into().unwrap());
-        let u = f32x8::new(up[i..i + 8].try_into().unwrap());
-        let r = g / (one + (-g).exp()) * u;
-        out[i..i + 8].copy_from_slice(&r.to_array());
-        i += 8;
-    }
-    for j in i..n {
-        out[j] = crate::scalar::silu(gate[j]) * up[j];
-    }
-}
-
-pub(crate) fn scatter_add(
-    src: &[f32],
-    ld_src: usize,
-    n: usize,
-    rows: &[u32],
-    weights: &[f32],
-    dst: &mut [f32],
-    ld_dst: usize,
-) {
-    driver::scatter_add_with(axpy_f32, src, ld_src, n, rows, weights, dst, ld_dst);
-}
-
 /// Attention scores with this tier's dot product.
 pub(crate) fn attn_scores(q: &[f32], k: &[f32], ld_k: usize, scale: f32, s: &mut [f32]) {
     let d = q.len();
@@ -442,25 +395,17 @@ pub(crate) fn attn_values(p: &[f32], v: &[f32], ld_v: usize, o: &mut [f32]) {
 pub(crate) const KERNELS: Kernels = Kernels {
     level: CpuLevel::Portable,
     quantize_q8a,
-    gemm_q4x8: driver::gemm_q::<BlockQ4x8, Portable>,
-    gemm_q4lx8: driver::gemm_q::<BlockQ4Lx8, Portable>,
-    gemm_q8x8: driver::gemm_q::<BlockQ8x8, Portable>,
-    gemm_q6x8: driver::gemm_q::<BlockQ6x8, Portable>,
+    gemm_q4x8: gemm_q::<BlockQ4x8>,
+    gemm_q4lx8: gemm_q::<BlockQ4Lx8>,
+    gemm_q8x8: gemm_q::<BlockQ8x8>,
+    gemm_q6x8: gemm_q::<BlockQ6x8>,
     gemm_f32,
     gemm_bf16,
     gemm_f16,
-    dot_f32,
-    axpy_f32,
     rmsnorm,
-    softmax,
-    silu_mul,
-    gemm_q4x8_gather: driver::gather_q::<BlockQ4x8, Portable>,
-    gemm_q4lx8_gather: driver::gather_q::<BlockQ4Lx8, Portable>,
-    gemm_q8x8_gather: driver::gather_q::<BlockQ8x8, Portable>,
-    ffn_gate_up_q4x8: driver::gate_up_q::<BlockQ4x8, Portable>,
-    ffn_gate_up_q4lx8: driver::gate_up_q::<BlockQ4Lx8, Portable>,
-    ffn_gate_up_q8x8: driver::gate_up_q::<BlockQ8x8, Portable>,
-    scatter_add,
+    ffn_gate_up_q4x8: gate_up_q::<BlockQ4x8>,
+    ffn_gate_up_q4lx8: gate_up_q::<BlockQ4Lx8>,
+    ffn_gate_up_q8x8: gate_up_q::<BlockQ8x8>,
     topk: crate::scalar::topk,
     group_by_expert: crate::routing::group_by_expert,
     attn_scores,

@@ -1,7 +1,7 @@
 //! Expert-routing helpers without allocation (table entries; twins in [`crate::scalar`]).
 //!
 //! The grouped expert products themselves live with the quantized kernels
-//! (`Kernels::gemm_q4x8_gather`, `Kernels::ffn_gate_up_q4x8`, `Kernels::scatter_add`).
+//! (`Kernels::ffn_gate_up_q4x8`).
 
 /// Same contract as [`crate::scalar::group_by_expert`], without the scratch vector: `counts`
 /// serves as the fill cursor and is restored at the end.

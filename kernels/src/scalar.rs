@@ -827,7 +827,7 @@ pub(crate) const EXP_POLY: [f32; 6] = [
 /// `x = n·ln2 + r` with `n = round(x·log2 e)` (Cody–Waite split of ln2), Cephes' degree-7
 /// polynomial for `e^r` on `|r| ≤ ln2/2` (about 1 ulp), `2^n` built in the exponent bits. Inputs
 /// below −87.34 (and −∞) give 0, inputs above 88 are clamped to 88, NaN stays NaN.
-#[inline]
+#[inline(always)] // inlined into each tier's feature context (fused gate/up epilogue)
 pub fn exp_poly(x: f32) -> f32 {
     let under = x < EXP_UNDER;
     // vminps(88, x) / vmaxps(-88, x): the second operand (x) when the comparison is false (NaN)
@@ -851,7 +851,7 @@ pub fn exp_poly(x: f32) -> f32 {
 
 /// `silu(z) = z * sigmoid(z) = z / (1 + exp(−z))`, with [`exp_poly`] (what the fused gate/up
 /// kernels of every tier compute, bit for bit).
-#[inline]
+#[inline(always)] // inlined into each tier's feature context (fused gate/up epilogue)
 pub fn silu(z: f32) -> f32 {
     z / (1.0 + exp_poly(-z))
 }

@@ -54,6 +54,19 @@ pub struct Args {
     /// Print JSON instead of the table: one object, or with lists one object per test and line.
     #[arg(long)]
     json: bool,
+    /// Allow tests longer than the model's max_position_embeddings.
+    #[arg(long)]
+    ctx_override: bool,
+    /// Memory for the model: `auto` (what is free), `off` (plain mapping, the page cache
+    /// decides) or a size (12G, 800M): MoE models larger than it page their routed experts.
+    #[arg(long, default_value = "auto", value_parser = super::run::parse_mem)]
+    mem: ferroq::engine::MemBudget,
+    /// Lock the resident weights in memory.
+    #[arg(long)]
+    mlock: bool,
+    /// Print the expert cache's hits/misses and bytes read from disk per token of each test.
+    #[arg(long)]
+    verbose: bool,
 }
 
 fn parse_kv(s: &str) -> std::result::Result<KvType, String> {
@@ -158,6 +171,10 @@ struct Test {
     batch: usize,
     tps: (f64, f64),
     cpu_share: f64,
+    /// Bytes read from disk per token over the test's runs (warm-up included).
+    disk_per_token: f64,
+    /// Expert cache hit rate over the test's runs (paging only).
+    hit_rate: Option<f64>,
 }
 
 impl Test {
@@ -198,6 +215,36 @@ fn measure(
     Ok((mean_sd(&tps), share))
 }
 
+/// The expert cache's counters and the bytes read from disk so far.
+fn io_snapshot(model: &Model) -> (ferroq::model::residency::CacheStats, u64) {
+    let s = model
+        .residency
+        .as_ref()
+        .map(|r| r.stats())
+        .unwrap_or_default();
+    (s, super::run::disk_read_bytes())
+}
+
+/// Disk bytes per token and the expert hit rate since `before` (printed with `--verbose`).
+fn io_report(
+    model: &Model,
+    before: &(ferroq::model::residency::CacheStats, u64),
+    tokens: usize,
+    label: &str,
+    verbose: bool,
+) -> (f64, Option<f64>) {
+    let disk = super::run::disk_read_bytes().saturating_sub(before.1);
+    if verbose {
+        eprintln!("bench: {label}, all runs:");
+        super::run::print_cache_stats(model, &before.0, disk, tokens);
+    }
+    let hit = model
+        .residency
+        .as_ref()
+        .map(|r| r.stats().since(&before.0).hit_rate());
+    (disk as f64 / tokens.max(1) as f64, hit)
+}
+
 pub fn run(a: Args) -> Result<()> {
     if a.reps == 0 {
         return Err(ferroq::Error::Config {
@@ -217,7 +264,27 @@ pub fn run(a: Args) -> Result<()> {
         ferroq::pool::check_bandwidth_buffer(bw_bytes)?;
     }
     let t0 = Instant::now();
-    let model = Model::open(&a.model)?;
+    let mut model = Model::open(&a.model)?;
+    if a.ctx_override {
+        model.allow_any_context();
+    }
+    let budget = match a.mem {
+        ferroq::engine::MemBudget::Off => None,
+        ferroq::engine::MemBudget::Auto => Some(None),
+        ferroq::engine::MemBudget::Bytes(b) => Some(Some(b)),
+    };
+    let paged = match budget {
+        Some(budget) => model.enable_paging(&ferroq::model::residency::PagingOptions {
+            budget,
+            mlock: a.mlock,
+            force: false,
+        })?,
+        None => false,
+    };
+    if a.mlock && !paged {
+        model.lock_all()?;
+    }
+    super::run::print_paging(&model);
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
     let c = &model.config;
     let all_cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -246,6 +313,11 @@ pub fn run(a: Args) -> Result<()> {
         })
         .collect();
 
+    ferroq::model::kvmem::check_context(c, ctx, model.ctx_limit)?;
+    eprintln!(
+        "bench: {}",
+        ferroq::model::kv_bytes(c, ctx, a.kv).describe(a.kv)
+    );
     let mut tests: Vec<Test> = Vec::new();
     for &t in &threads {
         for (bi, &b) in a.batch.iter().enumerate() {
@@ -253,6 +325,7 @@ pub fn run(a: Args) -> Result<()> {
             let mut st = State::try_with_kv(&model, ctx, batch, false, t, a.kv)?;
             for &p in &pps {
                 let label = format!("pp{p} (t {t}, b {})", batch.min(p));
+                let io0 = io_snapshot(&model);
                 let (tps, cpu_share) = measure(&label, p, a.reps, t, || {
                     st.reset();
                     for ch in prompt[..p].chunks(batch) {
@@ -261,6 +334,8 @@ pub fn run(a: Args) -> Result<()> {
                     Ok(())
                 })?;
                 let batch = batch.min(p);
+                let (disk_per_token, hit_rate) =
+                    io_report(&model, &io0, p * (a.reps + 1), &label, a.verbose);
                 tests.push(Test {
                     pp: true,
                     n: p,
@@ -268,6 +343,8 @@ pub fn run(a: Args) -> Result<()> {
                     batch,
                     tps,
                     cpu_share,
+                    disk_per_token,
+                    hit_rate,
                 });
             }
             // generation does not depend on the prompt batch: once per thread count
@@ -275,7 +352,9 @@ pub fn run(a: Args) -> Result<()> {
                 continue;
             }
             for &n in &tgs {
-                let (tps, cpu_share) = measure(&format!("tg{n} (t {t})"), n, a.reps, t, || {
+                let label = format!("tg{n} (t {t})");
+                let io0 = io_snapshot(&model);
+                let (tps, cpu_share) = measure(&label, n, a.reps, t, || {
                     st.reset();
                     let mut tok = prompt.first().copied().unwrap_or(1);
                     for _ in 0..n {
@@ -284,6 +363,8 @@ pub fn run(a: Args) -> Result<()> {
                     }
                     Ok(())
                 })?;
+                let (disk_per_token, hit_rate) =
+                    io_report(&model, &io0, n * (a.reps + 1), &label, a.verbose);
                 tests.push(Test {
                     pp: false,
                     n,
@@ -291,6 +372,8 @@ pub fn run(a: Args) -> Result<()> {
                     batch: 1,
                     tps,
                     cpu_share,
+                    disk_per_token,
+                    hit_rate,
                 });
             }
         }
@@ -358,6 +441,11 @@ pub fn run(a: Args) -> Result<()> {
                 "tg_bandwidth_share": (tg.is_some() && measured_bw).then_some(share),
                 "pp_cpu_share": pp.map(|x| x.cpu_share),
                 "tg_cpu_share": tg.map(|x| x.cpu_share),
+                "paged": model.residency.is_some(),
+                "pp_disk_bytes_per_token": pp.map(|x| x.disk_per_token),
+                "tg_disk_bytes_per_token": tg.map(|x| x.disk_per_token),
+                "pp_expert_hit_rate": pp.and_then(|x| x.hit_rate),
+                "tg_expert_hit_rate": tg.and_then(|x| x.hit_rate),
             });
             println!("{o}");
             return Ok(());
@@ -426,6 +514,9 @@ pub fn run(a: Args) -> Result<()> {
                 "machine_read_gbs": measured_bw.then_some(bw),
                 "bound_tps": (!x.pp && measured_bw).then_some(bound_of(bw)),
                 "bandwidth_share": (!x.pp && measured_bw).then_some(share),
+                "paged": model.residency.is_some(),
+                "disk_bytes_per_token": x.disk_per_token,
+                "expert_hit_rate": x.hit_rate,
             });
             println!("{o}");
         }

@@ -9,7 +9,7 @@ use std::io::{BufRead, IsTerminal, Write};
 use ferroq::engine::{GenOptions, Session, SessionOptions, StopReason};
 use ferroq::{Error, Result};
 
-use super::run::{open_engine, ModelArgs, SamplingArgs};
+use super::run::{print_kv, ModelArgs, SamplingArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -31,7 +31,7 @@ fn out_err(e: std::io::Error) -> Error {
 
 pub fn run(a: Args) -> Result<()> {
     let (sampler, seed) = a.sampling.config()?;
-    let engine = open_engine(&a.model.model)?;
+    let engine = a.model.open_engine()?;
     if engine.template().is_none() {
         return Err(ferroq::chat::no_template_error());
     }
@@ -41,9 +41,10 @@ pub fn run(a: Args) -> Result<()> {
             ctx: a.model.ctx,
             batch: a.model.batch,
             threads: a.model.threads,
-            kv: None,
+            kv: a.model.kv,
         },
     )?;
+    print_kv(&session);
     if let Some(s) = &a.system {
         session.set_system(s)?;
     }

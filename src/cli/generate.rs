@@ -16,16 +16,23 @@ pub struct Args {
     /// Threads (0 = all cores). Results do not depend on it.
     #[arg(short = 't', long, default_value_t = 0)]
     threads: usize,
-    /// KV cache type: f32 or f16 (default: f32 for unquantized models, f16 for quantized ones).
+    /// KV cache type: f32, f16 or q8 (default: f32 for unquantized models, f16 for quantized
+    /// ones).
     #[arg(long, value_parser = parse_kv)]
     kv: Option<KvType>,
+    /// Allow more positions than the model's max_position_embeddings.
+    #[arg(long)]
+    ctx_override: bool,
     /// Number of tokens to generate.
     #[arg(short = 'n', long, default_value_t = 16)]
     n_predict: usize,
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let model = Model::open(&a.model)?;
+    let mut model = Model::open(&a.model)?;
+    if a.ctx_override {
+        model.allow_any_context();
+    }
     let ctx = a.ids.len().saturating_add(a.n_predict);
     let mut st = State::try_with_kv(
         &model,
@@ -61,5 +68,5 @@ pub fn argmax(x: &[f32]) -> u32 {
 
 /// Parse `--kv`.
 pub fn parse_kv(s: &str) -> std::result::Result<KvType, String> {
-    KvType::parse(s).ok_or_else(|| format!("unknown KV cache type `{s}` (f32, f16)"))
+    KvType::parse(s).ok_or_else(|| format!("unknown KV cache type `{s}` (f32, f16, q8)"))
 }

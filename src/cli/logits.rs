@@ -15,9 +15,13 @@ pub struct Args {
     /// Threads (0 = all cores). Results do not depend on it.
     #[arg(short = 't', long, default_value_t = 0)]
     threads: usize,
-    /// KV cache type: f32 or f16 (default: f32 for unquantized models, f16 for quantized ones).
+    /// KV cache type: f32, f16 or q8 (default: f32 for unquantized models, f16 for quantized
+    /// ones).
     #[arg(long, value_parser = parse_kv)]
     kv: Option<KvType>,
+    /// Allow more positions than the model's max_position_embeddings.
+    #[arg(long)]
+    ctx_override: bool,
     /// Output safetensors file (tensor `logits` [T, V] f32).
     #[arg(short, long)]
     output: PathBuf,
@@ -30,7 +34,10 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let model = Model::open(&a.model)?;
+    let mut model = Model::open(&a.model)?;
+    if a.ctx_override {
+        model.allow_any_context();
+    }
     let c = &model.config;
     let (t, v, hs, nl) = (a.ids.len(), c.vocab_size, c.hidden_size, c.num_layers);
     let batch = if a.decode { 1 } else { t };
@@ -101,5 +108,5 @@ pub fn write_safetensors_f32(
 
 /// Parse `--kv`.
 pub fn parse_kv(s: &str) -> std::result::Result<KvType, String> {
-    KvType::parse(s).ok_or_else(|| format!("unknown KV cache type `{s}` (f32, f16)"))
+    KvType::parse(s).ok_or_else(|| format!("unknown KV cache type `{s}` (f32, f16, q8)"))
 }

@@ -85,6 +85,104 @@ pub struct ModelArgs {
     /// Prompt tokens per forward pass.
     #[arg(short = 'b', long = "batch-size", default_value_t = ferroq::engine::DEFAULT_BATCH)]
     pub batch: usize,
+    /// KV cache type: f32, f16 or q8 (default: f32 for unquantized models, f16 for quantized).
+    #[arg(long, value_parser = super::generate::parse_kv)]
+    pub kv: Option<ferroq::model::KvType>,
+    /// Allow a context (-c) beyond the model's max_position_embeddings.
+    #[arg(long)]
+    pub ctx_override: bool,
+    /// Memory for the model: `auto` (what is free), `off` (never page experts) or a size
+    /// (12G, 800M). MoE models larger than it page their routed experts.
+    #[arg(long, default_value = "auto", value_parser = parse_mem)]
+    pub mem: ferroq::engine::MemBudget,
+    /// Lock the resident weights in memory (the dense part when experts are paged).
+    #[arg(long)]
+    pub mlock: bool,
+    /// Print the expert cache's hits and misses and the bytes read from disk per token.
+    #[arg(long)]
+    pub verbose: bool,
+}
+
+/// Parse `--mem`.
+pub fn parse_mem(s: &str) -> std::result::Result<ferroq::engine::MemBudget, String> {
+    ferroq::engine::MemBudget::parse(s).map_err(|e| e.to_string())
+}
+
+impl ModelArgs {
+    /// Open the engine with these flags.
+    pub fn open_engine(&self) -> Result<Arc<Engine>> {
+        let opts = ferroq::engine::EngineOptions {
+            ctx_override: self.ctx_override,
+            mem: self.mem,
+            mlock: self.mlock,
+        };
+        let e = Arc::new(Engine::open_with(&self.model, &opts)?);
+        print_paging(e.model());
+        Ok(e)
+    }
+}
+
+/// The paging line at start (when experts are paged).
+pub fn print_paging(model: &ferroq::model::Model) {
+    if let Some(r) = &model.residency {
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        let (_, eb) = r.expert_bytes();
+        eprintln!(
+            "ferroq: paging {} routed experts: budget {:.0} MiB = dense part {:.0} MiB +              expert cache {:.0} MiB + margin",
+            r.n_experts_total(),
+            mib(r.budget),
+            mib(r.dense_bytes),
+            mib(eb)
+        );
+    }
+}
+
+/// Bytes this process has caused to be read from storage (`read_bytes` of /proc/self/io: page
+/// faults and readahead of the mapping included); 0 where unavailable.
+pub fn disk_read_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/io")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("read_bytes:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// `--verbose` lines: the expert cache's counters since `before`, and disk bytes per token.
+pub fn print_cache_stats(
+    model: &ferroq::model::Model,
+    before: &ferroq::model::residency::CacheStats,
+    disk_bytes: u64,
+    tokens: usize,
+) {
+    let per = |b: u64| b as f64 / tokens.max(1) as f64 / 1e6;
+    if let Some(r) = &model.residency {
+        let s = r.stats().since(before);
+        let (used, budget) = r.expert_bytes();
+        eprintln!(
+            "ferroq: expert cache: {} hits, {} misses ({:.1} % hits), {} evictions, {:.1} MB              asked per token; {:.0} of {:.0} MiB used; {:.2} s choosing and submitting reads",
+            s.hits,
+            s.misses,
+            100.0 * s.hit_rate(),
+            s.evictions,
+            per(s.bytes_requested),
+            used as f64 / (1u64 << 20) as f64,
+            budget as f64 / (1u64 << 20) as f64,
+            r.prepare_seconds()
+        );
+    }
+    eprintln!(
+        "ferroq: read from disk: {:.1} MB per token ({} tokens)",
+        per(disk_bytes),
+        tokens
+    );
+}
+
+/// The llama.cpp-style KV cache line (`llama_kv_cache_init`) of a new session, to stderr.
+pub fn print_kv(session: &Session) {
+    eprintln!("ferroq: {}", session.kv_bytes().describe(session.kv_type()));
 }
 
 #[derive(clap::Args)]
@@ -141,11 +239,6 @@ fn read_prompt(p: Option<String>) -> Result<String> {
     Ok(text)
 }
 
-/// Open the engine and tell the user about it.
-pub fn open_engine(path: &std::path::Path) -> Result<Arc<Engine>> {
-    Ok(Arc::new(Engine::open(path)?))
-}
-
 /// llama.cpp-style timing lines.
 pub fn print_timings(engine: &Engine, g: &Generation) {
     let t = &g.timings;
@@ -186,7 +279,7 @@ fn out_err(e: std::io::Error) -> Error {
 pub fn run(a: Args) -> Result<()> {
     let (sampler, seed) = a.sampling.config()?;
     let prompt = read_prompt(a.prompt)?;
-    let engine = open_engine(&a.model.model)?;
+    let engine = a.model.open_engine()?;
     let chat = a.chat || a.system.is_some();
     let ids = if chat {
         let mut msgs = Vec::new();
@@ -199,6 +292,7 @@ pub fn run(a: Args) -> Result<()> {
         engine.encode_prompt(&prompt)
     };
     let ctx = engine.context_for(a.model.ctx);
+    ferroq::model::kvmem::check_context(&engine.model().config, ctx, engine.model().ctx_limit)?;
     if ids.len() >= ctx {
         return Err(Error::Input(format!(
             "the prompt is {} tokens but the context holds {ctx} (including at least one \
@@ -211,14 +305,22 @@ pub fn run(a: Args) -> Result<()> {
         ctx: ctx.min(ids.len().saturating_add(a.n_predict.max(1))),
         batch: a.model.batch,
         threads: a.model.threads,
-        kv: None,
+        kv: a.model.kv,
     };
     let mut session = Session::new(engine.clone(), &opts)?;
+    print_kv(&session);
     let gen = GenOptions {
         max_tokens: a.n_predict,
         sampler,
         stop_strings: a.sampling.stop.clone(),
     };
+    let stats0 = engine
+        .model()
+        .residency
+        .as_ref()
+        .map(|r| r.stats())
+        .unwrap_or_default();
+    let disk0 = disk_read_bytes();
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut io_err = None;
@@ -252,6 +354,10 @@ pub fn run(a: Args) -> Result<()> {
         eprintln!("ferroq: the context ({} tokens) is full", session.ctx());
     }
     print_timings(&engine, &g);
+    if a.model.verbose {
+        let toks = g.timings.prompt_tokens + g.timings.gen_tokens;
+        print_cache_stats(engine.model(), &stats0, disk_read_bytes() - disk0, toks);
+    }
     if a.sampling.seed.is_none() && gen.sampler.temperature > 0.0 {
         eprintln!("ferroq: seed = {seed}");
     }

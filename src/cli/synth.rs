@@ -7,7 +7,8 @@ use ferroq::Result;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Shape: l4-mini (3.5 B Llama 4 MoE), smollm2-135m, l4-tiny.
+    /// Shape: l4-mini (3.5 B Llama 4 MoE, 16 experts), l4-mini-128e (128 smaller experts, same
+    /// size), smollm2-135m, l4-tiny.
     #[arg(long)]
     preset: String,
     /// Output directory (created if missing).

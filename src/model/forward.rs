@@ -218,6 +218,7 @@ impl State {
         threads: usize,
         kv: KvType,
     ) -> Result<State> {
+        super::kvmem::check_context(&model.config, max_ctx, model.ctx_limit)?;
         let pool = if threads == 1 {
             None
         } else {
@@ -780,7 +781,7 @@ impl Model {
                     shared,
                     experts,
                 } => {
-                    self.moe(st, &par, *router, shared.as_ref(), experts, n);
+                    self.moe(st, &par, li, *router, shared.as_ref(), experts, n);
                 }
             }
             ops::add_rows(&par, &mut st.h, &st.y, hs, n);
@@ -844,10 +845,12 @@ impl Model {
         ops::rmsnorm_rows(&self.kernels, par, h, Some(norm), eps, hs, n, xn);
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn moe(
         &self,
         st: &mut State,
         par: &Par,
+        li: usize,
         router: W,
         shared: Option<&[W; 3]>,
         experts: &[[W; 3]],
@@ -890,6 +893,11 @@ impl Model {
             &mut st.perm,
             &mut st.inv,
         );
+        // paged experts: drop cold ones, ask in the picked ones that are not resident; the
+        // reads run while the shared expert computes
+        if let Some(r) = &self.residency {
+            r.prepare_layer(li, &st.counts);
+        }
         // shared expert on the unscaled input, into y (or zeros)
         match shared {
             Some(w) => {

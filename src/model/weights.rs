@@ -14,6 +14,13 @@ use std::path::Path;
 #[derive(Clone, Copy, Debug)]
 pub struct W(usize);
 
+impl W {
+    /// The index of the tensor in the file's directory.
+    pub fn index(self) -> usize {
+        self.0
+    }
+}
+
 /// Weights of one decoder layer.
 #[derive(Debug)]
 pub struct LayerWeights {
@@ -54,6 +61,12 @@ pub struct Model {
     pub output: W,
     /// RoPE inverse frequencies `[head_dim / 2]`.
     pub inv_freq: Vec<f32>,
+    /// Most positions a session may hold: `max_position_embeddings`, unless raised with
+    /// [`Model::allow_any_context`] (`--ctx-override`).
+    pub ctx_limit: usize,
+    /// Expert-aware residency under a memory budget ([`Model::enable_paging`]); `None`: the
+    /// page cache decides (the model fits).
+    pub residency: Option<super::residency::Residency>,
 }
 
 impl Model {
@@ -173,6 +186,8 @@ impl Model {
                 .for_each(|f| *f = half::bf16::from_f32(*f).to_f32());
         }
         Ok(Model {
+            ctx_limit: config.max_position_embeddings,
+            residency: None,
             output_norm: get("output_norm"),
             file,
             config,
@@ -182,6 +197,12 @@ impl Model {
             output,
             inv_freq,
         })
+    }
+
+    /// Let sessions hold more positions than `max_position_embeddings` (the model was not
+    /// trained for them: RoPE extrapolates, quality drops). Call before sharing the model.
+    pub fn allow_any_context(&mut self) {
+        self.ctx_limit = usize::MAX;
     }
 
     /// A matrix view (type checked at open).

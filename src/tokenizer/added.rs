@@ -27,7 +27,7 @@ pub(crate) struct Trie {
 }
 
 impl Trie {
-    fn new<'a>(tokens: impl Iterator<Item = (usize, &'a str)>) -> Trie {
+    pub(crate) fn new<'a>(tokens: impl Iterator<Item = (usize, &'a str)>) -> Trie {
         let mut t = Trie {
             root: Box::new([NONE; 256]),
             nodes: Vec::new(),
@@ -76,7 +76,7 @@ impl Trie {
 
     /// Longest token starting at `i`: (end, token index).
     #[inline]
-    fn longest_at(&self, text: &[u8], i: usize) -> Option<(usize, usize)> {
+    pub(crate) fn longest_at(&self, text: &[u8], i: usize) -> Option<(usize, usize)> {
         let mut node = self.root[text[i] as usize];
         if node == NONE {
             return None;

@@ -29,7 +29,7 @@ pub(crate) struct Bpe {
 /// Reusable buffers so that encoding a word does not allocate.
 #[derive(Default)]
 pub(crate) struct Scratch {
-    ids: Vec<u32>,
+    pub(crate) ids: Vec<u32>,
     ranks: Vec<u32>,
     syms: Vec<Sym>,
     heap: BinaryHeap<Reverse<(u32, u32, u32)>>,
@@ -79,6 +79,17 @@ impl Bpe {
                 s.ids.push(id);
             }
         }
+        if s.ids.len() <= SCAN_MAX {
+            self.merge_scan(s);
+            out.extend_from_slice(&s.ids);
+        } else {
+            self.merge_heap(s, out);
+        }
+    }
+
+    /// Merge the symbols already in `s.ids` (SentencePiece-style models start from
+    /// characters, not bytes), appending the result to `out`.
+    pub(crate) fn merge_ids(&self, s: &mut Scratch, out: &mut Vec<u32>) {
         if s.ids.len() <= SCAN_MAX {
             self.merge_scan(s);
             out.extend_from_slice(&s.ids);

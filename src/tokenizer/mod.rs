@@ -1,11 +1,14 @@
-//! Byte-level BPE tokenizer, exact with Hugging Face `tokenizers` for GPT-2-style byte-level
-//! BPE models (Llama 3, Llama 4, SmolLM2, ...).
+//! Tokenizers exact with Hugging Face `tokenizers`: byte-level BPE (Llama 3, Llama 4, SmolLM2,
+//! ...) and SentencePiece-style BPE / Unigram (Llama 2, Mistral, TinyLlama, ...).
 //!
-//! Loads a Hugging Face `tokenizer.json` ([`Tokenizer::from_hf_json`]) or Meta's tiktoken-format
-//! Llama 4 `tokenizer.model` ([`Tokenizer::from_tiktoken`]). Encoding: added/special tokens are
+//! Loads a Hugging Face `tokenizer.json` ([`Tokenizer::from_hf_json`], either kind), Meta's
+//! tiktoken-format Llama 4 `tokenizer.model` ([`Tokenizer::from_tiktoken`]) or a SentencePiece
+//! `tokenizer.model` ([`Tokenizer::from_sentencepiece`]). Encoding: added/special tokens are
 //! cut out of the text first (as HF does), the rest is pre-tokenized with the model's regexes
-//! and byte-pair merged. Decoding concatenates the tokens' bytes; [`StreamDecoder`] does it
-//! incrementally without ever emitting half a UTF-8 character.
+//! and byte-pair merged (byte-level), or normalized (`▁` for spaces) and merged by the
+//! SentencePiece rules. Decoding concatenates the tokens' bytes (`▁` as a space, `<0xXX>` as its
+//! byte, SentencePiece's dummy-prefix space stripped); [`StreamDecoder`] does it incrementally
+//! without ever emitting half a UTF-8 character.
 
 mod added;
 mod bpe;
@@ -13,6 +16,8 @@ mod bytelevel;
 mod hash;
 mod hf;
 mod pretok;
+mod spm;
+mod spm_json;
 mod tiktoken;
 
 use std::path::Path;
@@ -34,30 +39,57 @@ pub enum TokenizerKind {
     HfJson,
     /// Meta's tiktoken-format `tokenizer.model` (Llama 4).
     Tiktoken,
+    /// A SentencePiece `tokenizer.model` (the `ModelProto` protobuf: Llama 2, Mistral, ...).
+    SentencePiece,
 }
 
 impl TokenizerKind {
-    /// Guess from a file name, then from the content (`{` starts a JSON file).
+    /// Guess from a file name, then from the content (`{` starts a JSON file; a SentencePiece
+    /// model starts with the protobuf key of its first piece, byte 0x0A, which no tiktoken file
+    /// (base64 text) does).
     pub fn detect(path: Option<&Path>, bytes: &[u8]) -> TokenizerKind {
+        let proto = bytes.first() == Some(&0x0a);
         if let Some(ext) = path.and_then(|p| p.extension()).and_then(|e| e.to_str()) {
             match ext {
                 "json" => return TokenizerKind::HfJson,
+                "model" if proto => return TokenizerKind::SentencePiece,
                 "model" | "tiktoken" => return TokenizerKind::Tiktoken,
                 _ => {}
             }
         }
         match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
             Some(b'{') => TokenizerKind::HfJson,
+            _ if proto => TokenizerKind::SentencePiece,
             _ => TokenizerKind::Tiktoken,
+        }
+    }
+
+    /// The `.fqm` metadata name (`tokenizer.kind`) and the blob holding the file.
+    pub fn fqm_name(self) -> (&'static str, &'static str) {
+        match self {
+            TokenizerKind::HfJson => ("hf_json", "blob.tokenizer.json"),
+            TokenizerKind::Tiktoken => ("tiktoken", "blob.tokenizer.model"),
+            TokenizerKind::SentencePiece => ("sentencepiece", "blob.tokenizer.model"),
         }
     }
 }
 
-/// A byte-level BPE tokenizer. Immutable after loading; `Send + Sync`.
+/// The model behind a tokenizer.
+pub(crate) enum Core {
+    /// Byte-level BPE (`tokenizer.json` with a ByteLevel pre-tokenizer, tiktoken).
+    ByteLevel { bpe: Box<Bpe>, pretok: PreTokenizer },
+    /// A SentencePiece `tokenizer.model`.
+    Spm(Box<spm::SpModel>),
+    /// A SentencePiece-style `tokenizer.json` (Metaspace / normalizers, BPE or Unigram).
+    SpmJson(Box<spm_json::SpmJson>),
+}
+
+/// A tokenizer. Immutable after loading; `Send + Sync`.
 pub struct Tokenizer {
-    bpe: Bpe,
-    pretok: PreTokenizer,
+    core: Core,
     added: AddedVocab,
+    /// Leading spaces the decoder strips (SentencePiece's dummy prefix; HF's `Strip` decoder).
+    strip_lead: usize,
     /// Token as HF writes it (byte-level alphabet; added tokens as their content).
     id_strs: Vec<Option<Box<str>>>,
     /// Raw bytes each id decodes to.
@@ -99,15 +131,15 @@ impl Parts {
 
     pub(crate) fn finish(
         self,
-        bpe: Bpe,
-        pretok: PreTokenizer,
+        core: Core,
         added: Vec<AddedToken>,
         bos: Option<u32>,
+        strip_lead: usize,
     ) -> Tokenizer {
         let mut t = Tokenizer {
-            bpe,
-            pretok,
+            core,
             added: AddedVocab::new(added),
+            strip_lead,
             id_strs: self.id_strs,
             id_bytes: self.id_bytes,
             special: self.special,
@@ -135,12 +167,21 @@ impl Tokenizer {
         tiktoken::load(bytes)
     }
 
+    /// Load a SentencePiece `tokenizer.model` (Llama 2, Mistral, TinyLlama, ...): BPE or
+    /// Unigram, identity normalization, byte fallback. Encodes as the `sentencepiece` library
+    /// does, with control pieces written in the text (`<s>`, `</s>`) cut out first, as
+    /// Hugging Face's `LlamaTokenizer` does.
+    pub fn from_sentencepiece(bytes: &[u8]) -> Result<Tokenizer> {
+        spm::load(bytes)
+    }
+
     /// Build a tokenizer from raw file bytes of a known kind. This is the hook for tokenizers
     /// stored inside other containers (e.g. a `.fqm` model file).
     pub fn from_bytes(bytes: &[u8], kind: TokenizerKind) -> Result<Tokenizer> {
         match kind {
             TokenizerKind::HfJson => Self::from_hf_json(bytes),
             TokenizerKind::Tiktoken => Self::from_tiktoken(bytes),
+            TokenizerKind::SentencePiece => Self::from_sentencepiece(bytes),
         }
     }
 
@@ -172,24 +213,46 @@ impl Tokenizer {
         }
         let mut segs = Vec::new();
         self.added.split(text, &mut segs);
-        let mut bs = Scratch::default();
-        let mut ss = SplitScratch::default();
-        let mut prefixed = String::new();
-        for seg in segs {
-            match seg {
-                Seg::Token(id) => out.push(id),
-                Seg::Text(s, e) => {
-                    let mut t = &text[s..e];
-                    if self.pretok.add_prefix_space && !t.starts_with(' ') {
-                        prefixed.clear();
-                        prefixed.push(' ');
-                        prefixed.push_str(t);
-                        t = &prefixed;
+        match &self.core {
+            Core::ByteLevel { bpe, pretok } => {
+                let mut bs = Scratch::default();
+                let mut ss = SplitScratch::default();
+                let mut prefixed = String::new();
+                for seg in segs {
+                    match seg {
+                        Seg::Token(id) => out.push(id),
+                        Seg::Text(s, e) => {
+                            let mut t = &text[s..e];
+                            if pretok.add_prefix_space && !t.starts_with(' ') {
+                                prefixed.clear();
+                                prefixed.push(' ');
+                                prefixed.push_str(t);
+                                t = &prefixed;
+                            }
+                            let bytes = t.as_bytes();
+                            pretok.for_each_piece(t, &mut ss, |a, b| {
+                                bpe.encode_piece(&bytes[a..b], out, &mut bs)
+                            });
+                        }
                     }
-                    let bytes = t.as_bytes();
-                    self.pretok.for_each_piece(t, &mut ss, |a, b| {
-                        self.bpe.encode_piece(&bytes[a..b], out, &mut bs)
-                    });
+                }
+            }
+            Core::Spm(sp) => {
+                let mut scratch = spm::SpScratch::default();
+                for seg in segs {
+                    match seg {
+                        Seg::Token(id) => out.push(id),
+                        Seg::Text(s, e) => sp.encode(&text[s..e], out, &mut scratch),
+                    }
+                }
+            }
+            Core::SpmJson(sj) => {
+                let mut scratch = spm_json::JsonScratch::default();
+                for seg in segs {
+                    match seg {
+                        Seg::Token(id) => out.push(id),
+                        Seg::Text(s, e) => sj.encode(&text[s..e], s == 0, out, &mut scratch),
+                    }
                 }
             }
         }
@@ -200,7 +263,8 @@ impl Tokenizer {
         String::from_utf8_lossy(&self.decode_bytes(ids, skip_special)).into_owned()
     }
 
-    /// Raw bytes of `ids`.
+    /// Raw bytes of `ids` (for SentencePiece models without the dummy-prefix space that
+    /// starts the text, as HF's `Strip` decoder removes it).
     pub fn decode_bytes(&self, ids: &[u32], skip_special: bool) -> Vec<u8> {
         let mut out = Vec::new();
         for &id in ids {
@@ -211,6 +275,12 @@ impl Tokenizer {
                 out.extend_from_slice(b);
             }
         }
+        let lead = out
+            .iter()
+            .take(self.strip_lead)
+            .take_while(|&&b| b == b' ')
+            .count();
+        out.drain(..lead);
         out
     }
 
@@ -256,6 +326,7 @@ impl Tokenizer {
             tok: self,
             buf: Vec::with_capacity(16),
             skip_special,
+            strip: self.strip_lead,
         }
     }
 }
@@ -267,6 +338,8 @@ pub struct StreamDecoder<'a> {
     tok: &'a Tokenizer,
     buf: Vec<u8>,
     skip_special: bool,
+    /// Leading spaces still to strip (only at the start of the stream).
+    strip: usize,
 }
 
 impl StreamDecoder<'_> {
@@ -287,7 +360,15 @@ impl StreamDecoder<'_> {
         if self.skip_special && self.tok.is_special(id) {
             return false;
         }
-        if let Some(b) = self.tok.id_to_bytes(id) {
+        if let Some(mut b) = self.tok.id_to_bytes(id) {
+            while self.strip > 0 && !b.is_empty() {
+                if b[0] == b' ' {
+                    b = &b[1..];
+                    self.strip -= 1;
+                } else {
+                    self.strip = 0;
+                }
+            }
             self.buf.extend_from_slice(b);
         }
         let before = out.len();
@@ -306,9 +387,10 @@ impl StreamDecoder<'_> {
         }
     }
 
-    /// Forget held-back bytes.
+    /// Forget held-back bytes (and start again as at the beginning of a text).
     pub fn reset(&mut self) {
         self.buf.clear();
+        self.strip = self.tok.strip_lead;
     }
 
     fn drain(&mut self, out: &mut String, last: bool) {

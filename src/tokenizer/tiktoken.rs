@@ -225,5 +225,13 @@ pub(crate) fn load(bytes: &[u8]) -> Result<Tokenizer> {
         }],
         add_prefix_space: false,
     };
-    Ok(parts.finish(bpe, pretok, added, Some(LLAMA4_BASE as u32)))
+    Ok(parts.finish(
+        super::Core::ByteLevel {
+            bpe: Box::new(bpe),
+            pretok,
+        },
+        added,
+        Some(LLAMA4_BASE as u32),
+        0,
+    ))
 }

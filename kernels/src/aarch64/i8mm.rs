@@ -38,10 +38,13 @@ impl NeonI8mm {
 }
 
 impl Tier for NeonI8mm {
-    fn get() -> Self {
-        NeonI8mm::detect().expect("i8mm kernel table used on a CPU without it")
+    unsafe fn assume() -> Self {
+        NeonI8mm(())
     }
 }
+
+// The quantized-product entries of this tier's table, compiled with its features.
+crate::driver::tier_entries!(NeonI8mm, "neon,dotprod,i8mm");
 
 /// Both 4-bit types (`Q4x8`, `Q4Lx8`): the same layout, read through the type's levels.
 impl<B: Q4Block> Tile<B> for NeonI8mm {

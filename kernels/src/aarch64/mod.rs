@@ -36,8 +36,7 @@ pub(crate) mod i8mm;
 pub(crate) mod neon;
 
 use crate::block::{BlockQ4Lx8, BlockQ4x8, BlockQ6x8, BlockQ8x8};
-use crate::driver;
-use crate::{portable, CpuLevel, Kernels};
+use crate::{finish, portable, CpuLevel, Kernels, TierTable};
 use dotprod::NeonDot;
 use i8mm::NeonI8mm;
 use neon::Neon;
@@ -46,25 +45,17 @@ use neon::Neon;
 pub(crate) const NEON: Kernels = Kernels {
     level: CpuLevel::Neon,
     quantize_q8a: neon::quantize_q8a,
-    gemm_q4x8: driver::gemm_q::<BlockQ4x8, Neon>,
-    gemm_q4lx8: driver::gemm_q::<BlockQ4Lx8, Neon>,
-    gemm_q8x8: driver::gemm_q::<BlockQ8x8, Neon>,
-    gemm_q6x8: driver::gemm_q::<BlockQ6x8, Neon>,
+    gemm_q4x8: neon::gemm_q::<BlockQ4x8>,
+    gemm_q4lx8: neon::gemm_q::<BlockQ4Lx8>,
+    gemm_q8x8: neon::gemm_q::<BlockQ8x8>,
+    gemm_q6x8: neon::gemm_q::<BlockQ6x8>,
     gemm_f32: portable::gemm_f32,
     gemm_bf16: portable::gemm_bf16,
     gemm_f16: portable::gemm_f16,
-    dot_f32: neon::dot_f32,
-    axpy_f32: neon::axpy_f32,
     rmsnorm: portable::rmsnorm,
-    softmax: portable::softmax,
-    silu_mul: portable::silu_mul,
-    gemm_q4x8_gather: driver::gather_q::<BlockQ4x8, Neon>,
-    gemm_q4lx8_gather: driver::gather_q::<BlockQ4Lx8, Neon>,
-    gemm_q8x8_gather: driver::gather_q::<BlockQ8x8, Neon>,
-    ffn_gate_up_q4x8: driver::gate_up_q::<BlockQ4x8, Neon>,
-    ffn_gate_up_q4lx8: driver::gate_up_q::<BlockQ4Lx8, Neon>,
-    ffn_gate_up_q8x8: driver::gate_up_q::<BlockQ8x8, Neon>,
-    scatter_add: neon::scatter_add,
+    ffn_gate_up_q4x8: neon::gate_up_q::<BlockQ4x8>,
+    ffn_gate_up_q4lx8: neon::gate_up_q::<BlockQ4Lx8>,
+    ffn_gate_up_q8x8: neon::gate_up_q::<BlockQ8x8>,
     topk: crate::scalar::topk,
     group_by_expert: crate::routing::group_by_expert,
     attn_scores: portable::attn_scores,
@@ -84,31 +75,55 @@ pub(crate) const NEON: Kernels = Kernels {
 /// NEON + dotprod (Cortex-A55/A76 and later, Neoverse N1, Apple M1, Graviton 2).
 pub(crate) const NEON_DOT: Kernels = Kernels {
     level: CpuLevel::NeonDot,
-    gemm_q4x8: driver::gemm_q::<BlockQ4x8, NeonDot>,
-    gemm_q4lx8: driver::gemm_q::<BlockQ4Lx8, NeonDot>,
-    gemm_q8x8: driver::gemm_q::<BlockQ8x8, NeonDot>,
-    gemm_q6x8: driver::gemm_q::<BlockQ6x8, NeonDot>,
-    gemm_q4x8_gather: driver::gather_q::<BlockQ4x8, NeonDot>,
-    gemm_q4lx8_gather: driver::gather_q::<BlockQ4Lx8, NeonDot>,
-    gemm_q8x8_gather: driver::gather_q::<BlockQ8x8, NeonDot>,
-    ffn_gate_up_q4x8: driver::gate_up_q::<BlockQ4x8, NeonDot>,
-    ffn_gate_up_q4lx8: driver::gate_up_q::<BlockQ4Lx8, NeonDot>,
-    ffn_gate_up_q8x8: driver::gate_up_q::<BlockQ8x8, NeonDot>,
+    gemm_q4x8: dotprod::gemm_q::<BlockQ4x8>,
+    gemm_q4lx8: dotprod::gemm_q::<BlockQ4Lx8>,
+    gemm_q8x8: dotprod::gemm_q::<BlockQ8x8>,
+    gemm_q6x8: dotprod::gemm_q::<BlockQ6x8>,
+    ffn_gate_up_q4x8: dotprod::gate_up_q::<BlockQ4x8>,
+    ffn_gate_up_q4lx8: dotprod::gate_up_q::<BlockQ4Lx8>,
+    ffn_gate_up_q8x8: dotprod::gate_up_q::<BlockQ8x8>,
     ..NEON
 };
 
 /// NEON + dotprod + i8mm (Cortex-A510/A710/X2, Neoverse V1/N2, Graviton 3, Apple M2).
 pub(crate) const NEON_I8MM: Kernels = Kernels {
     level: CpuLevel::NeonI8mm,
-    gemm_q4x8: driver::gemm_q::<BlockQ4x8, NeonI8mm>,
-    gemm_q4lx8: driver::gemm_q::<BlockQ4Lx8, NeonI8mm>,
-    gemm_q8x8: driver::gemm_q::<BlockQ8x8, NeonI8mm>,
-    gemm_q6x8: driver::gemm_q::<BlockQ6x8, NeonI8mm>,
-    gemm_q4x8_gather: driver::gather_q::<BlockQ4x8, NeonI8mm>,
-    gemm_q4lx8_gather: driver::gather_q::<BlockQ4Lx8, NeonI8mm>,
-    gemm_q8x8_gather: driver::gather_q::<BlockQ8x8, NeonI8mm>,
-    ffn_gate_up_q4x8: driver::gate_up_q::<BlockQ4x8, NeonI8mm>,
-    ffn_gate_up_q4lx8: driver::gate_up_q::<BlockQ4Lx8, NeonI8mm>,
-    ffn_gate_up_q8x8: driver::gate_up_q::<BlockQ8x8, NeonI8mm>,
+    gemm_q4x8: i8mm::gemm_q::<BlockQ4x8>,
+    gemm_q4lx8: i8mm::gemm_q::<BlockQ4Lx8>,
+    gemm_q8x8: i8mm::gemm_q::<BlockQ8x8>,
+    gemm_q6x8: i8mm::gemm_q::<BlockQ6x8>,
+    ffn_gate_up_q4x8: i8mm::gate_up_q::<BlockQ4x8>,
+    ffn_gate_up_q4lx8: i8mm::gate_up_q::<BlockQ4Lx8>,
+    ffn_gate_up_q8x8: i8mm::gate_up_q::<BlockQ8x8>,
     ..NEON_DOT
 };
+
+pub(crate) struct NeonT;
+impl TierTable for NeonT {
+    const K: Kernels = NEON;
+}
+
+/// The Neon table, if this CPU has the tier's features (its proof token is obtained here, once).
+pub(crate) fn neon_table() -> Option<Kernels> {
+    Neon::detect().map(|_| finish::<NeonT>())
+}
+
+pub(crate) struct NeonDotT;
+impl TierTable for NeonDotT {
+    const K: Kernels = NEON_DOT;
+}
+
+/// The NeonDot table, if this CPU has the tier's features (its proof token is obtained here, once).
+pub(crate) fn neon_dot_table() -> Option<Kernels> {
+    NeonDot::detect().map(|_| finish::<NeonDotT>())
+}
+
+pub(crate) struct NeonI8mmT;
+impl TierTable for NeonI8mmT {
+    const K: Kernels = NEON_I8MM;
+}
+
+/// The NeonI8mm table, if this CPU has the tier's features (its proof token is obtained here, once).
+pub(crate) fn neon_i8mm_table() -> Option<Kernels> {
+    NeonI8mm::detect().map(|_| finish::<NeonI8mmT>())
+}

@@ -35,10 +35,13 @@ impl Neon {
 }
 
 impl Tier for Neon {
-    fn get() -> Self {
-        Neon::detect().expect("NEON kernel table used on a CPU without NEON")
+    unsafe fn assume() -> Self {
+        Neon(())
     }
 }
+
+// The quantized-product entries of this tier's table, compiled with its features.
+crate::driver::tier_entries!(Neon, "neon");
 
 /// Both 4-bit types (`Q4x8`, `Q4Lx8`): the same layout, read through the type's levels.
 impl<B: Q4Block> Tile<B> for Neon {
@@ -223,8 +226,8 @@ unsafe fn q_tile<const NY: usize, const M: u8>(
 pub(crate) fn quantize_q8a(x: &[f32], out: &mut [BlockQ8A]) {
     assert_eq!(x.len() % QK, 0);
     assert!(out.len() >= x.len() / QK);
-    let _ = Neon::get();
-    // SAFETY: NEON checked above; lengths asserted.
+    // SAFETY: NEON proven (reachable only through the NEON tables, see `driver::Tier`);
+    // lengths asserted.
     unsafe { quantize_q8a_impl(x, out) }
 }
 
@@ -259,84 +262,4 @@ unsafe fn quantize_q8a_impl(x: &[f32], out: &mut [BlockQ8A]) {
         ob.d = d;
         ob.sum8 = 8 * vaddvq_s32(s);
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// dot / axpy (attention): 4 × 4 lanes with vfmaq; axpy multiply-then-add (bit-identical).
-// ---------------------------------------------------------------------------------------------
-
-pub(crate) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-    let _ = Neon::get();
-    // SAFETY: NEON checked above.
-    unsafe { dot_impl(a, b) }
-}
-
-/// # Safety
-/// NEON available.
-#[target_feature(enable = "neon")]
-unsafe fn dot_impl(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let (pa, pb) = (a.as_ptr(), b.as_ptr());
-    let mut acc = [vdupq_n_f32(0.0); 4];
-    let mut i = 0;
-    while i + 16 <= n {
-        for (u, ac) in acc.iter_mut().enumerate() {
-            *ac = vfmaq_f32(
-                *ac,
-                vld1q_f32(pa.add(i + 4 * u)),
-                vld1q_f32(pb.add(i + 4 * u)),
-            );
-        }
-        i += 16;
-    }
-    while i + 4 <= n {
-        acc[0] = vfmaq_f32(acc[0], vld1q_f32(pa.add(i)), vld1q_f32(pb.add(i)));
-        i += 4;
-    }
-    let mut s = vaddvq_f32(vaddq_f32(
-        vaddq_f32(acc[0], acc[1]),
-        vaddq_f32(acc[2], acc[3]),
-    ));
-    for j in i..n {
-        s += a[j] * b[j];
-    }
-    s
-}
-
-pub(crate) fn axpy_f32(a: f32, x: &[f32], y: &mut [f32]) {
-    let _ = Neon::get();
-    // SAFETY: NEON checked above.
-    unsafe { axpy_impl(a, x, y) }
-}
-
-/// # Safety
-/// NEON available.
-#[target_feature(enable = "neon")]
-unsafe fn axpy_impl(a: f32, x: &[f32], y: &mut [f32]) {
-    let n = x.len().min(y.len());
-    let va = vdupq_n_f32(a);
-    let mut i = 0;
-    while i + 4 <= n {
-        let py = y.as_mut_ptr().add(i);
-        vst1q_f32(
-            py,
-            vaddq_f32(vld1q_f32(py), vmulq_f32(va, vld1q_f32(x.as_ptr().add(i)))),
-        );
-        i += 4;
-    }
-    for j in i..n {
-        y[j] += a * x[j];
-    }
-}
-
-pub(crate) fn scatter_add(
-    src: &[f32],
-    ld_src: usize,
-    n: usize,
-    rows: &[u32],
-    weights: &[f32],
-    dst: &mut [f32],
-    ld_dst: usize,
-) {
-    crate::driver::scatter_add_with(axpy_f32, src, ld_src, n, rows, weights, dst, ld_dst);
 }

@@ -72,10 +72,13 @@ impl Avx2 {
 }
 
 impl Tier for Avx2 {
-    fn get() -> Self {
-        Avx2::detect().expect("AVX2 kernel table used on a CPU without AVX2+FMA+F16C")
+    unsafe fn assume() -> Self {
+        Avx2(())
     }
 }
+
+// The quantized-product entries of this tier's table, compiled with its features.
+crate::driver::tier_entries!(Avx2, "avx2,fma,f16c");
 
 /// The `Tile` impl of one block type from its kernels: `$tile` (`NY` tokens) and `$tile1x2`
 /// (two groups, one token); SiLU through the vector polynomial of `silu_mul_rows`.
@@ -597,8 +600,8 @@ unsafe fn q6_tile1x2(
 pub(crate) fn quantize_q8a(x: &[f32], out: &mut [BlockQ8A]) {
     assert_eq!(x.len() % QK, 0);
     assert!(out.len() >= x.len() / QK);
-    let _ = Avx2::get();
-    // SAFETY: features checked by Avx2::get; lengths checked above.
+    // SAFETY: AVX2 proven (only the AVX2 table reaches this, `driver::Tier`);
+    // lengths checked above.
     unsafe { quantize_q8a_impl(x, out) }
 }
 
@@ -681,53 +684,6 @@ unsafe fn dot_with(n: usize, load: impl Fn(usize) -> __m256, b: *const f32) -> _
     _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]))
 }
 
-pub(crate) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-    let _ = Avx2::get();
-    // SAFETY: features checked above.
-    unsafe { dot_f32_impl(a, b) }
-}
-
-/// # Safety
-/// AVX2 + FMA available.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_f32_impl(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let pa = a.as_ptr();
-    let v = dot_with(n, |i| _mm256_loadu_ps(pa.add(i)), b.as_ptr());
-    let mut s = hsum(v);
-    for j in (n - n % 8)..n {
-        s += a[j] * b[j];
-    }
-    s
-}
-
-pub(crate) fn axpy_f32(a: f32, x: &[f32], y: &mut [f32]) {
-    let _ = Avx2::get();
-    // SAFETY: features checked above.
-    unsafe { axpy_impl(a, x, y) }
-}
-
-/// # Safety
-/// AVX2 available.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn axpy_impl(a: f32, x: &[f32], y: &mut [f32]) {
-    let n = x.len().min(y.len());
-    let va = _mm256_set1_ps(a);
-    let mut i = 0;
-    while i + 8 <= n {
-        let py = y.as_mut_ptr().add(i);
-        let r = _mm256_add_ps(
-            _mm256_loadu_ps(py),
-            _mm256_mul_ps(va, _mm256_loadu_ps(x.as_ptr().add(i))),
-        );
-        _mm256_storeu_ps(py, r);
-        i += 8;
-    }
-    for j in i..n {
-        y[j] += a * x[j];
-    }
-}
-
 /// Which 16-bit float the weights hold.
 #[derive(Clone, Copy, PartialEq)]
 enum H16 {
@@ -747,7 +703,6 @@ fn gemm_w(
     y: &mut [f32],
     ld_y: usize,
 ) {
-    let _ = Avx2::get();
     match kind {
         None => assert!(w32.len() >= n_rows * k),
         Some(_) => assert!(w16.len() >= n_rows * k),
@@ -756,7 +711,7 @@ fn gemm_w(
     if n_tok > 0 {
         assert!(y.len() >= (n_tok - 1) * ld_y + n_rows);
     }
-    // SAFETY: features checked above; lengths asserted.
+    // SAFETY: AVX2 proven (only the AVX2 table reaches this, `driver::Tier`); lengths asserted.
     unsafe { gemm_w_impl(kind, w32, w16, n_rows, k, x, n_tok, y, ld_y) }
 }
 
@@ -858,18 +813,6 @@ pub(crate) fn gemm_f16(
     gemm_w(Some(H16::F16), &[], w, n_rows, k, x, n_tok, y, ld_y);
 }
 
-pub(crate) fn scatter_add(
-    src: &[f32],
-    ld_src: usize,
-    n: usize,
-    rows: &[u32],
-    weights: &[f32],
-    dst: &mut [f32],
-    ld_dst: usize,
-) {
-    crate::driver::scatter_add_with(axpy_f32, src, ld_src, n, rows, weights, dst, ld_dst);
-}
-
 // ---------------------------------------------------------------------------------------------
 // Attention: scores of one query against 4 keys at a time (4 FMA chains, one `vhaddps`
 // transpose-reduce for the 4 sums), and the value sum with the output row held in registers
@@ -940,12 +883,12 @@ pub(crate) fn attn_scores(q: &[f32], k: &[f32], ld_k: usize, scale: f32, s: &mut
 }
 
 fn attn_scores_t<E: Kv>(q: &[f32], k: &[E], ld_k: usize, scale: f32, s: &mut [f32]) {
-    let _ = Avx2::get();
     let d = q.len();
     if let Some(n) = s.len().checked_sub(1) {
         assert!(k.len() >= n * ld_k + d, "attn_scores: keys too short");
     }
-    // SAFETY: features checked above; key row j < s.len() spans k[j * ld_k .. j * ld_k + d],
+    // SAFETY: AVX2 proven (only the AVX2 table reaches this, `driver::Tier`);
+    // key row j < s.len() spans k[j * ld_k .. j * ld_k + d],
     // inside `k` by the assertion.
     unsafe { attn_scores_impl(q, k, ld_k, scale, s) }
 }
@@ -1008,12 +951,12 @@ pub(crate) fn attn_values(p: &[f32], v: &[f32], ld_v: usize, o: &mut [f32]) {
 }
 
 fn attn_values_t<E: Kv>(p: &[f32], v: &[E], ld_v: usize, o: &mut [f32]) {
-    let _ = Avx2::get();
     let d = o.len();
     if let Some(n) = p.len().checked_sub(1) {
         assert!(v.len() >= n * ld_v + d, "attn_values: values too short");
     }
-    // SAFETY: features checked above; value row j < p.len() spans v[j * ld_v .. j * ld_v + d],
+    // SAFETY: AVX2 proven (only the AVX2 table reaches this, `driver::Tier`);
+    // value row j < p.len() spans v[j * ld_v .. j * ld_v + d],
     // inside `v` by the assertion.
     unsafe { attn_values_impl(p, v, ld_v, o) }
 }
@@ -1066,14 +1009,14 @@ unsafe fn attn_values_impl<E: Kv>(p: &[f32], v: &[E], ld_v: usize, o: &mut [f32]
 // ---------------------------------------------------------------------------------------------
 
 pub(crate) fn attn_scores_kt(q: &[f32], kt: &[f32], d: usize, n: usize, scale: f32, s: &mut [f32]) {
-    let _ = Avx2::get();
     if d == 0 || n == 0 {
         return crate::scalar::attn_scores_kt(q, kt, d, n, scale, s);
     }
     let rows = q.len() / d;
     assert!(kt.len() >= d * n, "attn_scores_kt: keys too short");
     assert!(s.len() >= rows * n, "attn_scores_kt: scores too short");
-    // SAFETY: features checked above; rows read q[..rows * d], keys kt[..d * n], scores are
+    // SAFETY: AVX2 proven (only the AVX2 table reaches this, `driver::Tier`);
+    // rows read q[..rows * d], keys kt[..d * n], scores are
     // written in s[..rows * n], all inside the slices by the assertions.
     unsafe { attn_scores_kt_impl(q.as_ptr(), rows, kt.as_ptr(), d, n, scale, s.as_mut_ptr()) }
 }
@@ -1163,7 +1106,6 @@ pub(crate) fn attn_values_rows(
     d: usize,
     o: &mut [f32],
 ) {
-    let _ = Avx2::get();
     if d == 0 || n == 0 {
         return;
     }
@@ -1173,7 +1115,8 @@ pub(crate) fn attn_values_rows(
         v.len() >= (n - 1) * ld_v + d,
         "attn_values_rows: values too short"
     );
-    // SAFETY: features checked above; row r reads p[r * n..][..n] and writes o[r * d..][..d],
+    // SAFETY: AVX2 proven (only the AVX2 table reaches this, `driver::Tier`);
+    // row r reads p[r * n..][..n] and writes o[r * d..][..d],
     // value row j < n spans v[j * ld_v..][..d]: inside the slices by the assertions.
     unsafe { attn_values_rows_impl(p.as_ptr(), n, v.as_ptr(), ld_v, d, o.as_mut_ptr(), rows) }
 }
@@ -1272,13 +1215,13 @@ pub(crate) fn kv_transpose_f16(k: &[u16], ld: usize, d: usize, n: usize, kt: &mu
 }
 
 fn kv_transpose_t<E: Kv>(k: &[E], ld: usize, d: usize, n: usize, kt: &mut [f32]) {
-    let _ = Avx2::get();
     if d == 0 || n == 0 {
         return;
     }
     assert!(k.len() >= (n - 1) * ld + d, "kv_transpose: keys too short");
     assert!(kt.len() >= d * n, "kv_transpose: output too short");
-    // SAFETY: features checked above; key row j < n spans k[j * ld..][..d], the output
+    // SAFETY: AVX2 proven (only the AVX2 table reaches this, `driver::Tier`);
+    // key row j < n spans k[j * ld..][..d], the output
     // kt[..d * n]: inside the slices by the assertions.
     unsafe { kv_transpose_impl(k.as_ptr(), ld, d, n, kt.as_mut_ptr()) }
 }
@@ -1342,13 +1285,13 @@ unsafe fn kv_transpose_impl<E: Kv>(k: *const E, ld: usize, d: usize, n: usize, k
 }
 
 pub(crate) fn kv_rows_f16(v: &[u16], ld: usize, d: usize, n: usize, vf: &mut [f32]) {
-    let _ = Avx2::get();
     if d == 0 || n == 0 {
         return;
     }
     assert!(v.len() >= (n - 1) * ld + d, "kv_rows_f16: values too short");
     assert!(vf.len() >= d * n, "kv_rows_f16: output too short");
-    // SAFETY: features checked above; bounds by the assertions.
+    // SAFETY: AVX2 proven (only the AVX2 table reaches this, `driver::Tier`);
+    // bounds by the assertions.
     unsafe { kv_rows_f16_impl(v.as_ptr(), ld, d, n, vf.as_mut_ptr()) }
 }
 
@@ -1371,8 +1314,7 @@ unsafe fn kv_rows_f16_impl(v: *const u16, ld: usize, d: usize, n: usize, vf: *mu
 }
 
 pub(crate) fn softmax_tile(s: &mut [f32], m_old: f32) -> (f32, f32) {
-    let _ = Avx2::get();
-    // SAFETY: features checked above.
+    // SAFETY: AVX2 proven (only the AVX2 table reaches this, `driver::Tier`).
     unsafe { softmax_tile_impl(s, m_old) }
 }
 
@@ -1417,7 +1359,10 @@ unsafe fn exp8(x: __m256) -> __m256 {
 /// # Safety
 /// AVX2 + FMA available.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn silu_mul_rows<const NY: usize>(g: &mut [[f32; ROWS]; NY], u: &[[f32; ROWS]; NY]) {
+pub(crate) unsafe fn silu_mul_rows<const NY: usize>(
+    g: &mut [[f32; ROWS]; NY],
+    u: &[[f32; ROWS]; NY],
+) {
     let one = _mm256_set1_ps(1.0);
     let neg = _mm256_set1_ps(-0.0);
     for (o, u) in g.iter_mut().zip(u) {

@@ -41,10 +41,16 @@ impl Avx512Vnni {
 }
 
 impl Tier for Avx512Vnni {
-    fn get() -> Self {
-        Avx512Vnni::detect().expect("AVX-512 VNNI kernel table used on a CPU without it")
+    unsafe fn assume() -> Self {
+        Avx512Vnni(())
     }
 }
+
+// The quantized-product entries of this tier's table, compiled with its features.
+crate::driver::tier_entries!(
+    Avx512Vnni,
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
+);
 
 /// Both 4-bit types (`Q4x8`, `Q4Lx8`): the same layout, read through the type's levels.
 impl<B: Q4Block> Tile<B> for Avx512Vnni {
@@ -54,6 +60,12 @@ impl<B: Q4Block> Tile<B> for Avx512Vnni {
         assert!(x.iter().all(|xt| xt.len() >= w.len()));
         // SAFETY: `self` proves the features (Avx512Vnni::detect); x[t] hold w.len() blocks.
         unsafe { q4_tile::<B, NY>(w, x, out) }
+    }
+
+    #[inline(always)]
+    fn silu_mul<const NY: usize>(self, g: &mut [[f32; ROWS]; NY], u: &[[f32; ROWS]; NY]) {
+        // SAFETY: `self` proves AVX2 + FMA (a subset of this tier's features).
+        unsafe { super::avx2::silu_mul_rows::<NY>(g, u) }
     }
 }
 
@@ -73,6 +85,12 @@ macro_rules! vnni_tile {
                 // SAFETY: `self` proves the features (Avx512Vnni::detect); every x[t] holds
                 // w.len() blocks.
                 unsafe { $tile::<NY>(w, x, out) }
+            }
+
+            #[inline(always)]
+            fn silu_mul<const NY: usize>(self, g: &mut [[f32; ROWS]; NY], u: &[[f32; ROWS]; NY]) {
+                // SAFETY: `self` proves AVX2 + FMA (a subset of this tier's features).
+                unsafe { super::avx2::silu_mul_rows::<NY>(g, u) }
             }
         }
     };

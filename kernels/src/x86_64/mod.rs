@@ -5,8 +5,7 @@ pub(crate) mod avx2;
 pub(crate) mod avx512;
 
 use crate::block::{BlockQ4Lx8, BlockQ4x8, BlockQ6x8, BlockQ8x8};
-use crate::driver;
-use crate::{portable, CpuLevel, Kernels};
+use crate::{finish, portable, CpuLevel, Kernels, TierTable};
 use avx2::Avx2;
 use avx512::Avx512Vnni;
 
@@ -14,25 +13,17 @@ use avx512::Avx512Vnni;
 pub(crate) const AVX2: Kernels = Kernels {
     level: CpuLevel::Avx2,
     quantize_q8a: avx2::quantize_q8a,
-    gemm_q4x8: driver::gemm_q::<BlockQ4x8, Avx2>,
-    gemm_q4lx8: driver::gemm_q::<BlockQ4Lx8, Avx2>,
-    gemm_q8x8: driver::gemm_q::<BlockQ8x8, Avx2>,
-    gemm_q6x8: driver::gemm_q::<BlockQ6x8, Avx2>,
+    gemm_q4x8: avx2::gemm_q::<BlockQ4x8>,
+    gemm_q4lx8: avx2::gemm_q::<BlockQ4Lx8>,
+    gemm_q8x8: avx2::gemm_q::<BlockQ8x8>,
+    gemm_q6x8: avx2::gemm_q::<BlockQ6x8>,
     gemm_f32: avx2::gemm_f32,
     gemm_bf16: avx2::gemm_bf16,
     gemm_f16: avx2::gemm_f16,
-    dot_f32: avx2::dot_f32,
-    axpy_f32: avx2::axpy_f32,
     rmsnorm: portable::rmsnorm,
-    softmax: portable::softmax,
-    silu_mul: portable::silu_mul,
-    gemm_q4x8_gather: driver::gather_q::<BlockQ4x8, Avx2>,
-    gemm_q4lx8_gather: driver::gather_q::<BlockQ4Lx8, Avx2>,
-    gemm_q8x8_gather: driver::gather_q::<BlockQ8x8, Avx2>,
-    ffn_gate_up_q4x8: driver::gate_up_q::<BlockQ4x8, Avx2>,
-    ffn_gate_up_q4lx8: driver::gate_up_q::<BlockQ4Lx8, Avx2>,
-    ffn_gate_up_q8x8: driver::gate_up_q::<BlockQ8x8, Avx2>,
-    scatter_add: avx2::scatter_add,
+    ffn_gate_up_q4x8: avx2::gate_up_q::<BlockQ4x8>,
+    ffn_gate_up_q4lx8: avx2::gate_up_q::<BlockQ4Lx8>,
+    ffn_gate_up_q8x8: avx2::gate_up_q::<BlockQ8x8>,
     topk: crate::scalar::topk,
     group_by_expert: crate::routing::group_by_expert,
     attn_scores: avx2::attn_scores,
@@ -52,15 +43,32 @@ pub(crate) const AVX2: Kernels = Kernels {
 /// AVX-512 F/BW/VL + VNNI (Cascade Lake, Ice Lake, Sapphire Rapids, Zen 4 and later).
 pub(crate) const AVX512VNNI: Kernels = Kernels {
     level: CpuLevel::Avx512Vnni,
-    gemm_q4x8: driver::gemm_q::<BlockQ4x8, Avx512Vnni>,
-    gemm_q4lx8: driver::gemm_q::<BlockQ4Lx8, Avx512Vnni>,
-    gemm_q8x8: driver::gemm_q::<BlockQ8x8, Avx512Vnni>,
-    gemm_q6x8: driver::gemm_q::<BlockQ6x8, Avx512Vnni>,
-    gemm_q4x8_gather: driver::gather_q::<BlockQ4x8, Avx512Vnni>,
-    gemm_q4lx8_gather: driver::gather_q::<BlockQ4Lx8, Avx512Vnni>,
-    gemm_q8x8_gather: driver::gather_q::<BlockQ8x8, Avx512Vnni>,
-    ffn_gate_up_q4x8: driver::gate_up_q::<BlockQ4x8, Avx512Vnni>,
-    ffn_gate_up_q4lx8: driver::gate_up_q::<BlockQ4Lx8, Avx512Vnni>,
-    ffn_gate_up_q8x8: driver::gate_up_q::<BlockQ8x8, Avx512Vnni>,
+    gemm_q4x8: avx512::gemm_q::<BlockQ4x8>,
+    gemm_q4lx8: avx512::gemm_q::<BlockQ4Lx8>,
+    gemm_q8x8: avx512::gemm_q::<BlockQ8x8>,
+    gemm_q6x8: avx512::gemm_q::<BlockQ6x8>,
+    ffn_gate_up_q4x8: avx512::gate_up_q::<BlockQ4x8>,
+    ffn_gate_up_q4lx8: avx512::gate_up_q::<BlockQ4Lx8>,
+    ffn_gate_up_q8x8: avx512::gate_up_q::<BlockQ8x8>,
     ..AVX2
 };
+
+pub(crate) struct Avx2T;
+impl TierTable for Avx2T {
+    const K: Kernels = AVX2;
+}
+
+/// The Avx2 table, if this CPU has the tier's features (its proof token is obtained here, once).
+pub(crate) fn avx2_table() -> Option<Kernels> {
+    Avx2::detect().map(|_| finish::<Avx2T>())
+}
+
+pub(crate) struct Avx512T;
+impl TierTable for Avx512T {
+    const K: Kernels = AVX512VNNI;
+}
+
+/// The Avx512Vnni table, if this CPU has the tier's features (its proof token is obtained here, once).
+pub(crate) fn avx512vnni_table() -> Option<Kernels> {
+    Avx512Vnni::detect().map(|_| finish::<Avx512T>())
+}

@@ -1,0 +1,817 @@
+//! Expert-aware residency: running a mixture-of-experts model whose file is larger than the
+//! memory it may use.
+//!
+//! The mapped file is split into the **dense part** (attention, norms, routers, shared experts,
+//! output table: read for every token) and the **routed experts** (each starts on its own page
+//! in `.fqm`, SPEC.md). Under a memory budget:
+//!
+//! - the dense part is asked in (`madvise(WILLNEED)`) at open and optionally locked (`mlock`);
+//! - right after a layer's router picks, the picked experts that are not resident are asked in
+//!   with `madvise(WILLNEED)` (the kernel submits the reads at once, in large requests, and the
+//!   shared expert's product runs while they are in flight), one request per expert and batch:
+//!   a prefill batch loads each expert it needs once;
+//! - an [`ExpertCache`] keeps the experts under the budget, replacing the one with the lowest
+//!   frequency score (per-expert use counts decayed with a half-life, so frequency and recency
+//!   both count) with `madvise(DONTNEED)` + `posix_fadvise(DONTNEED)`, which drops its pages
+//!   from the page cache: the kernel never has to choose, so it never evicts the dense part.
+//!
+//! Without a budget (the model fits) nothing here runs: the mapping behaves as before.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use crate::{Error, Result};
+
+/// Bytes of a page (the `.fqm` expert alignment).
+pub const PAGE: usize = 4096;
+
+/// Counters of the expert cache since the model was opened (or [`Residency::reset_stats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Expert uses whose expert was resident (counted once per expert and forward call).
+    pub hits: u64,
+    /// Expert uses that had to be read from the file.
+    pub misses: u64,
+    /// Experts dropped to stay under the budget.
+    pub evictions: u64,
+    /// Bytes asked from the file for missing experts.
+    pub bytes_requested: u64,
+}
+
+impl CacheStats {
+    /// Share of expert uses that were hits (0 when there were none).
+    pub fn hit_rate(&self) -> f64 {
+        let n = self.hits + self.misses;
+        if n == 0 {
+            0.0
+        } else {
+            self.hits as f64 / n as f64
+        }
+    }
+
+    /// The counters accumulated since `before`.
+    pub fn since(&self, before: &CacheStats) -> CacheStats {
+        CacheStats {
+            hits: self.hits - before.hits,
+            misses: self.misses - before.misses,
+            evictions: self.evictions - before.evictions,
+            bytes_requested: self.bytes_requested - before.bytes_requested,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    bytes: u64,
+    resident: bool,
+    /// Decayed use count at tick `last`.
+    freq: f64,
+    last: u64,
+}
+
+/// The replacement policy (no I/O): which experts to load and which to drop so that the
+/// resident experts stay within `budget` bytes. Experts are numbered `layer * n_experts + e`
+/// (`layer` counts MoE layers). The score of an expert is its use count decayed by half every
+/// `half_life` ticks (one tick per [`ExpertCache::access`], i.e. per MoE layer and forward
+/// call); the resident expert with the lowest score goes first; the experts of the current
+/// access are never dropped.
+#[derive(Clone, Debug)]
+pub struct ExpertCache {
+    slots: Vec<Slot>,
+    n_experts: usize,
+    budget: u64,
+    used: u64,
+    tick: u64,
+    half_life: f64,
+    stats: CacheStats,
+}
+
+impl ExpertCache {
+    /// A cache of experts of the given sizes (bytes; `layers × n_experts` of them), nothing
+    /// resident yet.
+    pub fn new(sizes: &[u64], n_experts: usize, budget: u64, half_life: u64) -> ExpertCache {
+        ExpertCache {
+            slots: sizes
+                .iter()
+                .map(|&bytes| Slot {
+                    bytes,
+                    resident: false,
+                    freq: 0.0,
+                    last: 0,
+                })
+                .collect(),
+            n_experts: n_experts.max(1),
+            budget,
+            used: 0,
+            tick: 0,
+            half_life: half_life.max(1) as f64,
+            stats: CacheStats::default(),
+        }
+    }
+
+    fn score(&self, s: &Slot) -> f64 {
+        s.freq * (-((self.tick - s.last) as f64) / self.half_life).exp2()
+    }
+
+    /// Bytes of the resident experts.
+    pub fn used(&self) -> u64 {
+        self.used
+    }
+
+    pub fn budget(&self) -> u64 {
+        self.budget
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        self.stats
+    }
+
+    /// Whether expert `e` of MoE layer `layer` is resident.
+    pub fn is_resident(&self, layer: usize, e: usize) -> bool {
+        self.slots
+            .get(layer * self.n_experts + e)
+            .is_some_and(|s| s.resident)
+    }
+
+    /// Mark an expert resident without counting a use (the experts present at start).
+    pub fn preload(&mut self, layer: usize, e: usize) -> bool {
+        let id = layer * self.n_experts + e;
+        match self.slots.get_mut(id) {
+            Some(s) if !s.resident && self.used + s.bytes <= self.budget => {
+                s.resident = true;
+                self.used += s.bytes;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// MoE layer `layer` runs the experts `picked` (each once; ids out of range are ignored):
+    /// count the uses, push the ids (`layer * n_experts + e`) that must be read into `load` and
+    /// those to drop into `evict` (both cleared first).
+    pub fn access(
+        &mut self,
+        layer: usize,
+        picked: &[usize],
+        load: &mut Vec<usize>,
+        evict: &mut Vec<usize>,
+    ) {
+        load.clear();
+        evict.clear();
+        self.tick += 1;
+        let base = layer * self.n_experts;
+        for &e in picked {
+            if e >= self.n_experts || base + e >= self.slots.len() {
+                continue;
+            }
+            let id = base + e;
+            let cur = self.score(&self.slots[id]);
+            let s = &mut self.slots[id];
+            s.freq = cur + 1.0;
+            s.last = self.tick;
+            if s.resident {
+                self.stats.hits += 1;
+            } else {
+                s.resident = true;
+                self.used += s.bytes;
+                self.stats.misses += 1;
+                self.stats.bytes_requested += s.bytes;
+                load.push(id);
+            }
+        }
+        // drop the coldest resident experts (not the ones of this access) while over budget
+        while self.used > self.budget {
+            let mut victim: Option<(usize, f64)> = None;
+            for (id, s) in self.slots.iter().enumerate() {
+                if !s.resident || s.last == self.tick {
+                    continue;
+                }
+                let sc = self.score(s);
+                if victim.is_none_or(|(_, b)| sc < b) {
+                    victim = Some((id, sc));
+                }
+            }
+            let Some((id, _)) = victim else { break };
+            let s = &mut self.slots[id];
+            s.resident = false;
+            self.used -= s.bytes;
+            self.stats.evictions += 1;
+            evict.push(id);
+        }
+    }
+}
+
+/// A page-aligned byte range of the mapped file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Range {
+    pub offset: usize,
+    pub len: usize,
+}
+
+impl Range {
+    /// The pages covering `offset .. offset + len`.
+    pub fn pages(offset: usize, len: usize) -> Range {
+        let start = offset / PAGE * PAGE;
+        let end = (offset + len).div_ceil(PAGE) * PAGE;
+        Range {
+            offset: start,
+            len: end - start,
+        }
+    }
+}
+
+/// What [`Residency`] does with the mapping.
+pub trait Pager: Send + Sync {
+    /// Ask the pages of `r` in, without waiting (`madvise(WILLNEED)`).
+    fn will_need(&self, r: Range);
+    /// Drop the pages of `r` from this process and the page cache.
+    fn drop_pages(&self, r: Range);
+}
+
+/// Experts under a memory budget: the policy behind a lock, the experts' file ranges, and the
+/// pager that applies the policy's decisions.
+pub struct Residency {
+    cache: Mutex<Plan>,
+    ranges: Vec<Range>,
+    n_experts: usize,
+    pager: Box<dyn Pager>,
+    /// Bytes of the dense part (everything but the routed experts and the embedding table).
+    pub dense_bytes: u64,
+    /// Memory budget in bytes (dense part + experts + margin).
+    pub budget: u64,
+    /// Nanoseconds spent in [`Residency::prepare`] (policy and I/O submission).
+    prepare_ns: AtomicU64,
+    /// Per decoder layer: its MoE layer number (`usize::MAX` for dense layers).
+    pub slot_of: Vec<usize>,
+}
+
+struct Plan {
+    cache: ExpertCache,
+    load: Vec<usize>,
+    evict: Vec<usize>,
+    picked: Vec<usize>,
+}
+
+impl std::fmt::Debug for Residency {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Residency")
+            .field("experts", &self.ranges.len())
+            .field("budget", &self.budget)
+            .field("dense_bytes", &self.dense_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Residency {
+    /// `ranges`: each expert's pages (`layers × n_experts`, MoE layers in order); the experts
+    /// get `expert_budget` bytes.
+    pub fn new(
+        ranges: Vec<Range>,
+        n_experts: usize,
+        expert_budget: u64,
+        dense_bytes: u64,
+        budget: u64,
+        pager: Box<dyn Pager>,
+    ) -> Residency {
+        let sizes: Vec<u64> = ranges.iter().map(|r| r.len as u64).collect();
+        let layers = ranges.len() / n_experts.max(1);
+        // frequencies halve after about 16 tokens' worth of accesses
+        let cache = ExpertCache::new(&sizes, n_experts, expert_budget, 16 * layers.max(1) as u64);
+        Residency {
+            cache: Mutex::new(Plan {
+                cache,
+                load: Vec::with_capacity(n_experts),
+                evict: Vec::with_capacity(ranges.len()),
+                picked: Vec::with_capacity(n_experts),
+            }),
+            ranges,
+            n_experts,
+            pager,
+            dense_bytes,
+            budget,
+            prepare_ns: AtomicU64::new(0),
+            slot_of: Vec::new(),
+        }
+    }
+
+    /// MoE layer `layer` is about to run the experts with `counts[e] > 0`: drop what the
+    /// policy evicts, then ask in the picked experts that are not resident.
+    pub fn prepare(&self, layer: usize, counts: &[u32]) {
+        let t0 = std::time::Instant::now();
+        let mut p = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let Plan {
+            cache,
+            load,
+            evict,
+            picked,
+        } = &mut *p;
+        picked.clear();
+        picked.extend(
+            counts
+                .iter()
+                .take(self.n_experts)
+                .enumerate()
+                .filter(|(_, &c)| c > 0)
+                .map(|(e, _)| e),
+        );
+        cache.access(layer, picked, load, evict);
+        for &id in evict.iter() {
+            self.pager.drop_pages(self.ranges[id]);
+        }
+        for &id in load.iter() {
+            self.pager.will_need(self.ranges[id]);
+        }
+        drop(p);
+        self.prepare_ns
+            .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// [`Residency::prepare`] for decoder layer `li` (nothing for a dense layer).
+    pub fn prepare_layer(&self, li: usize, counts: &[u32]) {
+        if let Some(&slot) = self.slot_of.get(li).filter(|&&s| s != usize::MAX) {
+            self.prepare(slot, counts);
+        }
+    }
+
+    /// Hits, misses, evictions and bytes asked for since open.
+    pub fn stats(&self) -> CacheStats {
+        self.cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .cache
+            .stats()
+    }
+
+    /// Seconds spent choosing and submitting reads.
+    pub fn prepare_seconds(&self) -> f64 {
+        self.prepare_ns.load(Ordering::Relaxed) as f64 / 1e9
+    }
+
+    /// Bytes of resident experts and the experts' budget.
+    pub fn expert_bytes(&self) -> (u64, u64) {
+        let p = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        (p.cache.used(), p.cache.budget())
+    }
+
+    /// Number of routed experts (all MoE layers).
+    pub fn n_experts_total(&self) -> usize {
+        self.ranges.len()
+    }
+
+    /// Bytes of all routed experts (their pages).
+    pub fn total_expert_bytes(&self) -> u64 {
+        self.ranges.iter().map(|r| r.len as u64).sum()
+    }
+}
+
+/// Parse a memory size: `12G`, `800M`, `1.5GiB`, `3000000000` (bytes). `K/M/G/T` and
+/// `KiB/MiB/GiB/TiB` are powers of 1024 (memory, as `free` and llama.cpp count it), `KB/MB/GB`
+/// powers of 1000.
+pub fn parse_mem(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let v: f64 = num
+        .parse()
+        .map_err(|_| Error::config("mem", format!("`{s}` is not a size like 12G or 800M")))?;
+    let mult: f64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1.0,
+        "K" | "KIB" => 1024.0,
+        "M" | "MIB" => 1024.0 * 1024.0,
+        "G" | "GIB" => 1024.0 * 1024.0 * 1024.0,
+        "T" | "TIB" => 1024.0f64.powi(4),
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "TB" => 1e12,
+        u => {
+            return Err(Error::config(
+                "mem",
+                format!("unknown unit `{u}` in `{s}` (K, M, G, T, KB, MB, GB, TB)"),
+            ))
+        }
+    };
+    let b = v * mult;
+    if !(0.0..=1e18).contains(&b) {
+        return Err(Error::config("mem", format!("`{s}` is out of range")));
+    }
+    Ok(b as u64)
+}
+
+/// Memory this process may use: the smallest of `MemAvailable` plus this file's pages already
+/// in the page cache (`cached`, they count as used but are ours to keep) and the limit of the
+/// memory cgroup the process runs in (v1 `memory.limit_in_bytes` or v2 `memory.max`).
+/// `None` where neither can be read.
+pub fn available_memory(cached: u64) -> Option<u64> {
+    let avail = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
+        s.lines()
+            .find(|l| l.starts_with("MemAvailable:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .map(|kb| kb * 1024 + cached)
+    });
+    let cg = cgroup_limit();
+    match (avail, cg) {
+        (Some(a), Some(c)) => Some(a.min(c)),
+        (a, c) => a.or(c),
+    }
+}
+
+/// The memory limit of this process's cgroup, if it has one below the machine's memory.
+pub fn cgroup_limit() -> Option<u64> {
+    let me = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let mut best: Option<u64> = None;
+    for line in me.lines() {
+        // v1: "4:memory:/path"; v2: "0::/path"
+        let mut f = line.splitn(3, ':');
+        let (_, ctrl, path) = (f.next()?, f.next()?, f.next()?);
+        let file = if ctrl.split(',').any(|c| c == "memory") {
+            format!("/sys/fs/cgroup/memory{path}/memory.limit_in_bytes")
+        } else if ctrl.is_empty() {
+            format!("/sys/fs/cgroup{path}/memory.max")
+        } else {
+            continue;
+        };
+        if let Some(v) = std::fs::read_to_string(&file)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+        {
+            // v1 reports "no limit" as a huge number
+            if v < (1u64 << 60) {
+                best = Some(best.map_or(v, |b| b.min(v)));
+            }
+        }
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache(n_layers: usize, n_experts: usize, bytes: u64, budget: u64) -> ExpertCache {
+        ExpertCache::new(&vec![bytes; n_layers * n_experts], n_experts, budget, 8)
+    }
+
+    #[test]
+    fn hits_after_first_use() {
+        let mut c = cache(2, 4, 100, 1000);
+        let (mut load, mut evict) = (Vec::new(), Vec::new());
+        c.access(0, &[1, 3], &mut load, &mut evict);
+        assert_eq!((load.clone(), evict.clone()), (vec![1, 3], vec![]));
+        c.access(1, &[1], &mut load, &mut evict);
+        assert_eq!(load, vec![5]);
+        c.access(0, &[3], &mut load, &mut evict);
+        assert!(load.is_empty() && evict.is_empty());
+        let s = c.stats();
+        assert_eq!((s.hits, s.misses, s.bytes_requested), (1, 3, 300));
+        assert_eq!(c.used(), 300);
+        assert!(c.is_resident(0, 3) && c.is_resident(1, 1) && !c.is_resident(1, 3));
+    }
+
+    #[test]
+    fn stays_under_budget_and_keeps_the_hot_expert() {
+        // room for 3 of 8 experts; expert 0 is used every time, the others in turn
+        let mut c = cache(1, 8, 100, 300);
+        let (mut load, mut evict) = (Vec::new(), Vec::new());
+        for i in 0..200 {
+            let other = 1 + i % 7;
+            c.access(0, &[0, other], &mut load, &mut evict);
+            assert!(c.used() <= 300, "over budget at {i}: {}", c.used());
+            assert!(!evict.contains(&0), "hot expert evicted at {i}");
+            assert!(c.is_resident(0, 0) && c.is_resident(0, other));
+        }
+        let s = c.stats();
+        assert_eq!(s.hits + s.misses, 400);
+        // expert 0 hits every time after the first
+        assert!(s.hits >= 199, "{s:?}");
+        assert_eq!(s.misses - s.evictions, 3);
+    }
+
+    #[test]
+    fn frequency_beats_a_single_recent_use() {
+        // room for 2: expert 1 used often, then 2 once, then 3 needs a slot: 2 goes, not 1
+        let mut c = cache(1, 4, 10, 20);
+        let (mut load, mut evict) = (Vec::new(), Vec::new());
+        for _ in 0..5 {
+            c.access(0, &[1], &mut load, &mut evict);
+        }
+        c.access(0, &[2], &mut load, &mut evict);
+        c.access(0, &[3], &mut load, &mut evict);
+        assert_eq!((load.as_slice(), evict.as_slice()), (&[3][..], &[2][..]));
+        // ...but an expert unused for many half-lives loses to recent ones
+        for _ in 0..100 {
+            c.access(0, &[2, 3], &mut load, &mut evict);
+        }
+        assert!(!c.is_resident(0, 1));
+    }
+
+    #[test]
+    fn picked_experts_larger_than_the_budget_are_still_loaded() {
+        let mut c = cache(1, 4, 100, 50);
+        let (mut load, mut evict) = (Vec::new(), Vec::new());
+        c.access(0, &[0, 1], &mut load, &mut evict);
+        assert_eq!(load, vec![0, 1]);
+        c.access(0, &[2], &mut load, &mut evict);
+        assert_eq!(load, vec![2]);
+        assert_eq!(evict.len(), 2);
+        assert_eq!(c.used(), 100);
+        // out-of-range ids are ignored
+        c.access(0, &[99], &mut load, &mut evict);
+        assert!(load.is_empty());
+    }
+
+    #[derive(Default)]
+    struct Log(Mutex<Vec<(bool, Range)>>);
+    impl Pager for std::sync::Arc<Log> {
+        fn will_need(&self, r: Range) {
+            self.0.lock().unwrap().push((true, r));
+        }
+        fn drop_pages(&self, r: Range) {
+            self.0.lock().unwrap().push((false, r));
+        }
+    }
+
+    #[test]
+    fn residency_applies_the_plan() {
+        let log = std::sync::Arc::new(Log::default());
+        let ranges: Vec<Range> = (0..4).map(|i| Range::pages(i * PAGE, PAGE)).collect();
+        let r = Residency::new(ranges, 2, PAGE as u64, 0, 0, Box::new(log.clone()));
+        r.prepare(0, &[1, 0]);
+        r.prepare(1, &[0, 3]);
+        let l = log.0.lock().unwrap().clone();
+        assert_eq!(
+            l,
+            vec![
+                (true, Range::pages(0, PAGE)),
+                (false, Range::pages(0, PAGE)),
+                (true, Range::pages(3 * PAGE, PAGE)),
+            ]
+        );
+        let s = r.stats();
+        assert_eq!((s.misses, s.evictions), (2, 1));
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_mem("800M").unwrap(), 800 << 20);
+        assert_eq!(parse_mem("1.5GiB").unwrap(), 3 << 29);
+        assert_eq!(parse_mem("2GB").unwrap(), 2_000_000_000);
+        assert_eq!(parse_mem("4096").unwrap(), 4096);
+        assert!(parse_mem("12X").is_err() && parse_mem("").is_err() && parse_mem("1e99").is_err());
+        assert_eq!(
+            Range::pages(100, 10),
+            Range {
+                offset: 0,
+                len: PAGE
+            }
+        );
+        assert_eq!(
+            Range::pages(PAGE - 1, 2),
+            Range {
+                offset: 0,
+                len: 2 * PAGE
+            }
+        );
+    }
+}
+
+/// The [`Pager`] of a read-only shared file mapping: `madvise` on the mapping, and
+/// `posix_fadvise(DONTNEED)` on the file so that dropped pages leave the page cache too.
+pub struct MmapPager {
+    /// Address of the mapping (kept as an integer: the pager only passes it to the kernel).
+    addr: usize,
+    len: usize,
+    file: std::fs::File,
+}
+
+impl MmapPager {
+    /// A pager for `map` (a mapping of all of `file`).
+    pub fn new(map: &[u8], file: std::fs::File) -> MmapPager {
+        MmapPager {
+            addr: map.as_ptr() as usize,
+            len: map.len(),
+            file,
+        }
+    }
+
+    fn valid(&self, r: Range) -> bool {
+        r.offset.is_multiple_of(PAGE) && r.offset.checked_add(r.len).is_some_and(|e| e <= self.len)
+    }
+
+    /// Lock the pages of `r` in memory. The error says what to do when the limit refuses it.
+    pub fn lock(&self, r: Range) -> Result<()> {
+        if !self.valid(r) {
+            return Ok(());
+        }
+        #[cfg(unix)]
+        {
+            // SAFETY: the range lies inside the live mapping (checked above); mlock only pins
+            // its pages.
+            let rc = unsafe { libc::mlock((self.addr + r.offset) as *const libc::c_void, r.len) };
+            if rc != 0 {
+                let e = std::io::Error::last_os_error();
+                return Err(Error::config(
+                    "mlock",
+                    format!(
+                        "locking {:.1} MiB of weights in memory was refused ({e}); raise the \
+                         limit (`ulimit -l`, RLIMIT_MEMLOCK, or CAP_IPC_LOCK) or run without \
+                         --mlock",
+                        r.len as f64 / (1u64 << 20) as f64
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Pager for MmapPager {
+    fn will_need(&self, r: Range) {
+        if !self.valid(r) {
+            return;
+        }
+        #[cfg(unix)]
+        // SAFETY: advisory only, on a range inside the live mapping (checked above).
+        unsafe {
+            libc::madvise(
+                (self.addr + r.offset) as *mut libc::c_void,
+                r.len,
+                libc::MADV_WILLNEED,
+            );
+        }
+    }
+
+    fn drop_pages(&self, r: Range) {
+        if !self.valid(r) {
+            return;
+        }
+        #[cfg(unix)]
+        // SAFETY: the range lies inside the live mapping (checked above). The mapping is a
+        // read-only MAP_SHARED mapping of a file that is never modified in place (SPEC.md), so
+        // after MADV_DONTNEED the next read of these addresses faults the same bytes back in
+        // from the file: every slice into the mapping stays valid and keeps its contents.
+        unsafe {
+            libc::madvise(
+                (self.addr + r.offset) as *mut libc::c_void,
+                r.len,
+                libc::MADV_DONTNEED,
+            );
+        }
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            // SAFETY: advisory call on an open file descriptor owned by `self.file`.
+            unsafe {
+                libc::posix_fadvise(
+                    self.file.as_raw_fd(),
+                    r.offset as libc::off_t,
+                    r.len as libc::off_t,
+                    libc::POSIX_FADV_DONTNEED,
+                );
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = &self.file;
+    }
+}
+
+/// How [`Model::enable_paging`] sets up residency.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PagingOptions {
+    /// Memory budget in bytes (`None`: what the machine, or the process's cgroup, has free).
+    pub budget: Option<u64>,
+    /// Lock the dense part in memory (`mlock`).
+    pub mlock: bool,
+    /// Page the experts even when the whole file fits in the budget.
+    pub force: bool,
+}
+
+/// Bytes kept free of weights within a budget for the KV cache, scratch buffers and the
+/// program itself: 64 MiB plus 1/32 of the budget.
+pub fn margin(budget: u64) -> u64 {
+    (64 << 20) + budget / 32
+}
+
+use super::weights::{FfnWeights, Model};
+
+impl Model {
+    /// Routed experts' page ranges (MoE layers in order, `num_experts` each) and, per layer,
+    /// its MoE layer number (`usize::MAX` for dense layers).
+    fn expert_ranges(&self) -> (Vec<Range>, Vec<usize>) {
+        let t = self.file.tensors();
+        let (mut ranges, mut slot_of) = (Vec::new(), Vec::new());
+        for lw in &self.layers {
+            match &lw.ffn {
+                FfnWeights::Moe { experts, .. } => {
+                    slot_of.push(ranges.len() / self.config.num_experts.max(1));
+                    for e in experts {
+                        let (a, b) = (&t[e[0].index()], &t[e[2].index()]);
+                        let lo = a.offset.min(b.offset);
+                        let hi = e
+                            .iter()
+                            .map(|w| t[w.index()].offset + t[w.index()].nbytes)
+                            .max()
+                            .unwrap_or(lo);
+                        ranges.push(Range::pages(lo, hi - lo));
+                    }
+                }
+                FfnWeights::Dense { .. } => slot_of.push(usize::MAX),
+            }
+        }
+        (ranges, slot_of)
+    }
+
+    /// Lock the whole mapped file in memory (`--mlock` when experts are not paged).
+    pub fn lock_all(&self) -> Result<()> {
+        let file =
+            std::fs::File::open(self.file.path()).map_err(|e| Error::io(self.file.path(), e))?;
+        let b = self.file.bytes();
+        MmapPager::new(b, file).lock(Range::pages(0, b.len() / PAGE * PAGE))
+    }
+
+    /// Page the routed experts under a memory budget (see the module docs). Returns whether
+    /// paging is on: not for dense models, nor when the file fits in the budget (unless
+    /// `force`). Errors when the dense part does not fit, or `mlock` is refused. Call before
+    /// sharing the model.
+    pub fn enable_paging(&mut self, opts: &PagingOptions) -> Result<bool> {
+        if !self.config.layers.iter().any(|l| l.moe) {
+            return Ok(false);
+        }
+        let file_len = self.file.bytes().len() as u64;
+        let Some(budget) = opts.budget.or_else(|| available_memory(0)) else {
+            return Ok(false);
+        };
+        let (ranges, slot_of) = self.expert_ranges();
+        let experts: u64 = ranges.iter().map(|r| r.len as u64).sum();
+        let emb = &self.file.tensors()[self.tok_embeddings.index()];
+        let emb_bytes = if self.config.tie_word_embeddings {
+            0
+        } else {
+            emb.nbytes as u64
+        };
+        let dense = file_len.saturating_sub(experts + emb_bytes);
+        let m = margin(budget);
+        if file_len + m <= budget && !opts.force {
+            return Ok(false);
+        }
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        if dense + m > budget {
+            return Err(Error::config(
+                "mem",
+                format!(
+                    "the dense part of {} ({:.0} MiB: attention, norms, routers, shared experts, \
+                     output table) and a working margin of {:.0} MiB do not fit in the memory \
+                     budget of {:.0} MiB; give it more memory (--mem, or a larger cgroup limit) \
+                     or use a smaller model",
+                    self.file.path().display(),
+                    mib(dense),
+                    mib(m),
+                    mib(budget)
+                ),
+            ));
+        }
+        let file =
+            std::fs::File::open(self.file.path()).map_err(|e| Error::io(self.file.path(), e))?;
+        let pager = MmapPager::new(self.file.bytes(), file);
+        // the dense part: every tensor outside the experts and the embedding table
+        let mut is_expert = vec![false; self.file.tensors().len()];
+        for lw in &self.layers {
+            if let FfnWeights::Moe { experts, .. } = &lw.ffn {
+                for w in experts.iter().flatten() {
+                    is_expert[w.index()] = true;
+                }
+            }
+        }
+        if !self.config.tie_word_embeddings {
+            is_expert[self.tok_embeddings.index()] = true;
+        }
+        for (i, t) in self.file.tensors().iter().enumerate() {
+            if is_expert[i] || t.nbytes == 0 {
+                continue;
+            }
+            let r = Range::pages(t.offset, t.nbytes);
+            pager.will_need(r);
+            if opts.mlock {
+                pager.lock(r)?;
+            }
+        }
+        // a known start: no expert resident
+        for &r in &ranges {
+            pager.drop_pages(r);
+        }
+        let n_experts = self.config.num_experts;
+        let mut res = Residency::new(
+            ranges,
+            n_experts,
+            budget - dense - m,
+            dense,
+            budget,
+            Box::new(pager),
+        );
+        res.slot_of = slot_of;
+        self.residency = Some(res);
+        Ok(true)
+    }
+}
