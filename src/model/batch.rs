@@ -1,6 +1,10 @@
 //! Several sequences in one forward pass (a server's slots): each sequence has its own KV cache
 //! and position; a call takes a list of segments (consecutive tokens of one sequence each) and
 //! computes the logits of the last token of the segments that ask for them.
+//!
+//! For now each sequence is a [`State`] of its own and the segments run one after the other;
+//! the one-pass version (matrix products over the rows of all segments, attention per segment)
+//! keeps this API.
 
 use super::forward::{KvType, Logits, State};
 use super::weights::Model;

@@ -1,8 +1,9 @@
 //! The scheduler: one thread that owns the model's working state and `N` slots (sequences, each
 //! with its own KV cache), admits queued requests into free slots, and runs steps. One step is
-//! one forward pass over the next token of every decoding slot plus a chunk of the prompt of
+//! the next token of every decoding slot plus a chunk of the prompt of
 //! slots still reading theirs (chunked prefill: a long prompt never stalls the others for more
-//! than one chunk), so the weights read per step are shared by every active sequence.
+//! than one chunk), handed to [`MultiState::forward`] as one call (today it runs the segments
+//! one after the other; see `docs/server.md`).
 //!
 //! A request talks to its HTTP handler through an unbounded channel of [`Event`]s. When the
 //! handler goes away (the client disconnected), the channel closes and the slot is freed before
