@@ -95,17 +95,24 @@ pub fn tokenizer_from_fqm(file: &FqmFile) -> Result<Tokenizer> {
         .get("tokenizer")
         .and_then(|t| t.get("kind"))
         .and_then(|k| k.as_str());
+    const KINDS: [TokenizerKind; 3] = [
+        TokenizerKind::HfJson,
+        TokenizerKind::Tiktoken,
+        TokenizerKind::SentencePiece,
+    ];
     let (name, kind) = match kind {
-        Some("hf_json") => ("blob.tokenizer.json", TokenizerKind::HfJson),
-        Some("tiktoken") => ("blob.tokenizer.model", TokenizerKind::Tiktoken),
-        Some(other) => {
-            return Err(Error::format(
-                file.path(),
-                format!(
-                    "metadata `tokenizer.kind` is {other:?}, expected \"hf_json\" or \"tiktoken\""
-                ),
-            ))
-        }
+        Some(k) => match KINDS.iter().find(|x| x.fqm_name().0 == k) {
+            Some(&x) => (x.fqm_name().1, x),
+            None => {
+                return Err(Error::format(
+                    file.path(),
+                    format!(
+                        "metadata `tokenizer.kind` is {k:?}, expected \"hf_json\", \"tiktoken\" \
+                         or \"sentencepiece\""
+                    ),
+                ))
+            }
+        },
         None => {
             return Err(Error::format(
                 file.path(),
@@ -562,8 +569,8 @@ impl Session {
             .take_while(|(a, b)| a == b)
             .count();
         // at least one token must run to produce the logits
-        let keep = common.min(prompt.len() - 1);
-        self.state.truncate(keep);
+        // (a chunk-ring cache may keep fewer: from the start of `keep`'s attention chunk)
+        let keep = self.state.truncate(common.min(prompt.len() - 1));
         self.cached.truncate(keep);
         let rest = &prompt[keep..];
         let n_chunks = rest.len().div_ceil(self.batch);
@@ -575,7 +582,8 @@ impl Session {
             };
             if let Err(e) = self.engine.model.forward(&mut self.state, chunk, want) {
                 self.cached.truncate(self.state.pos.min(self.cached.len()));
-                self.state.truncate(self.cached.len());
+                let kept = self.state.truncate(self.cached.len());
+                self.cached.truncate(kept);
                 return Err(e);
             }
             self.cached.extend_from_slice(chunk);

@@ -454,3 +454,124 @@ fn hostile_json_is_an_error_not_a_panic() {
         assert!(e.to_string().contains(want), "{want}: {e}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Wiring: chat template, CLI, converter and Engine
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn llama2_chat_template_renders_like_transformers() {
+    use ferroq::chat::{encode_chat, ChatTemplate, Message};
+    let tmpl =
+        ChatTemplate::from_tokenizer_config(&fixture("spm-mistral/tokenizer_config.json"), None)
+            .unwrap();
+    let exp: Value = serde_json::from_slice(&fixture("spm-mistral/chat_expected.json")).unwrap();
+    let cases = exp["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 4);
+    for tok in [
+        json_tok("mistral", "tokenizer"),
+        Tokenizer::from_sentencepiece(&model_bytes("mistral")).unwrap(),
+    ] {
+        for c in cases {
+            let msgs: Vec<Message> = serde_json::from_value(c["messages"].clone()).unwrap();
+            assert_eq!(
+                tmpl.render(&msgs, true).unwrap(),
+                c["text"].as_str().unwrap(),
+                "{msgs:?}"
+            );
+            assert_eq!(
+                encode_chat(&tok, &tmpl, &msgs, true).unwrap(),
+                ids(&c["ids"]),
+                "{msgs:?}"
+            );
+        }
+    }
+    // Roles must alternate: the template's raise_exception is an error.
+    let bad = [Message::new("user", "a"), Message::new("user", "b")];
+    assert!(tmpl.render(&bad, true).is_err());
+}
+
+fn scratch(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("ferroq-spm-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn ferroq(args: &[&str], stdin: &[u8]) -> (bool, String, String) {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferroq"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    let o = child.wait_with_output().unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn convert_embeds_it_and_engine_and_cli_load_it() {
+    let d = scratch("wire");
+    let hf = d.join("hf");
+    std::fs::create_dir_all(&hf).unwrap();
+    let models = format!("{}/tests/fixtures/models", env!("CARGO_MANIFEST_DIR"));
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(format!("{models}/llama3-tiny/{f}"), hf.join(f)).unwrap();
+    }
+    let model = model_bytes("bpe");
+    std::fs::write(hf.join("tokenizer.model"), &model).unwrap();
+    std::fs::write(
+        hf.join("tokenizer_config.json"),
+        fixture("spm-mistral/tokenizer_config.json"),
+    )
+    .unwrap();
+    let want = Tokenizer::from_sentencepiece(&model).unwrap();
+    let text = "Hello  world\n<s>[INST] é 東京 🙂 [/INST]";
+    let want_ids = want.encode(text, true);
+
+    // `ferroq tokenize -t tokenizer.model`
+    let tm = hf.join("tokenizer.model");
+    let (ok, out, err) = ferroq(
+        &["tokenize", "-t", tm.to_str().unwrap(), "--bos", "--jsonl"],
+        format!("{}\n", serde_json::to_string(text).unwrap()).as_bytes(),
+    );
+    assert!(ok, "{err}");
+    let got: Vec<u32> = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(got, want_ids);
+
+    // convert: the SentencePiece file travels in the .fqm and Engine::open loads it
+    let fqm = d.join("m.fqm");
+    let (ok, _, err) = ferroq(
+        &["convert", hf.to_str().unwrap(), "-o", fqm.to_str().unwrap()],
+        b"",
+    );
+    assert!(ok, "{err}");
+    let f = ferroq::format::FqmFile::open(&fqm).unwrap();
+    assert_eq!(f.meta()["tokenizer"]["kind"], "sentencepiece");
+    assert_eq!(f.meta()["add_bos"], true);
+    drop(f);
+    let engine = ferroq::engine::Engine::open(&fqm).unwrap();
+    assert_eq!(engine.tokenizer().encode(text, true), want_ids);
+    assert_eq!(
+        engine.tokenizer().decode(&want_ids, false),
+        want.decode(&want_ids, false)
+    );
+    let (ok, out, err) = ferroq(
+        &["tokenize", "-t", fqm.to_str().unwrap(), "--bos"],
+        text.as_bytes(),
+    );
+    assert!(ok, "{err}");
+    assert_eq!(
+        serde_json::from_str::<Vec<u32>>(out.trim()).unwrap(),
+        want_ids
+    );
+    std::fs::remove_dir_all(&d).unwrap();
+}

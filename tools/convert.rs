@@ -735,8 +735,13 @@ fn tokenizer_meta(ck: &Checkpoint, cfg_json: &Value, notes: &mut Vec<String>) ->
     };
     let kind = if ck.tokenizer_json.is_some() {
         Value::from("hf_json")
-    } else if ck.tokenizer_model.is_some() {
-        Value::from("tiktoken")
+    } else if let Some(m) = &ck.tokenizer_model {
+        // Meta's tiktoken file (Llama 4) or a SentencePiece model (Llama 2, Mistral, ...).
+        let kind = crate::tokenizer::TokenizerKind::detect(None, m);
+        Value::from(match kind {
+            crate::tokenizer::TokenizerKind::SentencePiece => "sentencepiece",
+            _ => "tiktoken",
+        })
     } else {
         notes.push(
             "no tokenizer.json or tokenizer.model: the model can only run from token ids".into(),
@@ -768,7 +773,8 @@ fn tokenizer_meta(ck: &Checkpoint, cfg_json: &Value, notes: &mut Vec<String>) ->
             .and_then(|b| b.as_bool())
         {
             Some(b) => b,
-            // HF builds the Llama 4 tiktoken tokenizer with a BOS-prepending post-processor
+            // HF builds the Llama 4 tiktoken tokenizer with a BOS-prepending post-processor,
+            // and LlamaTokenizer (SentencePiece) defaults to add_bos_token = true
             None => ck.tokenizer_model.is_some(),
         },
     };

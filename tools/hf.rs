@@ -6,7 +6,7 @@
 
 use super::safetensors::SafetensorsSource;
 use super::source::Checkpoint;
-use crate::model::{Arch, LayerSpec, Llama3Scaling, ModelConfig, RopeStyle};
+use crate::model::{Arch, LayerSpec, Llama3Scaling, ModelConfig, RopeStyle, Router};
 use crate::{Error, Result};
 use serde_json::Value;
 use std::path::Path;
@@ -342,6 +342,7 @@ pub fn model_config_from_hf(v: &Value) -> Result<ModelConfig> {
                 num_experts: 0,
                 num_experts_per_tok: 0,
                 shared_expert: false,
+                router: Router::default(),
                 rms_norm_eps: f.f32_or("rms_norm_eps", 1e-6)?,
                 rope_theta,
                 rope_scaling,
@@ -464,6 +465,7 @@ pub fn model_config_from_hf(v: &Value) -> Result<ModelConfig> {
                 num_experts: f.usize_or("num_local_experts", 16)?,
                 num_experts_per_tok: f.usize_or("num_experts_per_tok", 1)?,
                 shared_expert: true,
+                router: Router::SigmoidInput,
                 rms_norm_eps: f.f32_or("rms_norm_eps", 1e-5)?,
                 rope_theta,
                 rope_scaling,

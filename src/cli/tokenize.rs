@@ -8,8 +8,8 @@ use ferroq::{Error, Result};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// tokenizer.json (Hugging Face), tokenizer.model (Meta Llama 4, tiktoken format), or a
-    /// .fqm model (its stored tokenizer).
+    /// tokenizer.json (Hugging Face), tokenizer.model (SentencePiece: Llama 2, Mistral, ...;
+    /// or Meta Llama 4's tiktoken format), or a .fqm model (its stored tokenizer).
     #[arg(short = 't', long = "tokenizer", value_name = "FILE")]
     pub tokenizer: PathBuf,
     /// Read one JSON string per stdin line and print one JSON array of ids per line

@@ -6,7 +6,8 @@
 //! the one-pass version (matrix products over the rows of all segments, attention per segment)
 //! keeps this API.
 
-use super::forward::{KvType, Logits, State};
+use super::kv::KvType;
+use super::state::{Logits, State};
 use super::weights::Model;
 use crate::{Error, Result};
 

@@ -35,6 +35,20 @@ pub struct Llama3Scaling {
     pub original_max_position_embeddings: f32,
 }
 
+/// How an MoE layer chooses and weighs its experts (the forward pass: `model/moe.rs`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Router {
+    /// Llama 4: top-k of the raw router logits; `sigmoid(logit)` of each chosen expert scales
+    /// that expert's INPUT, and the expert outputs are summed unweighted. (The default: files
+    /// written before the field existed are Llama 4.)
+    #[default]
+    SigmoidInput,
+    /// Mixtral: softmax over all experts' logits, top-k, optionally renormalised to sum 1; each
+    /// chosen expert's OUTPUT is scaled by its weight.
+    SoftmaxTopK { renormalize: bool },
+}
+
 /// Per-layer switches, fully resolved.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LayerSpec {
@@ -67,6 +81,9 @@ pub struct ModelConfig {
     pub num_experts: usize,
     pub num_experts_per_tok: usize,
     pub shared_expert: bool,
+    /// Routing of the MoE layers.
+    #[serde(default)]
+    pub router: Router,
     pub rms_norm_eps: f32,
     pub rope_theta: f32,
     pub rope_scaling: Option<Llama3Scaling>,

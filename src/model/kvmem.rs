@@ -168,6 +168,7 @@ mod tests {
             num_experts: 16,
             num_experts_per_tok: 1,
             shared_expert: true,
+            router: crate::model::Router::SigmoidInput,
             rms_norm_eps: 1e-5,
             rope_theta: 500000.0,
             rope_scaling: None,

@@ -243,11 +243,11 @@ impl Model {
     /// (their logits are compared with transformers to 1e-3, and an f16 cache alone moves them
     /// by up to ~1e-3 on the fixtures), f16 for quantized models (half the cache traffic; its
     /// error is far below the weights' quantization error).
-    pub fn default_kv(&self) -> super::forward::KvType {
+    pub fn default_kv(&self) -> super::kv::KvType {
         if self.is_quantized() {
-            super::forward::KvType::F16
+            super::kv::KvType::F16
         } else {
-            super::forward::KvType::F32
+            super::kv::KvType::F32
         }
     }
 

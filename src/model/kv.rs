@@ -1,0 +1,292 @@
+//! The KV cache: its element types, its size, and appending a batch of keys and values.
+//!
+//! One [`KvCache`] per session holds, for every layer, `[max_ctx, n_kv * head_dim]` keys (after
+//! RoPE / QK norm) and values, position-major. The attention reads a layer through a borrowed
+//! [`KvLayer`]; nothing else looks inside. The layout (position `p`, KV head `h`: elements
+//! `p * kvd + h * d .. + d`, q8 scales at `p * n_kv + h`) is what the attention kernels take.
+
+use crate::ops::{self, Par};
+use crate::{Error, Result};
+
+/// Element type of the KV cache.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvType {
+    /// 4 bytes per element: exact.
+    F32,
+    /// 2 bytes per element (IEEE half): the default; keys and values are rounded to f16.
+    #[default]
+    F16,
+    /// 1 byte per element plus one f32 scale per (position, KV head): symmetric int8 rows.
+    Q8,
+}
+
+impl KvType {
+    /// Parse `f32` / `f16` (CLI flags).
+    pub fn parse(s: &str) -> Option<KvType> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "f32" => Some(KvType::F32),
+            "f16" => Some(KvType::F16),
+            "q8" | "int8" => Some(KvType::Q8),
+            _ => None,
+        }
+    }
+
+    /// Bytes per cached element (the q8 scales not counted).
+    pub fn elem_bytes(self) -> usize {
+        match self {
+            KvType::F32 => 4,
+            KvType::F16 => 2,
+            KvType::Q8 => 1,
+        }
+    }
+}
+
+/// Per layer: `[max_ctx, n_kv * head_dim]` keys and values.
+enum Store {
+    F32(Vec<Vec<f32>>, Vec<Vec<f32>>),
+    F16(Vec<Vec<u16>>, Vec<Vec<u16>>),
+    /// int8 keys, values, and their scales `[max_ctx, n_kv]`.
+    Q8(Q8Store),
+}
+
+struct Q8Store {
+    k: Vec<Vec<i8>>,
+    v: Vec<Vec<i8>>,
+    ks: Vec<Vec<f32>>,
+    vs: Vec<Vec<f32>>,
+}
+
+/// The KV cache of one session: every layer's keys and values. Global layers keep every
+/// position of the context; chunked-attention layers keep only the current chunk, in a ring of
+/// `min(max_ctx, attention_chunk_size)` slots (position `p` in slot `p % chunk`): a query never
+/// looks before the start of its own chunk, so older chunks are never read again.
+pub struct KvCache {
+    store: Store,
+    n_kv: usize,
+    head_dim: usize,
+    /// Per layer: the chunk size of a ring layer, 0 for a layer that keeps everything.
+    ring: Vec<usize>,
+}
+
+/// One layer's cache, borrowed: `(keys, values)` rows of `n_kv * head_dim` per position (q8:
+/// plus the key and value scales, one per (position, KV head)).
+#[derive(Clone, Copy)]
+pub enum KvLayer<'a> {
+    F32(&'a [f32], &'a [f32]),
+    F16(&'a [u16], &'a [u16]),
+    Q8(&'a [i8], &'a [i8], &'a [f32], &'a [f32]),
+}
+
+/// `n` zeroed elements from the allocator (`calloc`: untouched pages stay unmapped), or `err()`
+/// when the size overflowed (`None`) or the allocation failed.
+pub(crate) fn zeroed<T: bytemuck::Zeroable>(
+    n: Option<usize>,
+    err: &dyn Fn() -> Error,
+) -> Result<Vec<T>> {
+    n.and_then(|n| bytemuck::allocation::try_zeroed_vec(n).ok())
+        .ok_or_else(err)
+}
+
+/// Symmetric int8 quantization of one head row: returns the scale.
+fn quantize_row_i8(x: &[f32], out: &mut [i8]) -> f32 {
+    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = (v * id).round().clamp(-127.0, 127.0) as i8;
+    }
+    d
+}
+
+impl KvCache {
+    /// Bytes a cache of `max_ctx` positions takes if every layer keeps them all (K and V, q8
+    /// scales not counted), as a float so that absurd contexts do not overflow.
+    pub fn bytes(kv: KvType, layers: usize, max_ctx: usize, n_kv: usize, head_dim: usize) -> f64 {
+        (max_ctx as f64) * ((n_kv * head_dim) as f64) * (2 * layers * kv.elem_bytes()) as f64
+    }
+
+    /// A zeroed cache in which every layer keeps all `max_ctx` positions (`calloc`: the pages
+    /// of positions never reached are never made resident). A size that overflows or cannot be
+    /// allocated is an error naming the field `ctx`.
+    pub fn new(
+        kv: KvType,
+        layers: usize,
+        max_ctx: usize,
+        n_kv: usize,
+        head_dim: usize,
+    ) -> Result<KvCache> {
+        Self::with_rings(kv, &vec![0; layers], max_ctx, n_kv, head_dim)
+    }
+
+    /// The cache of a model: chunked-attention layers get rings of their chunk
+    /// ([`super::kvmem`]), the others the whole context.
+    pub fn for_model(
+        kv: KvType,
+        c: &super::config::ModelConfig,
+        max_ctx: usize,
+    ) -> Result<KvCache> {
+        let ring: Vec<usize> = (0..c.num_layers)
+            .map(|l| {
+                if super::kvmem::is_ring(c, l) {
+                    c.attention_chunk_size.unwrap_or(0)
+                } else {
+                    0
+                }
+            })
+            .collect();
+        Self::with_rings(kv, &ring, max_ctx, c.num_kv_heads, c.head_dim)
+    }
+
+    /// A cache whose layer `l` is a ring of `ring[l]` slots (0: keeps all `max_ctx`).
+    pub fn with_rings(
+        kv: KvType,
+        ring: &[usize],
+        max_ctx: usize,
+        n_kv: usize,
+        head_dim: usize,
+    ) -> Result<KvCache> {
+        let kvd = n_kv * head_dim;
+        let layers = ring.len();
+        let err = || {
+            let bytes = Self::bytes(kv, layers, max_ctx, n_kv, head_dim);
+            Error::config(
+                "ctx",
+                format!(
+                    "a KV cache of {max_ctx} tokens needs {:.1} GiB ({layers} layers × K and V × \
+                     {kvd} values per token, {kv:?}); it cannot be allocated",
+                    bytes / (1u64 << 30) as f64,
+                ),
+            )
+        };
+        let slots = |l: usize| match ring[l] {
+            0 => max_ctx,
+            cs => cs.min(max_ctx),
+        };
+        let per = |per_token: usize| -> Vec<Option<usize>> {
+            (0..layers)
+                .map(|l| slots(l).checked_mul(per_token))
+                .collect()
+        };
+        fn alloc<T: bytemuck::Zeroable>(
+            sizes: Vec<Option<usize>>,
+            err: &dyn Fn() -> Error,
+        ) -> Result<Vec<Vec<T>>> {
+            sizes.into_iter().map(|n| zeroed(n, err)).collect()
+        }
+        let store = match kv {
+            KvType::F32 => Store::F32(alloc(per(kvd), &err)?, alloc(per(kvd), &err)?),
+            KvType::F16 => Store::F16(alloc(per(kvd), &err)?, alloc(per(kvd), &err)?),
+            KvType::Q8 => Store::Q8(Q8Store {
+                k: alloc(per(kvd), &err)?,
+                v: alloc(per(kvd), &err)?,
+                ks: alloc(per(n_kv), &err)?,
+                vs: alloc(per(n_kv), &err)?,
+            }),
+        };
+        Ok(KvCache {
+            store,
+            n_kv,
+            head_dim,
+            ring: ring.to_vec(),
+        })
+    }
+
+    /// The chunk of layer `li` if it is a ring.
+    fn ring_of(&self, li: usize) -> Option<usize> {
+        self.ring.get(li).copied().filter(|&cs| cs > 0)
+    }
+
+    /// The slot of position `p` in layer `li`.
+    fn slot(&self, li: usize, p: usize) -> usize {
+        self.ring_of(li).map_or(p, |cs| p % cs)
+    }
+
+    /// The position held in slot 0 of layer `li` while positions around `p` are processed
+    /// (the start of `p`'s chunk for a ring layer, 0 otherwise): the attention reads position
+    /// `j` at slot `j - base`.
+    pub fn base(&self, li: usize, p: usize) -> usize {
+        self.ring_of(li).map_or(0, |cs| p / cs * cs)
+    }
+
+    /// The end of the run of positions `p .. end` that layer `li` can append and attend in one
+    /// go: a ring layer stops at the end of `p`'s chunk (the next chunk overwrites its slots).
+    pub fn segment_end(&self, li: usize, p: usize, end: usize) -> usize {
+        self.ring_of(li)
+            .map_or(end, |cs| end.min((p / cs + 1) * cs))
+    }
+
+    /// After a cache that held positions `0 .. held` is rewound to `pos`: the positions that
+    /// are still there. A ring keeps the chunk of position `held - 1` only, so rewinding into
+    /// an earlier chunk keeps up to that chunk's start (its later positions must be run
+    /// again); a model without rings keeps `pos`.
+    pub fn keepable(&self, held: usize, pos: usize) -> usize {
+        let pos = pos.min(held);
+        let Some(cs) = self.ring.iter().copied().filter(|&c| c > 0).min() else {
+            return pos;
+        };
+        if pos == held || pos.is_multiple_of(cs) || (held > 0 && pos / cs == (held - 1) / cs) {
+            pos
+        } else {
+            pos / cs * cs
+        }
+    }
+
+    /// The element type.
+    pub fn kv_type(&self) -> KvType {
+        match self.store {
+            Store::F32(..) => KvType::F32,
+            Store::F16(..) => KvType::F16,
+            Store::Q8(..) => KvType::Q8,
+        }
+    }
+
+    /// Layer `li`, borrowed for the attention.
+    pub fn layer(&self, li: usize) -> KvLayer<'_> {
+        match &self.store {
+            Store::F32(k, v) => KvLayer::F32(&k[li], &v[li]),
+            Store::F16(k, v) => KvLayer::F16(&k[li], &v[li]),
+            Store::Q8(q) => KvLayer::Q8(&q.k[li], &q.v[li], &q.ks[li], &q.vs[li]),
+        }
+    }
+
+    /// Store the keys and values `k`, `v` (`n` rows of `n_kv * head_dim`) of layer `li` at
+    /// positions `pos0 .. pos0 + n` (the caller checked they fit, and for a ring layer that they
+    /// lie in one chunk: [`KvCache::segment_end`]), converted to the cache type (f16: per row
+    /// on the pool for a long batch; q8: one scale per position and KV head).
+    pub fn append(&mut self, par: &Par, li: usize, pos0: usize, n: usize, k: &[f32], v: &[f32]) {
+        let (nkv, d) = (self.n_kv, self.head_dim);
+        let kvd = nkv * d;
+        debug_assert!(n == 0 || self.segment_end(li, pos0, pos0 + n) == pos0 + n);
+        let s0 = self.slot(li, pos0);
+        let cache_rows = s0 * kvd..(s0 + n) * kvd;
+        match &mut self.store {
+            Store::F32(kc, vc) => {
+                kc[li][cache_rows.clone()].copy_from_slice(&k[..n * kvd]);
+                vc[li][cache_rows].copy_from_slice(&v[..n * kvd]);
+            }
+            Store::F16(kc, vc) => {
+                for (dst, src) in [(&mut kc[li], k), (&mut vc[li], v)] {
+                    ops::par_rows(par, &mut dst[cache_rows.clone()], kvd, 1, &|r, o| {
+                        let src = &src[r.start * kvd..r.end * kvd];
+                        for (o, x) in o.iter_mut().zip(src) {
+                            *o = half::f16::from_f32(*x).to_bits();
+                        }
+                    });
+                }
+            }
+            Store::Q8(q) => {
+                for t in 0..n {
+                    let p = s0 + t;
+                    let (k, v) = (&k[t * kvd..(t + 1) * kvd], &v[t * kvd..(t + 1) * kvd]);
+                    for h in 0..nkv {
+                        let r = p * kvd + h * d..p * kvd + (h + 1) * d;
+                        q.ks[li][p * nkv + h] =
+                            quantize_row_i8(&k[h * d..(h + 1) * d], &mut q.k[li][r.clone()]);
+                        q.vs[li][p * nkv + h] =
+                            quantize_row_i8(&v[h * d..(h + 1) * d], &mut q.v[li][r]);
+                    }
+                }
+            }
+        }
+    }
+}
