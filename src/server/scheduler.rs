@@ -462,8 +462,10 @@ impl Worker {
                 continue;
             };
             if a.job.events.is_closed() {
-                self.metrics.cancelled.fetch_add(1, Relaxed);
+                // the slot first, then the count: a reader that sees the cancellation also
+                // sees the slot free
                 self.release(i);
+                self.metrics.cancelled.fetch_add(1, Relaxed);
             } else if now >= a.job.deadline {
                 self.metrics.timeouts.fetch_add(1, Relaxed);
                 self.finish_err(i, 504, "the request timed out (server --timeout)");
@@ -596,8 +598,8 @@ impl Worker {
                 logprob: lp,
             },
         ) {
-            self.metrics.cancelled.fetch_add(1, Relaxed);
             self.release(i);
+            self.metrics.cancelled.fetch_add(1, Relaxed);
             return;
         }
         s.phase = Phase::Decode(id);
