@@ -180,6 +180,36 @@ impl ChatTemplate {
     /// Render the conversation, as `apply_chat_template(messages, tokenize=False,
     /// add_generation_prompt=...)`.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        self.render_with(
+            Value::from_serialize(messages),
+            Value::from(()),
+            add_generation_prompt,
+        )
+    }
+
+    /// [`ChatTemplate::render`] of messages given as JSON (OpenAI shape: `tool_calls`,
+    /// `tool_call_id`, ... are passed to the template as they are) and the tool definitions
+    /// (`tools`, `None` = no tools), as `apply_chat_template(messages, tools=tools)`.
+    pub fn render_json(
+        &self,
+        messages: &serde_json::Value,
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        let tools = tools.map_or(Value::from(()), Value::from_serialize);
+        self.render_with(
+            Value::from_serialize(messages),
+            tools,
+            add_generation_prompt,
+        )
+    }
+
+    fn render_with(
+        &self,
+        messages: Value,
+        tools: Value,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let tmpl = self.env.get_template(NAME).map_err(template_err)?;
         let now = self.now.unwrap_or_else(|| {
             SystemTime::now()
@@ -189,11 +219,11 @@ impl ChatTemplate {
         });
         let strftime_now = Value::from_function(move |fmt: String| strftime(&fmt, now));
         let ctx = minijinja::context! {
-            messages => Value::from_serialize(messages),
+            messages => messages,
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token.clone(),
             eos_token => self.eos_token.clone(),
-            tools => Value::from(()),
+            tools => tools,
             documents => Value::from(()),
             strftime_now => strftime_now,
         };

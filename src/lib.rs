@@ -15,6 +15,8 @@ pub mod ops;
 pub mod perplexity;
 pub mod pool;
 pub mod sampling;
+#[cfg(feature = "server")]
+pub mod server;
 pub mod tokenizer;
 #[path = "../tools/mod.rs"]
 pub mod tools;

@@ -40,6 +40,9 @@ enum Cmd {
     Chat(cli::chat::Args),
     /// Check a model file's tensors against the checksums it records.
     Verify(cli::verify::Args),
+    /// OpenAI-compatible HTTP server (chat/completions, completions, streaming, batching).
+    #[cfg(feature = "server")]
+    Serve(cli::serve::Args),
 }
 
 fn main() {
@@ -58,6 +61,8 @@ fn main() {
         Cmd::Run(a) => cli::run::run(a),
         Cmd::Chat(a) => cli::chat::run(a),
         Cmd::Verify(a) => cli::verify::run(a),
+        #[cfg(feature = "server")]
+        Cmd::Serve(a) => cli::serve::run(a),
     };
     if let Err(e) = r {
         eprintln!("ferroq: error: {e}");

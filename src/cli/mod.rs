@@ -8,6 +8,8 @@ pub mod inspect;
 pub mod logits;
 pub mod perplexity;
 pub mod run;
+#[cfg(feature = "server")]
+pub mod serve;
 pub mod synth;
 pub mod tokenize;
 pub mod verify;

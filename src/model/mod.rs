@@ -8,6 +8,7 @@ pub mod tensors;
 pub use config::{Arch, LayerSpec, Llama3Scaling, ModelConfig, RopeStyle, Router};
 pub use tensors::{tensor_table, Role, TensorSpec};
 pub mod attention;
+pub mod batch;
 mod ffn;
 pub mod forward;
 pub mod kv;
@@ -18,6 +19,7 @@ pub mod residency;
 pub mod state;
 pub mod weights;
 
+pub use batch::{BatchSeg, MultiState};
 pub use kv::KvType;
 pub use kvmem::{kv_bytes, KvBytes};
 pub use probe::{Input, Point, Probe};
