@@ -569,8 +569,8 @@ impl Session {
             .take_while(|(a, b)| a == b)
             .count();
         // at least one token must run to produce the logits
-        let keep = common.min(prompt.len() - 1);
-        self.state.truncate(keep);
+        // (a chunk-ring cache may keep fewer: from the start of `keep`'s attention chunk)
+        let keep = self.state.truncate(common.min(prompt.len() - 1));
         self.cached.truncate(keep);
         let rest = &prompt[keep..];
         let n_chunks = rest.len().div_ceil(self.batch);
@@ -582,7 +582,8 @@ impl Session {
             };
             if let Err(e) = self.engine.model.forward(&mut self.state, chunk, want) {
                 self.cached.truncate(self.state.pos.min(self.cached.len()));
-                self.state.truncate(self.cached.len());
+                let kept = self.state.truncate(self.cached.len());
+                self.cached.truncate(kept);
                 return Err(e);
             }
             self.cached.extend_from_slice(chunk);

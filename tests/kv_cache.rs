@@ -218,3 +218,33 @@ fn paged_experts_same_logits() {
         std::fs::remove_file(path).ok();
     }
 }
+
+/// Chunked-attention layers keep only the current chunk (a ring): rewinding into an earlier
+/// chunk keeps the tokens up to that chunk's start, and running the rest again gives the
+/// logits of one prefill; rewinding within the last chunk keeps everything asked for.
+#[test]
+fn chunk_ring_rewind() {
+    let path = convert_f32("llama4-scout-tiny");
+    let model = Model::open(&path).unwrap();
+    let cs = model.config.attention_chunk_size.unwrap();
+    assert_eq!(cs, 8, "the fixture's chunk");
+    let v = model.config.vocab_size;
+    let (ids, _) = expected("llama4-scout-tiny");
+    let ids: Vec<u32> = ids.iter().cycle().take(120).copied().collect();
+    let full = run(&model, &ids, KvType::F32, 1, false);
+    let mut st = State::with_kv(&model, ids.len(), ids.len(), true, 1, KvType::F32);
+    model.forward(&mut st, &ids[..100], Logits::None).unwrap();
+    assert_eq!(st.truncate(45), 40, "back to the start of 45's chunk");
+    model.forward(&mut st, &ids[40..], Logits::All).unwrap();
+    let d = max_abs_diff(st.logits(), &full[40 * v..]);
+    assert!(d <= 1e-4, "rewound and re-run vs one prefill: {d}");
+    // within the chunk of the last token (119): 117 is kept as asked
+    assert_eq!(st.truncate(117), 117);
+    model.forward(&mut st, &ids[117..], Logits::All).unwrap();
+    let d = max_abs_diff(st.logits(), &full[117 * v..]);
+    assert!(d <= 1e-4, "rewound in the last chunk: {d}");
+    // the bytes of the cache: global layers keep the context, chunked layers 8 slots
+    let b = ferroq::model::kv_bytes(&model.config, 4096, KvType::F16);
+    assert!(b.ring_layers > 0 && b.ring_slots == cs && b.total < b.total_full);
+    std::fs::remove_file(path).ok();
+}

@@ -136,15 +136,18 @@ pub fn prepare_qk(
 }
 
 /// Causal (or chunked) GQA attention of the `n` query rows `qb` at positions `pos0 .. pos0 + n`
-/// against `kvl`, whose positions `0 .. pos0 + n` hold the keys and values (the batch's own
-/// included). Writes `n` rows of `n_heads * head_dim` into `out` (the per-thread scratch of
-/// `par` must hold [`scratch_len`] floats).
+/// against `kvl`, which holds the keys and values of the positions the queries see (the
+/// batch's own included), position `j` at row `j - base` (`base` 0 for a layer that keeps the
+/// whole context; the chunk start for a chunk ring, the positions then all in that chunk).
+/// Writes `n` rows of `n_heads * head_dim` into `out` (the per-thread scratch of `par` must
+/// hold [`scratch_len`] floats).
 #[allow(clippy::too_many_arguments)]
 pub fn attend(
     kern: &Kernels,
     par: &Par,
     shape: AttnShape,
     kvl: KvLayer,
+    base: usize,
     qb: &[f32],
     pos0: usize,
     n: usize,
@@ -176,7 +179,7 @@ pub fn attend(
         let mut j0 = start;
         while j0 <= p {
             let nk = (p + 1 - j0).min(ATT_TILE);
-            let off = j0 * kvd + kh * d;
+            let off = (j0 - base) * kvd + kh * d;
             for r in 0..rep {
                 let hh = kh * rep + r;
                 let q = &qb[t * qd + hh * d..t * qd + (hh + 1) * d];
@@ -187,7 +190,7 @@ pub fn attend(
                     KvLayer::Q8(kc, _, ks, _) => {
                         (kern.attn_scores_i8)(q, &kc[off..], kvd, scale, s);
                         for (i, x) in s.iter_mut().enumerate() {
-                            *x *= ks[(j0 + i) * nkv + kh];
+                            *x *= ks[(j0 - base + i) * nkv + kh];
                         }
                     }
                 }
@@ -199,7 +202,7 @@ pub fn attend(
                     KvLayer::Q8(_, vc, _, vs) => {
                         let pw = &mut pw[..nk];
                         for (i, (w, &x)) in pw.iter_mut().zip(s.iter()).enumerate() {
-                            *w = x * vs[(j0 + i) * nkv + kh];
+                            *w = x * vs[(j0 - base + i) * nkv + kh];
                         }
                         (kern.attn_values_i8)(pw, &vc[off..], kvd, or)
                     }
@@ -253,7 +256,7 @@ pub fn attend(
                 j0 += nk;
                 continue;
             }
-            let off = j0 * kvd + kh * d;
+            let off = (j0 - base) * kvd + kh * d;
             let kt = &mut kt[..d * nk];
             match kvl {
                 KvLayer::F32(kc, _) => (kern.kv_transpose_f32)(&kc[off..], kvd, d, nk, kt),
@@ -263,7 +266,8 @@ pub fn attend(
                 }
                 KvLayer::Q8(kc, vc, ks, vs) => {
                     for j in 0..nk {
-                        let (ksj, vsj) = (ks[(j0 + j) * nkv + kh], vs[(j0 + j) * nkv + kh]);
+                        let sj = (j0 - base + j) * nkv + kh;
+                        let (ksj, vsj) = (ks[sj], vs[sj]);
                         let r = off + j * kvd..off + j * kvd + d;
                         for (c, &x) in kc[r.clone()].iter().enumerate() {
                             kt[c * nk + j] = x as f32 * ksj;

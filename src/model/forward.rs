@@ -120,10 +120,19 @@ impl Model {
             ops::matmul_n(kern, &par, [wq, wk, wv], [qd, kvd, kvd], &a, qkv);
             let (cos, sin) = (&st.cos, &st.sin);
             attention::prepare_qk(&par, c, spec, cos, sin, pos0, n, &mut st.q, &mut st.k);
-            st.kv.append(&par, li, pos0, n, &st.k, &st.v);
+            // append and attend per run of positions the layer's cache holds at once (the
+            // whole batch, or for a chunk ring the part of the batch in one chunk)
             let shape = AttnShape::of(c, spec);
-            let kvl = st.kv.layer(li);
-            attention::attend(kern, &par, shape, kvl, &st.q, pos0, n, &mut st.att);
+            let mut s0 = 0;
+            while s0 < n {
+                let s1 = st.kv.segment_end(li, pos0 + s0, pos0 + n) - pos0;
+                let (k, v) = (&st.k[s0 * kvd..], &st.v[s0 * kvd..]);
+                st.kv.append(&par, li, pos0 + s0, s1 - s0, k, v);
+                let (kvl, base) = (st.kv.layer(li), st.kv.base(li, pos0 + s0));
+                let (q, att) = (&st.q[s0 * qd..], &mut st.att[s0 * qd..s1 * qd]);
+                attention::attend(kern, &par, shape, kvl, base, q, pos0 + s0, s1 - s0, att);
+                s0 = s1;
+            }
             see(pr, li, Point::MatInput(Input::Wo), &st.att[..n * qd]);
             let wo = self.mat(lw.wo);
             let q8 = quantize_for(kern, &par, &st.att, qd, n, &mut st.q8, &[wo]);

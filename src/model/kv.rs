@@ -56,11 +56,16 @@ struct Q8Store {
     vs: Vec<Vec<f32>>,
 }
 
-/// The KV cache of one session: every layer's keys and values for `max_ctx` positions.
+/// The KV cache of one session: every layer's keys and values. Global layers keep every
+/// position of the context; chunked-attention layers keep only the current chunk, in a ring of
+/// `min(max_ctx, attention_chunk_size)` slots (position `p` in slot `p % chunk`): a query never
+/// looks before the start of its own chunk, so older chunks are never read again.
 pub struct KvCache {
     store: Store,
     n_kv: usize,
     head_dim: usize,
+    /// Per layer: the chunk size of a ring layer, 0 for a layer that keeps everything.
+    ring: Vec<usize>,
 }
 
 /// One layer's cache, borrowed: `(keys, values)` rows of `n_kv * head_dim` per position (q8:
@@ -82,15 +87,6 @@ pub(crate) fn zeroed<T: bytemuck::Zeroable>(
         .ok_or_else(err)
 }
 
-/// [`zeroed`] once per layer.
-fn layered<T: bytemuck::Zeroable>(
-    layers: usize,
-    n: Option<usize>,
-    err: &dyn Fn() -> Error,
-) -> Result<Vec<Vec<T>>> {
-    (0..layers).map(|_| zeroed(n, err)).collect()
-}
-
 /// Symmetric int8 quantization of one head row: returns the scale.
 fn quantize_row_i8(x: &[f32], out: &mut [i8]) -> f32 {
     let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
@@ -103,14 +99,15 @@ fn quantize_row_i8(x: &[f32], out: &mut [i8]) -> f32 {
 }
 
 impl KvCache {
-    /// Bytes a cache of `max_ctx` positions takes (K and V of every layer, q8 scales not
-    /// counted), as a float so that absurd contexts do not overflow.
+    /// Bytes a cache of `max_ctx` positions takes if every layer keeps them all (K and V, q8
+    /// scales not counted), as a float so that absurd contexts do not overflow.
     pub fn bytes(kv: KvType, layers: usize, max_ctx: usize, n_kv: usize, head_dim: usize) -> f64 {
         (max_ctx as f64) * ((n_kv * head_dim) as f64) * (2 * layers * kv.elem_bytes()) as f64
     }
 
-    /// A zeroed cache (`calloc`: the pages of positions never reached are never made resident).
-    /// A size that overflows or cannot be allocated is an error naming the field `ctx`.
+    /// A zeroed cache in which every layer keeps all `max_ctx` positions (`calloc`: the pages
+    /// of positions never reached are never made resident). A size that overflows or cannot be
+    /// allocated is an error naming the field `ctx`.
     pub fn new(
         kv: KvType,
         layers: usize,
@@ -118,7 +115,38 @@ impl KvCache {
         n_kv: usize,
         head_dim: usize,
     ) -> Result<KvCache> {
+        Self::with_rings(kv, &vec![0; layers], max_ctx, n_kv, head_dim)
+    }
+
+    /// The cache of a model: chunked-attention layers get rings of their chunk
+    /// ([`super::kvmem`]), the others the whole context.
+    pub fn for_model(
+        kv: KvType,
+        c: &super::config::ModelConfig,
+        max_ctx: usize,
+    ) -> Result<KvCache> {
+        let ring: Vec<usize> = (0..c.num_layers)
+            .map(|l| {
+                if super::kvmem::is_ring(c, l) {
+                    c.attention_chunk_size.unwrap_or(0)
+                } else {
+                    0
+                }
+            })
+            .collect();
+        Self::with_rings(kv, &ring, max_ctx, c.num_kv_heads, c.head_dim)
+    }
+
+    /// A cache whose layer `l` is a ring of `ring[l]` slots (0: keeps all `max_ctx`).
+    pub fn with_rings(
+        kv: KvType,
+        ring: &[usize],
+        max_ctx: usize,
+        n_kv: usize,
+        head_dim: usize,
+    ) -> Result<KvCache> {
         let kvd = n_kv * head_dim;
+        let layers = ring.len();
         let err = || {
             let bytes = Self::bytes(kv, layers, max_ctx, n_kv, head_dim);
             Error::config(
@@ -130,28 +158,77 @@ impl KvCache {
                 ),
             )
         };
-        let per_ctx = |per_token: usize| -> Option<usize> { max_ctx.checked_mul(per_token) };
+        let slots = |l: usize| match ring[l] {
+            0 => max_ctx,
+            cs => cs.min(max_ctx),
+        };
+        let per = |per_token: usize| -> Vec<Option<usize>> {
+            (0..layers)
+                .map(|l| slots(l).checked_mul(per_token))
+                .collect()
+        };
+        fn alloc<T: bytemuck::Zeroable>(
+            sizes: Vec<Option<usize>>,
+            err: &dyn Fn() -> Error,
+        ) -> Result<Vec<Vec<T>>> {
+            sizes.into_iter().map(|n| zeroed(n, err)).collect()
+        }
         let store = match kv {
-            KvType::F32 => Store::F32(
-                layered(layers, per_ctx(kvd), &err)?,
-                layered(layers, per_ctx(kvd), &err)?,
-            ),
-            KvType::F16 => Store::F16(
-                layered(layers, per_ctx(kvd), &err)?,
-                layered(layers, per_ctx(kvd), &err)?,
-            ),
+            KvType::F32 => Store::F32(alloc(per(kvd), &err)?, alloc(per(kvd), &err)?),
+            KvType::F16 => Store::F16(alloc(per(kvd), &err)?, alloc(per(kvd), &err)?),
             KvType::Q8 => Store::Q8(Q8Store {
-                k: layered(layers, per_ctx(kvd), &err)?,
-                v: layered(layers, per_ctx(kvd), &err)?,
-                ks: layered(layers, per_ctx(n_kv), &err)?,
-                vs: layered(layers, per_ctx(n_kv), &err)?,
+                k: alloc(per(kvd), &err)?,
+                v: alloc(per(kvd), &err)?,
+                ks: alloc(per(n_kv), &err)?,
+                vs: alloc(per(n_kv), &err)?,
             }),
         };
         Ok(KvCache {
             store,
             n_kv,
             head_dim,
+            ring: ring.to_vec(),
         })
+    }
+
+    /// The chunk of layer `li` if it is a ring.
+    fn ring_of(&self, li: usize) -> Option<usize> {
+        self.ring.get(li).copied().filter(|&cs| cs > 0)
+    }
+
+    /// The slot of position `p` in layer `li`.
+    fn slot(&self, li: usize, p: usize) -> usize {
+        self.ring_of(li).map_or(p, |cs| p % cs)
+    }
+
+    /// The position held in slot 0 of layer `li` while positions around `p` are processed
+    /// (the start of `p`'s chunk for a ring layer, 0 otherwise): the attention reads position
+    /// `j` at slot `j - base`.
+    pub fn base(&self, li: usize, p: usize) -> usize {
+        self.ring_of(li).map_or(0, |cs| p / cs * cs)
+    }
+
+    /// The end of the run of positions `p .. end` that layer `li` can append and attend in one
+    /// go: a ring layer stops at the end of `p`'s chunk (the next chunk overwrites its slots).
+    pub fn segment_end(&self, li: usize, p: usize, end: usize) -> usize {
+        self.ring_of(li)
+            .map_or(end, |cs| end.min((p / cs + 1) * cs))
+    }
+
+    /// After a cache that held positions `0 .. held` is rewound to `pos`: the positions that
+    /// are still there. A ring keeps the chunk of position `held - 1` only, so rewinding into
+    /// an earlier chunk keeps up to that chunk's start (its later positions must be run
+    /// again); a model without rings keeps `pos`.
+    pub fn keepable(&self, held: usize, pos: usize) -> usize {
+        let pos = pos.min(held);
+        let Some(cs) = self.ring.iter().copied().filter(|&c| c > 0).min() else {
+            return pos;
+        };
+        if pos == held || pos.is_multiple_of(cs) || (held > 0 && pos / cs == (held - 1) / cs) {
+            pos
+        } else {
+            pos / cs * cs
+        }
     }
 
     /// The element type.
@@ -173,12 +250,15 @@ impl KvCache {
     }
 
     /// Store the keys and values `k`, `v` (`n` rows of `n_kv * head_dim`) of layer `li` at
-    /// positions `pos0 .. pos0 + n` (the caller checked they fit), converted to the cache type
-    /// (f16: per row on the pool for a long batch; q8: one scale per position and KV head).
+    /// positions `pos0 .. pos0 + n` (the caller checked they fit, and for a ring layer that they
+    /// lie in one chunk: [`KvCache::segment_end`]), converted to the cache type (f16: per row
+    /// on the pool for a long batch; q8: one scale per position and KV head).
     pub fn append(&mut self, par: &Par, li: usize, pos0: usize, n: usize, k: &[f32], v: &[f32]) {
         let (nkv, d) = (self.n_kv, self.head_dim);
         let kvd = nkv * d;
-        let cache_rows = pos0 * kvd..(pos0 + n) * kvd;
+        debug_assert!(n == 0 || self.segment_end(li, pos0, pos0 + n) == pos0 + n);
+        let s0 = self.slot(li, pos0);
+        let cache_rows = s0 * kvd..(s0 + n) * kvd;
         match &mut self.store {
             Store::F32(kc, vc) => {
                 kc[li][cache_rows.clone()].copy_from_slice(&k[..n * kvd]);
@@ -196,7 +276,7 @@ impl KvCache {
             }
             Store::Q8(q) => {
                 for t in 0..n {
-                    let p = pos0 + t;
+                    let p = s0 + t;
                     let (k, v) = (&k[t * kvd..(t + 1) * kvd], &v[t * kvd..(t + 1) * kvd]);
                     for h in 0..nkv {
                         let r = p * kvd + h * d..p * kvd + (h + 1) * d;

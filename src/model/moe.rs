@@ -13,7 +13,6 @@ use super::probe::{see, Input, Point, ProbeOpt};
 use super::state::State;
 use super::weights::{Model, W};
 use crate::ops::{self, matmul, quantize_for, Act, Mat, Par};
-use ferroq_kernels::scalar;
 
 /// The weights of one MoE layer.
 pub(super) struct MoeLayer<'w> {
@@ -68,12 +67,12 @@ impl Model {
         for t in 0..n {
             let logits = &st.router[t * ne..(t + 1) * ne];
             let val = &mut st.top_val[t * kx..(t + 1) * kx];
-            scalar::topk(logits, kx, &mut st.top_idx[t * kx..(t + 1) * kx], val);
+            (kern.topk)(logits, kx, &mut st.top_idx[t * kx..(t + 1) * kx], val);
             route_weights(c.router, logits, val);
         }
         // group (token, slot) pairs by expert: counts, offsets, permutation and its inverse
         let pairs = n * kx;
-        ferroq_kernels::routing::group_by_expert(
+        (kern.group_by_expert)(
             &st.top_idx[..pairs],
             ne,
             &mut st.counts,

@@ -134,7 +134,7 @@ impl State {
         let bk = max_batch.checked_mul(kx).ok_or_else(batch_err)?;
         let nb = |per_token: usize| max_batch.checked_mul(per_token);
         let nk = |per_token: usize| bk.checked_mul(per_token);
-        let kv = KvCache::new(kv, c.num_layers, max_ctx, c.num_kv_heads, c.head_dim)?;
+        let kv = KvCache::for_model(kv, c, max_ctx)?;
         let f = |n: Option<usize>| zeroed::<f32>(n, &batch_err);
         Ok(State {
             pos: 0,
@@ -215,9 +215,13 @@ impl State {
         self.pos = 0;
     }
 
-    /// Rewind the cache to `pos` tokens (keep a shared prefix).
-    pub fn truncate(&mut self, pos: usize) {
-        self.pos = self.pos.min(pos);
+    /// Rewind the cache to `pos` tokens (keep a shared prefix); returns the position kept,
+    /// which is less than `pos` when `pos` lies in an earlier attention chunk than the last
+    /// token: chunked layers keep only the current chunk, so the tokens from the start of
+    /// `pos`'s chunk must run again ([`KvCache::keepable`]).
+    pub fn truncate(&mut self, pos: usize) -> usize {
+        self.pos = self.kv.keepable(self.pos, pos);
+        self.pos
     }
 
     /// The logits computed by the last forward call: `rows × vocab`.

@@ -69,6 +69,9 @@ macro_rules! sdot_lane {
 /// * NEON and dotprod available.
 /// * `w` points to `nb` readable blocks of `stride` bytes (a 4-bit type with these `levels`
 ///   when `M == Q4`, `BlockQ6x8` when `Q6`, else `BlockQ8x8`); `x[t].len() >= nb`.
+// out of line, as before the entries were compiled with the same features (measured:
+// inlined into the driver, q4l_gemm64 ran slower)
+#[inline(never)]
 #[target_feature(enable = "neon,dotprod")]
 pub(crate) unsafe fn q_tile<const NY: usize, const M: u8>(
     levels: &[i8; 16],

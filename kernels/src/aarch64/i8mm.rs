@@ -99,6 +99,9 @@ unsafe fn zip64(a: int8x16_t, b: int8x16_t) -> (int8x16_t, int8x16_t) {
 /// * NEON, dotprod and i8mm available.
 /// * `w` points to `nb` readable blocks of `stride` bytes (a 4-bit type with these `levels`
 ///   when `M == Q4`, `BlockQ6x8` when `Q6`, else `BlockQ8x8`); `x[t].len() >= nb`.
+// out of line, as before the entries were compiled with the same features (measured:
+// inlined into the driver, q4l_gemm64 ran slower)
+#[inline(never)]
 #[target_feature(enable = "neon,dotprod,i8mm")]
 unsafe fn q_tile<const NY: usize, const M: u8>(
     levels: &[i8; 16],

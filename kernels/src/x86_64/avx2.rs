@@ -173,6 +173,9 @@ unsafe fn dot4(wabs: __m256i, w: __m256i, a: __m256i, ones: __m256i) -> __m256i 
 /// # Safety
 /// * The CPU supports AVX2, FMA and F16C.
 /// * `x[t].len() >= w.len()` for every `t`.
+// out of line, as before the entries were compiled with the same features (measured:
+// inlined into the driver, q4l_gemm64 ran slower)
+#[inline(never)]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::needless_range_loop)] // the indexed loop compiles 2.5 % faster than iter_mut at NY = 8
 unsafe fn q4_tile<const NY: usize>(
@@ -226,6 +229,9 @@ unsafe fn q4_tile<const NY: usize>(
 /// # Safety
 /// * The CPU supports AVX2, FMA and F16C.
 /// * `w1.len() == w0.len()` and `x.len() >= w0.len()`.
+// out of line, as before the entries were compiled with the same features (measured:
+// inlined into the driver, q4l_gemm64 ran slower)
+#[inline(never)]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4_tile1x2(
     w0: &[BlockQ4x8],
@@ -301,6 +307,9 @@ unsafe fn finish_l(s16: __m256i, a: &BlockQ8A, ones: __m256i) -> __m256i {
 ///
 /// # Safety
 /// Same as [`q4_tile`].
+// out of line, as before the entries were compiled with the same features (measured:
+// inlined into the driver, q4l_gemm64 ran slower)
+#[inline(never)]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::needless_range_loop)] // as in q4_tile
 unsafe fn q4l_tile<const NY: usize>(
@@ -347,6 +356,9 @@ unsafe fn q4l_tile<const NY: usize>(
 ///
 /// # Safety
 /// Same as [`q4_tile1x2`].
+// out of line, as before the entries were compiled with the same features (measured:
+// inlined into the driver, q4l_gemm64 ran slower)
+#[inline(never)]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4l_tile1x2(
     w0: &[BlockQ4Lx8],
@@ -386,6 +398,9 @@ unsafe fn q4l_tile1x2(
 
 /// # Safety
 /// Same as [`q4_tile`].
+// out of line, as before the entries were compiled with the same features (measured:
+// inlined into the driver, q4l_gemm64 ran slower)
+#[inline(never)]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q8_tile<const NY: usize>(
     w: &[BlockQ8x8],
@@ -430,6 +445,9 @@ unsafe fn q8_tile<const NY: usize>(
 ///
 /// # Safety
 /// Same as [`q4_tile1x2`].
+// out of line, as before the entries were compiled with the same features (measured:
+// inlined into the driver, q4l_gemm64 ran slower)
+#[inline(never)]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q8_tile1x2(
     w0: &[BlockQ8x8],
@@ -519,6 +537,9 @@ unsafe fn finish_q6(s32: __m256i, a: &BlockQ8A) -> __m256i {
 ///
 /// # Safety
 /// Same as [`q4_tile`].
+// out of line, as before the entries were compiled with the same features (measured:
+// inlined into the driver, q4l_gemm64 ran slower)
+#[inline(never)]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::needless_range_loop)] // as in q4_tile
 unsafe fn q6_tile<const NY: usize>(
@@ -559,6 +580,9 @@ unsafe fn q6_tile<const NY: usize>(
 ///
 /// # Safety
 /// Same as [`q4_tile1x2`].
+// out of line, as before the entries were compiled with the same features (measured:
+// inlined into the driver, q4l_gemm64 ran slower)
+#[inline(never)]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q6_tile1x2(
     w0: &[BlockQ6x8],

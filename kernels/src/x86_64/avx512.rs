@@ -107,6 +107,9 @@ unsafe fn quad(a: &BlockQ8A, i: usize) -> __m256i {
 /// # Safety
 /// * The CPU supports AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI.
 /// * `x[t].len() >= w.len()` for every `t`.
+// out of line, as before the entries were compiled with the same features (measured:
+// inlined into the driver, q4l_gemm64 ran slower)
+#[inline(never)]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn q4_tile<B: Q4Block, const NY: usize>(
     w: &[B],
@@ -144,6 +147,9 @@ unsafe fn q4_tile<B: Q4Block, const NY: usize>(
 
 /// # Safety
 /// Same as [`q4_tile`].
+// out of line, as before the entries were compiled with the same features (measured:
+// inlined into the driver, q4l_gemm64 ran slower)
+#[inline(never)]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn q8_tile<const NY: usize>(
     w: &[BlockQ8x8],
@@ -179,6 +185,9 @@ unsafe fn q8_tile<const NY: usize>(
 ///
 /// # Safety
 /// Same as [`q4_tile`].
+// out of line, as before the entries were compiled with the same features (measured:
+// inlined into the driver, q4l_gemm64 ran slower)
+#[inline(never)]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn q6_tile<const NY: usize>(
     w: &[BlockQ6x8],
