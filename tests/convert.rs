@@ -718,10 +718,10 @@ fn errors_name_the_problem_and_leave_no_file() {
     rewrite(
         fx,
         &case,
-        |c| c["architectures"] = json!(["MistralForCausalLM"]),
+        |c| c["architectures"] = json!(["GPT2LMHeadModel"]),
         same,
     );
-    check(&case, "unknown architecture `MistralForCausalLM`");
+    check(&case, "unknown architecture `GPT2LMHeadModel`");
 
     let case = d.join("missing");
     rewrite(

@@ -487,3 +487,29 @@ fn q6_output_table_and_its_roles() {
         std::fs::remove_file(path).ok();
     }
 }
+
+/// The families added in issue 12 (`make_families.py` beside the fixtures; transformers 5.24,
+/// RoPE buffers in f32 as `from_pretrained` keeps them): Mixtral (softmax top-2 of 4 experts,
+/// no shared expert), Llama 2 (Hub-style config: no `head_dim`, top-level `rope_theta`) and
+/// Mistral (`MistralForCausalLM`, a sliding window longer than the sequence).
+macro_rules! per_family {
+    ($($test:ident: $name:expr;)*) => {$(
+        mod $test {
+            use super::*;
+            #[test]
+            fn f32() { check_unquantized($name, "f32") }
+            #[test]
+            fn bf16() { check_unquantized($name, "bf16") }
+            #[test]
+            fn q8() { check_quantized($name, "q8", MIN_COSINE_Q8) }
+            #[test]
+            fn q4() { check_quantized($name, "q4", MIN_COSINE_Q4) }
+        }
+    )*};
+}
+
+per_family! {
+    mixtral_tiny: "mixtral-tiny";
+    llama2_tiny: "llama2-tiny";
+    mistral_tiny: "mistral-tiny";
+}

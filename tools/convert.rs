@@ -41,10 +41,12 @@
 //! default) 0.290, q4 0.372 (an earlier build: 0.275 → 0.372); bytes per generated token
 //! 89.9 / 82.9 / 75.8 MB.
 
+use super::family::{self, ExpertPart, Src};
 use super::hf::{architecture, model_config_from_hf};
 use super::source::{Checkpoint, TensorSource};
 use crate::format::{DType, FqmWriter, EXPERT_ALIGN, TENSOR_ALIGN};
-use crate::model::{tensor_table, Arch, ModelConfig, Role, TensorSpec};
+use crate::model::tensors::{LayerTensor, Proj, TensorKey};
+use crate::model::{tensor_table, ModelConfig, Role, TensorSpec};
 use crate::{Error, Result};
 use ferroq_kernels::block::{row_groups, BlockQ4Lx8, BlockQ4x8, BlockQ6x8, BlockQ8x8, QK, ROWS};
 use ferroq_kernels::scalar::{quantize_q4x8_importance, quantize_q6x8, quantize_q8x8};
@@ -206,26 +208,9 @@ pub struct Report {
     pub recipe: Value,
 }
 
-/// Which kind of FFN tensor an expert entry is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum ExpertPart {
-    Gate,
-    Up,
-    Down,
-}
-
-/// Where one of our tensors comes from.
-#[derive(Clone, Debug)]
-enum Src {
-    /// A 2-D or 1-D tensor stored as we want it.
-    Plain(String),
-    /// Slice `e` of a fused, transposed expert tensor: `gate_up_proj [E, H, 2I]` (gate = columns
-    /// `[:I]`, up = `[I:]`) or `down_proj [E, I, H]`.
-    Fused {
-        name: String,
-        e: usize,
-        part: ExpertPart,
-    },
+/// The first tensor of a routed expert (it starts on a page).
+fn spec_is_expert_gate(key: TensorKey) -> bool {
+    matches!(key, TensorKey::Layer(_, LayerTensor::Expert(_, Proj::Gate)))
 }
 
 struct Planned {
@@ -285,71 +270,11 @@ fn plan(
 ) -> Result<(Vec<Planned>, &'static str)> {
     let quant = opts.quant;
     let p = text_prefix(src)?;
-    let m = format!("{p}model.");
-    let ffn = if cfg.arch == Arch::Llama {
-        "mlp"
-    } else {
-        "feed_forward"
-    };
     let mut out = Vec::new();
     for spec in tensor_table(cfg) {
         let n = spec.name.as_str();
-        let parts: Vec<&str> = n.split('.').collect();
-        let s = match parts.as_slice() {
-            ["tok_embeddings"] => Src::Plain(format!("{m}embed_tokens.weight")),
-            ["output_norm"] => Src::Plain(format!("{m}norm.weight")),
-            ["output"] => Src::Plain(format!("{p}lm_head.weight")),
-            ["layers", i, rest @ ..] => {
-                let l = format!("{m}layers.{i}.");
-                match rest {
-                    ["attn_norm"] => Src::Plain(format!("{l}input_layernorm.weight")),
-                    ["ffn_norm"] => Src::Plain(format!("{l}post_attention_layernorm.weight")),
-                    ["wq"] => Src::Plain(format!("{l}self_attn.q_proj.weight")),
-                    ["wk"] => Src::Plain(format!("{l}self_attn.k_proj.weight")),
-                    ["wv"] => Src::Plain(format!("{l}self_attn.v_proj.weight")),
-                    ["wo"] => Src::Plain(format!("{l}self_attn.o_proj.weight")),
-                    ["ffn_gate"] => Src::Plain(format!("{l}{ffn}.gate_proj.weight")),
-                    ["ffn_up"] => Src::Plain(format!("{l}{ffn}.up_proj.weight")),
-                    ["ffn_down"] => Src::Plain(format!("{l}{ffn}.down_proj.weight")),
-                    ["router"] => Src::Plain(format!("{l}feed_forward.router.weight")),
-                    ["shared_gate"] => {
-                        Src::Plain(format!("{l}feed_forward.shared_expert.gate_proj.weight"))
-                    }
-                    ["shared_up"] => {
-                        Src::Plain(format!("{l}feed_forward.shared_expert.up_proj.weight"))
-                    }
-                    ["shared_down"] => {
-                        Src::Plain(format!("{l}feed_forward.shared_expert.down_proj.weight"))
-                    }
-                    ["experts", e, part] => {
-                        let e: usize = e.parse().expect("table index");
-                        let part = match *part {
-                            "gate" => ExpertPart::Gate,
-                            "up" => ExpertPart::Up,
-                            _ => ExpertPart::Down,
-                        };
-                        let fused_gu = format!("{l}feed_forward.experts.gate_up_proj");
-                        if src.find(&fused_gu).is_some() {
-                            let name = if part == ExpertPart::Down {
-                                format!("{l}feed_forward.experts.down_proj")
-                            } else {
-                                fused_gu
-                            };
-                            Src::Fused { name, e, part }
-                        } else {
-                            let pn = match part {
-                                ExpertPart::Gate => "gate_proj",
-                                ExpertPart::Up => "up_proj",
-                                ExpertPart::Down => "down_proj",
-                            };
-                            Src::Plain(format!("{l}feed_forward.experts.{e}.{pn}.weight"))
-                        }
-                    }
-                    _ => return Err(Error::Other(format!("internal: unmapped tensor {n}"))),
-                }
-            }
-            _ => return Err(Error::Other(format!("internal: unmapped tensor {n}"))),
-        };
+        let s = family::hf_source(cfg, spec.key, p, src)
+            .ok_or_else(|| Error::Other(format!("internal: unmapped tensor {n}")))?;
         // check the source
         match &s {
             Src::Plain(name) => {
@@ -374,7 +299,8 @@ fn plan(
         // measured on SmolLM2) stay at 8 bits
         if quant == Quant::Q4m
             && dtype == DType::Q4x8
-            && (n.ends_with(".wv") || n.ends_with("down"))
+            && (matches!(spec.key.layer(), Some((_, LayerTensor::Wv)))
+                || spec.key.proj() == Some(Proj::Down))
         {
             dtype = DType::Q8x8;
         }
@@ -774,7 +700,7 @@ pub fn convert(
         let bytes = encode(data, &pl.spec.shape, pl.dtype, None, obuf);
         let align = match pl.spec.expert {
             // the first tensor of each routed expert starts on a page
-            Some(_) if pl.spec.name.ends_with(".gate") => EXPERT_ALIGN,
+            Some(_) if spec_is_expert_gate(pl.spec.key) => EXPERT_ALIGN,
             _ => TENSOR_ALIGN,
         };
         w.add_tensor(&pl.spec.name, pl.dtype, &pl.spec.shape, bytes, align)?;

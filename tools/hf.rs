@@ -92,10 +92,12 @@ fn template_from_tokenizer_config(tc: &Value) -> Option<String> {
 }
 
 /// Supported `architectures[0]` values.
-pub const ARCHITECTURES: [&str; 3] = [
+pub const ARCHITECTURES: [&str; 5] = [
     "Llama4ForCausalLM",
     "Llama4ForConditionalGeneration",
     "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "MixtralForCausalLM",
 ];
 
 /// The architecture string of a config (`architectures[0]`, else derived from `model_type`).
@@ -113,9 +115,11 @@ pub fn architecture(v: &Value) -> Result<String> {
         Some("llama") => Ok("LlamaForCausalLM".into()),
         Some("llama4_text") => Ok("Llama4ForCausalLM".into()),
         Some("llama4") => Ok("Llama4ForConditionalGeneration".into()),
+        Some("mistral") => Ok("MistralForCausalLM".into()),
+        Some("mixtral") => Ok("MixtralForCausalLM".into()),
         _ => Err(Error::config(
             "architectures",
-            "missing, and `model_type` is not llama/llama4/llama4_text",
+            "missing, and `model_type` is not llama/llama4/llama4_text/mistral/mixtral",
         )),
     }
 }
@@ -287,7 +291,8 @@ pub fn model_config_from_hf(v: &Value) -> Result<ModelConfig> {
     }
     let arch_name = architecture(v)?;
     let arch = match arch_name.as_str() {
-        "LlamaForCausalLM" => Arch::Llama,
+        "LlamaForCausalLM" | "MistralForCausalLM" => Arch::Llama,
+        "MixtralForCausalLM" => Arch::Mixtral,
         "Llama4ForCausalLM" | "Llama4ForConditionalGeneration" => Arch::Llama4,
         other => {
             return Err(Error::config(
@@ -347,8 +352,18 @@ pub fn model_config_from_hf(v: &Value) -> Result<ModelConfig> {
     };
 
     let cfg = match arch {
-        Arch::Llama => {
-            let (rope_theta, rope_scaling) = rope(&f, 10000.0)?;
+        Arch::Llama | Arch::Mixtral => {
+            // Mixtral: the same layer with a sparse MoE block of `intermediate_size` experts
+            let moe = arch == Arch::Mixtral;
+            let (rope_theta, rope_scaling) = rope(&f, if moe { 1e6 } else { 10000.0 })?;
+            let width = f.usize_req("intermediate_size")?;
+            // Mistral / Mixtral: a sliding window shorter than the context limits the context
+            // to the window (within it, attention is exactly causal)
+            let ctx = f.usize_or("max_position_embeddings", 2048)?;
+            let ctx = match f.usize_opt("sliding_window")? {
+                Some(w) if w > 0 && w < ctx => w,
+                _ => ctx,
+            };
             ModelConfig {
                 rope_freq_bf16: false,
                 arch,
@@ -358,13 +373,25 @@ pub fn model_config_from_hf(v: &Value) -> Result<ModelConfig> {
                 num_heads,
                 num_kv_heads,
                 head_dim,
-                intermediate_size: f.usize_req("intermediate_size")?,
-                moe_intermediate_size: 0,
-                num_experts: 0,
-                num_experts_per_tok: 0,
+                intermediate_size: if moe { 0 } else { width },
+                moe_intermediate_size: if moe { width } else { 0 },
+                num_experts: if moe {
+                    f.usize_or("num_local_experts", 8)?
+                } else {
+                    0
+                },
+                num_experts_per_tok: if moe {
+                    f.usize_or("num_experts_per_tok", 2)?
+                } else {
+                    0
+                },
                 shared_expert: false,
-                router: Router::default(),
-                rms_norm_eps: f.f32_or("rms_norm_eps", 1e-6)?,
+                router: if moe {
+                    Router::SoftmaxTopK { renormalize: true }
+                } else {
+                    Router::default()
+                },
+                rms_norm_eps: f.f32_or("rms_norm_eps", if moe { 1e-5 } else { 1e-6 })?,
                 rope_theta,
                 rope_scaling,
                 rope_style: RopeStyle::Half,
@@ -372,14 +399,14 @@ pub fn model_config_from_hf(v: &Value) -> Result<ModelConfig> {
                 floor_scale: 8192.0,
                 attn_scale: 0.1,
                 tie_word_embeddings: tie,
-                max_position_embeddings: f.usize_or("max_position_embeddings", 2048)?,
+                max_position_embeddings: ctx,
                 layers: vec![
                     LayerSpec {
                         rope: true,
                         qk_norm: false,
                         chunked: false,
                         temp_tune: false,
-                        moe: false,
+                        moe,
                     };
                     num_layers
                 ],

@@ -5,6 +5,7 @@
 //! kernels crate's scalar twins, the same code the runtime's tests trust).
 
 pub mod convert;
+pub mod family;
 pub mod gguf;
 pub mod hf;
 pub mod safetensors;

@@ -12,8 +12,11 @@ use serde::{Deserialize, Serialize};
 pub enum Arch {
     /// Llama 4 text model (`Llama4ForCausalLM`, `Llama4ForConditionalGeneration`).
     Llama4,
-    /// Dense Llama (`LlamaForCausalLM`; Llama 2/3, SmolLM2, ...).
+    /// Dense Llama (`LlamaForCausalLM`; Llama 2/3, SmolLM2, ...; `MistralForCausalLM`).
     Llama,
+    /// Mixtral-style sparse MoE (`MixtralForCausalLM`): every layer MoE, softmax top-k routing
+    /// weighing the experts' outputs, no shared expert.
+    Mixtral,
 }
 
 /// Which pairs RoPE rotates.

@@ -6,7 +6,7 @@ pub mod config;
 pub mod tensors;
 
 pub use config::{Arch, LayerSpec, Llama3Scaling, ModelConfig, RopeStyle, Router};
-pub use tensors::{tensor_table, Role, TensorSpec};
+pub use tensors::{tensor_table, LayerTensor, Proj, Role, TensorKey, TensorSpec};
 pub mod attention;
 pub mod batch;
 mod ffn;

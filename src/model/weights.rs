@@ -3,7 +3,7 @@
 //! typed slice of the mapping when used.
 
 use super::config::ModelConfig;
-use super::tensors::{tensor_table, Role};
+use super::tensors::{tensor_table, LayerTensor, Proj, Role, TensorKey};
 use crate::format::{DType, FqmFile};
 use crate::ops::Mat;
 use crate::{Error, Result};
@@ -79,22 +79,31 @@ fn quantized(d: DType) -> bool {
 /// every expert's `gate` and `up` must be all quantized or all float, and so must every `down`.
 /// A file mixing them (e.g. one expert's `gate` stored as f32 beside q4 `up`) is refused here
 /// instead of failing mid-forward.
-fn check_expert_types(file: &FqmFile, config: &ModelConfig, get: &dyn Fn(&str) -> W) -> Result<()> {
-    let dtype = |n: &str| file.tensors()[get(n).0].dtype;
+fn check_expert_types(
+    file: &FqmFile,
+    config: &ModelConfig,
+    get: &dyn Fn(TensorKey) -> W,
+) -> Result<()> {
+    let key = |i: usize, e: usize, p: Proj| TensorKey::Layer(i, LayerTensor::Expert(e, p));
+    let dtype = |k: TensorKey| file.tensors()[get(k).0].dtype;
     for (i, l) in config.layers.iter().enumerate() {
         if !l.moe || config.num_experts == 0 {
             continue;
         }
         let first = [
-            quantized(dtype(&format!("layers.{i}.experts.0.gate"))),
-            quantized(dtype(&format!("layers.{i}.experts.0.down"))),
+            quantized(dtype(key(i, 0, Proj::Gate))),
+            quantized(dtype(key(i, 0, Proj::Down))),
         ];
         for e in 0..config.num_experts {
-            for (n, want) in [("gate", first[0]), ("up", first[0]), ("down", first[1])] {
-                let name = format!("layers.{i}.experts.{e}.{n}");
-                let d = dtype(&name);
+            for (p, want) in [
+                (Proj::Gate, first[0]),
+                (Proj::Up, first[0]),
+                (Proj::Down, first[1]),
+            ] {
+                let name = key(i, e, p);
+                let d = dtype(name);
                 if quantized(d) != want {
-                    let first_name = if n == "down" { "down" } else { "gate" };
+                    let first_name = if p == Proj::Down { "down" } else { "gate" };
                     return Err(Error::format(
                         file.path(),
                         format!(
@@ -170,51 +179,42 @@ impl Model {
                     ),
                 ));
             }
-            ids.insert(spec.name, W(idx));
+            ids.insert(spec.key, W(idx));
         }
-        let get = |n: &str| ids[n];
+        let get = |k: TensorKey| ids[&k];
         check_expert_types(&file, &config, &get)?;
         let mut layers = Vec::with_capacity(config.num_layers);
         for (i, l) in config.layers.iter().enumerate() {
-            let p = |s: &str| get(&format!("layers.{i}.{s}"));
+            let p = |t: LayerTensor| get(TensorKey::Layer(i, t));
             let ffn = if l.moe {
                 FfnWeights::Moe {
-                    router: p("router"),
+                    router: p(LayerTensor::Router),
                     shared: config
                         .shared_expert
-                        .then(|| [p("shared_gate"), p("shared_up"), p("shared_down")]),
+                        .then(|| Proj::ALL.map(|q| p(LayerTensor::Shared(q)))),
                     experts: (0..config.num_experts)
-                        .map(|e| {
-                            [
-                                p(&format!("experts.{e}.gate")),
-                                p(&format!("experts.{e}.up")),
-                                p(&format!("experts.{e}.down")),
-                            ]
-                        })
+                        .map(|e| Proj::ALL.map(|q| p(LayerTensor::Expert(e, q))))
                         .collect(),
                 }
             } else {
-                FfnWeights::Dense {
-                    gate: p("ffn_gate"),
-                    up: p("ffn_up"),
-                    down: p("ffn_down"),
-                }
+                let [gate, up, down] = Proj::ALL.map(|q| p(LayerTensor::Ffn(q)));
+                FfnWeights::Dense { gate, up, down }
             };
             layers.push(LayerWeights {
-                attn_norm: p("attn_norm"),
-                wq: p("wq"),
-                wk: p("wk"),
-                wv: p("wv"),
-                wo: p("wo"),
-                ffn_norm: p("ffn_norm"),
+                attn_norm: p(LayerTensor::AttnNorm),
+                wq: p(LayerTensor::Wq),
+                wk: p(LayerTensor::Wk),
+                wv: p(LayerTensor::Wv),
+                wo: p(LayerTensor::Wo),
+                ffn_norm: p(LayerTensor::FfnNorm),
                 ffn,
             });
         }
-        let tok_embeddings = get("tok_embeddings");
+        let tok_embeddings = get(TensorKey::TokEmbeddings);
         let output = if config.tie_word_embeddings {
             tok_embeddings
         } else {
-            get("output")
+            get(TensorKey::Output)
         };
         let scaling = config.rope_scaling.map(|s| {
             (
@@ -233,7 +233,7 @@ impl Model {
         Ok(Model {
             ctx_limit: config.max_position_embeddings,
             residency: None,
-            output_norm: get("output_norm"),
+            output_norm: get(TensorKey::OutputNorm),
             file,
             config,
             kernels,
