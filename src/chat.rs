@@ -46,6 +46,11 @@ pub fn template_output_cap(messages: &[Message]) -> usize {
         .iter()
         .map(|m| m.content.len() + m.role.len())
         .sum();
+    output_cap_for(text)
+}
+
+/// The output cap for a conversation of `text` bytes: 1 MiB + 8 × the text.
+fn output_cap_for(text: usize) -> usize {
     text.saturating_mul(8).saturating_add(1 << 20)
 }
 
@@ -184,6 +189,7 @@ impl ChatTemplate {
             Value::from_serialize(messages),
             Value::from(()),
             add_generation_prompt,
+            template_output_cap(messages),
         )
     }
 
@@ -196,11 +202,14 @@ impl ChatTemplate {
         tools: Option<&serde_json::Value>,
         add_generation_prompt: bool,
     ) -> Result<String> {
+        // The cap counts the JSON text of the messages and tools (keys and quotes included).
+        let text = messages.to_string().len() + tools.map_or(0, |t| t.to_string().len());
         let tools = tools.map_or(Value::from(()), Value::from_serialize);
         self.render_with(
             Value::from_serialize(messages),
             tools,
             add_generation_prompt,
+            output_cap_for(text),
         )
     }
 
@@ -209,6 +218,7 @@ impl ChatTemplate {
         messages: Value,
         tools: Value,
         add_generation_prompt: bool,
+        cap: usize,
     ) -> Result<String> {
         let tmpl = self.env.get_template(NAME).map_err(template_err)?;
         let now = self.now.unwrap_or_else(|| {
@@ -227,7 +237,6 @@ impl ChatTemplate {
             documents => Value::from(()),
             strftime_now => strftime_now,
         };
-        let cap = template_output_cap(messages);
         let mut out = Capped {
             out: Vec::new(),
             cap,
