@@ -526,7 +526,25 @@ fn convert_embeds_it_and_engine_and_cli_load_it() {
     for f in ["config.json", "model.safetensors"] {
         std::fs::copy(format!("{models}/llama3-tiny/{f}"), hf.join(f)).unwrap();
     }
-    let model = model_bytes("bpe");
+    // A byte-fallback BPE small enough for the fixture's 384 embedding rows (the converter
+    // refuses a tokenizer with more ids than the model has rows).
+    let bytes: Vec<Vec<u8>> = (0..=255u8)
+        .map(|b| format!("<0x{b:02X}>").into_bytes())
+        .collect();
+    let letters: Vec<Vec<u8>> = (b'a'..=b'z').chain(b'A'..=b'Z').map(|c| vec![c]).collect();
+    let mut pieces: Vec<(&[u8], f32, u64)> =
+        vec![(b"<unk>", 0.0, 2), (b"<s>", 0.0, 3), (b"</s>", 0.0, 3)];
+    pieces.extend(bytes.iter().map(|b| (b.as_slice(), 0.0, 6)));
+    pieces.push(("\u{2581}".as_bytes(), -1.0, 1));
+    pieces.push(("\u{2581}w".as_bytes(), -2.0, 1));
+    pieces.extend(
+        letters
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.as_slice(), -3.0 - i as f32, 1)),
+    );
+    assert!(pieces.len() <= 384);
+    let model = tiny(&pieces, 2, true);
     std::fs::write(hf.join("tokenizer.model"), &model).unwrap();
     std::fs::write(
         hf.join("tokenizer_config.json"),
