@@ -224,37 +224,7 @@ struct Utf8Stream {
 impl Utf8Stream {
     fn push(&mut self, bytes: &[u8], out: &mut String, last: bool) {
         self.buf.extend_from_slice(bytes);
-        let mut start = 0;
-        loop {
-            match std::str::from_utf8(&self.buf[start..]) {
-                Ok(s) => {
-                    out.push_str(s);
-                    start = self.buf.len();
-                    break;
-                }
-                Err(e) => {
-                    let valid = e.valid_up_to();
-                    if let Ok(s) = std::str::from_utf8(&self.buf[start..start + valid]) {
-                        out.push_str(s);
-                    }
-                    match e.error_len() {
-                        Some(n) => {
-                            out.push('\u{FFFD}');
-                            start += valid + n;
-                        }
-                        None => {
-                            start += valid;
-                            if last {
-                                out.push('\u{FFFD}');
-                                start = self.buf.len();
-                            }
-                            break;
-                        }
-                    }
-                }
-            }
-        }
-        self.buf.drain(..start);
+        crate::tokenizer::drain_utf8(&mut self.buf, out, last);
     }
 }
 

@@ -401,38 +401,44 @@ impl StreamDecoder<'_> {
     }
 
     fn drain(&mut self, out: &mut String, last: bool) {
-        let mut start = 0;
-        loop {
-            match std::str::from_utf8(&self.buf[start..]) {
-                Ok(s) => {
+        drain_utf8(&mut self.buf, out, last);
+    }
+}
+
+/// Move the complete UTF-8 text at the front of `buf` to `out` (invalid bytes become U+FFFD)
+/// and keep an incomplete character's bytes for the next call; `last` flushes them as U+FFFD.
+pub(crate) fn drain_utf8(buf: &mut Vec<u8>, out: &mut String, last: bool) {
+    let mut start = 0;
+    loop {
+        match std::str::from_utf8(&buf[start..]) {
+            Ok(s) => {
+                out.push_str(s);
+                start = buf.len();
+                break;
+            }
+            Err(e) => {
+                let valid = e.valid_up_to();
+                if let Ok(s) = std::str::from_utf8(&buf[start..start + valid]) {
                     out.push_str(s);
-                    start = self.buf.len();
-                    break;
                 }
-                Err(e) => {
-                    let valid = e.valid_up_to();
-                    if let Ok(s) = std::str::from_utf8(&self.buf[start..start + valid]) {
-                        out.push_str(s);
+                match e.error_len() {
+                    Some(n) => {
+                        out.push('\u{FFFD}');
+                        start += valid + n;
                     }
-                    match e.error_len() {
-                        Some(n) => {
+                    None => {
+                        start += valid;
+                        if last {
                             out.push('\u{FFFD}');
-                            start += valid + n;
+                            start = buf.len();
                         }
-                        None => {
-                            start += valid;
-                            if last {
-                                out.push('\u{FFFD}');
-                                start = self.buf.len();
-                            }
-                            break;
-                        }
+                        break;
                     }
                 }
             }
         }
-        self.buf.drain(..start);
     }
+    buf.drain(..start);
 }
 
 #[cfg(test)]
