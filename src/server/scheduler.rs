@@ -19,6 +19,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::metrics::Metrics;
 use crate::engine::Engine;
+use crate::grammar::{Grammar, GrammarMatcher};
 use crate::model::{BatchSeg, KvType, MultiState};
 use crate::sampling::{Sampler, SamplerConfig, Stop, StopCondition};
 use crate::Result;
@@ -32,6 +33,9 @@ pub struct Job {
     /// `Some(k)`: report the log-probability of each generated token and its `k` best
     /// alternatives.
     pub logprobs: Option<usize>,
+    /// Structured output (`response_format`): the output is kept a valid prefix of a value of
+    /// this grammar, and ends with a stop token only where the value is complete.
+    pub grammar: Option<Arc<Grammar>>,
     /// When the request arrived (time to first token counts from here).
     pub received: Instant,
     pub deadline: Instant,
@@ -242,6 +246,8 @@ struct Active {
     sampler: Sampler,
     stop: StopCondition,
     dec: Utf8Stream,
+    /// The structured-output state of this request (masks the slot's logits before sampling).
+    matcher: Option<GrammarMatcher>,
     generated: usize,
     cached_tokens: usize,
     started: Instant,
@@ -393,7 +399,13 @@ impl Worker {
             .prompt_tokens
             .fetch_add((p.len() - keep) as u64, Relaxed);
         let stop = StopCondition::new(self.engine.stop_ids().to_vec(), job.stop_strings.clone());
+        // the token index is built once per engine (on first use) and shared by every slot
+        let matcher = job
+            .grammar
+            .as_ref()
+            .map(|g| GrammarMatcher::new(g.clone(), self.engine.token_index()));
         s.active = Some(Active {
+            matcher,
             sampler: Sampler::new(job.sampler.clone(), vocab),
             stop,
             dec: Utf8Stream::default(),
@@ -534,8 +546,31 @@ impl Worker {
         if want_lp.is_some() {
             self.raw.copy_from_slice(&self.logits);
         }
-        let id = a.sampler.sample(&mut self.logits, &s.ids);
+        // no token can continue: complete without a stop id, or a nesting dead end
+        let dead_end = a.matcher.as_mut().map(|m| (m.any_allowed(), m.can_end()));
+        if let Some((false, complete)) = dead_end {
+            let finish = if complete {
+                Finish::Stop
+            } else {
+                Finish::Length
+            };
+            let mut rest = String::new();
+            a.dec.push(&[], &mut rest, true);
+            a.stop.finish(&mut rest);
+            self.end(i, rest, None, finish);
+            return;
+        }
+        let mask = a.matcher.as_mut().map(|m| m.mask());
+        let id = a.sampler.sample_masked(&mut self.logits, &s.ids, mask);
         let lp = want_lp.map(|k| logprob_of(&self.raw, id, k));
+        if let Some(m) = a.matcher.as_mut() {
+            if let Err(e) = m.accept_token(id) {
+                // cannot happen (the id came from the mask); end the request, not the server
+                let msg = format!("structured output: {e}");
+                self.finish_err(i, 500, &msg);
+                return;
+            }
+        }
         if a.stop.is_stop_id(id) {
             let mut rest = String::new();
             a.dec.push(&[], &mut rest, true);
@@ -555,6 +590,15 @@ impl Worker {
         let st = a.stop.push_text(&piece, &mut shown);
         if st == Stop::String {
             self.end(i, String::new(), Some((id, shown, lp)), Finish::Stop);
+            return;
+        }
+        // a complete value that takes no more text ends here (the stop token would be the only
+        // choice), even on the last token of the budget
+        if a.matcher.as_mut().is_some_and(|m| m.is_done()) {
+            let mut rest = String::new();
+            a.dec.push(&[], &mut rest, true);
+            a.stop.finish(&mut rest);
+            self.end(i, rest, Some((id, shown, lp)), Finish::Stop);
             return;
         }
         let full = s.ids.len() >= ctx;
