@@ -2,8 +2,8 @@
 //! with its own KV cache), admits queued requests into free slots, and runs steps. One step is
 //! the next token of every decoding slot plus a chunk of the prompt of
 //! slots still reading theirs (chunked prefill: a long prompt never stalls the others for more
-//! than one chunk), handed to [`MultiState::forward`] as one call (today it runs the segments
-//! one after the other; see `docs/server.md`).
+//! than one chunk), handed to [`MultiState::forward`] as one forward pass (the weights are read
+//! once per step for all slots; see `docs/server.md`).
 //!
 //! A request talks to its HTTP handler through an unbounded channel of [`Event`]s. When the
 //! handler goes away (the client disconnected), the channel closes and the slot is freed before
@@ -161,6 +161,7 @@ impl Scheduler {
             tokens: Vec::with_capacity(cfg.batch.max(1)),
             segs: Vec::with_capacity(slots),
             seg_slot: Vec::with_capacity(slots),
+            order: Vec::with_capacity(slots),
             logits: vec![0.0; vocab],
             raw: vec![0.0; vocab],
             clock: 0,
@@ -287,6 +288,8 @@ struct Worker {
     tokens: Vec<u32>,
     segs: Vec<BatchSeg>,
     seg_slot: Vec<usize>,
+    /// Slots reading their prompts, in arrival order.
+    order: Vec<(u64, usize)>,
     logits: Vec<f32>,
     /// The logits before sampling changed them (for log-probabilities).
     raw: Vec<f32>,
@@ -375,8 +378,11 @@ impl Worker {
             .max_by(|a, b| a.1.cmp(&b.1).then(b.2.cmp(&a.2)))
             .map(|(i, c, _)| (i, c))
             .expect("a free slot");
-        // at least one prompt token runs, to produce the logits
-        let keep = common.min(p.len().saturating_sub(1));
+        // at least one prompt token runs, to produce the logits; a model with chunked attention
+        // may keep less than the common prefix (its ring layers hold only the last chunk)
+        let keep = self
+            .ms
+            .truncate(best, common.min(p.len().saturating_sub(1)));
         self.clock += 1;
         let vocab = self.engine.model().config.vocab_size;
         let s = &mut self.slots[best];
@@ -384,7 +390,6 @@ impl Worker {
         s.ids.truncate(keep);
         s.ids.extend_from_slice(&p[keep..]);
         s.pos = keep;
-        self.ms.truncate(best, keep);
         s.phase = Phase::Prefill;
         if keep > 0 {
             self.metrics.cache_hits.fetch_add(1, Relaxed);
@@ -474,15 +479,15 @@ impl Worker {
             }
         }
         // then prompt chunks in the order the slots were assigned, within the row budget
-        let mut order: Vec<(u64, usize)> = self
-            .slots
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| matches!(s.phase, Phase::Prefill))
-            .map(|(i, s)| (s.used, i))
-            .collect();
-        order.sort_unstable();
-        for (_, i) in order {
+        self.order.clear();
+        let prefilling = self.slots.iter().enumerate();
+        self.order.extend(
+            prefilling
+                .filter(|(_, s)| matches!(s.phase, Phase::Prefill))
+                .map(|(i, s)| (s.used, i)),
+        );
+        self.order.sort_unstable();
+        for &(_, i) in &self.order {
             let budget = self.batch.saturating_sub(self.tokens.len());
             if budget == 0 {
                 break;
