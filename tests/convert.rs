@@ -179,6 +179,9 @@ fn expected_dtype(q: Quant, role: Role) -> DType {
         (Quant::Q4 | Quant::Q4m | Quant::Q4l, Role::Embedding | Role::Output) => DType::Q6x8,
         (Quant::Q4 | Quant::Q4m, _) => DType::Q4x8,
         (Quant::Q4l, _) => DType::Q4Lx8,
+        (Quant::MixM | Quant::MixL | Quant::MixUd, _) => {
+            panic!("the mixed recipes are tested in tests/recipes.rs")
+        }
     }
 }
 

@@ -70,9 +70,41 @@ pub enum Quant {
     Q8,
     Bf16,
     F32,
+    /// Like llama.cpp's `Q4_K_M`: q4 with the value and every down projection (dense, shared,
+    /// routed) at q8x8 in the first and last eighth of the layers and every third between
+    /// (llama.cpp uses 6 bits there; the runtime has q6x8 products for the embedding and
+    /// output tables only).
+    MixM,
+    /// `MixM` with the output (and a tied embedding) at q8x8, like the `_L` files.
+    MixL,
+    /// Like Unsloth's dynamic quants: routed experts lowest (q4; their down projection q8 in
+    /// the first and last layer), attention q8 except wq/wk (q4) in the middle layers, shared
+    /// expert q8, dense FFN q4 with its down projection q8, every other matrix of the first
+    /// and last layer q8, output q8.
+    MixUd,
+}
+
+/// llama.cpp's `use_more_bits(i, n)`: the first and last eighth of the layers and every third
+/// layer between them.
+pub fn more_bits(i: usize, n: usize) -> bool {
+    // (the subtraction runs only when i >= n / 8)
+    i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2
 }
 
 impl Quant {
+    /// Every recipe, for help texts and size tables.
+    pub const ALL: [Quant; 9] = [
+        Quant::F32,
+        Quant::Bf16,
+        Quant::Q8,
+        Quant::Q4m,
+        Quant::MixL,
+        Quant::MixUd,
+        Quant::MixM,
+        Quant::Q4,
+        Quant::Q4l,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Quant::Q4 => "q4",
@@ -81,6 +113,42 @@ impl Quant {
             Quant::Q8 => "q8",
             Quant::Bf16 => "bf16",
             Quant::F32 => "f32",
+            Quant::MixM => "q4-m",
+            Quant::MixL => "q4-l",
+            Quant::MixUd => "q4-ud",
+        }
+    }
+
+    /// The stored type of tensor `key` (of `role`) in a model of `cfg` before the
+    /// column-count fallback and the embedding/output overrides: the role's type, changed by
+    /// layer and projection in the mixed recipes.
+    pub fn dtype_for_tensor(self, key: TensorKey, role: Role, cfg: &ModelConfig) -> DType {
+        use LayerTensor as L;
+        let base = self.dtype_for(role);
+        if base != DType::Q4x8 {
+            return base;
+        }
+        let Some((i, t)) = key.layer() else {
+            return base;
+        };
+        let n = cfg.num_layers;
+        let down = key.proj() == Some(Proj::Down);
+        match self {
+            // the two most sensitive matrices per layer (measured on SmolLM2) stay at 8 bits
+            Quant::Q4m if t == L::Wv || down => DType::Q8x8,
+            Quant::MixM | Quant::MixL if (t == L::Wv || down) && more_bits(i, n) => DType::Q8x8,
+            Quant::MixUd => {
+                let edge = i == 0 || i + 1 == n;
+                match t {
+                    L::Expert(_, Proj::Down) if edge => DType::Q8x8,
+                    L::Expert(..) => DType::Q4x8,
+                    _ if edge => DType::Q8x8,
+                    L::Wv | L::Wo | L::Shared(_) => DType::Q8x8,
+                    L::Ffn(Proj::Down) => DType::Q8x8,
+                    _ => DType::Q4x8,
+                }
+            }
+            _ => base,
         }
     }
 
@@ -90,8 +158,10 @@ impl Quant {
             (Quant::F32, _) | (_, Role::Norm) | (_, Role::Router) => DType::F32,
             (Quant::Bf16, _) => DType::Bf16,
             (Quant::Q8, _) => DType::Q8x8,
-            (Quant::Q4 | Quant::Q4m | Quant::Q4l, Role::Embedding | Role::Output) => DType::Q6x8,
-            (Quant::Q4 | Quant::Q4m, _) => DType::Q4x8,
+            (Quant::MixL | Quant::MixUd, Role::Output) => DType::Q8x8,
+            (Quant::MixL, Role::Embedding) => DType::Q8x8,
+            (_, Role::Embedding | Role::Output) => DType::Q6x8,
+            (Quant::Q4 | Quant::Q4m | Quant::MixM | Quant::MixL | Quant::MixUd, _) => DType::Q4x8,
             (Quant::Q4l, _) => DType::Q4Lx8,
         }
     }
@@ -107,9 +177,15 @@ impl std::str::FromStr for Quant {
             "q8" => Ok(Quant::Q8),
             "bf16" => Ok(Quant::Bf16),
             "f32" => Ok(Quant::F32),
+            "q4-m" | "q4_k_m" => Ok(Quant::MixM),
+            "q4-l" | "q4_k_l" => Ok(Quant::MixL),
+            "q4-ud" | "ud" => Ok(Quant::MixUd),
             _ => Err(Error::config(
                 "--quant",
-                format!("`{s}` is not one of q4, q4m, q4l (q4_0), q8, bf16, f32"),
+                format!(
+                    "`{s}` is not one of q4, q4m, q4l (q4_0), q4-m (q4_k_m), q4-l (q4_k_l), \
+                     q4-ud, q8, bf16, f32"
+                ),
             )),
         }
     }
@@ -184,6 +260,14 @@ impl ConvertOptions {
         };
         over.unwrap_or_else(|| self.quant.dtype_for(role))
     }
+
+    /// The type of tensor `spec` of a model of `cfg` (before the column-count fallback).
+    pub fn dtype_for_tensor(&self, spec: &TensorSpec, cfg: &ModelConfig) -> DType {
+        match spec.role {
+            Role::Embedding | Role::Output => self.dtype_for(spec.role, cfg.tie_word_embeddings),
+            r => self.quant.dtype_for_tensor(spec.key, r, cfg),
+        }
+    }
 }
 
 /// Parse a matrix type name for `--output-tensor-type` / `--token-embedding-type`.
@@ -206,8 +290,13 @@ pub fn parse_matrix_type(s: &str) -> Result<DType> {
 /// Progress of a conversion, for a progress bar or a log.
 #[derive(Clone, Debug)]
 pub enum ProgressEvent {
-    /// Planning done: `tensors` tensors, `bytes` bytes of tensor data will be written.
-    Start { tensors: usize, bytes: u64 },
+    /// Planning done: `tensors` tensors, `bytes` bytes of tensor data will be written, in the
+    /// types of `sizes` (the recipe's size table).
+    Start {
+        tensors: usize,
+        bytes: u64,
+        sizes: Vec<SizeRow>,
+    },
     /// Tensor `index` (1-based) of `total` written; `bytes_done` of `bytes_total`.
     Tensor {
         index: usize,
@@ -240,6 +329,151 @@ pub struct Report {
     pub notes: Vec<String>,
     /// The recipe as stored in the metadata.
     pub recipe: Value,
+}
+
+/// The class of a tensor for size tables, from its file name.
+pub fn tensor_class(name: &str) -> &'static str {
+    let last = name.rsplit('.').next().unwrap_or(name);
+    if name == "tok_embeddings" {
+        "embedding"
+    } else if name == "output" {
+        "output"
+    } else if name.contains(".experts.") {
+        "routed experts"
+    } else if last.starts_with("shared_") {
+        "shared expert"
+    } else if matches!(last, "ffn_gate" | "ffn_up" | "ffn_down") {
+        "dense FFN"
+    } else if matches!(last, "wq" | "wk" | "wv" | "wo") {
+        "attention"
+    } else {
+        "norms, router"
+    }
+}
+
+/// One row of a size table: the tensors of a class stored in one type.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SizeRow {
+    pub class: &'static str,
+    pub dtype: DType,
+    pub tensors: usize,
+    pub params: u64,
+    pub bytes: u64,
+}
+
+const CLASS_ORDER: [&str; 7] = [
+    "embedding",
+    "attention",
+    "dense FFN",
+    "shared expert",
+    "routed experts",
+    "output",
+    "norms, router",
+];
+
+/// The size table of `(name, dtype, element count, bytes)` items, by class then type.
+pub fn size_table<'a>(items: impl IntoIterator<Item = (&'a str, DType, u64, u64)>) -> Vec<SizeRow> {
+    let mut rows: Vec<SizeRow> = Vec::new();
+    for (name, dtype, params, bytes) in items {
+        let class = tensor_class(name);
+        match rows
+            .iter_mut()
+            .find(|r| r.class == class && r.dtype == dtype)
+        {
+            Some(r) => {
+                r.tensors += 1;
+                r.params += params;
+                r.bytes += bytes;
+            }
+            None => rows.push(SizeRow {
+                class,
+                dtype,
+                tensors: 1,
+                params,
+                bytes,
+            }),
+        }
+    }
+    let rank = |c: &str| CLASS_ORDER.iter().position(|&x| x == c).unwrap_or(99);
+    rows.sort_by(|a, b| (rank(a.class), a.dtype.name()).cmp(&(rank(b.class), b.dtype.name())));
+    rows
+}
+
+/// A size table as text: one line per row, then the total with its bits per weight.
+pub fn format_size_table(rows: &[SizeRow]) -> String {
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let gb = |b: u64| b as f64 / 1e9;
+    let mut o = format!(
+        "{:<15} {:>5} {:>7} {:>16} {:>11} {:>11} {:>6}\n",
+        "class", "type", "tensors", "weights", "GB", "GiB", "bpw"
+    );
+    let (mut p, mut b) = (0u64, 0u64);
+    for r in rows {
+        o += &format!(
+            "{:<15} {:>5} {:>7} {:>16} {:>11.4} {:>11.4} {:>6.3}\n",
+            r.class,
+            r.dtype.name(),
+            r.tensors,
+            r.params,
+            gb(r.bytes),
+            gib(r.bytes),
+            r.bytes as f64 * 8.0 / r.params.max(1) as f64
+        );
+        p += r.params;
+        b += r.bytes;
+    }
+    o += &format!(
+        "{:<15} {:>5} {:>7} {:>16} {:>11.4} {:>11.4} {:>6.3}\n",
+        "total",
+        "",
+        rows.iter().map(|r| r.tensors).sum::<usize>(),
+        p,
+        gb(b),
+        gib(b),
+        b as f64 * 8.0 / p.max(1) as f64
+    );
+    o
+}
+
+/// The type of each tensor of `cfg` under `opts` (the column-count fallback applied), without
+/// a checkpoint: what a conversion would store, for size tables of models not at hand.
+pub fn planned_types(cfg: &ModelConfig, opts: &ConvertOptions) -> Vec<(TensorSpec, DType)> {
+    tensor_table(cfg)
+        .into_iter()
+        .map(|spec| {
+            let (d, _) = final_dtype(opts, &spec, cfg);
+            (spec, d)
+        })
+        .collect()
+}
+
+/// The recipe's type of `spec`, and the reason when a matrix falls back to bf16.
+fn final_dtype(
+    opts: &ConvertOptions,
+    spec: &TensorSpec,
+    cfg: &ModelConfig,
+) -> (DType, Option<String>) {
+    let dtype = opts.dtype_for_tensor(spec, cfg);
+    if matches!(
+        dtype,
+        DType::Q4x8 | DType::Q4Lx8 | DType::Q6x8 | DType::Q8x8
+    ) && spec.shape.len() == 2
+        && !spec.shape[1].is_multiple_of(QK)
+    {
+        let why = format!("{} columns is not a multiple of {QK}", spec.shape[1]);
+        return (DType::Bf16, Some(why));
+    }
+    (dtype, None)
+}
+
+/// The size table of a model of `cfg` converted with `opts`.
+pub fn recipe_sizes(cfg: &ModelConfig, opts: &ConvertOptions) -> Vec<SizeRow> {
+    let planned = planned_types(cfg, opts);
+    size_table(planned.iter().map(|(s, d)| {
+        let n = s.shape.iter().product::<usize>() as u64;
+        let b = d.nbytes(&s.shape).unwrap_or(0) as u64;
+        (s.name.as_str(), *d, n, b)
+    }))
 }
 
 /// The first tensor of a routed expert (it starts on a page).
@@ -302,7 +536,6 @@ fn plan(
     notes: &mut Vec<String>,
     fallbacks: &mut Vec<Value>,
 ) -> Result<(Vec<Planned>, &'static str)> {
-    let quant = opts.quant;
     let p = text_prefix(src)?;
     let mut out = Vec::new();
     for spec in tensor_table(cfg) {
@@ -328,28 +561,13 @@ fn plan(
                 check_dtype(t)?;
             }
         }
-        let mut dtype = opts.dtype_for(spec.role, cfg.tie_word_embeddings);
-        // q4m: the two most sensitive matrices per layer (value and FFN down projections,
-        // measured on SmolLM2) stay at 8 bits
-        if quant == Quant::Q4m
-            && dtype == DType::Q4x8
-            && (matches!(spec.key.layer(), Some((_, LayerTensor::Wv)))
-                || spec.key.proj() == Some(Proj::Down))
-        {
-            dtype = DType::Q8x8;
-        }
-        if matches!(
-            dtype,
-            DType::Q4x8 | DType::Q4Lx8 | DType::Q6x8 | DType::Q8x8
-        ) && spec.shape.len() == 2
-            && spec.shape[1] % QK != 0
-        {
+        let (dtype, fallback) = final_dtype(opts, &spec, cfg);
+        if let Some(reason) = fallback {
             fallbacks.push(json!({
                 "tensor": n,
                 "type": "bf16",
-                "reason": format!("{} columns is not a multiple of {QK}", spec.shape[1]),
+                "reason": reason,
             }));
-            dtype = DType::Bf16;
         }
         let nbytes = dtype
             .nbytes(&spec.shape)
@@ -692,8 +910,10 @@ pub fn convert(
                 .into(),
         );
     }
-    if matches!(opts.quant, Quant::Q4 | Quant::Q4m)
-        && src.tensors().iter().any(|t| t.dtype == "q4_0")
+    if !matches!(
+        opts.quant,
+        Quant::Q4l | Quant::Q8 | Quant::Bf16 | Quant::F32
+    ) && src.tensors().iter().any(|t| t.dtype == "q4_0")
     {
         notes.push(
             "the source stores Q4_0 weights: --quant q4l keeps them exactly (q4 re-quantizes \
@@ -756,6 +976,10 @@ pub fn convert(
     progress(ProgressEvent::Start {
         tensors: total,
         bytes: total_bytes,
+        sizes: size_table(planned.iter().map(|p| {
+            let n = p.spec.shape.iter().product::<usize>() as u64;
+            (p.spec.name.as_str(), p.dtype, n, p.nbytes as u64)
+        })),
     });
 
     let mut w = FqmWriter::create_from(out, &[origin])?;
@@ -868,7 +1092,17 @@ pub fn convert(
             Quant::Q8 => "q8x8 for all matrices; norms and router f32",
             Quant::Bf16 => "bf16 for all matrices; norms and router f32",
             Quant::F32 => "f32 everywhere",
+            Quant::MixM => "as q4, with the value and every down projection at q8x8 in the first and last eighth of the layers and every third layer between (llama.cpp's Q4_K_M rule, with 8 bits where it uses 6)",
+            Quant::MixL => "as q4-m, with the output (and a tied embedding) at q8x8",
+            Quant::MixUd => "dynamic mix: routed experts q4x8 (down q8x8 in the first and last layer), wq and wk q4x8, wv and wo q8x8, shared expert q8x8, dense FFN q4x8 with its down projection q8x8, every matrix of the first and last layer q8x8 except the routed experts' gate/up, embedding q6x8, output q8x8",
         },
+        "mix": size_table(planned.iter().map(|p| {
+            let n = p.spec.shape.iter().product::<usize>() as u64;
+            (p.spec.name.as_str(), p.dtype, n, p.nbytes as u64)
+        })).iter().map(|r| json!({
+            "class": r.class, "type": r.dtype.name(), "tensors": r.tensors,
+            "weights": r.params, "bytes": r.bytes,
+        })).collect::<Vec<_>>(),
     });
     let tok = tokenizer_meta(ck, &ck.config, &mut notes);
     let mut meta = json!({

@@ -1,7 +1,10 @@
 //! `ferroq convert <HF_DIR | FILE.gguf> -o OUT.fqm [--quant q4|q4m|q4l|q8|bf16|f32]
 //! [--output-tensor-type T] [--token-embedding-type T] [--imatrix FILE]`.
 
-use ferroq::tools::convert::{convert, parse_matrix_type, ConvertOptions, ProgressEvent, Quant};
+use ferroq::tools::convert::{
+    convert, format_size_table, parse_matrix_type, recipe_sizes, ConvertOptions, ProgressEvent,
+    Quant,
+};
 use ferroq::tools::source::Checkpoint;
 use ferroq::Result;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -17,7 +20,11 @@ pub struct Args {
     pub output: PathBuf,
     /// Weight precision: q4 (4-bit codebook matrices, 6-bit embedding/output), q4m (q4 with
     /// 8-bit value and down projections), q4l or q4_0 (q4 on the linear 4-bit grid of Q4_0:
-    /// faster kernels, less accurate; exact for a Q4_0 source), q8, bf16 or f32.
+    /// faster kernels, less accurate; exact for a Q4_0 source), q8, bf16 or f32; mixes by role
+    /// and layer: q4-m (like Q4_K_M: value and down projections 6-bit in the first and last
+    /// eighth of the layers and every third between), q4-l (q4-m with an 8-bit output), q4-ud
+    /// (like Unsloth's dynamic quants: routed experts 4-bit, attention, shared expert and the
+    /// first and last layer higher). The size table is printed before converting.
     #[arg(long, default_value = "q4")]
     pub quant: String,
     /// RoPE frequency precision: f32 (what `from_pretrained` uses) or bf16 (reproduces a
@@ -41,6 +48,58 @@ pub struct Args {
     /// sqrt(sigma^2 + x^2), the default) or replace (the activation mean square alone).
     #[arg(long, default_value = "multiply", value_parser = ["multiply", "replace"])]
     pub imatrix_weighting: String,
+    /// Print the size table of the recipe (every recipe with `--quant all`) from the
+    /// config.json alone (INPUT: a directory or the config.json file; no weights needed) and
+    /// write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// `--dry-run`: the size tables from the config alone.
+fn dry_run(args: &Args) -> Result<()> {
+    let p = if args.input.is_dir() {
+        args.input.join("config.json")
+    } else {
+        args.input.clone()
+    };
+    let text = std::fs::read_to_string(&p).map_err(|e| ferroq::Error::io(&p, e))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| ferroq::Error::format(&p, e.to_string()))?;
+    let cfg = ferroq::tools::hf::model_config_from_hf(&json)?;
+    let quants: Vec<Quant> = if args.quant == "all" {
+        Quant::ALL.to_vec()
+    } else {
+        vec![args.quant.parse()?]
+    };
+    for q in quants {
+        let opts = ConvertOptions {
+            quant: q,
+            ..options(args, q)?
+        };
+        println!("recipe {}:", q.name());
+        print!("{}", format_size_table(&recipe_sizes(&cfg, &opts)));
+        println!();
+    }
+    Ok(())
+}
+
+fn options(args: &Args, quant: Quant) -> Result<ConvertOptions> {
+    Ok(ConvertOptions {
+        quant,
+        rope_freq_bf16: args.rope_freq == "bf16",
+        output_type: args
+            .output_tensor_type
+            .as_deref()
+            .map(parse_matrix_type)
+            .transpose()?,
+        embedding_type: args
+            .token_embedding_type
+            .as_deref()
+            .map(parse_matrix_type)
+            .transpose()?,
+        imatrix: args.imatrix.clone(),
+        imatrix_weighting: args.imatrix_weighting.parse()?,
+    })
 }
 
 fn open_input(p: &Path) -> Result<Checkpoint> {
@@ -53,6 +112,9 @@ fn open_input(p: &Path) -> Result<Checkpoint> {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    if args.dry_run {
+        return dry_run(&args);
+    }
     let quant: Quant = args.quant.parse()?;
     let ck = open_input(&args.input)?;
     let bar = ProgressBar::new(0);
@@ -67,7 +129,15 @@ pub fn run(args: Args) -> Result<()> {
     let last_line = std::cell::Cell::new(std::time::Instant::now());
     let t0 = std::time::Instant::now();
     let progress = |ev: ProgressEvent| match ev {
-        ProgressEvent::Start { bytes, .. } => bar.set_length(bytes),
+        ProgressEvent::Start { bytes, sizes, .. } => {
+            let t = format!("recipe {}:\n{}", quant.name(), format_size_table(&sizes));
+            if tty {
+                bar.println(t.trim_end());
+            } else {
+                eprint!("{t}");
+            }
+            bar.set_length(bytes)
+        }
         ProgressEvent::Tensor {
             index,
             total,
@@ -95,27 +165,7 @@ pub fn run(args: Args) -> Result<()> {
         }
         ProgressEvent::Done { .. } => bar.finish_and_clear(),
     };
-    let report = convert(
-        &ck,
-        &args.output,
-        &ConvertOptions {
-            quant,
-            rope_freq_bf16: args.rope_freq == "bf16",
-            output_type: args
-                .output_tensor_type
-                .as_deref()
-                .map(parse_matrix_type)
-                .transpose()?,
-            embedding_type: args
-                .token_embedding_type
-                .as_deref()
-                .map(parse_matrix_type)
-                .transpose()?,
-            imatrix: args.imatrix.clone(),
-            imatrix_weighting: args.imatrix_weighting.parse()?,
-        },
-        &progress,
-    )?;
+    let report = convert(&ck, &args.output, &options(&args, quant)?, &progress)?;
     bar.finish_and_clear();
     println!(
         "wrote {} ({} tensors, {:.1} MiB, quant {}) in {:.2} s",

@@ -129,6 +129,19 @@ pub fn run(args: Args) -> Result<()> {
             mat_bytes as f64 * 8.0 / mat_weights as f64
         );
     }
+    // the mix of types by tensor class
+    let rows = ferroq::tools::convert::size_table(
+        f.tensors()
+            .iter()
+            .filter(|t| t.dtype != DType::U8)
+            .map(|t| {
+                let n = t.shape.iter().product::<usize>() as u64;
+                (t.name.as_str(), t.dtype, n, t.nbytes as u64)
+            }),
+    );
+    wln!(o);
+    wln!(o, "mix:");
+    o += &ferroq::tools::convert::format_size_table(&rows);
     // a closed pipe (`ferroq inspect m.fqm | head`) is not an error
     match std::io::stdout().lock().write_all(o.as_bytes()) {
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
