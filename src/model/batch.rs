@@ -42,6 +42,7 @@ pub fn kv_bytes(model: &Model, ctx: usize, kv: KvType) -> usize {
         KvType::F32 => 4 * kvd,
         KvType::F16 => 2 * kvd,
         KvType::Q8 => kvd + 4 * c.num_kv_heads,
+        KvType::Q4 => c.num_kv_heads * super::kvmem::row_bytes(kv, c.head_dim),
     };
     ctx.saturating_mul(per_token)
         .saturating_mul(2 * c.num_layers)
