@@ -112,6 +112,33 @@ impl State {
         kv: KvType,
     ) -> Result<State> {
         super::kvmem::check_context(&model.config, max_ctx, model.ctx_limit)?;
+        let cache = KvCache::for_model(kv, &model.config, max_ctx)?;
+        let logit_rows = if all_logits { max_batch.max(1) } else { 1 };
+        Self::build(model, cache, max_ctx, max_batch, logit_rows, threads)
+    }
+
+    /// The work buffers of a forward pass over up to `max_batch` rows with `logit_rows` rows of
+    /// logits, and an empty KV cache: the shared working state of a
+    /// [`MultiState`](super::batch::MultiState), whose sequences keep their own caches.
+    pub(super) fn work(
+        model: &Model,
+        max_batch: usize,
+        logit_rows: usize,
+        threads: usize,
+        kv: KvType,
+    ) -> Result<State> {
+        let cache = KvCache::for_model(kv, &model.config, 0)?;
+        Self::build(model, cache, 0, max_batch, logit_rows, threads)
+    }
+
+    fn build(
+        model: &Model,
+        kv: KvCache,
+        max_ctx: usize,
+        max_batch: usize,
+        logit_rows: usize,
+        threads: usize,
+    ) -> Result<State> {
         let pool = if threads == 1 {
             None
         } else {
@@ -134,7 +161,6 @@ impl State {
         let bk = max_batch.checked_mul(kx).ok_or_else(batch_err)?;
         let nb = |per_token: usize| max_batch.checked_mul(per_token);
         let nk = |per_token: usize| bk.checked_mul(per_token);
-        let kv = KvCache::for_model(kv, c, max_ctx)?;
         let f = |n: Option<usize>| zeroed::<f32>(n, &batch_err);
         Ok(State {
             pos: 0,
@@ -168,11 +194,7 @@ impl State {
             },
             xs: f(nk(c.hidden_size))?,
             ys: f(nk(c.hidden_size))?,
-            logits: f(if all_logits {
-                nb(c.vocab_size)
-            } else {
-                Some(c.vocab_size)
-            })?,
+            logits: f(logit_rows.max(1).checked_mul(c.vocab_size))?,
             n_logits: 0,
             pool,
             scratch: (0..n_threads)
