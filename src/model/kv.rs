@@ -371,3 +371,129 @@ impl KvCache {
         }
     }
 }
+
+// Session state files (`crate::engine::Session::save`): the cache of the used positions as
+// bytes. Kept here, next to the cache layout, so that a layout change stays local.
+
+/// One array of a layer's cache as bytes: its bytes, how many bytes one slot (position) takes,
+/// and the size of one element (for the byte order).
+type Part<'a> = (&'a [u8], usize, usize);
+type PartMut<'a> = (&'a mut [u8], usize, usize);
+
+/// Copy `src` into `dst` as little-endian elements of `elem` bytes (a copy on little-endian
+/// machines; each element reversed on big-endian ones).
+fn copy_le(dst: &mut [u8], src: &[u8], elem: usize) {
+    dst.copy_from_slice(src);
+    if cfg!(target_endian = "big") && elem > 1 {
+        for e in dst.chunks_exact_mut(elem) {
+            e.reverse();
+        }
+    }
+}
+
+impl KvCache {
+    /// The arrays of layer `li` as bytes (keys, values, then the scales of a quantized cache).
+    fn parts(&self, li: usize) -> Vec<Part<'_>> {
+        let (nkv, kvd) = (self.n_kv, self.n_kv * self.head_dim);
+        match &self.store {
+            Store::F32(k, v) => vec![
+                (bytemuck::cast_slice(&k[li]), 4 * kvd, 4),
+                (bytemuck::cast_slice(&v[li]), 4 * kvd, 4),
+            ],
+            Store::F16(k, v) => vec![
+                (bytemuck::cast_slice(&k[li]), 2 * kvd, 2),
+                (bytemuck::cast_slice(&v[li]), 2 * kvd, 2),
+            ],
+            Store::Q8(q) => vec![
+                (bytemuck::cast_slice(&q.k[li]), kvd, 1),
+                (bytemuck::cast_slice(&q.v[li]), kvd, 1),
+                (bytemuck::cast_slice(&q.ks[li]), 4 * nkv, 4),
+                (bytemuck::cast_slice(&q.vs[li]), 4 * nkv, 4),
+            ],
+        }
+    }
+
+    /// [`KvCache::parts`], writable.
+    fn parts_mut(&mut self, li: usize) -> Vec<PartMut<'_>> {
+        let (nkv, kvd) = (self.n_kv, self.n_kv * self.head_dim);
+        match &mut self.store {
+            Store::F32(k, v) => vec![
+                (bytemuck::cast_slice_mut(&mut k[li]), 4 * kvd, 4),
+                (bytemuck::cast_slice_mut(&mut v[li]), 4 * kvd, 4),
+            ],
+            Store::F16(k, v) => vec![
+                (bytemuck::cast_slice_mut(&mut k[li]), 2 * kvd, 2),
+                (bytemuck::cast_slice_mut(&mut v[li]), 2 * kvd, 2),
+            ],
+            Store::Q8(q) => vec![
+                (bytemuck::cast_slice_mut(&mut q.k[li]), kvd, 1),
+                (bytemuck::cast_slice_mut(&mut q.v[li]), kvd, 1),
+                (bytemuck::cast_slice_mut(&mut q.ks[li]), 4 * nkv, 4),
+                (bytemuck::cast_slice_mut(&mut q.vs[li]), 4 * nkv, 4),
+            ],
+        }
+    }
+
+    /// Slots saved for layer `li` when `n` positions are: the first `n` (a ring layer: all of
+    /// its slots once `n` reaches them, i.e. the whole chunk ring as it is).
+    fn saved_slots(part: &Part<'_>, n: usize) -> usize {
+        n.min(part.0.len() / part.1.max(1))
+    }
+
+    /// Whether the first `n` of `held` cached positions can be saved: a chunked layer keeps
+    /// only the chunk of position `held - 1`, so `n` must be `held` or lie in that chunk (a
+    /// restored cache of `n` positions must hold the chunk of position `n - 1`).
+    pub fn can_save(&self, held: usize, n: usize) -> bool {
+        n == held
+            || (n < held
+                && self
+                    .ring
+                    .iter()
+                    .filter(|&&c| c > 0)
+                    .all(|&cs| n > 0 && (n - 1) / cs == (held - 1) / cs))
+    }
+
+    /// Bytes [`KvCache::write_kv`] writes for the first `n` positions.
+    pub fn kv_bytes(&self, n: usize) -> usize {
+        (0..self.ring.len())
+            .flat_map(|l| self.parts(l))
+            .map(|p| Self::saved_slots(&p, n) * p.1)
+            .sum()
+    }
+
+    /// Append the cache of positions `0..n` ([`KvCache::can_save`]), little-endian: per layer,
+    /// per array (K, V, then for q8 the K and the V scales), its first `min(n, slots)` slots.
+    pub fn write_kv(&self, n: usize, out: &mut Vec<u8>) {
+        for l in 0..self.ring.len() {
+            for p in self.parts(l) {
+                let len = Self::saved_slots(&p, n) * p.1;
+                let at = out.len();
+                out.resize(at + len, 0);
+                copy_le(&mut out[at..], &p.0[..len], p.2);
+            }
+        }
+    }
+
+    /// Restore positions `0..n` from bytes of [`KvCache::write_kv`] (same model and KV
+    /// type). `data` must be exactly [`KvCache::kv_bytes`]`(n)` long and `n` below `max_ctx`,
+    /// else nothing changes.
+    pub fn read_kv(&mut self, n: usize, max_ctx: usize, data: &[u8]) -> Result<()> {
+        let want = self.kv_bytes(n);
+        if n >= max_ctx || data.len() != want {
+            return Err(Error::Input(format!(
+                "KV data of {} bytes does not hold {n} positions of this cache ({want} bytes, \
+                 context {max_ctx})",
+                data.len(),
+            )));
+        }
+        let mut at = 0;
+        for l in 0..self.ring.len() {
+            for (dst, slot_bytes, elem) in self.parts_mut(l) {
+                let len = n.min(dst.len() / slot_bytes.max(1)) * slot_bytes;
+                copy_le(&mut dst[..len], &data[at..at + len], elem);
+                at += len;
+            }
+        }
+        Ok(())
+    }
+}

@@ -258,3 +258,32 @@ impl State {
         &self.logits[..self.n_logits]
     }
 }
+
+// Session state files: the cache of the used positions as bytes (see `KvCache::write_kv`).
+impl State {
+    /// Bytes [`State::write_kv`] writes for the first `n` positions.
+    pub fn kv_bytes(&self, n: usize) -> usize {
+        self.kv.kv_bytes(n)
+    }
+
+    /// Whether the first `n` cached positions can be saved ([`KvCache::can_save`]: with
+    /// chunked-attention layers, `n` must be `pos` or lie in the chunk of the last position).
+    pub fn can_save(&self, n: usize) -> bool {
+        self.kv.can_save(self.pos, n)
+    }
+
+    /// Append the cache of positions `0..n` ([`State::can_save`]) as bytes
+    /// (`KvCache::write_kv`).
+    pub fn write_kv(&self, n: usize, out: &mut Vec<u8>) {
+        debug_assert!(self.can_save(n));
+        self.kv.write_kv(n.min(self.pos), out)
+    }
+
+    /// Restore positions `0..n` from [`State::write_kv`] bytes of the same model and KV type;
+    /// the position becomes `n`. On error nothing changes.
+    pub fn read_kv(&mut self, n: usize, data: &[u8]) -> crate::Result<()> {
+        self.kv.read_kv(n, self.max_ctx, data)?;
+        self.pos = n;
+        Ok(())
+    }
+}
