@@ -410,6 +410,16 @@ impl KvCache {
                 (bytemuck::cast_slice(&q.ks[li]), 4 * nkv, 4),
                 (bytemuck::cast_slice(&q.vs[li]), 4 * nkv, 4),
             ],
+            Store::Q4(q) => {
+                let nb = nkv * q4_blocks(self.head_dim);
+                let row = nb * ferroq_kernels::scalar::KV_Q4_BYTES;
+                vec![
+                    (&q.k[li][..], row, 1),
+                    (&q.v[li][..], row, 1),
+                    (bytemuck::cast_slice(&q.ks[li]), 2 * nb, 2),
+                    (bytemuck::cast_slice(&q.vs[li]), 2 * nb, 2),
+                ]
+            }
         }
     }
 
@@ -431,6 +441,16 @@ impl KvCache {
                 (bytemuck::cast_slice_mut(&mut q.ks[li]), 4 * nkv, 4),
                 (bytemuck::cast_slice_mut(&mut q.vs[li]), 4 * nkv, 4),
             ],
+            Store::Q4(q) => {
+                let nb = nkv * q4_blocks(self.head_dim);
+                let row = nb * ferroq_kernels::scalar::KV_Q4_BYTES;
+                vec![
+                    (&mut q.k[li][..], row, 1),
+                    (&mut q.v[li][..], row, 1),
+                    (bytemuck::cast_slice_mut(&mut q.ks[li]), 2 * nb, 2),
+                    (bytemuck::cast_slice_mut(&mut q.vs[li]), 2 * nb, 2),
+                ]
+            }
         }
     }
 
