@@ -36,7 +36,7 @@ typedef struct ferroq_session_params {
     size_t batch;   /* prompt tokens per forward pass; 0 = default */
     size_t threads; /* 0 = all cores; at most 512 */
     int kv;         /* KV cache type: 0 = default (f32 unquantized, f16 quantized models),
-                       1 = f32, 2 = f16, 3 = q8 */
+                       1 = f32, 2 = f16, 3 = q8, 4 = q4 */
 } ferroq_session_params;
 
 typedef struct ferroq_engine_params {

@@ -66,10 +66,11 @@ fn kv_of(kv: c_int) -> Result<Option<crate::model::KvType>> {
         1 => Some(KvType::F32),
         2 => Some(KvType::F16),
         3 => Some(KvType::Q8),
+        4 => Some(KvType::Q4),
         _ => {
             return Err(Error::config(
                 "kv",
-                format!("{kv} is not a KV cache type (0 default, 1 f32, 2 f16, 3 q8)"),
+                format!("{kv} is not a KV cache type (0 default, 1 f32, 2 f16, 3 q8, 4 q4)"),
             ))
         }
     })

@@ -48,6 +48,8 @@ pub struct Engine {
     load_ms: f64,
     /// The tokenizer's trie for structured output, built on first use.
     token_index: OnceLock<Arc<TokenIndex>>,
+    /// The model file's fingerprint for session state files, computed on first use.
+    fingerprint: OnceLock<[u8; 16]>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -273,6 +275,7 @@ impl Engine {
             add_bos,
             load_ms: t0.elapsed().as_secs_f64() * 1e3,
             token_index: OnceLock::new(),
+            fingerprint: OnceLock::new(),
         })
     }
 
@@ -300,6 +303,14 @@ impl Engine {
         self.token_index
             .get_or_init(|| Arc::new(TokenIndex::new(&self.tokenizer, &self.stop_ids)))
             .clone()
+    }
+
+    /// The identity of the model file that session state files carry
+    /// ([`crate::state_file::model_fingerprint`]), computed on the first call.
+    pub fn fingerprint(&self) -> [u8; 16] {
+        *self
+            .fingerprint
+            .get_or_init(|| crate::state_file::model_fingerprint(&self.model.file))
     }
 
     /// Whether plain prompts get the BOS token (as the Hugging Face tokenizer does).
@@ -588,6 +599,62 @@ impl Session {
         self.messages.clear();
         self.messages.push(Message::new("system", system));
         Ok(())
+    }
+
+    /// Save the session's context (the ids in its cache and their keys and values) to `path`,
+    /// atomically (a temporary file renamed over it: a failed save leaves an earlier file
+    /// intact). Returns the number of tokens saved. See [`crate::state_file`] for the format.
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<usize> {
+        self.save_prefix(path, self.cached.len())
+    }
+
+    /// [`Session::save`] of the first `n` cached tokens only (e.g. the prompt without the
+    /// generated answer; more than are cached saves them all). With chunked-attention layers
+    /// (Llama 4) `n` must be every cached token or lie in the attention chunk of the last
+    /// one ([`crate::model::State::can_save`]), else it is an error.
+    pub fn save_prefix(&self, path: impl AsRef<Path>, n: usize) -> Result<usize> {
+        let n = n.min(self.cached.len());
+        let bytes = crate::state_file::encode(
+            &self.engine.model,
+            &self.engine.fingerprint(),
+            &self.state,
+            &self.cached[..n],
+        )?;
+        crate::state_file::write_atomic(path.as_ref(), &bytes)?;
+        Ok(n)
+    }
+
+    /// Replace the session's context with one saved by [`Session::save`] from the same model
+    /// with the same KV type (the session keeps its own context size, which must hold the
+    /// saved tokens and one more). The next generation reuses the cache of the longest common
+    /// prefix of its prompt and the loaded ids. The conversation of [`Session::chat`] is
+    /// cleared. Returns the number of tokens loaded. On error the session is unchanged.
+    pub fn load(&mut self, path: impl AsRef<Path>) -> Result<usize> {
+        let path = path.as_ref();
+        let fp = self.engine.fingerprint();
+        let d = crate::state_file::read(path, &self.engine.model, &fp, &self.state)?;
+        let n = d.ids.len();
+        self.state.read_kv(n, d.kv())?;
+        self.cached.clear();
+        self.cached.extend_from_slice(&d.ids);
+        self.messages.clear();
+        Ok(n)
+    }
+
+    /// The logits of the last forward pass (after a generation: those of its last step).
+    pub fn logits(&self) -> &[f32] {
+        self.state.logits()
+    }
+
+    /// A new session with the context of a state file ([`Session::new`] + [`Session::load`]).
+    pub fn restore(
+        engine: Arc<Engine>,
+        opts: &SessionOptions,
+        path: impl AsRef<Path>,
+    ) -> Result<Session> {
+        let mut s = Session::new(engine, opts)?;
+        s.load(path)?;
+        Ok(s)
     }
 
     /// Run `prompt` (keeping the cache of its longest prefix already there) so that the

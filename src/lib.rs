@@ -17,6 +17,7 @@ pub mod pool;
 pub mod sampling;
 #[cfg(feature = "server")]
 pub mod server;
+pub mod state_file;
 pub mod tokenizer;
 #[path = "../tools/mod.rs"]
 pub mod tools;

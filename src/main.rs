@@ -22,6 +22,8 @@ enum Cmd {
     Bench(cli::bench::Args),
     /// Convert a Hugging Face checkpoint directory or a GGUF file to a .fqm model.
     Convert(cli::convert::Args),
+    /// Collect an importance matrix (activation statistics) for `convert --imatrix`.
+    Imatrix(cli::imatrix::Args),
     /// Print a model's architecture, config and tensor table.
     Inspect(cli::inspect::Args),
     /// Compute logits for a list of token ids and write them to a safetensors file.
@@ -52,6 +54,7 @@ fn main() {
     let r = match cli.cmd {
         Cmd::Bench(a) => cli::bench::run(a),
         Cmd::Convert(a) => cli::convert::run(a),
+        Cmd::Imatrix(a) => cli::imatrix::run(a),
         Cmd::Inspect(a) => cli::inspect::run(a),
         Cmd::Logits(a) => cli::logits::run(a),
         Cmd::Generate(a) => cli::generate::run(a),

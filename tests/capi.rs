@@ -111,6 +111,26 @@ fn tokenize_and_generate_through_the_c_abi() {
         sp.threads = 1;
         let s = ferroq_session_new(e, &sp);
         assert!(!s.is_null(), "{}", last_error());
+        // the KV cache type through the C struct: 4 = q4 generates; an unknown number is an
+        // error naming the field
+        let mut sp4 = ferroq_session_params_default();
+        sp4.ctx = 128;
+        sp4.threads = 1;
+        sp4.kv = 9;
+        assert!(ferroq_session_new(e, &sp4).is_null());
+        assert!(last_error().contains("kv"), "{}", last_error());
+        sp4.kv = 4;
+        let s4 = ferroq_session_new(e, &sp4);
+        assert!(!s4.is_null(), "{}", last_error());
+        let mut gp4 = ferroq_gen_params_default();
+        gp4.max_tokens = 4;
+        let p4 = CString::new("The capital of France is").unwrap();
+        let mut out: *mut c_char = null_mut();
+        let n4 = ferroq_generate(s4, p4.as_ptr(), &gp4, None, null_mut(), &mut out);
+        assert!(n4 > 0, "{}", last_error());
+        ferroq_string_free(out);
+        ferroq_session_free(s4);
+
         ferroq_engine_free(e); // the session keeps the engine alive
 
         let mut gp = ferroq_gen_params_default();

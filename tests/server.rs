@@ -703,15 +703,16 @@ fn logprobs_stop_and_usage_chunks() {
 #[test]
 fn openai_python_client() {
     let py = Command::new("python3")
-        .args(["-c", "import openai; print(openai.__version__)"])
+        .args(["-c", "import openai, jsonschema; print(openai.__version__)"])
         .output();
     match py {
         Ok(o) if o.status.success() => {}
         _ => {
             let bar = "!".repeat(78);
             eprintln!(
-                "\n{bar}\n!!! SKIPPING openai_python_client: python3 with the `openai` package \
-                 is not available\n!!! (CI installs it: .ci/setup runs `pip install openai`)\n{bar}\n"
+                "\n{bar}\n!!! SKIPPING openai_python_client: python3 with the `openai` and \
+                 `jsonschema` packages is not available\n!!! (CI installs them: .ci/setup runs \
+                 `pip install openai jsonschema`)\n{bar}\n"
             );
             return;
         }
@@ -725,10 +726,196 @@ fn openai_python_client() {
         .arg(format!("http://{}/v1", s.addr))
         .env("WANT_CHAT", &want)
         .env("WANT_COMPLETION", &want_c)
+        .env("SCHEMA", BOUNDED_SCHEMA)
         .output()
         .unwrap();
     let so = String::from_utf8_lossy(&out.stdout);
     let se = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "openai client failed:\n{so}\n{se}");
     assert!(so.contains("ALL OK"), "{so}\n{se}");
+}
+
+/// A schema whose every value is bounded (strings, arrays, integers): with whitespace runs of
+/// at most 20 bytes, any value it admits is well under 1500 bytes, so a generation with that
+/// budget must end complete, whatever the (random) weights pick.
+const BOUNDED_SCHEMA: &str = r#"{
+  "type": "object",
+  "properties": {
+    "name": {"type": "string", "maxLength": 6},
+    "kind": {"enum": ["cat", "dog", 7, null]},
+    "ok": {"type": "boolean"},
+    "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3},
+    "inner": {
+      "type": "object",
+      "properties": {"n": {"type": "integer"}, "flag": {"type": "boolean"}},
+      "required": ["n", "flag"],
+      "additionalProperties": false
+    }
+  },
+  "required": ["name", "kind", "tags", "inner"],
+  "additionalProperties": false
+}"#;
+
+/// Checked by hand (not by the crate's validator): the value has the schema's shape.
+fn check_bounded(v: &Value) {
+    let o = v
+        .as_object()
+        .unwrap_or_else(|| panic!("not an object: {v}"));
+    for k in o.keys() {
+        assert!(
+            ["name", "kind", "ok", "tags", "inner"].contains(&k.as_str()),
+            "extra key {k}: {v}"
+        );
+    }
+    assert!(o["name"].as_str().unwrap().chars().count() <= 6, "{v}");
+    assert!(
+        [json!("cat"), json!("dog"), json!(7), Value::Null].contains(&o["kind"]),
+        "{v}"
+    );
+    if let Some(b) = o.get("ok") {
+        assert!(b.is_boolean(), "{v}");
+    }
+    let tags = o["tags"].as_array().unwrap();
+    assert!(
+        tags.len() <= 3 && tags.iter().all(|t| t == "a" || t == "b"),
+        "{v}"
+    );
+    let inner = o["inner"].as_object().unwrap();
+    assert_eq!(inner.len(), 2, "{v}");
+    assert!(inner["n"].is_i64() || inner["n"].is_u64(), "{v}");
+    assert!(inner["flag"].is_boolean(), "{v}");
+}
+
+/// A chat request with `response_format` given as JSON text (a `serde_json::Value` would sort
+/// the schema's keys, and the properties are generated in the order of the text).
+fn chat_json(addr: SocketAddr, rf: &str, seed: u64, max: usize, stream: bool) -> (String, String) {
+    let body = format!(
+        r#"{{"messages": [{{"role": "user", "content": "Describe a pet as JSON."}}],
+            "response_format": {rf}, "max_tokens": {max}, "temperature": 1.0, "seed": {seed},
+            "stream": {stream}}}"#
+    );
+    let r = request(addr, "POST", "/v1/chat/completions", body.as_bytes());
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    if !stream {
+        let v = r.json();
+        let c = &v["choices"][0];
+        return (
+            c["message"]["content"].as_str().unwrap().to_string(),
+            c["finish_reason"].as_str().unwrap().to_string(),
+        );
+    }
+    let ev = r.sse();
+    assert_eq!(ev.last().map(String::as_str), Some("[DONE]"));
+    let (mut text, mut finish) = (String::new(), String::new());
+    for e in &ev[..ev.len() - 1] {
+        let v: Value = serde_json::from_str(e).unwrap();
+        assert!(v.get("error").is_none(), "{v}");
+        let c = &v["choices"][0];
+        if let Some(t) = c["delta"]["content"].as_str() {
+            text.push_str(t);
+        }
+        if let Some(f) = c["finish_reason"].as_str() {
+            finish = f.to_string();
+        }
+    }
+    (text, finish)
+}
+
+#[test]
+fn response_format_json_schema_and_json_object() {
+    use ferroq::grammar::{Grammar, GrammarMatcher, Json, TokenIndex};
+    use std::sync::Arc;
+    let s = Server::start(&["--parallel", "2"]);
+    let rf = format!(
+        r#"{{"type": "json_schema", "json_schema": {{"name": "pet", "schema": {BOUNDED_SCHEMA},
+            "strict": true}}}}"#
+    );
+    let doc: Json = serde_json::from_str(BOUNDED_SCHEMA).unwrap();
+    for seed in 0..4 {
+        let (text, finish) = chat_json(s.addr, &rf, seed, 1500, false);
+        assert_eq!(finish, "stop", "seed {seed}: {text:?}");
+        let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text:?}"));
+        check_bounded(&v);
+        ferroq::grammar::validate(&doc, &v).unwrap();
+        // streamed: the same text for the same seed
+        let (st, sf) = chat_json(s.addr, &rf, seed, 1500, true);
+        assert_eq!((st.as_str(), sf.as_str()), (text.as_str(), "stop"));
+    }
+    // properties come in the order the schema declares them
+    let (text, _) = chat_json(s.addr, &rf, 9, 1500, false);
+    let at = |k: &str| text.find(&format!("\"{k}\"")).unwrap();
+    assert!(
+        at("name") < at("kind") && at("kind") < at("tags") && at("tags") < at("inner"),
+        "{text}"
+    );
+
+    // cut by max_tokens: `length`, and the text is a valid prefix that does not parse
+    let prefix_ok = |g: Grammar, text: &str| {
+        let ix = Arc::new(TokenIndex::from_bytes(&[], &[]));
+        GrammarMatcher::new(Arc::new(g), ix).accept_bytes(text.as_bytes())
+    };
+    let (text, finish) = chat_json(s.addr, &rf, 1, 4, false);
+    assert_eq!(finish, "length", "{text:?}");
+    assert!(serde_json::from_str::<Value>(&text).is_err(), "{text:?}");
+    assert!(prefix_ok(
+        Grammar::from_schema_str(BOUNDED_SCHEMA).unwrap(),
+        &text
+    ));
+
+    // json_object on /v1/chat/completions and /v1/completions: complete outputs parse as
+    // objects; cut ones are valid prefixes
+    let obj = r#"{"type": "json_object"}"#;
+    for seed in 0..6 {
+        let (text, finish) = chat_json(s.addr, obj, seed, 48, seed % 2 == 1);
+        if finish == "stop" {
+            let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text:?}"));
+            assert!(v.is_object(), "{text:?}");
+        } else {
+            assert_eq!(finish, "length");
+            assert!(prefix_ok(Grammar::json_object(), &text), "{text:?}");
+        }
+        let body = format!(
+            r#"{{"prompt": "x", "response_format": {rf}, "max_tokens": 1500, "seed": {seed}}}"#
+        );
+        let r = request(s.addr, "POST", "/v1/completions", body.as_bytes()).json();
+        assert_eq!(r["choices"][0]["finish_reason"], "stop", "{r}");
+        let v: Value = serde_json::from_str(r["choices"][0]["text"].as_str().unwrap()).unwrap();
+        check_bounded(&v);
+    }
+    // `text` is plain generation
+    let (_, finish) = chat_json(s.addr, r#"{"type": "text"}"#, 0, 5, false);
+    assert_eq!(finish, "length");
+
+    // refused schemas and formats: 400 naming the keyword, and the server keeps serving
+    for (rf, want) in [
+        (
+            json!({"type": "json_schema", "json_schema": {"name": "z", "schema":
+                {"type": "object", "properties": {"zip": {"type": "string", "pattern": "^[0-9]+$"}}}}}),
+            "`pattern`",
+        ),
+        (
+            json!({"type": "json_schema", "json_schema": {"name": "z", "schema":
+                {"type": "integer", "minimum": 3}}}),
+            "`minimum`",
+        ),
+        (json!({"type": "xml"}), "xml"),
+        (json!({"type": "json_schema"}), "json_schema"),
+        (json!("json"), "response_format"),
+    ] {
+        let r = post(
+            s.addr,
+            "/v1/chat/completions",
+            &json!({"messages": [{"role": "user", "content": "x"}], "response_format": rf}),
+        );
+        assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+        let e = r.json();
+        assert_eq!(e["error"]["type"], "invalid_request_error");
+        assert_eq!(e["error"]["param"], "response_format");
+        let msg = e["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(want), "{msg}");
+    }
+    assert_eq!(
+        completion(s.addr, "abc", 3)["choices"][0]["finish_reason"],
+        "length"
+    );
 }

@@ -43,13 +43,16 @@
 
 use super::family::{self, ExpertPart, Src};
 use super::hf::{architecture, model_config_from_hf};
+use super::imatrix::Imatrix;
 use super::source::{Checkpoint, TensorSource};
 use crate::format::{DType, FqmWriter, EXPERT_ALIGN, TENSOR_ALIGN};
 use crate::model::tensors::{LayerTensor, Proj, TensorKey};
 use crate::model::{tensor_table, ModelConfig, Role, TensorSpec};
 use crate::{Error, Result};
 use ferroq_kernels::block::{row_groups, BlockQ4Lx8, BlockQ4x8, BlockQ6x8, BlockQ8x8, QK, ROWS};
-use ferroq_kernels::scalar::{quantize_q4x8_importance, quantize_q6x8, quantize_q8x8};
+use ferroq_kernels::scalar::{
+    quantize_q4x8_importance, quantize_q4x8_weighted, quantize_q6x8, quantize_q8x8,
+};
 use rayon::prelude::*;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -125,6 +128,35 @@ pub struct ConvertOptions {
     pub output_type: Option<DType>,
     /// Type of the token embedding table, overriding the recipe (`--token-embedding-type`).
     pub embedding_type: Option<DType>,
+    /// An importance matrix (`ferroq imatrix`) whose per-column activation statistics weigh
+    /// the 4-bit scale search (`--imatrix FILE`).
+    pub imatrix: Option<PathBuf>,
+    /// How the imatrix enters the 4-bit weights.
+    pub imatrix_weighting: ImatrixWeighting,
+}
+
+/// How an imatrix's mean squared activation `a_c` of column `c` weighs a block's errors.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ImatrixWeighting {
+    /// `a_c · sqrt(σ² + x²)` (ggml's choice: the imatrix multiplies the weight-magnitude term).
+    #[default]
+    Multiply,
+    /// `a_c` alone.
+    Replace,
+}
+
+impl std::str::FromStr for ImatrixWeighting {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "multiply" => Ok(ImatrixWeighting::Multiply),
+            "replace" => Ok(ImatrixWeighting::Replace),
+            _ => Err(Error::config(
+                "--imatrix-weighting",
+                format!("`{s}` is not one of multiply, replace"),
+            )),
+        }
+    }
 }
 
 impl Default for ConvertOptions {
@@ -134,6 +166,8 @@ impl Default for ConvertOptions {
             rope_freq_bf16: false,
             output_type: None,
             embedding_type: None,
+            imatrix: None,
+            imatrix_weighting: ImatrixWeighting::Multiply,
         }
     }
 }
@@ -451,8 +485,11 @@ fn encode<'b>(
     shape: &[usize],
     dtype: DType,
     col_w: Option<&[f32]>,
+    weighting: ImatrixWeighting,
     b: &'b mut OutBufs,
 ) -> &'b [u8] {
+    // with an imatrix and `Replace`, the column statistics alone weigh the errors
+    let replace = col_w.is_some() && weighting == ImatrixWeighting::Replace;
     match dtype {
         DType::F32 => {
             b.bytes.clear();
@@ -479,10 +516,18 @@ fn encode<'b>(
             &b.bytes
         }
         DType::Q4x8 => bytemuck::cast_slice(encode_blocks(w, shape, &mut b.q4, |x, n, c, o| {
-            quantize_q4x8_importance(x, n, c, col_w, o)
+            if replace {
+                quantize_q4x8_weighted(x, n, c, col_w, o)
+            } else {
+                quantize_q4x8_importance(x, n, c, col_w, o)
+            }
         })),
         DType::Q4Lx8 => bytemuck::cast_slice(encode_blocks(w, shape, &mut b.q4l, |x, n, c, o| {
-            quantize_q4x8_importance(x, n, c, col_w, o)
+            if replace {
+                quantize_q4x8_weighted(x, n, c, col_w, o)
+            } else {
+                quantize_q4x8_importance(x, n, c, col_w, o)
+            }
         })),
         DType::Q6x8 => bytemuck::cast_slice(encode_blocks(w, shape, &mut b.q6, quantize_q6x8)),
         DType::Q8x8 => bytemuck::cast_slice(encode_blocks(w, shape, &mut b.q8, quantize_q8x8)),
@@ -656,6 +701,36 @@ pub fn convert(
                 .into(),
         );
     }
+    // the imatrix, checked against the model's tensors before anything is written
+    let imatrix = match &opts.imatrix {
+        Some(p) => Some(Imatrix::read(p)?),
+        None => None,
+    };
+    let im_cols = match (&imatrix, &opts.imatrix) {
+        (Some(im), Some(p)) => im.for_model(&cfg, p)?,
+        _ => Default::default(),
+    };
+    if imatrix.is_some() {
+        let is4 = |d: DType| matches!(d, DType::Q4x8 | DType::Q4Lx8);
+        let q4: Vec<&Planned> = planned.iter().filter(|p| is4(p.dtype)).collect();
+        let missing = q4
+            .iter()
+            .filter(|p| !im_cols.contains_key(&p.spec.name))
+            .count();
+        if !q4.is_empty() && missing == q4.len() {
+            return Err(Error::Input(format!(
+                "the imatrix has statistics for none of the {} 4-bit matrices of this model",
+                q4.len()
+            )));
+        }
+        if missing > 0 {
+            notes.push(format!(
+                "{missing} of {} 4-bit matrices have no imatrix data (experts no calibration \
+                 token was routed to?) and are quantized without it",
+                q4.len()
+            ));
+        }
+    }
     for n in &notes {
         progress(ProgressEvent::Note(n.clone()));
     }
@@ -695,9 +770,18 @@ pub fn convert(
             ..
         } = &mut bufs;
         let data: &[f32] = if in_mat { mat } else { sbuf };
-        // no activation statistics: every column equally important (the activation-free
-        // norm proxy this replaced made q4l worse than round-to-nearest, docs/quantization.md)
-        let bytes = encode(data, &pl.spec.shape, pl.dtype, None, obuf);
+        // the imatrix's column statistics, or none: every column equally important (the
+        // activation-free norm proxy this replaced made q4l worse than round-to-nearest,
+        // docs/quantization.md)
+        let col_w = im_cols.get(&pl.spec.name).map(|e| &e.values[..]);
+        let bytes = encode(
+            data,
+            &pl.spec.shape,
+            pl.dtype,
+            col_w,
+            opts.imatrix_weighting,
+            obuf,
+        );
         let align = match pl.spec.expert {
             // the first tensor of each routed expert starts on a page
             Some(_) if spec_is_expert_gate(pl.spec.key) => EXPERT_ALIGN,
@@ -767,6 +851,16 @@ pub fn convert(
         "output_tensor_type": opts.output_type.map(DType::name),
         "token_embedding_type": opts.embedding_type.map(DType::name),
         "fallbacks": fallbacks,
+        "imatrix": imatrix.as_ref().map(|im| json!({
+            "dataset": im.dataset,
+            "chunks": im.n_chunks,
+            "n_ctx": im.n_ctx,
+            "tensors": im_cols.len(),
+            "weighting": match opts.imatrix_weighting {
+                ImatrixWeighting::Multiply => "multiply",
+                ImatrixWeighting::Replace => "replace",
+            },
+        })),
         "notes": match opts.quant {
             Quant::Q4 => "q4x8 for attention, FFN and expert matrices; embedding and output at q6x8 (6.5 bits per weight, 64 linear levels); norms and router f32; 4-bit scales chosen per 32-weight block by an exhaustive search minimising the squared error weighted by sqrt(sigma^2 + x^2) (ggml's weighting)",
             Quant::Q4m => "as q4, with the value and FFN down projections at q8x8",

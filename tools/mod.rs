@@ -8,6 +8,7 @@ pub mod convert;
 pub mod family;
 pub mod gguf;
 pub mod hf;
+pub mod imatrix;
 pub mod safetensors;
 pub mod safetensors_write;
 pub mod source;

@@ -1,5 +1,5 @@
 //! `ferroq convert <HF_DIR | FILE.gguf> -o OUT.fqm [--quant q4|q4m|q4l|q8|bf16|f32]
-//! [--output-tensor-type T] [--token-embedding-type T]`.
+//! [--output-tensor-type T] [--token-embedding-type T] [--imatrix FILE]`.
 
 use ferroq::tools::convert::{convert, parse_matrix_type, ConvertOptions, ProgressEvent, Quant};
 use ferroq::tools::source::Checkpoint;
@@ -33,6 +33,14 @@ pub struct Args {
     /// Type of the token embedding table (q4, q4l, q6, q8, bf16, f32), overriding the recipe.
     #[arg(long, value_name = "TYPE")]
     pub token_embedding_type: Option<String>,
+    /// Importance matrix from `ferroq imatrix` (collected on an f32 or q8 conversion of the same
+    /// source): its per-column activation statistics weigh the 4-bit scale search.
+    #[arg(long, value_name = "FILE")]
+    pub imatrix: Option<PathBuf>,
+    /// How the imatrix weighs a weight's error: multiply (activation mean square times
+    /// sqrt(sigma^2 + x^2), the default) or replace (the activation mean square alone).
+    #[arg(long, default_value = "multiply", value_parser = ["multiply", "replace"])]
+    pub imatrix_weighting: String,
 }
 
 fn open_input(p: &Path) -> Result<Checkpoint> {
@@ -103,6 +111,8 @@ pub fn run(args: Args) -> Result<()> {
                 .as_deref()
                 .map(parse_matrix_type)
                 .transpose()?,
+            imatrix: args.imatrix.clone(),
+            imatrix_weighting: args.imatrix_weighting.parse()?,
         },
         &progress,
     )?;

@@ -38,7 +38,8 @@ pub struct Args {
     /// Threads (0 = all cores). Results do not depend on it.
     #[arg(short = 't', long, default_value_t = 0)]
     threads: usize,
-    /// KV cache type: f32 or f16 (default: f32 for unquantized models, f16 for quantized ones).
+    /// KV cache type: f32, f16, q8 or q4 (default: f32 for unquantized models, f16 for quantized
+    /// ones).
     #[arg(long, value_parser = super::logits::parse_kv)]
     kv: Option<KvType>,
     /// Save the model's log-probabilities of the scored tokens to FILE (llama.cpp's
@@ -54,7 +55,7 @@ pub struct Args {
 }
 
 /// The model's BOS when it adds one at the start of a text.
-fn bos_of(model: &Model) -> Option<u32> {
+pub(crate) fn bos_of(model: &Model) -> Option<u32> {
     let m = model.file.meta();
     let add = m.get("add_bos").and_then(|v| v.as_bool()).unwrap_or(false);
     let id = m
@@ -64,7 +65,7 @@ fn bos_of(model: &Model) -> Option<u32> {
     id.filter(|&b| add && (b as usize) < model.config.vocab_size)
 }
 
-fn read_ids(path: &Path) -> Result<Vec<u32>> {
+pub(crate) fn read_ids(path: &Path) -> Result<Vec<u32>> {
     let s = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     s.split(|c: char| c == ',' || c == '[' || c == ']' || c.is_whitespace())
         .filter(|w| !w.is_empty())
@@ -75,7 +76,7 @@ fn read_ids(path: &Path) -> Result<Vec<u32>> {
         .collect()
 }
 
-fn bar(n: usize, what: &str) -> ProgressBar {
+pub(crate) fn bar(n: usize, what: &str) -> ProgressBar {
     let b = ProgressBar::new(n as u64);
     b.set_style(
         ProgressStyle::with_template(&format!(

@@ -102,7 +102,7 @@ pub struct ModelArgs {
     /// Prompt tokens per forward pass.
     #[arg(short = 'b', long = "batch-size", default_value_t = ferroq::engine::DEFAULT_BATCH)]
     pub batch: usize,
-    /// KV cache type: f32, f16 or q8 (default: f32 for unquantized models, f16 for quantized).
+    /// KV cache type: f32, f16, q8 or q4 (default: f32 for unquantized models, f16 for quantized).
     #[arg(long, value_parser = super::generate::parse_kv)]
     pub kv: Option<ferroq::model::KvType>,
     /// Allow a context (-c) beyond the model's max_position_embeddings.

@@ -2,12 +2,17 @@
 //! and position; a call takes a list of segments (consecutive tokens of one sequence each) and
 //! computes the logits of the last token of the segments that ask for them.
 //!
-//! For now each sequence is a [`State`] of its own and the segments run one after the other;
-//! the one-pass version (matrix products over the rows of all segments, attention per segment)
-//! keeps this API.
+//! One pass: the rows of all segments go through every matrix product together (the weights are
+//! read once per step, not once per sequence; MoE rows are grouped per expert across the
+//! sequences as in a prefill), while RoPE, the cache append and the attention run per segment
+//! at its sequence's positions against its own cache ([`Model::forward_runs`]). One set of work
+//! buffers and one thread pool serve all sequences; each extra sequence costs only its cache.
+//! Every row's result is the same as in a call with that segment alone (the products compute
+//! each output element in the same order whatever the number of rows).
 
-use super::kv::KvType;
-use super::state::{Logits, State};
+use super::forward::{OutRows, Run};
+use super::kv::{KvCache, KvType};
+use super::state::State;
 use super::weights::Model;
 use crate::{Error, Result};
 
@@ -25,26 +30,18 @@ pub struct BatchSeg {
 /// The KV caches of `n` sequences and the work buffers of a forward pass over tokens of any of
 /// them.
 pub struct MultiState {
-    seqs: Vec<State>,
+    /// The work buffers, thread pool and logits (its own cache is empty).
+    work: State,
+    caches: Vec<KvCache>,
+    pos: Vec<usize>,
     ctx: usize,
     batch: usize,
     vocab: usize,
-    logits: Vec<f32>,
-    n_logits: usize,
+    // per-call lists, sized at construction (one entry per sequence at most)
+    runs: Vec<Run>,
+    out_rows: Vec<u32>,
+    ids: Vec<u32>,
     kv_bytes: usize,
-}
-
-/// Bytes of KV cache one sequence of `ctx` tokens takes.
-pub fn kv_bytes(model: &Model, ctx: usize, kv: KvType) -> usize {
-    let c = &model.config;
-    let kvd = c.num_kv_heads * c.head_dim;
-    let per_token = match kv {
-        KvType::F32 => 4 * kvd,
-        KvType::F16 => 2 * kvd,
-        KvType::Q8 => kvd + 4 * c.num_kv_heads,
-    };
-    ctx.saturating_mul(per_token)
-        .saturating_mul(2 * c.num_layers)
 }
 
 impl MultiState {
@@ -66,24 +63,30 @@ impl MultiState {
                 "the context must hold at least 2 tokens",
             ));
         }
+        super::kvmem::check_context(&model.config, ctx, model.ctx_limit)?;
         let batch = batch.clamp(1, ctx);
-        let seqs = (0..n_seqs)
-            .map(|_| State::try_with_kv(model, ctx, batch, false, threads, kv))
+        let caches = (0..n_seqs)
+            .map(|_| KvCache::for_model(kv, &model.config, ctx))
             .collect::<Result<Vec<_>>>()?;
-        let vocab = model.config.vocab_size;
+        // one logits row per segment, at most one segment per sequence
+        let work = State::work(model, batch, n_seqs, threads, kv)?;
         Ok(MultiState {
-            seqs,
+            work,
+            caches,
+            pos: vec![0; n_seqs],
             ctx,
             batch,
-            vocab,
-            logits: vec![0.0; n_seqs * vocab],
-            n_logits: 0,
-            kv_bytes: kv_bytes(model, ctx, kv),
+            vocab: model.config.vocab_size,
+            runs: Vec::with_capacity(n_seqs),
+            out_rows: Vec::with_capacity(n_seqs),
+            ids: Vec::with_capacity(batch),
+            kv_bytes: usize::try_from(super::kvmem::kv_bytes(&model.config, ctx, kv).total)
+                .unwrap_or(usize::MAX),
         })
     }
 
     pub fn n_seqs(&self) -> usize {
-        self.seqs.len()
+        self.caches.len()
     }
 
     /// Context per sequence.
@@ -96,6 +99,11 @@ impl MultiState {
         self.batch
     }
 
+    /// Threads the heavy ops run on.
+    pub fn threads(&self) -> usize {
+        self.work.threads()
+    }
+
     /// Bytes of KV cache per sequence.
     pub fn kv_bytes_per_seq(&self) -> usize {
         self.kv_bytes
@@ -103,17 +111,21 @@ impl MultiState {
 
     /// Tokens in sequence `seq`'s cache.
     pub fn pos(&self, seq: usize) -> usize {
-        self.seqs[seq].pos
+        self.pos[seq]
     }
 
-    /// Rewind sequence `seq` to `pos` tokens.
-    pub fn truncate(&mut self, seq: usize, pos: usize) {
-        self.seqs[seq].truncate(pos);
+    /// Rewind sequence `seq` to `pos` tokens (keep a shared prefix); returns the position kept,
+    /// which is less than `pos` when `pos` lies in an earlier attention chunk than the
+    /// sequence's last token ([`State::truncate`]).
+    pub fn truncate(&mut self, seq: usize, pos: usize) -> usize {
+        self.pos[seq] = self.caches[seq].keepable(self.pos[seq], pos);
+        self.pos[seq]
     }
 
-    /// Run the segments (at most one per sequence, at most `batch` tokens in all) and compute
-    /// the logits of those that ask for them: [`MultiState::logits`]`(k)` is the `k`-th of them,
-    /// in segment order.
+    /// Run the segments (at most one per sequence, at most `batch` tokens in all) in one
+    /// forward pass and compute the logits of those that ask for them:
+    /// [`MultiState::logits`]`(k)` is the `k`-th of them, in segment order. On an error nothing
+    /// has changed.
     pub fn forward(&mut self, model: &Model, tokens: &[u32], segs: &[BatchSeg]) -> Result<()> {
         let total: usize = segs.iter().map(|s| s.len).sum();
         if total > self.batch {
@@ -122,8 +134,19 @@ impl MultiState {
                 self.batch
             )));
         }
+        if !self.work.is_usable() {
+            return Err(Error::Input(
+                "the batch state was left unusable by an internal error in an earlier call; \
+                 make a new one"
+                    .into(),
+            ));
+        }
+        let vocab = model.config.vocab_size;
+        if vocab != self.vocab {
+            return Err(Error::Input("this state was made for another model".into()));
+        }
         for (j, s) in segs.iter().enumerate() {
-            if s.seq >= self.seqs.len() {
+            if s.seq >= self.caches.len() {
                 return Err(Error::Input(format!("sequence {} does not exist", s.seq)));
             }
             if s.len == 0 || s.start.checked_add(s.len).is_none_or(|e| e > tokens.len()) {
@@ -132,25 +155,59 @@ impl MultiState {
             if segs[..j].iter().any(|o| o.seq == s.seq) {
                 return Err(Error::Input(format!("sequence {} appears twice", s.seq)));
             }
-        }
-        self.n_logits = 0;
-        for s in segs {
-            let want = if s.logits { Logits::Last } else { Logits::None };
-            let st = &mut self.seqs[s.seq];
-            model.forward(st, &tokens[s.start..s.start + s.len], want)?;
-            if s.logits {
-                let k = self.n_logits;
-                let l = st.logits();
-                self.logits[k * self.vocab..(k + 1) * self.vocab].copy_from_slice(&l[..self.vocab]);
-                self.n_logits += 1;
+            if self.pos[s.seq] + s.len > self.ctx {
+                return Err(Error::Input(format!(
+                    "context full: sequence {} has {} tokens in the cache + {} new, more than \
+                     the context of {}",
+                    s.seq, self.pos[s.seq], s.len, self.ctx
+                )));
             }
+            let ids = &tokens[s.start..s.start + s.len];
+            if let Some(&bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+                return Err(Error::Input(format!(
+                    "token id {bad} is out of range (vocabulary {vocab})"
+                )));
+            }
+        }
+        if segs.is_empty() {
+            self.work.n_logits = 0;
+            return Ok(());
+        }
+        // the rows of the pass: the segments' tokens back to back, in segment order
+        self.runs.clear();
+        self.out_rows.clear();
+        self.ids.clear();
+        for s in segs {
+            let start = self.ids.len();
+            self.ids
+                .extend_from_slice(&tokens[s.start..s.start + s.len]);
+            self.runs.push(Run {
+                start,
+                len: s.len,
+                pos0: self.pos[s.seq],
+                seq: s.seq,
+            });
+            if s.logits {
+                self.out_rows.push((start + s.len - 1) as u32);
+            }
+        }
+        let out = OutRows::Rows(&self.out_rows);
+        let (work, caches) = (&mut self.work, &mut self.caches[..]);
+        model.forward_runs(work, Some(caches), &self.ids, &self.runs, out, None);
+        for s in segs {
+            self.pos[s.seq] += s.len;
         }
         Ok(())
     }
 
     /// The logits of the `k`-th segment that asked for them in the last call.
     pub fn logits(&self, k: usize) -> &[f32] {
-        assert!(k < self.n_logits, "logits row {k} of {}", self.n_logits);
-        &self.logits[k * self.vocab..(k + 1) * self.vocab]
+        let l = self.work.logits();
+        assert!(
+            (k + 1) * self.vocab <= l.len(),
+            "logits row {k} of {}",
+            l.len() / self.vocab
+        );
+        &l[k * self.vocab..(k + 1) * self.vocab]
     }
 }

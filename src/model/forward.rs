@@ -6,6 +6,7 @@
 
 use super::attention::{self, AttnShape};
 use super::ffn::{swiglu, SwigluBufs};
+use super::kv::KvCache;
 use super::moe::MoeLayer;
 use super::probe::{see, HiddenOnly, Input, Point, Probe};
 use super::weights::{FfnWeights, Model};
@@ -14,6 +15,22 @@ use crate::{Error, Result};
 
 pub use super::kv::KvType;
 pub use super::state::{Logits, State};
+
+/// Rows `start .. start + len` of a [`Model::forward_runs`] call: tokens of sequence `seq` at
+/// positions `pos0 ..`.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Run {
+    pub start: usize,
+    pub len: usize,
+    pub pos0: usize,
+    pub seq: usize,
+}
+
+/// The rows whose logits a [`Model::forward_runs`] call computes, in this order.
+pub(super) enum OutRows<'a> {
+    Range(std::ops::Range<usize>),
+    Rows(&'a [u32]),
+}
 
 /// Observer of the residual stream (tests compare it with a reference file): called with
 /// `(layer, "hidden", rows)`. The default forward passes `None`, which costs nothing.
@@ -85,11 +102,44 @@ impl Model {
         st: &mut State,
         tokens: &[u32],
         want: Logits,
-        mut probe: Option<&mut dyn Probe>,
+        probe: Option<&mut dyn Probe>,
     ) -> Result<()> {
         self.check_call(st, tokens, want)?;
+        let n = tokens.len();
+        let out = match want {
+            Logits::None => OutRows::Range(0..0),
+            Logits::Last => OutRows::Range(n - 1..n),
+            Logits::All => OutRows::Range(0..n),
+        };
+        let run = Run {
+            start: 0,
+            len: n,
+            pos0: st.pos,
+            seq: 0,
+        };
+        self.forward_runs(st, None, tokens, &[run], out, probe);
+        st.pos += n;
+        Ok(())
+    }
+
+    /// The forward pass over `tokens`, whose rows are cut into `runs` (consecutive rows of one
+    /// sequence each, at that sequence's positions): every matrix product runs once over all
+    /// rows (MoE rows grouped per expert across the runs); RoPE, the cache append and the
+    /// attention run per run, against the run's own cache (`caches[run.seq]`, or the state's
+    /// own cache when `caches` is `None`: one sequence). Computes the logits of the rows `out`
+    /// into `st.logits`. The callers checked the arguments (sizes, ids, context); positions are
+    /// not advanced here.
+    pub(super) fn forward_runs(
+        &self,
+        st: &mut State,
+        mut caches: Option<&mut [KvCache]>,
+        tokens: &[u32],
+        runs: &[Run],
+        out: OutRows,
+        mut probe: Option<&mut dyn Probe>,
+    ) {
         let (c, kern, pr) = (&self.config, &self.kernels, &mut probe);
-        let (n, pos0, hs) = (tokens.len(), st.pos, c.hidden_size);
+        let (n, hs) = (tokens.len(), c.hidden_size);
         let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
         // the pool and scratch are moved out for the call (no allocation) so that `par` can be
         // shared by every op while the buffers of `st` are borrowed mutably
@@ -106,9 +156,12 @@ impl Model {
         }
         see(pr, 0, Point::Hidden, &st.h[..n * hs]);
         let half = c.head_dim / 2;
-        for t in 0..n {
-            let (cos, sin) = (&mut st.cos[t * half..], &mut st.sin[t * half..]);
-            ops::rope_cos_sin(&self.inv_freq, pos0 + t, &mut cos[..half], &mut sin[..half]);
+        for r in runs {
+            for t in r.start..r.start + r.len {
+                let (cos, sin) = (&mut st.cos[t * half..], &mut st.sin[t * half..]);
+                let p = r.pos0 + t - r.start;
+                ops::rope_cos_sin(&self.inv_freq, p, &mut cos[..half], &mut sin[..half]);
+            }
         }
 
         for (li, (lw, spec)) in self.layers.iter().zip(&c.layers).enumerate() {
@@ -125,20 +178,29 @@ impl Model {
             };
             let qkv = [&mut st.q[..], &mut st.k[..], &mut st.v[..]];
             ops::matmul_n(kern, &par, [wq, wk, wv], [qd, kvd, kvd], &a, qkv);
-            let (cos, sin) = (&st.cos, &st.sin);
-            attention::prepare_qk(&par, c, spec, cos, sin, pos0, n, &mut st.q, &mut st.k);
-            // append and attend per run of positions the layer's cache holds at once (the
-            // whole batch, or for a chunk ring the part of the batch in one chunk)
             let shape = AttnShape::of(c, spec);
-            let mut s0 = 0;
-            while s0 < n {
-                let s1 = st.kv.segment_end(li, pos0 + s0, pos0 + n) - pos0;
-                let (k, v) = (&st.k[s0 * kvd..], &st.v[s0 * kvd..]);
-                st.kv.append(&par, li, pos0 + s0, s1 - s0, k, v);
-                let (kvl, base) = (st.kv.layer(li), st.kv.base(li, pos0 + s0));
-                let (q, att) = (&st.q[s0 * qd..], &mut st.att[s0 * qd..s1 * qd]);
-                attention::attend(kern, &par, shape, kvl, base, q, pos0 + s0, s1 - s0, att);
-                s0 = s1;
+            for r in runs {
+                let (a, m, pos0) = (r.start, r.len, r.pos0);
+                let (cos, sin) = (&st.cos[a * half..], &st.sin[a * half..]);
+                let (q, k) = (&mut st.q[a * qd..], &mut st.k[a * kvd..]);
+                attention::prepare_qk(&par, c, spec, cos, sin, pos0, m, q, k);
+                let kv = match caches.as_deref_mut() {
+                    Some(caches) => &mut caches[r.seq],
+                    None => &mut st.kv,
+                };
+                // append and attend per stretch of positions the layer's cache holds at once
+                // (the whole run, or for a chunk ring the part of the run in one chunk)
+                let mut s0 = 0;
+                while s0 < m {
+                    let s1 = kv.segment_end(li, pos0 + s0, pos0 + m) - pos0;
+                    let (k, v) = (&st.k[(a + s0) * kvd..], &st.v[(a + s0) * kvd..]);
+                    kv.append(&par, li, pos0 + s0, s1 - s0, k, v);
+                    let (kvl, base) = (kv.layer(li), kv.base(li, pos0 + s0));
+                    let q = &st.q[(a + s0) * qd..];
+                    let att = &mut st.att[(a + s0) * qd..(a + s1) * qd];
+                    attention::attend(kern, &par, shape, kvl, base, q, pos0 + s0, s1 - s0, att);
+                    s0 = s1;
+                }
             }
             see(pr, li, Point::MatInput(Input::Wo), &st.att[..n * qd]);
             let wo = self.mat(lw.wo);
@@ -189,18 +251,26 @@ impl Model {
             see(pr, li + 1, Point::Hidden, &st.h[..n * hs]);
         }
 
-        // ---- final norm → output projection → logits ----
-        st.pos += n;
-        let rows = match want {
-            Logits::None => 0..0,
-            Logits::Last => n - 1..n,
-            Logits::All => 0..n,
+        // ---- final norm → output projection → logits (of the rows asked for) ----
+        let m = match out {
+            OutRows::Range(ref r) => r.len(),
+            OutRows::Rows(r) => r.len(),
         };
-        let m = rows.len();
         if m > 0 {
             let norm = Some(self.vec(self.output_norm));
-            let (h, eps) = (&st.h[rows.start * hs..], c.rms_norm_eps);
-            ops::rmsnorm_rows(kern, &par, h, norm, eps, hs, m, &mut st.xn);
+            let eps = c.rms_norm_eps;
+            match out {
+                OutRows::Range(r) => {
+                    let h = &st.h[r.start * hs..];
+                    ops::rmsnorm_rows(kern, &par, h, norm, eps, hs, m, &mut st.xn);
+                }
+                OutRows::Rows(rows) => {
+                    for (i, &t) in rows.iter().enumerate() {
+                        let (t, o) = (t as usize, &mut st.xn[i * hs..(i + 1) * hs]);
+                        (kern.rmsnorm)(&st.h[t * hs..(t + 1) * hs], norm, eps, o);
+                    }
+                }
+            }
             see(
                 pr,
                 c.num_layers,
@@ -220,7 +290,6 @@ impl Model {
         }
         st.n_logits = m * c.vocab_size;
         (st.pool, st.scratch) = (pool, scratch);
-        Ok(())
     }
 
     /// `xn = rmsnorm(h) · norm` for the first `n` rows (the pre-norm of a block).

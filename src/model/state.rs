@@ -112,6 +112,33 @@ impl State {
         kv: KvType,
     ) -> Result<State> {
         super::kvmem::check_context(&model.config, max_ctx, model.ctx_limit)?;
+        let cache = KvCache::for_model(kv, &model.config, max_ctx)?;
+        let logit_rows = if all_logits { max_batch.max(1) } else { 1 };
+        Self::build(model, cache, max_ctx, max_batch, logit_rows, threads)
+    }
+
+    /// The work buffers of a forward pass over up to `max_batch` rows with `logit_rows` rows of
+    /// logits, and an empty KV cache: the shared working state of a
+    /// [`MultiState`](super::batch::MultiState), whose sequences keep their own caches.
+    pub(super) fn work(
+        model: &Model,
+        max_batch: usize,
+        logit_rows: usize,
+        threads: usize,
+        kv: KvType,
+    ) -> Result<State> {
+        let cache = KvCache::for_model(kv, &model.config, 0)?;
+        Self::build(model, cache, 0, max_batch, logit_rows, threads)
+    }
+
+    fn build(
+        model: &Model,
+        kv: KvCache,
+        max_ctx: usize,
+        max_batch: usize,
+        logit_rows: usize,
+        threads: usize,
+    ) -> Result<State> {
         let pool = if threads == 1 {
             None
         } else {
@@ -134,7 +161,6 @@ impl State {
         let bk = max_batch.checked_mul(kx).ok_or_else(batch_err)?;
         let nb = |per_token: usize| max_batch.checked_mul(per_token);
         let nk = |per_token: usize| bk.checked_mul(per_token);
-        let kv = KvCache::for_model(kv, c, max_ctx)?;
         let f = |n: Option<usize>| zeroed::<f32>(n, &batch_err);
         Ok(State {
             pos: 0,
@@ -168,11 +194,7 @@ impl State {
             },
             xs: f(nk(c.hidden_size))?,
             ys: f(nk(c.hidden_size))?,
-            logits: f(if all_logits {
-                nb(c.vocab_size)
-            } else {
-                Some(c.vocab_size)
-            })?,
+            logits: f(logit_rows.max(1).checked_mul(c.vocab_size))?,
             n_logits: 0,
             pool,
             scratch: (0..n_threads)
@@ -234,5 +256,34 @@ impl State {
     /// The logits computed by the last forward call: `rows × vocab`.
     pub fn logits(&self) -> &[f32] {
         &self.logits[..self.n_logits]
+    }
+}
+
+// Session state files: the cache of the used positions as bytes (see `KvCache::write_kv`).
+impl State {
+    /// Bytes [`State::write_kv`] writes for the first `n` positions.
+    pub fn kv_bytes(&self, n: usize) -> usize {
+        self.kv.kv_bytes(n)
+    }
+
+    /// Whether the first `n` cached positions can be saved ([`KvCache::can_save`]: with
+    /// chunked-attention layers, `n` must be `pos` or lie in the chunk of the last position).
+    pub fn can_save(&self, n: usize) -> bool {
+        self.kv.can_save(self.pos, n)
+    }
+
+    /// Append the cache of positions `0..n` ([`State::can_save`]) as bytes
+    /// (`KvCache::write_kv`).
+    pub fn write_kv(&self, n: usize, out: &mut Vec<u8>) {
+        debug_assert!(self.can_save(n));
+        self.kv.write_kv(n.min(self.pos), out)
+    }
+
+    /// Restore positions `0..n` from [`State::write_kv`] bytes of the same model and KV type;
+    /// the position becomes `n`. On error nothing changes.
+    pub fn read_kv(&mut self, n: usize, data: &[u8]) -> crate::Result<()> {
+        self.kv.read_kv(n, self.max_ctx, data)?;
+        self.pos = n;
+        Ok(())
     }
 }

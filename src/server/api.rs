@@ -215,7 +215,6 @@ impl GenRequest {
                     ("messages", self.messages.is_some()),
                     ("tools", self.tools.is_some()),
                     ("tool_choice", self.tool_choice.is_some()),
-                    ("response_format", self.response_format.is_some()),
                     (
                         "max_completion_tokens",
                         self.max_completion_tokens.is_some(),
@@ -257,19 +256,6 @@ impl GenRequest {
                 "logit_bias",
                 "`logit_bias` is not supported",
             ));
-        }
-        if let Some(rf) = &self.response_format {
-            let t = rf.get("type").and_then(|t| t.as_str());
-            if t != Some("text") {
-                return Err(ApiError::param(
-                    "response_format",
-                    format!(
-                        "`response_format` of type {} is not supported by this server yet \
-                         (only \"text\")",
-                        t.map_or("(none)".to_string(), |t| format!("{t:?}"))
-                    ),
-                ));
-            }
         }
         Ok(())
     }
@@ -404,6 +390,21 @@ impl GenRequest {
                 .unwrap_or(false),
         })
     }
+}
+
+/// The grammar of a request's `response_format` (read again from the body's bytes so that the
+/// schema's property order is the order the client wrote). `None` for `{"type": "text"}` or
+/// no `response_format`; an unsupported schema keyword is a 400 naming it.
+pub fn response_format(
+    body: &[u8],
+    r: &GenRequest,
+) -> Result<Option<std::sync::Arc<crate::grammar::Grammar>>, ApiError> {
+    if r.response_format.as_ref().is_none_or(|v| v.is_null()) {
+        return Ok(None);
+    }
+    crate::grammar::Grammar::from_request_body(body, &crate::grammar::GrammarOptions::default())
+        .map(|g| g.map(std::sync::Arc::new))
+        .map_err(|e| ApiError::param("response_format", e.to_string()))
 }
 
 /// The messages of a chat request as the template sees them: `content` made a string (a list

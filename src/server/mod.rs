@@ -531,7 +531,9 @@ async fn generate(app: Arc<App>, ep: Endpoint, headers: HeaderMap, body: Body) -
         .and_then(|_| app.check_model(r.model.as_deref()))
         .and_then(|_| r.params(ep, seed))
         .and_then(|p| app.prompt_ids(ep, &r).map(|ids| (p, ids)));
-    let (p, prompt) = match prepared {
+    let prepared =
+        prepared.and_then(|(p, ids)| api::response_format(&bytes, &r).map(|g| (p, ids, g)));
+    let (p, prompt, grammar) = match prepared {
         Ok(x) => x,
         Err(e) => return app.fail(e),
     };
@@ -582,6 +584,7 @@ async fn generate(app: Arc<App>, ep: Endpoint, headers: HeaderMap, body: Body) -
         sampler: p.sampler.clone(),
         stop_strings: p.stop.clone(),
         logprobs: p.logprobs,
+        grammar,
         received,
         deadline: received + app.timeout,
         events: tx,

@@ -2,8 +2,8 @@
 //! with its own KV cache), admits queued requests into free slots, and runs steps. One step is
 //! the next token of every decoding slot plus a chunk of the prompt of
 //! slots still reading theirs (chunked prefill: a long prompt never stalls the others for more
-//! than one chunk), handed to [`MultiState::forward`] as one call (today it runs the segments
-//! one after the other; see `docs/server.md`).
+//! than one chunk), handed to [`MultiState::forward`] as one forward pass (the weights are read
+//! once per step for all slots; see `docs/server.md`).
 //!
 //! A request talks to its HTTP handler through an unbounded channel of [`Event`]s. When the
 //! handler goes away (the client disconnected), the channel closes and the slot is freed before
@@ -19,6 +19,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::metrics::Metrics;
 use crate::engine::Engine;
+use crate::grammar::{Grammar, GrammarMatcher};
 use crate::model::{BatchSeg, KvType, MultiState};
 use crate::sampling::{Sampler, SamplerConfig, Stop, StopCondition};
 use crate::Result;
@@ -32,6 +33,9 @@ pub struct Job {
     /// `Some(k)`: report the log-probability of each generated token and its `k` best
     /// alternatives.
     pub logprobs: Option<usize>,
+    /// Structured output (`response_format`): the output is kept a valid prefix of a value of
+    /// this grammar, and ends with a stop token only where the value is complete.
+    pub grammar: Option<Arc<Grammar>>,
     /// When the request arrived (time to first token counts from here).
     pub received: Instant,
     pub deadline: Instant,
@@ -157,6 +161,7 @@ impl Scheduler {
             tokens: Vec::with_capacity(cfg.batch.max(1)),
             segs: Vec::with_capacity(slots),
             seg_slot: Vec::with_capacity(slots),
+            order: Vec::with_capacity(slots),
             logits: vec![0.0; vocab],
             raw: vec![0.0; vocab],
             clock: 0,
@@ -241,6 +246,8 @@ struct Active {
     sampler: Sampler,
     stop: StopCondition,
     dec: Utf8Stream,
+    /// The structured-output state of this request (masks the slot's logits before sampling).
+    matcher: Option<GrammarMatcher>,
     generated: usize,
     cached_tokens: usize,
     started: Instant,
@@ -281,6 +288,8 @@ struct Worker {
     tokens: Vec<u32>,
     segs: Vec<BatchSeg>,
     seg_slot: Vec<usize>,
+    /// Slots reading their prompts, in arrival order.
+    order: Vec<(u64, usize)>,
     logits: Vec<f32>,
     /// The logits before sampling changed them (for log-probabilities).
     raw: Vec<f32>,
@@ -369,8 +378,11 @@ impl Worker {
             .max_by(|a, b| a.1.cmp(&b.1).then(b.2.cmp(&a.2)))
             .map(|(i, c, _)| (i, c))
             .expect("a free slot");
-        // at least one prompt token runs, to produce the logits
-        let keep = common.min(p.len().saturating_sub(1));
+        // at least one prompt token runs, to produce the logits; a model with chunked attention
+        // may keep less than the common prefix (its ring layers hold only the last chunk)
+        let keep = self
+            .ms
+            .truncate(best, common.min(p.len().saturating_sub(1)));
         self.clock += 1;
         let vocab = self.engine.model().config.vocab_size;
         let s = &mut self.slots[best];
@@ -378,7 +390,6 @@ impl Worker {
         s.ids.truncate(keep);
         s.ids.extend_from_slice(&p[keep..]);
         s.pos = keep;
-        self.ms.truncate(best, keep);
         s.phase = Phase::Prefill;
         if keep > 0 {
             self.metrics.cache_hits.fetch_add(1, Relaxed);
@@ -388,7 +399,13 @@ impl Worker {
             .prompt_tokens
             .fetch_add((p.len() - keep) as u64, Relaxed);
         let stop = StopCondition::new(self.engine.stop_ids().to_vec(), job.stop_strings.clone());
+        // the token index is built once per engine (on first use) and shared by every slot
+        let matcher = job
+            .grammar
+            .as_ref()
+            .map(|g| GrammarMatcher::new(g.clone(), self.engine.token_index()));
         s.active = Some(Active {
+            matcher,
             sampler: Sampler::new(job.sampler.clone(), vocab),
             stop,
             dec: Utf8Stream::default(),
@@ -462,15 +479,15 @@ impl Worker {
             }
         }
         // then prompt chunks in the order the slots were assigned, within the row budget
-        let mut order: Vec<(u64, usize)> = self
-            .slots
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| matches!(s.phase, Phase::Prefill))
-            .map(|(i, s)| (s.used, i))
-            .collect();
-        order.sort_unstable();
-        for (_, i) in order {
+        self.order.clear();
+        let prefilling = self.slots.iter().enumerate();
+        self.order.extend(
+            prefilling
+                .filter(|(_, s)| matches!(s.phase, Phase::Prefill))
+                .map(|(i, s)| (s.used, i)),
+        );
+        self.order.sort_unstable();
+        for &(_, i) in &self.order {
             let budget = self.batch.saturating_sub(self.tokens.len());
             if budget == 0 {
                 break;
@@ -529,8 +546,31 @@ impl Worker {
         if want_lp.is_some() {
             self.raw.copy_from_slice(&self.logits);
         }
-        let id = a.sampler.sample(&mut self.logits, &s.ids);
+        // no token can continue: complete without a stop id, or a nesting dead end
+        let dead_end = a.matcher.as_mut().map(|m| (m.any_allowed(), m.can_end()));
+        if let Some((false, complete)) = dead_end {
+            let finish = if complete {
+                Finish::Stop
+            } else {
+                Finish::Length
+            };
+            let mut rest = String::new();
+            a.dec.push(&[], &mut rest, true);
+            a.stop.finish(&mut rest);
+            self.end(i, rest, None, finish);
+            return;
+        }
+        let mask = a.matcher.as_mut().map(|m| m.mask());
+        let id = a.sampler.sample_masked(&mut self.logits, &s.ids, mask);
         let lp = want_lp.map(|k| logprob_of(&self.raw, id, k));
+        if let Some(m) = a.matcher.as_mut() {
+            if let Err(e) = m.accept_token(id) {
+                // cannot happen (the id came from the mask); end the request, not the server
+                let msg = format!("structured output: {e}");
+                self.finish_err(i, 500, &msg);
+                return;
+            }
+        }
         if a.stop.is_stop_id(id) {
             let mut rest = String::new();
             a.dec.push(&[], &mut rest, true);
@@ -550,6 +590,15 @@ impl Worker {
         let st = a.stop.push_text(&piece, &mut shown);
         if st == Stop::String {
             self.end(i, String::new(), Some((id, shown, lp)), Finish::Stop);
+            return;
+        }
+        // a complete value that takes no more text ends here (the stop token would be the only
+        // choice), even on the last token of the budget
+        if a.matcher.as_mut().is_some_and(|m| m.is_done()) {
+            let mut rest = String::new();
+            a.dec.push(&[], &mut rest, true);
+            a.stop.finish(&mut rest);
+            self.end(i, rest, Some((id, shown, lp)), Finish::Stop);
             return;
         }
         let full = s.ids.len() >= ctx;
