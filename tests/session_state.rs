@@ -134,7 +134,7 @@ fn save_restore_continues_with_bit_identical_logits() {
     let prompt = ids(13, 384, 1);
     let mut more = prompt.clone();
     more.extend(ids(7, 384, 2));
-    for kv in [KvType::F32, KvType::F16, KvType::Q8] {
+    for kv in [KvType::F32, KvType::F16, KvType::Q8, KvType::Q4] {
         continues_identically(&e3, kv, &prompt, &more);
     }
     // a prefix of the cache (the prompt without the answer)
@@ -156,7 +156,7 @@ fn save_restore_continues_with_bit_identical_logits() {
     let prompt = ids(13, 512, 3);
     let mut more = prompt.clone();
     more.extend(ids(7, 512, 4));
-    for kv in [KvType::F32, KvType::Q8] {
+    for kv in [KvType::F32, KvType::Q8, KvType::Q4] {
         continues_identically(&e4, kv, &prompt, &more);
     }
     // a prompt ending on a chunk boundary (16 tokens)

@@ -410,6 +410,15 @@ impl KvCache {
                 (bytemuck::cast_slice(&q.ks[li]), 4 * nkv, 4),
                 (bytemuck::cast_slice(&q.vs[li]), 4 * nkv, 4),
             ],
+            Store::Q4(q) => {
+                let nb = nkv * q4_blocks(self.head_dim);
+                vec![
+                    (bytemuck::cast_slice(&q.k[li]), 16 * nb, 1),
+                    (bytemuck::cast_slice(&q.v[li]), 16 * nb, 1),
+                    (bytemuck::cast_slice(&q.ks[li]), 2 * nb, 2),
+                    (bytemuck::cast_slice(&q.vs[li]), 2 * nb, 2),
+                ]
+            }
         }
     }
 
@@ -431,6 +440,15 @@ impl KvCache {
                 (bytemuck::cast_slice_mut(&mut q.ks[li]), 4 * nkv, 4),
                 (bytemuck::cast_slice_mut(&mut q.vs[li]), 4 * nkv, 4),
             ],
+            Store::Q4(q) => {
+                let nb = nkv * q4_blocks(self.head_dim);
+                vec![
+                    (bytemuck::cast_slice_mut(&mut q.k[li]), 16 * nb, 1),
+                    (bytemuck::cast_slice_mut(&mut q.v[li]), 16 * nb, 1),
+                    (bytemuck::cast_slice_mut(&mut q.ks[li]), 2 * nb, 2),
+                    (bytemuck::cast_slice_mut(&mut q.vs[li]), 2 * nb, 2),
+                ]
+            }
         }
     }
 
