@@ -104,6 +104,22 @@ int64_t ferroq_generate(ferroq_session *session, const char *prompt,
 
 void ferroq_string_free(char *s); /* NULL allowed */
 
+/* Session state files (docs/session-state.md): a session's cached token ids and their keys and
+ * values, e.g. a system prompt processed once and loaded by later runs. */
+/* Save the whole context to `path` (written to a temporary file, then renamed: on error an
+ * earlier file at `path` is intact). Returns the tokens saved, or -1 on error. */
+int64_t ferroq_session_save(const ferroq_session *session, const char *path);
+/* Save only the first n cached tokens (all if n is larger; with Llama 4's chunked attention, n
+ * must lie in the attention chunk of the last cached token). Tokens saved, or -1. */
+int64_t ferroq_session_save_prefix(const ferroq_session *session, const char *path, size_t n);
+/* Replace the context with a file saved from the same model and KV type; the next
+ * ferroq_generate reuses its longest common prefix with the prompt. Returns the tokens
+ * loaded, or -1 (missing, corrupted, truncated, other model / KV type / version, context too
+ * small; the message names the file and the field); on error the session is unchanged. */
+int64_t ferroq_session_load(ferroq_session *session, const char *path);
+/* Token ids in the session's cache, or -1 if session is NULL. */
+int64_t ferroq_session_n_cached(const ferroq_session *session);
+
 /* Token ids of `text`; writes up to `cap` of them to `out` and returns the total count
  * (retry with a larger buffer if it exceeds cap), or -1 on error. */
 int64_t ferroq_tokenize(const ferroq_engine *engine, const char *text, int add_bos,

@@ -16,10 +16,14 @@ fn fixture_dir(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// `name` converted at f32 into a file of its own (tests run in parallel and remove their
+/// file when done: a shared path let one test delete the model another was about to open).
 fn convert_f32(name: &str) -> PathBuf {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let dir = std::env::temp_dir().join(format!("ferroq-kvtest-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let out = dir.join(format!("{name}.fqm"));
+    let k = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let out = dir.join(format!("{name}-{k}.fqm"));
     let st = Command::new(env!("CARGO_BIN_EXE_ferroq"))
         .arg("convert")
         .arg(fixture_dir(name))

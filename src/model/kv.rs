@@ -412,9 +412,10 @@ impl KvCache {
             ],
             Store::Q4(q) => {
                 let nb = nkv * q4_blocks(self.head_dim);
+                let row = nb * ferroq_kernels::scalar::KV_Q4_BYTES;
                 vec![
-                    (bytemuck::cast_slice(&q.k[li]), 16 * nb, 1),
-                    (bytemuck::cast_slice(&q.v[li]), 16 * nb, 1),
+                    (&q.k[li][..], row, 1),
+                    (&q.v[li][..], row, 1),
                     (bytemuck::cast_slice(&q.ks[li]), 2 * nb, 2),
                     (bytemuck::cast_slice(&q.vs[li]), 2 * nb, 2),
                 ]
@@ -442,9 +443,10 @@ impl KvCache {
             ],
             Store::Q4(q) => {
                 let nb = nkv * q4_blocks(self.head_dim);
+                let row = nb * ferroq_kernels::scalar::KV_Q4_BYTES;
                 vec![
-                    (bytemuck::cast_slice_mut(&mut q.k[li]), 16 * nb, 1),
-                    (bytemuck::cast_slice_mut(&mut q.v[li]), 16 * nb, 1),
+                    (&mut q.k[li][..], row, 1),
+                    (&mut q.v[li][..], row, 1),
                     (bytemuck::cast_slice_mut(&mut q.ks[li]), 2 * nb, 2),
                     (bytemuck::cast_slice_mut(&mut q.vs[li]), 2 * nb, 2),
                 ]
