@@ -36,7 +36,7 @@ typedef struct ferroq_session_params {
     size_t batch;   /* prompt tokens per forward pass; 0 = default */
     size_t threads; /* 0 = all cores; at most 512 */
     int kv;         /* KV cache type: 0 = default (f32 unquantized, f16 quantized models),
-                       1 = f32, 2 = f16, 3 = q8 */
+                       1 = f32, 2 = f16, 3 = q8, 4 = q4 */
 } ferroq_session_params;
 
 typedef struct ferroq_engine_params {
@@ -46,6 +46,9 @@ typedef struct ferroq_engine_params {
                             UINT64_MAX = never page. A MoE model whose file does not fit pages
                             its routed experts (expert-aware residency). */
     int mlock;           /* non-zero: lock the resident weights in memory */
+    int verify;          /* non-zero: check every tensor's checksum while opening (reads the
+                            file once, like `ferroq verify`); a mismatch fails the open with
+                            an error naming the tensor */
 } ferroq_engine_params;
 
 typedef struct ferroq_gen_params {
@@ -100,6 +103,22 @@ int64_t ferroq_generate(ferroq_session *session, const char *prompt,
                         char **text_out);
 
 void ferroq_string_free(char *s); /* NULL allowed */
+
+/* Session state files (docs/session-state.md): a session's cached token ids and their keys and
+ * values, e.g. a system prompt processed once and loaded by later runs. */
+/* Save the whole context to `path` (written to a temporary file, then renamed: on error an
+ * earlier file at `path` is intact). Returns the tokens saved, or -1 on error. */
+int64_t ferroq_session_save(const ferroq_session *session, const char *path);
+/* Save only the first n cached tokens (all if n is larger; with Llama 4's chunked attention, n
+ * must lie in the attention chunk of the last cached token). Tokens saved, or -1. */
+int64_t ferroq_session_save_prefix(const ferroq_session *session, const char *path, size_t n);
+/* Replace the context with a file saved from the same model and KV type; the next
+ * ferroq_generate reuses its longest common prefix with the prompt. Returns the tokens
+ * loaded, or -1 (missing, corrupted, truncated, other model / KV type / version, context too
+ * small; the message names the file and the field); on error the session is unchanged. */
+int64_t ferroq_session_load(ferroq_session *session, const char *path);
+/* Token ids in the session's cache, or -1 if session is NULL. */
+int64_t ferroq_session_n_cached(const ferroq_session *session);
 
 /* Token ids of `text`; writes up to `cap` of them to `out` and returns the total count
  * (retry with a larger buffer if it exceeds cap), or -1 on error. */

@@ -53,6 +53,9 @@ pub struct FerroqEngineParams {
     pub mem_budget: u64,
     /// Non-zero: lock the resident weights in memory (`mlock`).
     pub mlock: c_int,
+    /// Non-zero: check every tensor's checksum while opening (reads the whole file once, like
+    /// `ferroq verify`); a mismatch fails the open with an error naming the tensor.
+    pub verify: c_int,
 }
 
 /// The KV type of a C `kv` field.
@@ -63,10 +66,11 @@ fn kv_of(kv: c_int) -> Result<Option<crate::model::KvType>> {
         1 => Some(KvType::F32),
         2 => Some(KvType::F16),
         3 => Some(KvType::Q8),
+        4 => Some(KvType::Q4),
         _ => {
             return Err(Error::config(
                 "kv",
-                format!("{kv} is not a KV cache type (0 default, 1 f32, 2 f16, 3 q8)"),
+                format!("{kv} is not a KV cache type (0 default, 1 f32, 2 f16, 3 q8, 4 q4)"),
             ))
         }
     })
@@ -235,7 +239,7 @@ pub unsafe extern "C" fn ferroq_engine_open_ex(
                 b => crate::engine::MemBudget::Bytes(b),
             },
             mlock: ep.mlock != 0,
-            verify: false,
+            verify: ep.verify != 0,
         };
         let e = Engine::open_with(p, &opts)?;
         Ok(Box::into_raw(Box::new(FerroqEngine(Arc::new(e)))))
@@ -462,6 +466,77 @@ pub unsafe extern "C" fn ferroq_generate(
         },
         recover,
     )
+}
+
+/// Save the session's context (its cached token ids and their keys and values) to the file
+/// `path`, atomically: on error an earlier file at `path` is left intact. Returns the number
+/// of tokens saved, or -1 on error. Format: `docs/session-state.md`.
+///
+/// # Safety
+/// `session` is NULL or a live session not used concurrently; `path` NULL or NUL-terminated.
+#[no_mangle]
+pub unsafe extern "C" fn ferroq_session_save(
+    session: *const FerroqSession,
+    path: *const c_char,
+) -> i64 {
+    // SAFETY: caller contract (forwarded).
+    unsafe { ferroq_session_save_prefix(session, path, usize::MAX) }
+}
+
+/// [`ferroq_session_save`] of the first `n` cached tokens only (all of them if `n` is larger;
+/// with chunked attention, `n` must lie in the last token's attention chunk). Returns the
+/// number of tokens saved, or -1 on error.
+///
+/// # Safety
+/// As [`ferroq_session_save`].
+#[no_mangle]
+pub unsafe extern "C" fn ferroq_session_save_prefix(
+    session: *const FerroqSession,
+    path: *const c_char,
+    n: usize,
+) -> i64 {
+    guard(-1, || {
+        // SAFETY: caller contract.
+        let s = unsafe { session.as_ref() }.ok_or_else(|| null("session"))?;
+        // SAFETY: caller contract.
+        let p = unsafe { c_str(path, "path") }?;
+        Ok(s.0.save_prefix(p, n)? as i64)
+    })
+}
+
+/// Replace the session's context with a state file saved from the same model with the same KV
+/// type (the next [`ferroq_generate`] reuses its longest common prefix with the prompt).
+/// Returns the number of tokens loaded, or -1 on error (missing, corrupted or truncated file,
+/// another model, KV type or version, too small a context: the message names the file and
+/// the field); on error the session is unchanged.
+///
+/// # Safety
+/// `session` is NULL or a live session not used concurrently; `path` NULL or NUL-terminated.
+#[no_mangle]
+pub unsafe extern "C" fn ferroq_session_load(
+    session: *mut FerroqSession,
+    path: *const c_char,
+) -> i64 {
+    guard(-1, || {
+        // SAFETY: caller contract.
+        let s = unsafe { session.as_mut() }.ok_or_else(|| null("session"))?;
+        // SAFETY: caller contract.
+        let p = unsafe { c_str(path, "path") }?;
+        Ok(s.0.load(p)? as i64)
+    })
+}
+
+/// Token ids in the session's cache, or -1 when `session` is NULL.
+///
+/// # Safety
+/// `session` is NULL or a live session not used concurrently.
+#[no_mangle]
+pub unsafe extern "C" fn ferroq_session_n_cached(session: *const FerroqSession) -> i64 {
+    guard(-1, || {
+        // SAFETY: caller contract.
+        let s = unsafe { session.as_ref() }.ok_or_else(|| null("session"))?;
+        Ok(s.0.cached().len() as i64)
+    })
 }
 
 /// Free a string returned by ferroq (NULL is allowed).

@@ -4,7 +4,7 @@
 //! same order whatever the number of rows, and the attention of a segment does not depend on the
 //! others, so the logits are bit-identical (asserted exactly). Fixtures: llama3-tiny (dense)
 //! and llama4-scout-tiny (MoE, chunked attention with chunks of 8 that the segments cross),
-//! converted at f32 and q8, with f32, f16 and q8 KV caches.
+//! converted at f32, q8 and q4, with f32, f16, q8 and q4 KV caches.
 
 mod support;
 
@@ -133,7 +133,7 @@ fn batched_logits_equal_one_at_a_time_dense() {
 #[test]
 fn batched_logits_equal_one_at_a_time_moe_chunked() {
     check("llama4-scout-tiny", "f32", &[KvType::F32, KvType::Q8]);
-    check("llama4-scout-tiny", "q4", &[KvType::F16]);
+    check("llama4-scout-tiny", "q4", &[KvType::F16, KvType::Q4]);
 }
 
 #[test]

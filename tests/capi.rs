@@ -111,6 +111,26 @@ fn tokenize_and_generate_through_the_c_abi() {
         sp.threads = 1;
         let s = ferroq_session_new(e, &sp);
         assert!(!s.is_null(), "{}", last_error());
+        // the KV cache type through the C struct: 4 = q4 generates; an unknown number is an
+        // error naming the field
+        let mut sp4 = ferroq_session_params_default();
+        sp4.ctx = 128;
+        sp4.threads = 1;
+        sp4.kv = 9;
+        assert!(ferroq_session_new(e, &sp4).is_null());
+        assert!(last_error().contains("kv"), "{}", last_error());
+        sp4.kv = 4;
+        let s4 = ferroq_session_new(e, &sp4);
+        assert!(!s4.is_null(), "{}", last_error());
+        let mut gp4 = ferroq_gen_params_default();
+        gp4.max_tokens = 4;
+        let p4 = CString::new("The capital of France is").unwrap();
+        let mut out: *mut c_char = null_mut();
+        let n4 = ferroq_generate(s4, p4.as_ptr(), &gp4, None, null_mut(), &mut out);
+        assert!(n4 > 0, "{}", last_error());
+        ferroq_string_free(out);
+        ferroq_session_free(s4);
+
         ferroq_engine_free(e); // the session keeps the engine alive
 
         let mut gp = ferroq_gen_params_default();
@@ -232,4 +252,130 @@ fn c_program_links_against_the_static_library() {
         String::from_utf8_lossy(&run.stderr)
     );
     assert!(stdout.contains("C API OK"), "{stdout}");
+}
+
+/// llama3-tiny with the SmolLM2 tokenizer cut to its 384 ids (random weights), converted once.
+fn tiny_model() -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("capi-{}", std::process::id()));
+    let out = dir.join("tiny.fqm");
+    if out.exists() {
+        return out;
+    }
+    let hf = dir.join("hf");
+    std::fs::create_dir_all(&hf).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(support::fixture("models/llama3-tiny").join(f), hf.join(f)).unwrap();
+    }
+    std::fs::write(
+        hf.join("tokenizer.json"),
+        support::trim_tokenizer(&support::read_gz("smollm2-tokenizer.json.gz"), 384),
+    )
+    .unwrap();
+    let st = Command::new(env!("CARGO_BIN_EXE_ferroq"))
+        .args(["convert", hf.to_str().unwrap(), "-o", out.to_str().unwrap()])
+        .args(["--quant", "q8"])
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    out
+}
+
+#[test]
+fn session_state_save_and_load_through_the_c_abi() {
+    let path = tiny_model();
+    let dir = path.parent().unwrap().to_path_buf();
+    let file = dir.join("system.fqs");
+    let cfile = CString::new(file.to_str().unwrap()).unwrap();
+    let cpath = CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: valid or NULL pointers throughout (NULL is what is tested); handles freed once.
+    unsafe {
+        // NULL handles and paths
+        assert_eq!(ferroq_session_save(null(), cfile.as_ptr()), -1);
+        assert!(last_error().contains("NULL"));
+        assert_eq!(ferroq_session_save_prefix(null(), cfile.as_ptr(), 3), -1);
+        assert_eq!(ferroq_session_load(null_mut(), cfile.as_ptr()), -1);
+        assert!(last_error().contains("session is NULL"));
+        assert_eq!(ferroq_session_n_cached(null()), -1);
+
+        let e = ferroq_engine_open(cpath.as_ptr());
+        assert!(!e.is_null(), "{}", last_error());
+        let mut sp = ferroq_session_params_default();
+        sp.ctx = 64;
+        sp.threads = 1;
+        let a = ferroq_session_new(e, &sp);
+        let b = ferroq_session_new(e, &sp);
+        assert!(!a.is_null() && !b.is_null(), "{}", last_error());
+        assert_eq!(ferroq_session_save(a, null()), -1);
+        assert!(last_error().contains("path is NULL"));
+        assert_eq!(ferroq_session_load(b, null()), -1);
+
+        let mut gp = ferroq_gen_params_default();
+        gp.max_tokens = 6;
+        gp.temperature = 0.0;
+        let system = CString::new("You are a terse assistant. Answer in one word.").unwrap();
+        let question =
+            CString::new("You are a terse assistant. Answer in one word. What is red?").unwrap();
+        gp.max_tokens = 1;
+        assert!(ferroq_generate(a, system.as_ptr(), &gp, None, null_mut(), null_mut()) >= 0);
+        let n = ferroq_session_n_cached(a);
+        assert!(n > 0);
+        assert_eq!(
+            ferroq_session_save(a, cfile.as_ptr()),
+            n,
+            "{}",
+            last_error()
+        );
+        assert_eq!(ferroq_session_save_prefix(a, cfile.as_ptr(), 2), 2);
+        assert_eq!(ferroq_session_save(a, cfile.as_ptr()), n);
+        gp.max_tokens = 6;
+        let mut want: *mut c_char = null_mut();
+        assert!(ferroq_generate(a, question.as_ptr(), &gp, None, null_mut(), &mut want) >= 0);
+        // the restored session answers the same
+        assert_eq!(
+            ferroq_session_load(b, cfile.as_ptr()),
+            n,
+            "{}",
+            last_error()
+        );
+        assert_eq!(ferroq_session_n_cached(b), n);
+        let mut got: *mut c_char = null_mut();
+        assert!(ferroq_generate(b, question.as_ptr(), &gp, None, null_mut(), &mut got) >= 0);
+        assert_eq!(CStr::from_ptr(got), CStr::from_ptr(want));
+        ferroq_string_free(got);
+        ferroq_string_free(want);
+
+        // bad paths and files: -1, the message names the file, the session keeps its cache
+        let before = ferroq_session_n_cached(b);
+        let missing = CString::new(dir.join("missing.fqs").to_str().unwrap()).unwrap();
+        assert_eq!(ferroq_session_load(b, missing.as_ptr()), -1);
+        assert!(last_error().contains("missing.fqs"), "{}", last_error());
+        let junk = dir.join("junk.fqs");
+        std::fs::write(&junk, vec![7u8; 200]).unwrap();
+        let cjunk = CString::new(junk.to_str().unwrap()).unwrap();
+        assert_eq!(ferroq_session_load(b, cjunk.as_ptr()), -1);
+        assert!(last_error().contains("junk.fqs") && last_error().contains("`magic`"));
+        let mut cut = std::fs::read(&file).unwrap();
+        cut.truncate(cut.len() - 9);
+        std::fs::write(&junk, &cut).unwrap();
+        assert_eq!(ferroq_session_load(b, cjunk.as_ptr()), -1);
+        assert!(last_error().contains("truncated"), "{}", last_error());
+        assert_eq!(ferroq_session_n_cached(b), before);
+        let nodir = CString::new(dir.join("no-such-dir/x.fqs").to_str().unwrap()).unwrap();
+        assert_eq!(ferroq_session_save(b, nodir.as_ptr()), -1);
+        assert!(last_error().contains("no-such-dir"), "{}", last_error());
+        let cdir = CString::new(dir.to_str().unwrap()).unwrap();
+        assert_eq!(ferroq_session_save(b, cdir.as_ptr()), -1);
+        assert_eq!(ferroq_session_load(b, cdir.as_ptr()), -1);
+        let bad_utf8 = CString::new(b"/tmp/\xff.fqs".to_vec()).unwrap();
+        assert_eq!(ferroq_session_load(b, bad_utf8.as_ptr()), -1);
+        assert!(last_error().contains("UTF-8"), "{}", last_error());
+
+        ferroq_session_free(a);
+        ferroq_session_free(b);
+        ferroq_engine_free(e);
+    }
 }

@@ -634,3 +634,77 @@ fn bench_reports_json_and_rejects_bad_arguments() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `run --prompt-cache FILE` (llama.cpp's flag): the first run saves the prompt's state, the
+/// next ones load it and evaluate only what the cache lacks; the answer is the one of a run
+/// without the cache; a file of another model or a damaged one is refused and kept.
+#[test]
+fn run_prompt_cache_reuses_the_saved_prompt() {
+    let dir =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("cli-pcache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (no_tok, m) = tiny_models(&dir);
+    let m = m.to_str().unwrap();
+    let cache = dir.join("prompt.fqs");
+    let c = cache.to_str().unwrap();
+    let system = "the cat sat on the mat and looked at the door of the house";
+    let long = format!("{system} and then it slept");
+    let base = [
+        "run", "-m", m, "--temp", "0", "-n", "6", "-t", "1", "--json",
+    ];
+    let run = |p: &str, cache: Option<&str>| {
+        let mut args = base.to_vec();
+        args.extend(["-p", p]);
+        if let Some(c) = cache {
+            args.extend(["--prompt-cache", c]);
+        }
+        ok(&args, b"")
+    };
+    let (want, _) = run(system, None);
+    let (want_long, _) = run(&long, None);
+    let (got, se) = run(system, Some(c));
+    assert_eq!(got, want);
+    assert!(se.contains("not found") && se.contains("saved"), "{se}");
+    let saved = std::fs::read(&cache).unwrap();
+    // the same prompt again: everything but its last token comes from the file; not saved again
+    let (got, se) = run(system, Some(c));
+    assert_eq!(got, want);
+    assert!(se.contains("reused") && !se.contains("saved"), "{se}");
+    assert_eq!(std::fs::read(&cache).unwrap(), saved);
+    // a longer prompt: the cached part is reused, the file now holds the longer prompt
+    let (got, se) = run(&long, Some(c));
+    assert_eq!(got, want_long);
+    let n_sys = ferroq_tokens(m, system);
+    assert!(
+        se.contains(&format!("reused {n_sys} of the prompt")),
+        "{n_sys}: {se}"
+    );
+    assert!(se.contains("saved"), "{se}");
+    // damaged or foreign files: refused, named, and left as they are
+    let mut bad = std::fs::read(&cache).unwrap();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 1;
+    std::fs::write(&cache, &bad).unwrap();
+    let mut args = base.to_vec();
+    args.extend(["-p", system, "--prompt-cache", c]);
+    fails(&args, b"", "checksum");
+    fails(&args, b"", "prompt.fqs");
+    assert_eq!(std::fs::read(&cache).unwrap(), bad);
+    std::fs::write(&cache, &saved).unwrap();
+    // no tokenizer: refused before the cache is read
+    let nt = no_tok.to_str().unwrap();
+    fails(
+        &["run", "-m", nt, "-p", "x", "--prompt-cache", c],
+        b"",
+        "tokenizer",
+    );
+    assert_eq!(std::fs::read(&cache).unwrap(), saved);
+}
+
+/// Tokens of a plain prompt.
+fn ferroq_tokens(model: &str, text: &str) -> usize {
+    ferroq::engine::Engine::open(model)
+        .unwrap()
+        .encode_prompt(text)
+        .len()
+}

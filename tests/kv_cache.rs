@@ -16,10 +16,14 @@ fn fixture_dir(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// `name` converted at f32 into a file of its own (tests run in parallel and remove their
+/// file when done: a shared path let one test delete the model another was about to open).
 fn convert_f32(name: &str) -> PathBuf {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let dir = std::env::temp_dir().join(format!("ferroq-kvtest-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let out = dir.join(format!("{name}.fqm"));
+    let k = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let out = dir.join(format!("{name}-{k}.fqm"));
     let st = Command::new(env!("CARGO_BIN_EXE_ferroq"))
         .arg("convert")
         .arg(fixture_dir(name))
@@ -60,11 +64,56 @@ fn run(model: &Model, ids: &[u32], kv: KvType, threads: usize, decode: bool) -> 
     }
 }
 
+/// Mean over positions of KL(softmax(want) ‖ softmax(got)), rows of `vocab` logits.
+fn mean_kl(want: &[f32], got: &[f32], vocab: usize) -> f64 {
+    let lsm = |r: &[f32]| -> Vec<f64> {
+        let m = r.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+        let z = r.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln() + m;
+        r.iter().map(|&v| v as f64 - z).collect()
+    };
+    let rows = want.len() / vocab;
+    let mut t = 0.0;
+    for (w, g) in want.chunks_exact(vocab).zip(got.chunks_exact(vocab)) {
+        let (lw, lg) = (lsm(w), lsm(g));
+        t += lw
+            .iter()
+            .zip(&lg)
+            .map(|(a, b)| a.exp() * (a - b))
+            .sum::<f64>();
+    }
+    t / rows.max(1) as f64
+}
+
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter()
         .zip(b)
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
+}
+
+/// Budgets of the logits' max |Δ| against transformers (f32 weights: the cache is the only
+/// approximation besides float rounding), per cache type. Measured (docs/performance.md):
+/// f32 ≤ 4.2e-4, f16 ≤ 9.9e-4, q8 ≤ 2.0e-2, q4 ≤ 0.42 (mean KL ≤ 3.9e-3).
+const F32_BUDGET: f32 = 1e-3;
+const F16_BUDGET: f32 = 2e-3;
+const Q8_BUDGET: f32 = 5e-2;
+const Q4_BUDGET: f32 = 0.6;
+/// Mean KL of the q4 cache's next-token distributions against transformers (measured ≤ 3.9e-3).
+const Q4_KL_BUDGET: f64 = 6e-3;
+/// Decode vs prefill and split prefill (the same cache type): float rounding only for f32, f16
+/// and q8 (measured ≤ 2e-4).
+const DECODE_BUDGET: f32 = 1e-3;
+/// The same for q4: batched and single-token projections differ in the last bits, which can
+/// move a value across a 4-bit rounding boundary (one code step of its block); measured ≤ 8.7e-4
+/// (llama3-tiny, 150 tokens).
+const Q4_DECODE_BUDGET: f32 = 1e-2;
+
+fn decode_budget(kv: KvType) -> f32 {
+    if kv == KvType::Q4 {
+        Q4_DECODE_BUDGET
+    } else {
+        DECODE_BUDGET
+    }
 }
 
 #[test]
@@ -73,15 +122,31 @@ fn kv_cache_accuracy() {
         let path = convert_f32(name);
         let model = Model::open(&path).unwrap();
         let (ids, want) = expected(name);
-        for (kv, budget) in [(KvType::F32, 1e-3), (KvType::F16, 2e-3), (KvType::Q8, 5e-2)] {
+        for (kv, budget) in [
+            (KvType::F32, F32_BUDGET),
+            (KvType::F16, F16_BUDGET),
+            (KvType::Q8, Q8_BUDGET),
+            (KvType::Q4, Q4_BUDGET),
+        ] {
             let got = run(&model, &ids, kv, 1, false);
             let d = max_abs_diff(&got, &want);
             let dec = run(&model, &ids, kv, 1, true);
             let dd = max_abs_diff(&dec, &got);
             let t2 = run(&model, &ids, kv, 2, false);
-            eprintln!("{name} kv {kv:?}: logits max|Δ| vs transformers {d:.3e}; decode vs prefill {dd:.3e}");
+            let kl = mean_kl(&want, &got, model.config.vocab_size);
+            eprintln!(
+                "{name} kv {kv:?}: logits max|Δ| vs transformers {d:.3e}, mean KL {kl:.3e}; \
+                 decode vs prefill {dd:.3e}"
+            );
             assert!(d <= budget, "{name} kv {kv:?}: max|Δ| {d} > {budget}");
-            assert!(dd <= 1e-3, "{name} kv {kv:?}: decode vs prefill {dd}");
+            if kv == KvType::Q4 {
+                assert!(
+                    kl <= Q4_KL_BUDGET,
+                    "{name} kv q4: mean KL {kl} > {Q4_KL_BUDGET}"
+                );
+            }
+            let db = decode_budget(kv);
+            assert!(dd <= db, "{name} kv {kv:?}: decode vs prefill {dd} > {db}");
             assert_eq!(got, t2, "{name} kv {kv:?}: thread count changed the logits");
         }
         std::fs::remove_file(path).ok();
@@ -114,7 +179,7 @@ fn long_prompt_blocked_attention() {
         let model = Model::open(&path).unwrap();
         let (ids, _) = expected(name);
         let ids: Vec<u32> = ids.iter().cycle().take(150).copied().collect();
-        for kv in [KvType::F32, KvType::F16, KvType::Q8] {
+        for kv in [KvType::F32, KvType::F16, KvType::Q8, KvType::Q4] {
             let got = run(&model, &ids, kv, 1, false);
             let t2 = run(&model, &ids, kv, 2, false);
             assert_eq!(got, t2, "{name} kv {kv:?}: thread count changed the logits");
@@ -123,10 +188,11 @@ fn long_prompt_blocked_attention() {
             let split = run_split(&model, &ids, kv, 2, &[37, 3, 70, 40]);
             let ds = max_abs_diff(&split, &got);
             eprintln!("{name} kv {kv:?} 150 tokens: decode vs prefill {dd:.3e}, split {ds:.3e}");
-            assert!(dd <= 1e-3, "{name} kv {kv:?}: decode vs prefill {dd}");
+            let db = decode_budget(kv);
+            assert!(dd <= db, "{name} kv {kv:?}: decode vs prefill {dd} > {db}");
             assert!(
-                ds <= 1e-3,
-                "{name} kv {kv:?}: split prefill vs prefill {ds}"
+                ds <= db,
+                "{name} kv {kv:?}: split prefill vs prefill {ds} > {db}"
             );
         }
         std::fs::remove_file(path).ok();

@@ -729,7 +729,13 @@ fn engine_settings_from_front_ends_run_or_fail_cleanly() {
             ctx: pick_s(r),
             batch: pick_s(r),
             threads: [0, 1, 2, 3, 513, 1 << 40][r.below(6)],
-            kv: [None, Some(KvType::F32), Some(KvType::F16), Some(KvType::Q8)][r.below(4)],
+            kv: [
+                None,
+                Some(KvType::F32),
+                Some(KvType::F16),
+                Some(KvType::Q8),
+                Some(KvType::Q4),
+            ][r.below(5)],
         };
         let mut s = Session::new(std::sync::Arc::clone(&engine), &opts).map_err(msg)?;
         let g = GenOptions {

@@ -1,6 +1,6 @@
 //! Session state files (`Session::save` / `save_prefix` / `load` / `restore`) on the tiny
 //! parity fixtures (random weights, a trimmed SmolLM2 tokenizer): a restored session continues
-//! with bit-identical logits and the same greedy ids (f32, f16 and q8 KV; llama3-tiny, and
+//! with bit-identical logits and the same greedy ids (f32, f16, q8 and q4 KV; llama3-tiny, and
 //! llama4-scout-tiny whose chunked-attention layers (chunk 8) keep a ring that must be saved
 //! as it is); bad files (other model, corrupted, truncated, other version, other KV type, too
 //! small a context) are refused with an error naming the file and the field, and leave the
@@ -134,7 +134,7 @@ fn save_restore_continues_with_bit_identical_logits() {
     let prompt = ids(13, 384, 1);
     let mut more = prompt.clone();
     more.extend(ids(7, 384, 2));
-    for kv in [KvType::F32, KvType::F16, KvType::Q8] {
+    for kv in [KvType::F32, KvType::F16, KvType::Q8, KvType::Q4] {
         continues_identically(&e3, kv, &prompt, &more);
     }
     // a prefix of the cache (the prompt without the answer)
@@ -156,7 +156,7 @@ fn save_restore_continues_with_bit_identical_logits() {
     let prompt = ids(13, 512, 3);
     let mut more = prompt.clone();
     more.extend(ids(7, 512, 4));
-    for kv in [KvType::F32, KvType::Q8] {
+    for kv in [KvType::F32, KvType::Q8, KvType::Q4] {
         continues_identically(&e4, kv, &prompt, &more);
     }
     // a prompt ending on a chunk boundary (16 tokens)

@@ -103,16 +103,26 @@ fn ids_arg(ids: &[i64]) -> String {
 
 /// Logits at every position of `ids`, [n, vocab] row-major.
 fn logits(model: &Path, ids: &[i64], dir: &Path) -> Vec<f32> {
+    logits_kv(model, ids, dir, None)
+}
+
+/// [`logits`] with the KV cache type `kv` (`--kv`; None: the model's default).
+fn logits_kv(model: &Path, ids: &[i64], dir: &Path, kv: Option<&str>) -> Vec<f32> {
     let out = dir.join("logits.safetensors");
-    ferroq(&[
+    let ids = ids_arg(ids);
+    let mut args = vec![
         "logits",
         "-m",
         model.to_str().unwrap(),
         "--ids",
-        &ids_arg(ids),
+        &ids,
         "-o",
         out.to_str().unwrap(),
-    ]);
+    ];
+    if let Some(kv) = kv {
+        args.extend(["--kv", kv]);
+    }
+    ferroq(&args);
     let bytes = std::fs::read(&out).expect("logits output");
     let (t, _) = support::read_safetensors(&bytes);
     let tensor = t
@@ -122,10 +132,9 @@ fn logits(model: &Path, ids: &[i64], dir: &Path) -> Vec<f32> {
     let v = tensor.f32();
     assert_eq!(
         v.len(),
-        ids.len() * VOCAB,
-        "logits shape {:?} for {} ids",
+        ids.split(',').count() * VOCAB,
+        "logits shape {:?} for ids {ids}",
         tensor.shape,
-        ids.len()
     );
     v
 }
@@ -292,6 +301,61 @@ fn smollm2_quantized_quality() {
         assert!(
             top1_rate >= min_top1,
             "{quant}: top-1 agreement {top1_rate:.2} < {min_top1}"
+        );
+    }
+}
+
+/// The KV cache types' accuracy cost on a real model: f32 weights (exact against transformers
+/// with the f32 cache), logits with each cache type against transformers' golden logits.
+/// Budgets (named, measured values beside them): the keys of SmolLM2 have large outlier
+/// channels, which the per-block scales of q8 and q4 must cover.
+#[test]
+fn smollm2_kv_cache_cost() {
+    let Some(gguf) = support::smollm2_gguf("smollm2_kv_cache_cost") else {
+        return;
+    };
+    /// (cache type, budget of the max |Δlogit|, budget of the mean KL, top-1 agreement floor);
+    /// measured: f32 9.5e-5 / 1.4e-11 / 48 of 48, f16 4.9e-2 / 1.9e-6 / 48, q8 1.89 / 1.9e-3
+    /// / 47, q4 8.05 / 5.8e-2 / 42 (without the rotation of its blocks: 13.7 / 0.161 / 40)
+    const BUDGETS: [(&str, f32, f64, f64); 4] = [
+        ("f32", 2e-3, 1e-6, 1.0),
+        ("f16", 0.3, 1e-4, 0.95),
+        ("q8", 4.0, 1e-2, 0.9),
+        ("q4", 16.0, 0.15, 0.75),
+    ];
+    let golden = golden();
+    let dir = Scratch::new("kv");
+    let model = convert(&gguf, "f32", &dir.0);
+    for (kv, max_d_budget, kl_budget, top1_floor) in BUDGETS {
+        let (mut max_d, mut kl_sum, mut n, mut top1) = (0f32, 0f64, 0usize, 0usize);
+        for p in &golden {
+            let ours = logits_kv(&model, &p.ids, &dir.0, Some(kv));
+            for (r, o) in p.logits.chunks_exact(VOCAB).zip(ours.chunks_exact(VOCAB)) {
+                for (a, b) in r.iter().zip(o) {
+                    let d = (a - b).abs();
+                    max_d = max_d.max(if d.is_nan() { f32::INFINITY } else { d });
+                }
+                kl_sum += kl(r, o);
+                n += 1;
+                top1 += (argmax(r) == argmax(o)) as usize;
+            }
+        }
+        let (mean_kl, top1_rate) = (kl_sum / n as f64, top1 as f64 / n as f64);
+        eprintln!(
+            "SmolLM2 f32 weights, kv {kv}: max |Δlogit| {max_d:.3e}, mean KL {mean_kl:.4e}, \
+             top-1 agreement {top1}/{n}"
+        );
+        assert!(
+            max_d <= max_d_budget,
+            "kv {kv}: max |Δlogit| {max_d} > {max_d_budget}"
+        );
+        assert!(
+            mean_kl <= kl_budget,
+            "kv {kv}: mean KL {mean_kl} > {kl_budget}"
+        );
+        assert!(
+            top1_rate >= top1_floor,
+            "kv {kv}: top-1 {top1_rate} < {top1_floor}"
         );
     }
 }

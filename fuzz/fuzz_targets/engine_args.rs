@@ -41,7 +41,7 @@ fuzz_target!(|data: &[u8]| {
         ctx: b.size(),
         batch: b.size(),
         threads: b.size() % 600,
-        kv: [None, Some(KvType::F32), Some(KvType::F16), Some(KvType::Q8)][b.size() % 4],
+        kv: [None, Some(KvType::F32), Some(KvType::F16), Some(KvType::Q8), Some(KvType::Q4)][b.size() % 5],
     };
     let chat = b.u64() & 1 == 1;
     let g = GenOptions {

@@ -197,6 +197,47 @@ fn attn_values_i8<T: TierTable>(p: &[f32], v: &[i8], ld_v: usize, o: &mut [f32])
     exact("attn_values_i8", o, &r);
 }
 
+#[allow(clippy::too_many_arguments)]
+fn attn_scores_q4<T: TierTable>(
+    q: &[f32],
+    k: &[u8],
+    ks: &[u16],
+    ld_k: usize,
+    ld_s: usize,
+    scale: f32,
+    s: &mut [f32],
+) {
+    (T::K.attn_scores_q4)(q, k, ks, ld_k, ld_s, scale, s);
+    let mut r = s.to_vec();
+    scalar::attn_scores_q4(q, k, ks, ld_k, ld_s, scale, &mut r);
+    let d = q.len();
+    let nb = d.div_ceil(scalar::KV_Q4_BLOCK);
+    for (j, (g, w)) in s.iter().zip(&r).enumerate() {
+        let mut kf = vec![0.0f32; d];
+        scalar::dequantize_kv_q4(&k[j * ld_k..], &ks[j * ld_s..j * ld_s + nb], &mut kf);
+        close(
+            "attn_scores_q4",
+            &[*g],
+            &[*w],
+            dot_scale(q, &kf) * scale.abs(),
+        );
+    }
+}
+
+fn attn_values_q4<T: TierTable>(
+    p: &[f32],
+    v: &[u8],
+    vs: &[u16],
+    ld_v: usize,
+    ld_s: usize,
+    o: &mut [f32],
+) {
+    let mut r = o.to_vec();
+    (T::K.attn_values_q4)(p, v, vs, ld_v, ld_s, o);
+    scalar::attn_values_q4(p, v, vs, ld_v, ld_s, &mut r);
+    exact("attn_values_q4", o, &r);
+}
+
 fn attn_scores_kt<T: TierTable>(
     q: &[f32],
     kt: &[f32],
@@ -309,6 +350,8 @@ pub(crate) fn wrap<T: TierTable>() -> Kernels {
         attn_values_f16: attn_values_f16::<T>,
         attn_scores_i8: attn_scores_i8::<T>,
         attn_values_i8: attn_values_i8::<T>,
+        attn_scores_q4: attn_scores_q4::<T>,
+        attn_values_q4: attn_values_q4::<T>,
         attn_scores_kt: attn_scores_kt::<T>,
         softmax_tile: softmax_tile::<T>,
         attn_values_rows: attn_values_rows::<T>,

@@ -231,6 +231,12 @@ pub type AttnValuesF16Fn = fn(&[f32], &[u16], usize, &mut [f32]);
 pub type AttnScoresI8Fn = fn(&[f32], &[i8], usize, f32, &mut [f32]);
 /// [`AttnValuesFn`] with int8 values. Twin: [`scalar::attn_values_i8`].
 pub type AttnValuesI8Fn = fn(&[f32], &[i8], usize, &mut [f32]);
+/// Attention scores with 4-bit keys, `attn_scores_q4(q, k, ks, ld_k, ld_s, scale, s)`.
+/// Twin: [`scalar::attn_scores_q4`].
+pub type AttnScoresQ4Fn = fn(&[f32], &[u8], &[u16], usize, usize, f32, &mut [f32]);
+/// Value sum with 4-bit values, `attn_values_q4(p, v, vs, ld_v, ld_s, o)`.
+/// Twin: [`scalar::attn_values_q4`].
+pub type AttnValuesQ4Fn = fn(&[f32], &[u8], &[u16], usize, usize, &mut [f32]);
 /// Scores of query rows against transposed keys, `attn_scores_kt(q, kt, d, n, scale, s)`.
 /// Twin: [`scalar::attn_scores_kt`].
 pub type AttnScoresKtFn = fn(&[f32], &[f32], usize, usize, f32, &mut [f32]);
@@ -285,6 +291,8 @@ pub struct Kernels {
     pub attn_values_f16: AttnValuesF16Fn,
     pub attn_scores_i8: AttnScoresI8Fn,
     pub attn_values_i8: AttnValuesI8Fn,
+    pub attn_scores_q4: AttnScoresQ4Fn,
+    pub attn_values_q4: AttnValuesQ4Fn,
     pub attn_scores_kt: AttnScoresKtFn,
     pub softmax_tile: SoftmaxTileFn,
     pub attn_values_rows: AttnValuesRowsFn,
@@ -316,6 +324,8 @@ pub(crate) const SCALAR: Kernels = Kernels {
     attn_values_f16: scalar::attn_values_f16,
     attn_scores_i8: scalar::attn_scores_i8,
     attn_values_i8: scalar::attn_values_i8,
+    attn_scores_q4: scalar::attn_scores_q4,
+    attn_values_q4: scalar::attn_values_q4,
     attn_scores_kt: scalar::attn_scores_kt,
     softmax_tile: scalar::softmax_tile,
     attn_values_rows: scalar::attn_values_rows,

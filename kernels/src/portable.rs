@@ -414,6 +414,8 @@ pub(crate) const KERNELS: Kernels = Kernels {
     attn_values_f16: crate::scalar::attn_values_f16,
     attn_scores_i8: crate::scalar::attn_scores_i8,
     attn_values_i8: crate::scalar::attn_values_i8,
+    attn_scores_q4: crate::scalar::attn_scores_q4,
+    attn_values_q4: crate::scalar::attn_values_q4,
     attn_scores_kt: crate::scalar::attn_scores_kt,
     softmax_tile: crate::scalar::softmax_tile,
     attn_values_rows: crate::scalar::attn_values_rows,

@@ -702,6 +702,130 @@ pub fn attn_values_i8(p: &[f32], v: &[i8], ld_v: usize, o: &mut [f32]) {
     }
 }
 
+/// Elements per 4-bit KV block (one f16 scale each): a head row of `d` values is
+/// `d.div_ceil(KV_Q4_BLOCK)` blocks, the last one partial when `d` is not a multiple.
+pub const KV_Q4_BLOCK: usize = 32;
+/// Bytes of one 4-bit KV block's values (two per byte; a partial block's are zero-padded).
+pub const KV_Q4_BYTES: usize = KV_Q4_BLOCK / 2;
+
+/// The 4-bit code of element `c` (`< KV_Q4_BLOCK`) of a block: byte `c % 16`, low nibble for
+/// `c < 16`, high nibble otherwise.
+#[inline(always)]
+pub fn kv_q4_code(blk: &[u8], c: usize) -> u8 {
+    let b = blk[c % KV_Q4_BYTES];
+    if c < KV_Q4_BYTES {
+        b & 15
+    } else {
+        b >> 4
+    }
+}
+
+/// Quantize one head row `x` into 4-bit KV blocks (`q`: `x.len().div_ceil(32) * 16` bytes,
+/// `scales`: one f16 per block). Per block, like llama.cpp's `Q4_0`: `m` is the value of
+/// largest magnitude, `d = f16(m / -8)`, code `n = clamp(round(x / d) + 8, 0, 15)`, so `m`
+/// itself is exact (code 0) and the value is `d · (n − 8)`; an all-zero block gets `d = 0`.
+pub fn quantize_kv_q4(x: &[f32], q: &mut [u8], scales: &mut [u16]) {
+    for (b, xb) in x.chunks(KV_Q4_BLOCK).enumerate() {
+        // 1. the value of largest magnitude (its sign kept)
+        let m = xb
+            .iter()
+            .fold(0.0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+        // 2. the scale, rounded to f16 first so that the codes use the stored scale
+        let d = f16::from_f32(m / -8.0);
+        let df = d.to_f32();
+        let id = if df != 0.0 { 1.0 / df } else { 0.0 };
+        scales[b] = d.to_bits();
+        // 3. codes, two per byte
+        let blk = &mut q[b * KV_Q4_BYTES..(b + 1) * KV_Q4_BYTES];
+        blk.iter_mut().for_each(|v| *v = 0);
+        for (c, &v) in xb.iter().enumerate() {
+            let n = ((v * id).round() + 8.0).clamp(0.0, 15.0) as u8;
+            blk[c % KV_Q4_BYTES] |= if c < KV_Q4_BYTES { n } else { n << 4 };
+        }
+    }
+}
+
+/// The rotation of 4-bit KV rows: an in-place normalized Walsh–Hadamard transform of each
+/// block of [`KV_Q4_BLOCK`] values of `x` (a partial last block whose length is not a power
+/// of two is left as it is). It is orthogonal and its own inverse, so `dot(Hq, Hk) = dot(q, k)`
+/// and `Σ p·Hv = H Σ p·v`; it spreads an outlier channel over its block, whose scale (and so
+/// its rounding step) then shrinks by up to `√32`. The cache stores `H k` and `H v`; the
+/// attention rotates the queries and rotates its output back.
+pub fn kv_q4_rotate(x: &mut [f32]) {
+    for b in x.chunks_mut(KV_Q4_BLOCK) {
+        let n = b.len();
+        if n < 2 || !n.is_power_of_two() {
+            continue;
+        }
+        let mut h = 1;
+        while h < n {
+            for i in (0..n).step_by(2 * h) {
+                for j in i..i + h {
+                    let (a, c) = (b[j], b[j + h]);
+                    b[j] = a + c;
+                    b[j + h] = a - c;
+                }
+            }
+            h *= 2;
+        }
+        let s = 1.0 / (n as f32).sqrt();
+        b.iter_mut().for_each(|v| *v *= s);
+    }
+}
+
+/// Dequantize one 4-bit KV head row of `out.len()` values (the inverse of [`quantize_kv_q4`]).
+pub fn dequantize_kv_q4(q: &[u8], scales: &[u16], out: &mut [f32]) {
+    for (b, ob) in out.chunks_mut(KV_Q4_BLOCK).enumerate() {
+        let d = f16::from_bits(scales[b]).to_f32();
+        let blk = &q[b * KV_Q4_BYTES..(b + 1) * KV_Q4_BYTES];
+        for (c, o) in ob.iter_mut().enumerate() {
+            *o = (kv_q4_code(blk, c) as i32 - 8) as f32 * d;
+        }
+    }
+}
+
+/// [`attn_scores`] with 4-bit keys: key `j`'s blocks start at `k[j * ld_k]` (16 bytes each)
+/// and its block scales at `ks[j * ld_s]`, `q.len().div_ceil(32)` of them. Per block the dot
+/// of `q` with the codes minus 8 in element order, times the block's scale, summed over the
+/// blocks in order, times `scale` (SIMD tiers reassociate the block dot: tolerance-tested).
+pub fn attn_scores_q4(
+    q: &[f32],
+    k: &[u8],
+    ks: &[u16],
+    ld_k: usize,
+    ld_s: usize,
+    scale: f32,
+    s: &mut [f32],
+) {
+    for (j, sj) in s.iter_mut().enumerate() {
+        let mut acc = 0.0f32;
+        for (b, qb) in q.chunks(KV_Q4_BLOCK).enumerate() {
+            let blk = &k[j * ld_k + b * KV_Q4_BYTES..j * ld_k + (b + 1) * KV_Q4_BYTES];
+            let mut sb = 0.0f32;
+            for (c, &x) in qb.iter().enumerate() {
+                sb += x * (kv_q4_code(blk, c) as i32 - 8) as f32;
+            }
+            acc += sb * f16::from_bits(ks[j * ld_s + b]).to_f32();
+        }
+        *sj = acc * scale;
+    }
+}
+
+/// [`attn_values`] with 4-bit values (layout of [`attn_scores_q4`], `o.len()` values per row):
+/// `o[c] += (p[j] · scale_jb) · (code − 8)` for keys `j` in order, `b` the block of `c`
+/// (every tier is bit-identical to this).
+pub fn attn_values_q4(p: &[f32], v: &[u8], vs: &[u16], ld_v: usize, ld_s: usize, o: &mut [f32]) {
+    for (j, &pj) in p.iter().enumerate() {
+        for (b, ob) in o.chunks_mut(KV_Q4_BLOCK).enumerate() {
+            let w = pj * f16::from_bits(vs[j * ld_s + b]).to_f32();
+            let blk = &v[j * ld_v + b * KV_Q4_BYTES..j * ld_v + (b + 1) * KV_Q4_BYTES];
+            for (c, oc) in ob.iter_mut().enumerate() {
+                *oc += w * (kv_q4_code(blk, c) as i32 - 8) as f32;
+            }
+        }
+    }
+}
+
 /// Scores of several query rows against keys stored transposed (`kt` is `d × n`, key `j` in
 /// column `j`): `s[r * n + j] = scale · Σ_c q[r * d + c] · kt[c * n + j]` for rows
 /// `r < q.len() / d`, `j < n` (`c` in order; SIMD tiers fuse the multiply-adds: tolerance-tested).

@@ -1116,6 +1116,51 @@ fn attention_kernels() {
                 (kt.attn_values_i8)(&p, &k8, ld, &mut o1);
                 scalar::attn_values_i8(&p, &k8, ld, &mut o2);
                 assert_eq!(o1, o2, "{lv} attn_values_i8 d={d} n={n}");
+                // 4-bit keys/values: rows of `d` values in blocks of 32 with f16 scales, a
+                // row stride with padding, the last block partial when 32 ∤ d
+                let nb = d.div_ceil(scalar::KV_Q4_BLOCK);
+                let (ld4, lds) = (nb * scalar::KV_Q4_BYTES + 16, nb + 3);
+                let mut k4 = vec![0u8; n * ld4];
+                let mut k4s = vec![0u16; n * lds];
+                let mut k4f = vec![0.0f32; n * d];
+                for j in 0..n {
+                    scalar::quantize_kv_q4(
+                        &k[j * ld..j * ld + d],
+                        &mut k4[j * ld4..(j + 1) * ld4],
+                        &mut k4s[j * lds..j * lds + nb],
+                    );
+                    scalar::dequantize_kv_q4(
+                        &k4[j * ld4..],
+                        &k4s[j * lds..j * lds + nb],
+                        &mut k4f[j * d..(j + 1) * d],
+                    );
+                }
+                (kt.attn_scores_q4)(&q, &k4, &k4s, ld4, lds, 0.125, &mut s1);
+                scalar::attn_scores_q4(&q, &k4, &k4s, ld4, lds, 0.125, &mut s2);
+                for j in 0..n {
+                    let sa = sum_abs(&q, &k4f[j * d..(j + 1) * d]) * 0.125;
+                    assert!(
+                        ((s1[j] - s2[j]).abs() as f64)
+                            <= F32_SUM_TOL as f64 * d as f64 * sa + 1e-30,
+                        "{lv} attn_scores_q4 d={d} n={n} j={j}"
+                    );
+                    // the twin is the dot with the dequantized row (up to reassociation)
+                    let want: f32 = q
+                        .iter()
+                        .zip(&k4f[j * d..(j + 1) * d])
+                        .map(|(a, b)| a * b)
+                        .sum();
+                    assert!(
+                        ((s2[j] - want * 0.125).abs() as f64)
+                            <= F32_SUM_TOL as f64 * d as f64 * sa + 1e-30,
+                        "{lv} attn_scores_q4 twin vs dequantized d={d} n={n} j={j}"
+                    );
+                }
+                let mut o1 = rng.gauss_vec(d);
+                let mut o2 = o1.clone();
+                (kt.attn_values_q4)(&p, &k4, &k4s, ld4, lds, &mut o1);
+                scalar::attn_values_q4(&p, &k4, &k4s, ld4, lds, &mut o2);
+                assert_eq!(o1, o2, "{lv} attn_values_q4 d={d} n={n}");
             }
         }
     }
@@ -1370,4 +1415,62 @@ fn every_registered_weight_type() {
         };
     }
     ferroq_kernels::for_each_weight_type!(run);
+}
+
+/// The 4-bit KV codes: the rotation is orthogonal and its own inverse; quantization rounds
+/// each value to the nearest of its block's 16 levels `d·(−8..=7)` (error ≤ half a step inside
+/// them; a value beyond `7|d|` on the far side from the largest one is clamped, ≤ one step),
+/// keeps the value of largest magnitude exact up to the f16 scale, and maps a zero block to
+/// zeros.
+#[test]
+fn kv_q4_codes() {
+    let mut rng = Rng(12);
+    for d in [1usize, 7, 16, 32, 40, 64, 128] {
+        let x = rng.gauss_vec(d);
+        let mut r = x.clone();
+        scalar::kv_q4_rotate(&mut r);
+        let n0: f32 = x.iter().map(|v| v * v).sum();
+        let n1: f32 = r.iter().map(|v| v * v).sum();
+        assert!(
+            (n0 - n1).abs() <= 1e-5 * n0.max(1.0),
+            "d={d}: norm {n0} -> {n1}"
+        );
+        scalar::kv_q4_rotate(&mut r);
+        for (a, b) in x.iter().zip(&r) {
+            assert!((a - b).abs() <= 1e-5, "d={d}: rotation twice {a} -> {b}");
+        }
+        let nb = d.div_ceil(scalar::KV_Q4_BLOCK);
+        let (mut q, mut sc) = (vec![0u8; nb * scalar::KV_Q4_BYTES], vec![0u16; nb]);
+        scalar::quantize_kv_q4(&x, &mut q, &mut sc);
+        let mut y = vec![0.0f32; d];
+        scalar::dequantize_kv_q4(&q, &sc, &mut y);
+        for (b, (xb, yb)) in x
+            .chunks(scalar::KV_Q4_BLOCK)
+            .zip(y.chunks(scalar::KV_Q4_BLOCK))
+            .enumerate()
+        {
+            let step = half::f16::from_bits(sc[b]).to_f32().abs();
+            let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            for (a, b) in xb.iter().zip(yb) {
+                let bound = if a.abs() <= 7.0 * step {
+                    0.5 * step
+                } else {
+                    step
+                };
+                assert!(
+                    (a - b).abs() <= bound + 1e-3 * amax,
+                    "d={d}: {a} -> {b} (step {step})"
+                );
+            }
+            let ymax = yb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            assert!(
+                (ymax - amax).abs() <= 1e-3 * amax,
+                "d={d}: max {amax} -> {ymax}"
+            );
+        }
+        let zero = vec![0.0f32; d];
+        scalar::quantize_kv_q4(&zero, &mut q, &mut sc);
+        scalar::dequantize_kv_q4(&q, &sc, &mut y);
+        assert!(y.iter().all(|&v| v == 0.0), "d={d}: zero block");
+    }
 }

@@ -51,7 +51,7 @@ pub struct Args {
     /// 512 MiB, or a quarter of the available memory if that is less).
     #[arg(long)]
     bw_bytes: Option<usize>,
-    /// KV cache type: f16 (default), q8 or f32.
+    /// KV cache type: f16 (default), q8, q4 or f32.
     #[arg(long, default_value = "f16", value_parser = parse_kv)]
     kv: KvType,
     /// Print JSON instead of the table: one object, or with lists one object per test and line.
@@ -73,7 +73,7 @@ pub struct Args {
 }
 
 fn parse_kv(s: &str) -> std::result::Result<KvType, String> {
-    KvType::parse(s).ok_or_else(|| format!("unknown KV cache type `{s}` (f16, q8, f32)"))
+    KvType::parse(s).ok_or_else(|| format!("unknown KV cache type `{s}` ({})", KvType::NAMES))
 }
 
 /// Mean and sample standard deviation.

@@ -18,7 +18,7 @@ pub struct Args {
     /// Threads (0 = all cores). Results do not depend on it.
     #[arg(short = 't', long, default_value_t = 0)]
     threads: usize,
-    /// KV cache type: f32, f16 or q8 (default: f32 for unquantized models, f16 for quantized
+    /// KV cache type: f32, f16, q8 or q4 (default: f32 for unquantized models, f16 for quantized
     /// ones).
     #[arg(long, value_parser = parse_kv)]
     kv: Option<KvType>,
@@ -141,5 +141,5 @@ pub fn write_safetensors_f32(
 
 /// Parse `--kv`.
 pub fn parse_kv(s: &str) -> std::result::Result<KvType, String> {
-    KvType::parse(s).ok_or_else(|| format!("unknown KV cache type `{s}` (f32, f16, q8)"))
+    KvType::parse(s).ok_or_else(|| format!("unknown KV cache type `{s}` ({})", KvType::NAMES))
 }

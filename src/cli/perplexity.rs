@@ -38,7 +38,8 @@ pub struct Args {
     /// Threads (0 = all cores). Results do not depend on it.
     #[arg(short = 't', long, default_value_t = 0)]
     threads: usize,
-    /// KV cache type: f32 or f16 (default: f32 for unquantized models, f16 for quantized ones).
+    /// KV cache type: f32, f16, q8 or q4 (default: f32 for unquantized models, f16 for quantized
+    /// ones).
     #[arg(long, value_parser = super::logits::parse_kv)]
     kv: Option<KvType>,
     /// Save the model's log-probabilities of the scored tokens to FILE (llama.cpp's

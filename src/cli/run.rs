@@ -102,7 +102,7 @@ pub struct ModelArgs {
     /// Prompt tokens per forward pass.
     #[arg(short = 'b', long = "batch-size", default_value_t = ferroq::engine::DEFAULT_BATCH)]
     pub batch: usize,
-    /// KV cache type: f32, f16 or q8 (default: f32 for unquantized models, f16 for quantized).
+    /// KV cache type: f32, f16, q8 or q4 (default: f32 for unquantized models, f16 for quantized).
     #[arg(long, value_parser = super::generate::parse_kv)]
     pub kv: Option<ferroq::model::KvType>,
     /// Allow a context (-c) beyond the model's max_position_embeddings.
@@ -222,6 +222,12 @@ pub struct Args {
     /// Print `{"ids": [...], "text": "..."}` instead of streaming the text.
     #[arg(long)]
     pub json: bool,
+    /// Session state file for the prompt (llama.cpp's `--prompt-cache`): loaded if it exists,
+    /// so that only the part of the prompt it lacks is evaluated, and saved with the prompt
+    /// (not the answer) before generating. Same model and --kv type; see
+    /// docs/session-state.md.
+    #[arg(long = "prompt-cache", value_name = "FILE")]
+    pub prompt_cache: Option<PathBuf>,
     #[command(flatten)]
     pub sampling: SamplingArgs,
 }
@@ -294,6 +300,56 @@ fn out_err(e: std::io::Error) -> Error {
     Error::io("<stdout>", e)
 }
 
+/// `--prompt-cache FILE`: load the file if it exists, evaluate the part of the prompt the
+/// cache lacks, and save the prompt's state (unless the file already held exactly it). The
+/// generation that follows runs only the prompt's last token again (for its logits). Returns
+/// the timings of the evaluation.
+fn prompt_cache(
+    session: &mut Session,
+    file: &std::path::Path,
+    ids: &[u32],
+    gen: &GenOptions,
+) -> Result<ferroq::engine::Timings> {
+    let loaded = if file.exists() {
+        let n = session.load(file).map_err(|e| {
+            Error::Input(format!(
+                "--prompt-cache: {e} (delete the file to start a new prompt cache)"
+            ))
+        })?;
+        Some(n)
+    } else {
+        None
+    };
+    let same = loaded == Some(ids.len()) && session.cached() == ids;
+    let only_prompt = GenOptions {
+        max_tokens: 0,
+        ..gen.clone()
+    };
+    let p = session
+        .generate(ids, &only_prompt, &mut |_, _| true)?
+        .timings;
+    match loaded {
+        Some(n) => eprintln!(
+            "ferroq: prompt cache {}: loaded {n} tokens, reused {} of the prompt's {} tokens \
+             ({} evaluated)",
+            file.display(),
+            p.reused_tokens,
+            ids.len(),
+            p.prompt_tokens
+        ),
+        None => eprintln!(
+            "ferroq: prompt cache {}: not found; evaluating all {} prompt tokens",
+            file.display(),
+            ids.len()
+        ),
+    }
+    if !same {
+        let n = session.save(file)?;
+        eprintln!("ferroq: prompt cache {}: saved {n} tokens", file.display());
+    }
+    Ok(p)
+}
+
 pub fn run(a: Args) -> Result<()> {
     let (sampler, seed) = a.sampling.config()?;
     let prompt = read_prompt(a.prompt)?;
@@ -318,9 +374,14 @@ pub fn run(a: Args) -> Result<()> {
             ids.len()
         )));
     }
-    // the cache needs no more than the prompt and the answer
+    // the cache needs no more than the prompt and the answer (a prompt cache file may hold
+    // more: then the whole context, whose pages are only touched where used)
     let opts = SessionOptions {
-        ctx: ctx.min(ids.len().saturating_add(a.n_predict.max(1))),
+        ctx: if a.prompt_cache.is_some() {
+            ctx
+        } else {
+            ctx.min(ids.len().saturating_add(a.n_predict.max(1)))
+        },
         batch: a.model.batch,
         threads: a.model.threads,
         kv: a.model.kv,
@@ -339,10 +400,14 @@ pub fn run(a: Args) -> Result<()> {
         .map(|r| r.stats())
         .unwrap_or_default();
     let disk0 = disk_read_bytes();
+    let pre = match &a.prompt_cache {
+        Some(file) => Some(prompt_cache(&mut session, file, &ids, &gen)?),
+        None => None,
+    };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut io_err = None;
-    let g = if a.json {
+    let mut g = if a.json {
         session.generate(&ids, &gen, &mut |_, _| true)?
     } else {
         session.generate(&ids, &gen, &mut |_, piece| {
@@ -360,6 +425,12 @@ pub fn run(a: Args) -> Result<()> {
     };
     if let Some(e) = io_err {
         return Err(out_err(e));
+    }
+    if let Some(p) = pre {
+        // the prompt was evaluated before the generation (to save it): count it there
+        g.timings.prompt_ms += p.prompt_ms;
+        g.timings.prompt_tokens += p.prompt_tokens;
+        g.timings.reused_tokens = p.reused_tokens;
     }
     if a.json {
         let v = serde_json::json!({"ids": g.ids, "text": g.text});

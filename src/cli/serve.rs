@@ -34,8 +34,8 @@ pub struct Args {
     /// Threads (0 = all cores).
     #[arg(short = 't', long, default_value_t = 0)]
     pub threads: usize,
-    /// KV cache type: f32, f16 or q8 (default: f16 for quantized models, f32 otherwise).
-    #[arg(long = "kv-type")]
+    /// KV cache type: f32, f16, q8 or q4 (default: f16 for quantized models, f32 otherwise).
+    #[arg(long = "kv-type", alias = "kv")]
     pub kv: Option<String>,
     /// Require `Authorization: Bearer KEY` (also read from $FERROQ_API_KEY).
     #[arg(long = "api-key")]
@@ -54,10 +54,9 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let kv = match a.kv.as_deref() {
         None => None,
-        Some(s) => Some(
-            KvType::parse(s)
-                .ok_or_else(|| Error::config("kv-type", format!("{s:?}: use f32, f16 or q8")))?,
-        ),
+        Some(s) => Some(KvType::parse(s).ok_or_else(|| {
+            Error::config("kv-type", format!("{s:?}: use one of {}", KvType::NAMES))
+        })?),
     };
     let api_key = a.api_key.or_else(|| {
         std::env::var("FERROQ_API_KEY")

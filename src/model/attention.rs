@@ -34,7 +34,38 @@ const MIN_PARALLEL_ATTN: usize = 1 << 17;
 pub fn scratch_len(nh: usize, nkv: usize, d: usize) -> usize {
     let rr = ATT_TOK_BLOCK * (nh / nkv.max(1)).max(1);
     let block = rr * (2 * d + 2 + ATT_TILE) + 2 * ATT_TILE * d;
-    block.max((nh + 1) * (ATT_TILE + 2))
+    // decode: scores, weights, running max/sum, and one rotated query (4-bit cache)
+    block.max((nh + 1) * (ATT_TILE + 2) + d)
+}
+
+/// Where a 4-bit KV row lives in a layer of the cache ([`KvLayer::Q4`]).
+#[derive(Clone, Copy)]
+struct Q4Layout {
+    /// Blocks per head row.
+    nb: usize,
+    /// Bytes of one head row.
+    row: usize,
+    /// Bytes and scales per position (all KV heads).
+    ld: usize,
+    ld_s: usize,
+}
+
+impl Q4Layout {
+    fn new(nkv: usize, d: usize) -> Q4Layout {
+        let nb = super::kv::q4_blocks(d);
+        let row = nb * scalar::KV_Q4_BYTES;
+        Q4Layout {
+            nb,
+            row,
+            ld: nkv * row,
+            ld_s: nkv * nb,
+        }
+    }
+
+    /// Offsets of (slot `j`, KV head `kh`) in the code bytes and in the scales.
+    fn off(&self, j: usize, kh: usize) -> (usize, usize) {
+        (j * self.ld + kh * self.row, j * self.ld_s + kh * self.nb)
+    }
 }
 
 /// One online-softmax step of one query row over a key tile: `s` (the row's scores) becomes
@@ -162,6 +193,9 @@ pub fn attend(
     let (qd, kvd) = (nh * d, nkv * d);
     let scale = 1.0 / (d as f32).sqrt();
     let rep = nh / nkv;
+    let q4 = Q4Layout::new(nkv, d);
+    // the 4-bit cache stores rotated keys and values (`scalar::kv_q4_rotate`)
+    let rotated = matches!(kvl, KvLayer::Q4(..));
     let group = |mut tile: Tile, thread: usize| {
         let (t, kh) = (tile.toks().start, tile.rows().start / (rep * d));
         let p = pos0 + t;
@@ -170,7 +204,9 @@ pub fn attend(
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         let (sc, rest) = scratch.split_at_mut(rep * ATT_TILE);
-        let (pw, ml) = rest.split_at_mut(ATT_TILE);
+        let (pw, rest) = rest.split_at_mut(ATT_TILE);
+        let (ml, rest) = rest.split_at_mut(2 * rep);
+        let qrot = &mut rest[..d];
         let o = tile.out(t);
         o.iter_mut().for_each(|v| *v = 0.0);
         for r in 0..rep {
@@ -182,7 +218,13 @@ pub fn attend(
             let off = (j0 - base) * kvd + kh * d;
             for r in 0..rep {
                 let hh = kh * rep + r;
-                let q = &qb[t * qd + hh * d..t * qd + (hh + 1) * d];
+                let mut q = &qb[t * qd + hh * d..t * qd + (hh + 1) * d];
+                if rotated {
+                    // the 4-bit cache holds rotated keys: score the rotated query
+                    qrot.copy_from_slice(q);
+                    scalar::kv_q4_rotate(qrot);
+                    q = qrot;
+                }
                 let s = &mut sc[r * ATT_TILE..r * ATT_TILE + nk];
                 match kvl {
                     KvLayer::F32(kc, _) => (kern.attn_scores)(q, &kc[off..], kvd, scale, s),
@@ -192,6 +234,10 @@ pub fn attend(
                         for (i, x) in s.iter_mut().enumerate() {
                             *x *= ks[(j0 - base + i) * nkv + kh];
                         }
+                    }
+                    KvLayer::Q4(kc, _, ks, _) => {
+                        let (o4, os4) = q4.off(j0 - base, kh);
+                        (kern.attn_scores_q4)(q, &kc[o4..], &ks[os4..], q4.ld, q4.ld_s, scale, s)
                     }
                 }
                 let or = &mut o[r * d..(r + 1) * d];
@@ -206,6 +252,10 @@ pub fn attend(
                         }
                         (kern.attn_values_i8)(pw, &vc[off..], kvd, or)
                     }
+                    KvLayer::Q4(_, vc, _, vs) => {
+                        let (o4, os4) = q4.off(j0 - base, kh);
+                        (kern.attn_values_q4)(s, &vc[o4..], &vs[os4..], q4.ld, q4.ld_s, or)
+                    }
                 }
             }
             j0 += nk;
@@ -213,6 +263,9 @@ pub fn attend(
         for r in 0..rep {
             let inv = 1.0 / ml[2 * r + 1];
             o[r * d..(r + 1) * d].iter_mut().for_each(|v| *v *= inv);
+            if rotated {
+                scalar::kv_q4_rotate(&mut o[r * d..(r + 1) * d]);
+            }
         }
     };
     // prefill: one task per (block of ATT_TOK_BLOCK tokens, KV head); the rows (token
@@ -235,6 +288,11 @@ pub fn attend(
         for i in 0..nt {
             let src = (t0 + i) * qd + kh * rep * d;
             qs[i * rep * d..(i + 1) * rep * d].copy_from_slice(&qb[src..src + rep * d]);
+        }
+        if rotated {
+            qs[..rr * d]
+                .chunks_exact_mut(d)
+                .for_each(scalar::kv_q4_rotate);
         }
         os.iter_mut().for_each(|v| *v = 0.0);
         for r in 0..rr {
@@ -277,6 +335,20 @@ pub fn attend(
                         }
                     }
                 }
+                KvLayer::Q4(kc, vc, ks, vs) => {
+                    // dequantized in f32, keys transposed (the first `d` of `vf` hold one
+                    // key row on the way; its value row overwrites it afterwards)
+                    for j in 0..nk {
+                        let (o4, os4) = q4.off(j0 - base + j, kh);
+                        let (kb, sb) = (o4..o4 + q4.row, os4..os4 + q4.nb);
+                        let row = &mut vf[j * d..(j + 1) * d];
+                        scalar::dequantize_kv_q4(&kc[kb.clone()], &ks[sb.clone()], row);
+                        for (c, &x) in row.iter().enumerate() {
+                            kt[c * nk + j] = x;
+                        }
+                        scalar::dequantize_kv_q4(&vc[kb], &vs[sb], row);
+                    }
+                }
             }
             let (vt, ldv): (&[f32], usize) = match kvl {
                 KvLayer::F32(_, vc) => (&vc[off..], kvd),
@@ -310,6 +382,9 @@ pub fn attend(
                 let inv = 1.0 / ml[2 * r + 1];
                 for (x, &y) in oh.iter_mut().zip(&os[r * d..(r + 1) * d]) {
                     *x = y * inv;
+                }
+                if rotated {
+                    scalar::kv_q4_rotate(oh);
                 }
             }
         }

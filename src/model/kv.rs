@@ -18,27 +18,36 @@ pub enum KvType {
     F16,
     /// 1 byte per element plus one f32 scale per (position, KV head): symmetric int8 rows.
     Q8,
+    /// 4 bits per element plus one f16 scale per block of 32 elements of a head row (4.5 bits
+    /// per element; `Q4_0`-style codes, [`ferroq_kernels::scalar::quantize_kv_q4`], of the
+    /// block after a Walsh–Hadamard rotation, [`ferroq_kernels::scalar::kv_q4_rotate`]).
+    Q4,
 }
 
 impl KvType {
-    /// Parse `f32` / `f16` (CLI flags).
+    /// Parse `f32` / `f16` / `q8` / `q4` (CLI flags).
     pub fn parse(s: &str) -> Option<KvType> {
         match s.trim().to_ascii_lowercase().as_str() {
             "f32" => Some(KvType::F32),
             "f16" => Some(KvType::F16),
             "q8" | "int8" => Some(KvType::Q8),
+            "q4" | "int4" => Some(KvType::Q4),
             _ => None,
         }
     }
 
-    /// Bytes per cached element (the q8 scales not counted).
+    /// Bytes per cached element, rounded up to a whole byte (the q8 and q4 scales not
+    /// counted); [`super::kvmem::row_bytes`] has the exact size of a row.
     pub fn elem_bytes(self) -> usize {
         match self {
             KvType::F32 => 4,
             KvType::F16 => 2,
-            KvType::Q8 => 1,
+            KvType::Q8 | KvType::Q4 => 1,
         }
     }
+
+    /// The names [`KvType::parse`] takes, for error messages.
+    pub const NAMES: &'static str = "f32, f16, q8, q4";
 }
 
 /// Per layer: `[max_ctx, n_kv * head_dim]` keys and values.
@@ -47,6 +56,17 @@ enum Store {
     F16(Vec<Vec<u16>>, Vec<Vec<u16>>),
     /// int8 keys, values, and their scales `[max_ctx, n_kv]`.
     Q8(Q8Store),
+    /// 4-bit keys and values `[max_ctx, n_kv, nb, 16 bytes]` and their f16 block scales
+    /// `[max_ctx, n_kv, nb]`, `nb = head_dim.div_ceil(32)`; each block rotated before it was
+    /// quantized (the attention rotates the queries and its output).
+    Q4(Q4Store),
+}
+
+struct Q4Store {
+    k: Vec<Vec<u8>>,
+    v: Vec<Vec<u8>>,
+    ks: Vec<Vec<u16>>,
+    vs: Vec<Vec<u16>>,
 }
 
 struct Q8Store {
@@ -75,6 +95,14 @@ pub enum KvLayer<'a> {
     F32(&'a [f32], &'a [f32]),
     F16(&'a [u16], &'a [u16]),
     Q8(&'a [i8], &'a [i8], &'a [f32], &'a [f32]),
+    /// 4-bit keys and values (per position `n_kv * q4_blocks(head_dim) * 16` bytes) and their
+    /// block scales (f16 bits, `n_kv * q4_blocks(head_dim)` per position).
+    Q4(&'a [u8], &'a [u8], &'a [u16], &'a [u16]),
+}
+
+/// Blocks of 32 values in one 4-bit head row of `head_dim` values.
+pub fn q4_blocks(head_dim: usize) -> usize {
+    head_dim.div_ceil(ferroq_kernels::scalar::KV_Q4_BLOCK)
 }
 
 /// `n` zeroed elements from the allocator (`calloc`: untouched pages stay unmapped), or `err()`
@@ -99,10 +127,13 @@ fn quantize_row_i8(x: &[f32], out: &mut [i8]) -> f32 {
 }
 
 impl KvCache {
-    /// Bytes a cache of `max_ctx` positions takes if every layer keeps them all (K and V, q8
-    /// scales not counted), as a float so that absurd contexts do not overflow.
+    /// Bytes a cache of `max_ctx` positions takes if every layer keeps them all (K and V, scales
+    /// included), as a float so that absurd contexts do not overflow.
     pub fn bytes(kv: KvType, layers: usize, max_ctx: usize, n_kv: usize, head_dim: usize) -> f64 {
-        (max_ctx as f64) * ((n_kv * head_dim) as f64) * (2 * layers * kv.elem_bytes()) as f64
+        (max_ctx as f64)
+            * (n_kv as f64)
+            * super::kvmem::row_bytes(kv, head_dim) as f64
+            * (2 * layers) as f64
     }
 
     /// A zeroed cache in which every layer keeps all `max_ctx` positions (`calloc`: the pages
@@ -182,6 +213,21 @@ impl KvCache {
                 ks: alloc(per(n_kv), &err)?,
                 vs: alloc(per(n_kv), &err)?,
             }),
+            KvType::Q4 => {
+                let nb = n_kv.checked_mul(q4_blocks(head_dim));
+                let bytes = nb.and_then(|nb| nb.checked_mul(ferroq_kernels::scalar::KV_Q4_BYTES));
+                let sizes = |per_token: Option<usize>| -> Vec<Option<usize>> {
+                    (0..layers)
+                        .map(|l| per_token.and_then(|p| slots(l).checked_mul(p)))
+                        .collect()
+                };
+                Store::Q4(Q4Store {
+                    k: alloc(sizes(bytes), &err)?,
+                    v: alloc(sizes(bytes), &err)?,
+                    ks: alloc(sizes(nb), &err)?,
+                    vs: alloc(sizes(nb), &err)?,
+                })
+            }
         };
         Ok(KvCache {
             store,
@@ -237,6 +283,7 @@ impl KvCache {
             Store::F32(..) => KvType::F32,
             Store::F16(..) => KvType::F16,
             Store::Q8(..) => KvType::Q8,
+            Store::Q4(..) => KvType::Q4,
         }
     }
 
@@ -246,6 +293,7 @@ impl KvCache {
             Store::F32(k, v) => KvLayer::F32(&k[li], &v[li]),
             Store::F16(k, v) => KvLayer::F16(&k[li], &v[li]),
             Store::Q8(q) => KvLayer::Q8(&q.k[li], &q.v[li], &q.ks[li], &q.vs[li]),
+            Store::Q4(q) => KvLayer::Q4(&q.k[li], &q.v[li], &q.ks[li], &q.vs[li]),
         }
     }
 
@@ -284,6 +332,39 @@ impl KvCache {
                             quantize_row_i8(&k[h * d..(h + 1) * d], &mut q.k[li][r.clone()]);
                         q.vs[li][p * nkv + h] =
                             quantize_row_i8(&v[h * d..(h + 1) * d], &mut q.v[li][r]);
+                    }
+                }
+            }
+            Store::Q4(q) => {
+                use ferroq_kernels::scalar::{
+                    kv_q4_rotate, quantize_kv_q4, KV_Q4_BLOCK, KV_Q4_BYTES,
+                };
+                let nb = q4_blocks(d);
+                let (row, srow) = (nb * KV_Q4_BYTES, nb);
+                for t in 0..n {
+                    let p = s0 + t;
+                    for h in 0..nkv {
+                        let x0 = t * kvd + h * d;
+                        let (b0, s) = ((p * nkv + h) * row, (p * nkv + h) * srow);
+                        // per block: rotated ([`kv_q4_rotate`]) on the stack, then quantized
+                        for (src, codes, scales) in [
+                            (k, &mut q.k[li], &mut q.ks[li]),
+                            (v, &mut q.v[li], &mut q.vs[li]),
+                        ] {
+                            for blk in 0..nb {
+                                let c0 = blk * KV_Q4_BLOCK;
+                                let len = (d - c0).min(KV_Q4_BLOCK);
+                                let mut x = [0.0f32; KV_Q4_BLOCK];
+                                x[..len].copy_from_slice(&src[x0 + c0..x0 + c0 + len]);
+                                kv_q4_rotate(&mut x[..len]);
+                                let cb = b0 + blk * KV_Q4_BYTES;
+                                quantize_kv_q4(
+                                    &x[..len],
+                                    &mut codes[cb..cb + KV_Q4_BYTES],
+                                    &mut scales[s + blk..s + blk + 1],
+                                );
+                            }
+                        }
                     }
                 }
             }
@@ -329,6 +410,16 @@ impl KvCache {
                 (bytemuck::cast_slice(&q.ks[li]), 4 * nkv, 4),
                 (bytemuck::cast_slice(&q.vs[li]), 4 * nkv, 4),
             ],
+            Store::Q4(q) => {
+                let nb = nkv * q4_blocks(self.head_dim);
+                let row = nb * ferroq_kernels::scalar::KV_Q4_BYTES;
+                vec![
+                    (&q.k[li][..], row, 1),
+                    (&q.v[li][..], row, 1),
+                    (bytemuck::cast_slice(&q.ks[li]), 2 * nb, 2),
+                    (bytemuck::cast_slice(&q.vs[li]), 2 * nb, 2),
+                ]
+            }
         }
     }
 
@@ -350,6 +441,16 @@ impl KvCache {
                 (bytemuck::cast_slice_mut(&mut q.ks[li]), 4 * nkv, 4),
                 (bytemuck::cast_slice_mut(&mut q.vs[li]), 4 * nkv, 4),
             ],
+            Store::Q4(q) => {
+                let nb = nkv * q4_blocks(self.head_dim);
+                let row = nb * ferroq_kernels::scalar::KV_Q4_BYTES;
+                vec![
+                    (&mut q.k[li][..], row, 1),
+                    (&mut q.v[li][..], row, 1),
+                    (bytemuck::cast_slice_mut(&mut q.ks[li]), 2 * nb, 2),
+                    (bytemuck::cast_slice_mut(&mut q.vs[li]), 2 * nb, 2),
+                ]
+            }
         }
     }
 

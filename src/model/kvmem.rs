@@ -17,6 +17,8 @@ pub fn row_bytes(kv: KvType, head_dim: usize) -> usize {
         KvType::F16 => 2 * head_dim,
         // int8 values and one f32 scale
         KvType::Q8 => head_dim + 4,
+        // blocks of 32 values: 16 bytes of 4-bit codes and one f16 scale each
+        KvType::Q4 => super::kv::q4_blocks(head_dim) * (ferroq_kernels::scalar::KV_Q4_BYTES + 2),
     }
 }
 
@@ -192,7 +194,7 @@ mod tests {
         );
         println!("|---|---|---|---|---|");
         for ctx in [8192usize, 131072, 1 << 20] {
-            for kv in [KvType::F16, KvType::Q8] {
+            for kv in [KvType::F16, KvType::Q8, KvType::Q4] {
                 let b = kv_bytes(&c, ctx, kv);
                 println!(
                     "| {ctx} | {kv:?} | {:.3} GiB | {:.3} GiB | {:.1} % |",
@@ -213,6 +215,12 @@ mod tests {
         let s = kv_bytes(&c, 100, KvType::F16);
         assert_eq!(s.total, s.total_full);
         assert_eq!(s.per_token(), 48 * 4096);
+        // q4: 4 blocks of 32 per 128-value head row, 16 bytes + an f16 scale each: 72 bytes,
+        // 9/32 of f16
+        assert_eq!(row_bytes(KvType::Q4, 128), 72);
+        assert_eq!(row_bytes(KvType::Q4, 16), 18);
+        let q = kv_bytes(&c, 131072, KvType::Q4);
+        assert_eq!(q.total * 32, b.total * 9);
     }
 
     #[test]

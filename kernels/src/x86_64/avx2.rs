@@ -57,6 +57,7 @@ use core::arch::x86_64::*;
 
 use crate::block::{BlockQ4Lx8, BlockQ4x8, BlockQ6x8, BlockQ8A, BlockQ8x8, KVALUES, QK, ROWS};
 use crate::driver::{Tier, Tile};
+use crate::scalar;
 
 /// Proof that the CPU has AVX2, FMA and F16C.
 #[derive(Clone, Copy)]
@@ -892,6 +893,176 @@ pub(crate) fn attn_scores_i8(q: &[f32], k: &[i8], ld_k: usize, scale: f32, s: &m
 
 pub(crate) fn attn_values_i8(p: &[f32], v: &[i8], ld_v: usize, o: &mut [f32]) {
     attn_values_t(p, v, ld_v, o)
+}
+
+/// The 32 values of one full 4-bit KV block at `p` (16 bytes), codes minus 8, as f32:
+/// elements 0..8, 8..16 (low nibbles), 16..24, 24..32 (high nibbles).
+///
+/// # Safety
+/// AVX2 available; `p..p + 16` readable.
+#[inline(always)]
+unsafe fn kv_q4_block(p: *const u8) -> [__m256; 4] {
+    let x = _mm_loadu_si128(p as *const __m128i);
+    let m = _mm_set1_epi8(15);
+    let lo = _mm_and_si128(x, m);
+    let hi = _mm_and_si128(_mm_srli_epi16(x, 4), m);
+    // (no closure here: its body would be compiled without the caller's target features)
+    [
+        kv_q4_codes8(lo),
+        kv_q4_codes8(_mm_srli_si128(lo, 8)),
+        kv_q4_codes8(hi),
+        kv_q4_codes8(_mm_srli_si128(hi, 8)),
+    ]
+}
+
+/// The low 8 bytes of `v` (codes 0..15) minus 8, as f32.
+///
+/// # Safety
+/// AVX2 available.
+#[inline(always)]
+unsafe fn kv_q4_codes8(v: __m128i) -> __m256 {
+    _mm256_cvtepi32_ps(_mm256_sub_epi32(
+        _mm256_cvtepu8_epi32(v),
+        _mm256_set1_epi32(8),
+    ))
+}
+
+/// Bounds of a 4-bit KV call: `n` rows of `d` values, row `j` at `x[j * ld ..]` (16 bytes per
+/// block) with its scales at `xs[j * ld_s ..]`.
+fn q4_rows_fit(x: &[u8], xs: &[u16], ld: usize, ld_s: usize, d: usize, n: usize) -> bool {
+    let nb = d.div_ceil(scalar::KV_Q4_BLOCK);
+    n == 0
+        || ((n - 1)
+            .checked_mul(ld)
+            .and_then(|o| o.checked_add(nb * scalar::KV_Q4_BYTES))
+            .is_some_and(|e| e <= x.len())
+            && (n - 1)
+                .checked_mul(ld_s)
+                .and_then(|o| o.checked_add(nb))
+                .is_some_and(|e| e <= xs.len()))
+}
+
+pub(crate) fn attn_scores_q4(
+    q: &[f32],
+    k: &[u8],
+    ks: &[u16],
+    ld_k: usize,
+    ld_s: usize,
+    scale: f32,
+    s: &mut [f32],
+) {
+    assert!(
+        q4_rows_fit(k, ks, ld_k, ld_s, q.len(), s.len()),
+        "attn_scores_q4: keys too short"
+    );
+    // SAFETY: AVX2 proven (only the AVX2 table reaches this, `driver::Tier`); key row
+    // j < s.len() spans k[j * ld_k ..][..nb * 16] and ks[j * ld_s ..][..nb], inside the
+    // slices by the assertion.
+    unsafe { attn_scores_q4_impl(q, k, ks, ld_k, ld_s, scale, s) }
+}
+
+/// # Safety
+/// AVX2 + FMA + F16C available; the rows fit ([`q4_rows_fit`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn attn_scores_q4_impl(
+    q: &[f32],
+    k: &[u8],
+    ks: &[u16],
+    ld_k: usize,
+    ld_s: usize,
+    scale: f32,
+    s: &mut [f32],
+) {
+    let d = q.len();
+    let full = d / scalar::KV_Q4_BLOCK;
+    let qp = q.as_ptr();
+    for (j, sj) in s.iter_mut().enumerate() {
+        let kr = k.as_ptr().add(j * ld_k);
+        let sr = ks.as_ptr().add(j * ld_s);
+        let mut acc = 0.0f32;
+        for b in 0..full {
+            let v = kv_q4_block(kr.add(b * scalar::KV_Q4_BYTES));
+            let qb = qp.add(b * scalar::KV_Q4_BLOCK);
+            let a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qb), v[0], _mm256_setzero_ps());
+            let a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qb.add(8)), v[1], _mm256_setzero_ps());
+            let a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qb.add(16)), v[2], a0);
+            let a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qb.add(24)), v[3], a1);
+            acc += hsum(_mm256_add_ps(a0, a1)) * half::f16::from_bits(*sr.add(b)).to_f32();
+        }
+        if full * scalar::KV_Q4_BLOCK < d {
+            let blk = core::slice::from_raw_parts(
+                kr.add(full * scalar::KV_Q4_BYTES),
+                scalar::KV_Q4_BYTES,
+            );
+            let mut sb = 0.0f32;
+            for (c, &x) in q[full * scalar::KV_Q4_BLOCK..].iter().enumerate() {
+                sb += x * (scalar::kv_q4_code(blk, c) as i32 - 8) as f32;
+            }
+            acc += sb * half::f16::from_bits(*sr.add(full)).to_f32();
+        }
+        *sj = acc * scale;
+    }
+}
+
+pub(crate) fn attn_values_q4(
+    p: &[f32],
+    v: &[u8],
+    vs: &[u16],
+    ld_v: usize,
+    ld_s: usize,
+    o: &mut [f32],
+) {
+    assert!(
+        q4_rows_fit(v, vs, ld_v, ld_s, o.len(), p.len()),
+        "attn_values_q4: values too short"
+    );
+    // SAFETY: AVX2 proven (only the AVX2 table reaches this); value row j < p.len() spans
+    // v[j * ld_v ..][..nb * 16] and vs[j * ld_s ..][..nb], inside the slices by the assertion.
+    unsafe { attn_values_q4_impl(p, v, vs, ld_v, ld_s, o) }
+}
+
+/// # Safety
+/// AVX2 + F16C available; the rows fit ([`q4_rows_fit`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn attn_values_q4_impl(
+    p: &[f32],
+    v: &[u8],
+    vs: &[u16],
+    ld_v: usize,
+    ld_s: usize,
+    o: &mut [f32],
+) {
+    let d = o.len();
+    let full = d / scalar::KV_Q4_BLOCK;
+    let op = o.as_mut_ptr();
+    // per full block: its 32 outputs in 4 registers across all keys (per element the twin's
+    // order: `o = o + w·x` for keys in order, no fused multiply-add)
+    for b in 0..full {
+        let ob = op.add(b * scalar::KV_Q4_BLOCK);
+        let mut acc: [__m256; 4] = core::array::from_fn(|u| _mm256_loadu_ps(ob.add(8 * u)));
+        for (j, &pj) in p.iter().enumerate() {
+            let w = pj * half::f16::from_bits(*vs.as_ptr().add(j * ld_s + b)).to_f32();
+            let wv = _mm256_set1_ps(w);
+            let x = kv_q4_block(v.as_ptr().add(j * ld_v + b * scalar::KV_Q4_BYTES));
+            for (a, x) in acc.iter_mut().zip(x) {
+                *a = _mm256_add_ps(*a, _mm256_mul_ps(wv, x));
+            }
+        }
+        for (u, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(ob.add(8 * u), *a);
+        }
+    }
+    if full * scalar::KV_Q4_BLOCK < d {
+        let tail = &mut o[full * scalar::KV_Q4_BLOCK..];
+        for (j, &pj) in p.iter().enumerate() {
+            let w = pj * half::f16::from_bits(vs[j * ld_s + full]).to_f32();
+            let at = j * ld_v + full * scalar::KV_Q4_BYTES;
+            let blk = &v[at..at + scalar::KV_Q4_BYTES];
+            for (c, oc) in tail.iter_mut().enumerate() {
+                *oc += w * (scalar::kv_q4_code(blk, c) as i32 - 8) as f32;
+            }
+        }
+    }
 }
 
 pub(crate) fn attn_scores_f16(q: &[f32], k: &[u16], ld_k: usize, scale: f32, s: &mut [f32]) {

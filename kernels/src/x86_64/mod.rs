@@ -32,6 +32,8 @@ pub(crate) const AVX2: Kernels = Kernels {
     attn_values_f16: avx2::attn_values_f16,
     attn_scores_i8: avx2::attn_scores_i8,
     attn_values_i8: avx2::attn_values_i8,
+    attn_scores_q4: avx2::attn_scores_q4,
+    attn_values_q4: avx2::attn_values_q4,
     attn_scores_kt: avx2::attn_scores_kt,
     softmax_tile: avx2::softmax_tile,
     attn_values_rows: avx2::attn_values_rows,
