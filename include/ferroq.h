@@ -46,6 +46,9 @@ typedef struct ferroq_engine_params {
                             UINT64_MAX = never page. A MoE model whose file does not fit pages
                             its routed experts (expert-aware residency). */
     int mlock;           /* non-zero: lock the resident weights in memory */
+    int verify;          /* non-zero: check every tensor's checksum while opening (reads the
+                            file once, like `ferroq verify`); a mismatch fails the open with
+                            an error naming the tensor */
 } ferroq_engine_params;
 
 typedef struct ferroq_gen_params {

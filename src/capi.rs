@@ -53,6 +53,9 @@ pub struct FerroqEngineParams {
     pub mem_budget: u64,
     /// Non-zero: lock the resident weights in memory (`mlock`).
     pub mlock: c_int,
+    /// Non-zero: check every tensor's checksum while opening (reads the whole file once, like
+    /// `ferroq verify`); a mismatch fails the open with an error naming the tensor.
+    pub verify: c_int,
 }
 
 /// The KV type of a C `kv` field.
@@ -236,7 +239,7 @@ pub unsafe extern "C" fn ferroq_engine_open_ex(
                 b => crate::engine::MemBudget::Bytes(b),
             },
             mlock: ep.mlock != 0,
-            verify: false,
+            verify: ep.verify != 0,
         };
         let e = Engine::open_with(p, &opts)?;
         Ok(Box::into_raw(Box::new(FerroqEngine(Arc::new(e)))))

@@ -8,7 +8,7 @@
 //! |---|---|---|
 //! | 0 | 8 | magic `FQSTATE\0` |
 //! | 8 | 4 | version (1) |
-//! | 12 | 4 | KV type: 0 f32, 1 f16, 2 q8 |
+//! | 12 | 4 | KV type: 0 f32, 1 f16, 2 q8, 3 q4 |
 //! | 16 | 16 | model fingerprint (file size, header, directory, metadata, samples of every tensor) |
 //! | 32 | 4 | layers |
 //! | 36 | 4 | tokens `n` |

@@ -166,6 +166,33 @@ fn swapped_offsets_dtype_swaps_and_flipped_scales_are_detected() {
     assert!(!ok && se.contains("checksum"), "{se}");
     let (ok, _) = cli(&["verify", src.to_str().unwrap()]);
     assert!(ok);
+    // the C ABI: `verify` in the engine settings refuses the flipped file and opens the good one
+    {
+        use ferroq::capi::*;
+        let params = FerroqEngineParams {
+            verify: 1,
+            ..ferroq_engine_params_default()
+        };
+        let cf = std::ffi::CString::new(flipped.to_str().unwrap()).unwrap();
+        let cs = std::ffi::CString::new(src.to_str().unwrap()).unwrap();
+        // SAFETY: valid NUL-terminated paths and a valid params struct; handles freed once.
+        unsafe {
+            assert!(ferroq_engine_open_ex(cf.as_ptr(), &params).is_null());
+            let msg = std::ffi::CStr::from_ptr(ferroq_last_error()).to_string_lossy();
+            assert!(msg.contains(&t.name) && msg.contains("checksum"), "{msg}");
+            // the intact file passes the checksums (and then stops at its missing tokenizer:
+            // this fixture is run from token ids)
+            let e = ferroq_engine_open_ex(cs.as_ptr(), &params);
+            if e.is_null() {
+                let msg = std::ffi::CStr::from_ptr(ferroq_last_error()).to_string_lossy();
+                assert!(
+                    !msg.contains("checksum") && msg.contains("tokenizer"),
+                    "{msg}"
+                );
+            }
+            ferroq_engine_free(e);
+        }
+    }
     // swapped offsets / an equal-size dtype swap edit the directory: refused at open
     let b = std::fs::read(&src).unwrap();
     let dir_off = u64::from_le_bytes(b[32..40].try_into().unwrap()) as usize;
@@ -348,6 +375,92 @@ fn nested_template_loops_run_out_of_fuel_quickly() {
         .to_string();
     assert!(e.contains("exceeds"), "{e}");
     assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", t0.elapsed());
+}
+
+#[test]
+fn templates_that_build_huge_values_are_refused_before_allocating() {
+    // each of these asks for gigabytes (or more) in a few dozen steps
+    let doubling = format!(
+        "{{% set a = 'xxxxxxxx' %}}{}{{{{ a|length }}}}",
+        "{% set a = a ~ a %}".repeat(40)
+    );
+    let cases = [
+        ("straight-line `~`", doubling.as_str()),
+        (
+            "namespace `+` in a loop",
+            "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}\
+             {% endfor %}{{ ns.s|length }}",
+        ),
+        (
+            "`replace` squaring",
+            "{% set a = 'x' * 1000 %}{% set a = a|replace('', a) %}{% set a = a|replace('', a) %}\
+             {{ a|length }}",
+        ),
+        (
+            "`.replace()` squaring",
+            "{% set a = 'ab' * 1000 %}{% set a = a.replace('a', a) %}{% set a = a.replace('a', a) %}\
+             {% set a = a.replace('a', a) %}{{ a|length }}",
+        ),
+        ("`join` of a repeated list", "{{ (['x' * 100000] * 100000)|join }}"),
+        ("`*` on a list", "{{ ([1] * 10**12)|join }}"),
+        ("`tojson` indent", "{{ messages|tojson(indent=10**12) }}"),
+        ("`indent` width", "{{ 'a\nb'|indent(10**10) }}"),
+        ("`format` width", "{{ '%999999999s'|format('x') }}"),
+        (
+            "constants folded while compiling",
+            "{{ 'x' * 10**8 ~ 'x' * 10**8 ~ 'x' * 10**8 ~ 'x' * 10**8 ~ 'x' * 10**8 }}",
+        ),
+        (
+            "`chain` doubling",
+            "{% set ns = namespace(l=[1]) %}{% for i in range(60) %}\
+             {% set ns.l = ns.l|chain(ns.l) %}{% endfor %}{{ ns.l|list|length }}",
+        ),
+        (
+            "list `+` doubling",
+            "{% set ns = namespace(l=['x' * 1000]) %}{% for i in range(60) %}\
+             {% set ns.l = ns.l + ns.l %}{% endfor %}{{ ns.l|join|length }}",
+        ),
+    ];
+    let msgs = [
+        Message::new("system", "be brief"),
+        Message::new("user", "hi"),
+    ];
+    for (what, src) in cases {
+        let t0 = Instant::now();
+        let e = ChatTemplate::new(src, None, None)
+            .and_then(|t| t.render(&msgs, true))
+            .expect_err(what)
+            .to_string();
+        assert!(e.contains("chat_template"), "{what}: {e}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "{what}: {:?}",
+            t0.elapsed()
+        );
+    }
+    // the checking functions cannot be shadowed
+    let e = ChatTemplate::new("{% set __ferroq_concat = 1 %}{{ 'a' ~ 'b' }}", None, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("reserves"), "{e}");
+    // what real templates do still works: accumulate a long conversation, join, replace, tojson
+    let t = ChatTemplate::new(
+        "{% set ns = namespace(s='') %}{% for m in messages %}{% set ns.s = ns.s + m.role ~ ': ' \
+         + m.content|replace('x', 'y') + '\n' %}{% endfor %}{{ ns.s }}{{ messages|map(attribute='role')\
+         |join(',')|length }}{{ (messages|tojson(indent=2))|length > 0 }}",
+        None,
+        None,
+    )
+    .unwrap();
+    let long: Vec<Message> = (0..1000)
+        .map(|i| Message::new("user", format!("message {i} {}", "x".repeat(100))))
+        .collect();
+    let out = t.render(&long, false).unwrap();
+    assert!(
+        out.starts_with("user: message 0 yyyy") && out.ends_with("True"),
+        "{}",
+        &out[..80]
+    );
 }
 
 /// A Hugging Face directory: the llama3-tiny fixture (vocab 384) with `tokenizer`.

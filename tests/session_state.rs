@@ -1,6 +1,6 @@
 //! Session state files (`Session::save` / `save_prefix` / `load` / `restore`) on the tiny
 //! parity fixtures (random weights, a trimmed SmolLM2 tokenizer): a restored session continues
-//! with bit-identical logits and the same greedy ids (f32, f16 and q8 KV; llama3-tiny, and
+//! with bit-identical logits and the same greedy ids (f32, f16, q8 and q4 KV; llama3-tiny, and
 //! llama4-scout-tiny whose chunked-attention layers (chunk 8) keep a ring that must be saved
 //! as it is); bad files (other model, corrupted, truncated, other version, other KV type, too
 //! small a context) are refused with an error naming the file and the field, and leave the

@@ -6,10 +6,14 @@
 //! The rendered prompt already contains the BOS token when the template writes `bos_token`, so
 //! it must be tokenized without adding another one: use [`encode_chat`].
 
+mod guard;
+
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use minijinja::machinery::{make_string_output, CompiledTemplate, TemplateConfig, Vm};
 use minijinja::value::{Kwargs, Value, ValueKind};
-use minijinja::{Environment, ErrorKind, State};
+use minijinja::{AutoEscape, Environment, ErrorKind, State};
 use serde::Serialize;
 
 use crate::tokenizer::Tokenizer;
@@ -54,28 +58,52 @@ fn output_cap_for(text: usize) -> usize {
     text.saturating_mul(8).saturating_add(1 << 20)
 }
 
-/// A writer that refuses to grow past `cap` bytes.
-struct Capped {
-    out: Vec<u8>,
-    cap: usize,
+/// Bytes all the values one render builds may take together: 512 MiB + 64 × the output cap
+/// (no single value may exceed the output cap; see `guard`). Every value built is counted,
+/// also the ones dropped since: a template that accumulates the whole conversation in a
+/// variable (`{% set ns.s = ns.s + m.content %}`) builds a quadratic number of bytes, and is
+/// refused past some thousands of messages (real templates write each message out instead).
+fn work_bytes_for(cap: usize) -> usize {
+    cap.saturating_mul(64).saturating_add(512 << 20)
 }
 
-impl std::io::Write for Capped {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        if self.out.len() + b.len() > self.cap {
-            return Err(std::io::Error::other("output cap"));
-        }
-        self.out.extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
+/// How the template is compiled: transformers' Jinja settings.
+fn template_config() -> TemplateConfig {
+    TemplateConfig {
+        syntax_config: Default::default(),
+        ws_config: minijinja::machinery::WhitespaceConfig {
+            keep_trailing_newline: false,
+            lstrip_blocks: true,
+            trim_blocks: true,
+        },
+        default_auto_escape: Arc::new(|_: &str| AutoEscape::None),
     }
 }
 
-/// A compiled chat template with the model's special tokens.
+/// Compile `source` with the growing operators replaced by checked calls (`guard::patch`);
+/// also returns the longest raw text piece.
+fn compile(source: &str) -> Result<(CompiledTemplate<'_>, usize)> {
+    let bad = |m: String| Error::config("chat_template", format!("chat template: {m}"));
+    let config = template_config();
+    let tree =
+        minijinja::machinery::parse(source, NAME, config.syntax_config.clone(), config.ws_config)
+            .map_err(template_err)?;
+    guard::check_constants(&tree).map_err(bad)?;
+    let mut t = CompiledTemplate::new(NAME, source, &config).map_err(template_err)?;
+    let mut longest = guard::patch(&mut t.instructions).map_err(bad)?;
+    for code in t.blocks.values_mut() {
+        longest = longest.max(guard::patch(code).map_err(bad)?);
+    }
+    Ok((t, longest))
+}
+
+/// A chat template with the model's special tokens. It is compiled for every render (tens of
+/// microseconds for a real template), into instructions that check the size of the values the
+/// template builds (`guard`): the template is untrusted, it comes with the model file.
 pub struct ChatTemplate {
-    env: Environment<'static>,
+    source: String,
+    /// minijinja without the checks, where the checked operators perform the real ones.
+    ops: Arc<Environment<'static>>,
     bos_token: Option<String>,
     eos_token: Option<String>,
     /// Fixed "now" (Unix seconds) for `strftime_now`; `None` = the clock.
@@ -120,23 +148,10 @@ impl ChatTemplate {
         if template.trim().is_empty() {
             return Err(no_template_error());
         }
-        let mut env = Environment::new();
-        env.set_trim_blocks(true);
-        env.set_lstrip_blocks(true);
-        env.set_keep_trailing_newline(false);
-        env.set_unknown_method_callback(py_method);
-        env.set_fuel(Some(TEMPLATE_FUEL));
-        env.add_function(
-            "raise_exception",
-            |msg: String| -> std::result::Result<Value, minijinja::Error> {
-                Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-            },
-        );
-        env.add_filter("tojson", tojson);
-        env.add_template_owned(NAME, template.to_string())
-            .map_err(template_err)?;
+        compile(template)?;
         Ok(ChatTemplate {
-            env,
+            source: template.to_string(),
+            ops: Arc::new(guard::ops_env()),
             bos_token,
             eos_token,
             now: None,
@@ -220,14 +235,47 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         cap: usize,
     ) -> Result<String> {
-        let tmpl = self.env.get_template(NAME).map_err(template_err)?;
+        let (tmpl, longest_raw) = compile(&self.source)?;
+        let fuel = guard::fuel_for(TEMPLATE_FUEL, longest_raw);
+        let budget = guard::Budget::new(cap, work_bytes_for(cap));
+        let mut env = Environment::new();
+        {
+            let b = budget.clone();
+            env.set_unknown_method_callback(move |st, v, m, a| {
+                guard::charge_method(&b, v, m, a)?;
+                py_method(st, v, m, a)
+            });
+        }
+        env.set_fuel(Some(fuel));
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<Value, minijinja::Error> {
+                Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
+        {
+            let b = budget.clone();
+            env.add_filter("tojson", move |v: &Value, args: Kwargs| {
+                let r = tojson(v, args, cap)?;
+                b.charge(r.as_str().map_or(0, str::len), "the filter `tojson`")?;
+                Ok(r)
+            });
+        }
+        guard::install(&mut env, &budget, &self.ops);
         let now = self.now.unwrap_or_else(|| {
             SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs() as i64)
                 .unwrap_or(0)
         });
-        let strftime_now = Value::from_function(move |fmt: String| strftime(&fmt, now));
+        let b = budget.clone();
+        let strftime_now = Value::from_function(
+            move |fmt: String| -> std::result::Result<String, minijinja::Error> {
+                // every directive expands to at most 9 bytes
+                b.charge(fmt.len().saturating_mul(5), "`strftime_now`")?;
+                Ok(strftime(&fmt, now))
+            },
+        );
         let ctx = minijinja::context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
@@ -237,26 +285,39 @@ impl ChatTemplate {
             documents => Value::from(()),
             strftime_now => strftime_now,
         };
-        let mut out = Capped {
-            out: Vec::new(),
-            cap,
-        };
-        match tmpl.render_captured_to(ctx, &mut out) {
-            Ok(_) => String::from_utf8(out.out).map_err(|_| {
-                Error::config("chat_template", "chat template: output is not valid UTF-8")
-            }),
-            Err(e) if e.kind() == ErrorKind::OutOfFuel => Err(Error::config(
-                "chat_template",
-                format!(
-                    "chat template: gave up after {TEMPLATE_FUEL} steps (a chat template needs \
-                     far fewer; this one loops too much, so it is refused)"
-                ),
-            )),
-            Err(e) if e.kind() == ErrorKind::WriteFailure => Err(Error::config(
+        let mut out = String::new();
+        let r = Vm::new(&env).eval(
+            &tmpl.instructions,
+            ctx,
+            &tmpl.blocks,
+            &mut make_string_output(&mut out),
+            AutoEscape::None,
+        );
+        let over_cap = || {
+            Error::config(
                 "chat_template",
                 format!(
                     "chat template: output exceeds {cap} bytes (1 MiB + 8 × the \
-                         conversation's text), so it is refused"
+                     conversation's text), so it is refused"
+                ),
+            )
+        };
+        match r {
+            Ok(_) if out.len() > cap => Err(over_cap()),
+            Ok(_) => Ok(out),
+            Err(e) if e.kind() == ErrorKind::OutOfFuel => Err(Error::config(
+                "chat_template",
+                format!(
+                    "chat template: gave up after {fuel} steps (a chat template needs \
+                     far fewer; this one loops too much, so it is refused)"
+                ),
+            )),
+            Err(e) if budget.tripped() => Err(Error::config(
+                "chat_template",
+                format!(
+                    "chat template: {}: it builds values larger than a chat template needs \
+                     (at most {cap} bytes each), so it is refused",
+                    e.detail().unwrap_or("too large")
                 ),
             )),
             Err(e) => Err(template_err(e)),
@@ -439,7 +500,7 @@ fn py_method(state: &State, value: &Value, method: &str, args: &[Value]) -> JRes
 
 /// `tojson` as transformers defines it: Python's `json.dumps(x, ensure_ascii=False,
 /// indent=indent, separators=separators, sort_keys=sort_keys)` (no HTML escaping).
-fn tojson(value: &Value, args: Kwargs) -> JResult {
+fn tojson(value: &Value, args: Kwargs, cap: usize) -> JResult {
     let indent: Option<usize> = args.get("indent")?;
     let sort_keys: Option<bool> = args.get("sort_keys")?;
     let ensure_ascii: Option<bool> = args.get("ensure_ascii")?;
@@ -465,6 +526,7 @@ fn tojson(value: &Value, args: Kwargs) -> JResult {
         ensure_ascii: ensure_ascii.unwrap_or(false),
         item_sep,
         key_sep,
+        cap,
     };
     let mut out = String::new();
     write_json(value, &opts, 0, &mut out)?;
@@ -477,6 +539,8 @@ struct JsonOpts {
     ensure_ascii: bool,
     item_sep: String,
     key_sep: String,
+    /// Most bytes the result may have.
+    cap: usize,
 }
 
 fn json_str(s: &str, ascii: bool, out: &mut String) {
@@ -502,11 +566,23 @@ fn json_str(s: &str, ascii: bool, out: &mut String) {
     out.push('"');
 }
 
-fn newline(o: &JsonOpts, level: usize, out: &mut String) {
+fn newline(
+    o: &JsonOpts,
+    level: usize,
+    out: &mut String,
+) -> std::result::Result<(), minijinja::Error> {
     if let Some(n) = o.indent {
+        let width = n.saturating_mul(level);
+        if out.len().saturating_add(width) > o.cap {
+            return Err(bad(format!(
+                "tojson: the result exceeds {} bytes (1 MiB + 8 × the conversation's text)",
+                o.cap
+            )));
+        }
         out.push('\n');
-        out.extend(std::iter::repeat_n(' ', n * level));
+        out.extend(std::iter::repeat_n(' ', width));
     }
+    Ok(())
 }
 
 fn write_json(
@@ -517,6 +593,12 @@ fn write_json(
 ) -> std::result::Result<(), minijinja::Error> {
     if level > 64 {
         return Err(bad("tojson: nesting too deep"));
+    }
+    if out.len() > o.cap {
+        return Err(bad(format!(
+            "tojson: the result exceeds {} bytes (1 MiB + 8 × the conversation's text)",
+            o.cap
+        )));
     }
     match v.kind() {
         ValueKind::Undefined | ValueKind::None => out.push_str("null"),
@@ -551,7 +633,7 @@ fn write_json(
                 if i > 0 {
                     out.push_str(&o.item_sep);
                 }
-                newline(o, level + 1, out);
+                newline(o, level + 1, out)?;
                 match k.as_str() {
                     Some(s) => json_str(s, o.ensure_ascii, out),
                     None => json_str(&k.to_string(), o.ensure_ascii, out),
@@ -559,7 +641,7 @@ fn write_json(
                 out.push_str(&o.key_sep);
                 write_json(&v.get_item(k)?, o, level + 1, out)?;
             }
-            newline(o, level, out);
+            newline(o, level, out)?;
             out.push('}');
         }
         ValueKind::Seq | ValueKind::Iterable => {
@@ -573,10 +655,10 @@ fn write_json(
                 if i > 0 {
                     out.push_str(&o.item_sep);
                 }
-                newline(o, level + 1, out);
+                newline(o, level + 1, out)?;
                 write_json(it, o, level + 1, out)?;
             }
-            newline(o, level, out);
+            newline(o, level, out)?;
             out.push(']');
         }
         _ => json_str(&v.to_string(), o.ensure_ascii, out),
