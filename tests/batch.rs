@@ -12,10 +12,12 @@ use ferroq::model::{BatchSeg, KvType, Logits, Model, MultiState, State};
 use std::path::PathBuf;
 use std::process::Command;
 
-fn convert(name: &str, quant: &str) -> PathBuf {
+/// Convert a fixture into a file of the calling test's own (`tag`): the tests run in parallel
+/// and each removes its files at the end.
+fn convert(name: &str, quant: &str, tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("ferroq-batchtest-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let out = dir.join(format!("{name}-{quant}.fqm"));
+    let out = dir.join(format!("{name}-{quant}-{tag}.fqm"));
     let st = Command::new(env!("CARGO_BIN_EXE_ferroq"))
         .arg("convert")
         .arg(support::fixture("models").join(name))
@@ -64,7 +66,7 @@ fn ids_of(s: usize, vocab: usize) -> Vec<u32> {
 }
 
 fn check(name: &str, quant: &str, kvs: &[KvType]) {
-    let path = convert(name, quant);
+    let path = convert(name, quant, "check");
     let model = Model::open(&path).unwrap();
     let v = model.config.vocab_size;
     let seqs: Vec<Vec<u32>> = (0..3).map(|s| ids_of(s, v)).collect();
@@ -138,7 +140,7 @@ fn batched_logits_equal_one_at_a_time_moe_chunked() {
 
 #[test]
 fn bad_segments_are_errors_and_change_nothing() {
-    let path = convert("llama3-tiny", "f32");
+    let path = convert("llama3-tiny", "f32", "bad");
     let model = Model::open(&path).unwrap();
     let mut ms = MultiState::new(&model, 2, 16, 8, 1, KvType::F32).unwrap();
     let seg = |seq, start, len| BatchSeg {
