@@ -4,7 +4,7 @@
 //! same order whatever the number of rows, and the attention of a segment does not depend on the
 //! others, so the logits are bit-identical (asserted exactly). Fixtures: llama3-tiny (dense)
 //! and llama4-scout-tiny (MoE, chunked attention with chunks of 8 that the segments cross),
-//! converted at f32 and q8, with f32, f16 and q8 KV caches.
+//! converted at f32, q8 and q4, with f32, f16, q8 and q4 KV caches.
 
 mod support;
 
@@ -12,10 +12,12 @@ use ferroq::model::{BatchSeg, KvType, Logits, Model, MultiState, State};
 use std::path::PathBuf;
 use std::process::Command;
 
-fn convert(name: &str, quant: &str) -> PathBuf {
+/// Convert a fixture into a file of the calling test's own (`tag`): the tests run in parallel
+/// and each removes its files at the end.
+fn convert(name: &str, quant: &str, tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("ferroq-batchtest-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let out = dir.join(format!("{name}-{quant}.fqm"));
+    let out = dir.join(format!("{name}-{quant}-{tag}.fqm"));
     let st = Command::new(env!("CARGO_BIN_EXE_ferroq"))
         .arg("convert")
         .arg(support::fixture("models").join(name))
@@ -64,7 +66,7 @@ fn ids_of(s: usize, vocab: usize) -> Vec<u32> {
 }
 
 fn check(name: &str, quant: &str, kvs: &[KvType]) {
-    let path = convert(name, quant);
+    let path = convert(name, quant, "check");
     let model = Model::open(&path).unwrap();
     let v = model.config.vocab_size;
     let seqs: Vec<Vec<u32>> = (0..3).map(|s| ids_of(s, v)).collect();
@@ -133,12 +135,12 @@ fn batched_logits_equal_one_at_a_time_dense() {
 #[test]
 fn batched_logits_equal_one_at_a_time_moe_chunked() {
     check("llama4-scout-tiny", "f32", &[KvType::F32, KvType::Q8]);
-    check("llama4-scout-tiny", "q4", &[KvType::F16]);
+    check("llama4-scout-tiny", "q4", &[KvType::F16, KvType::Q4]);
 }
 
 #[test]
 fn bad_segments_are_errors_and_change_nothing() {
-    let path = convert("llama3-tiny", "f32");
+    let path = convert("llama3-tiny", "f32", "bad");
     let model = Model::open(&path).unwrap();
     let mut ms = MultiState::new(&model, 2, 16, 8, 1, KvType::F32).unwrap();
     let seg = |seq, start, len| BatchSeg {

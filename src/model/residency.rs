@@ -226,6 +226,10 @@ pub trait Pager: Send + Sync {
     fn will_need(&self, r: Range);
     /// Drop the pages of `r` from this process and the page cache.
     fn drop_pages(&self, r: Range);
+    /// How many pages of `r` are in memory now (the page cache), where the system says.
+    fn resident_pages(&self, _r: Range) -> Option<usize> {
+        None
+    }
 }
 
 /// Experts under a memory budget: the policy behind a lock, the experts' file ranges, and the
@@ -324,6 +328,32 @@ impl Residency {
         drop(p);
         self.prepare_ns
             .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// Take the experts that are already in memory at open into the cache (a model run a moment
+    /// ago, a file just copied), instead of assuming none is: an expert with all its pages in
+    /// memory ([`Pager::resident_pages`]) counts as resident while the budget holds it,
+    /// spread over the layers (expert 0 of every layer, then expert 1, ...: no routing
+    /// statistics yet); the partly cached ones and those beyond the budget are dropped, so that
+    /// the cache's count matches what is in memory. Where residency cannot be asked, every
+    /// expert is dropped (a known start). Returns the experts taken.
+    pub fn adopt_resident(&mut self) -> usize {
+        let p = self.cache.get_mut().unwrap_or_else(|e| e.into_inner());
+        let n = self.n_experts.max(1);
+        let layers = self.ranges.len() / n;
+        let mut taken = 0;
+        for e in 0..n {
+            for layer in 0..layers {
+                let id = layer * n + e;
+                let r = self.ranges[id];
+                match self.pager.resident_pages(r) {
+                    Some(0) => {}
+                    Some(k) if k >= r.len / PAGE && p.cache.preload(layer, e) => taken += 1,
+                    _ => self.pager.drop_pages(r),
+                }
+            }
+        }
+        taken
     }
 
     /// [`Residency::prepare`] for decoder layer `li` (nothing for a dense layer).
@@ -533,6 +563,101 @@ mod tests {
         }
     }
 
+    /// A pager that says which pages are in memory: `resident[i]` pages of expert range `i`
+    /// (`None`: cannot be asked).
+    struct Cached {
+        log: std::sync::Arc<Log>,
+        resident: Option<Vec<usize>>,
+    }
+    impl Pager for Cached {
+        fn will_need(&self, r: Range) {
+            self.log.will_need(r)
+        }
+        fn drop_pages(&self, r: Range) {
+            self.log.drop_pages(r)
+        }
+        fn resident_pages(&self, r: Range) -> Option<usize> {
+            Some(self.resident.as_ref()?[r.offset / (2 * PAGE)])
+        }
+    }
+
+    /// 2 MoE layers × 2 experts of 2 pages each, room for 2 experts.
+    fn cached(resident: Option<Vec<usize>>) -> (Residency, std::sync::Arc<Log>) {
+        let log = std::sync::Arc::new(Log::default());
+        let ranges: Vec<Range> = (0..4)
+            .map(|i| Range::pages(i * 2 * PAGE, 2 * PAGE))
+            .collect();
+        let pager = Cached {
+            log: log.clone(),
+            resident,
+        };
+        let r = Residency::new(ranges, 2, 4 * PAGE as u64, 0, 0, Box::new(pager));
+        (r, log)
+    }
+
+    #[test]
+    fn experts_in_memory_at_open_are_resident() {
+        // all four fully cached: expert 0 of each layer is taken (spread over the layers),
+        // expert 1 of each dropped; then the taken ones hit without a read
+        let (mut r, log) = cached(Some(vec![2, 2, 2, 2]));
+        assert_eq!(r.adopt_resident(), 2);
+        let dropped: Vec<Range> = log.0.lock().unwrap().iter().map(|&(_, x)| x).collect();
+        assert_eq!(
+            dropped,
+            vec![
+                Range::pages(2 * PAGE, 2 * PAGE),
+                Range::pages(6 * PAGE, 2 * PAGE)
+            ]
+        );
+        assert_eq!(r.expert_bytes().0, 4 * PAGE as u64);
+        log.0.lock().unwrap().clear();
+        r.prepare(0, &[1, 0]);
+        r.prepare(1, &[1, 0]);
+        let s = r.stats();
+        assert_eq!((s.hits, s.misses), (2, 0));
+        assert!(log.0.lock().unwrap().is_empty(), "no read, no drop");
+
+        // one page of expert 1 cached: dropped (partly cached), expert 3 untouched (nothing
+        // cached), experts 0 and 2 taken
+        let (mut r, log) = cached(Some(vec![2, 1, 2, 0]));
+        assert_eq!(r.adopt_resident(), 2);
+        let l = log.0.lock().unwrap().clone();
+        assert_eq!(l, vec![(false, Range::pages(2 * PAGE, 2 * PAGE))]);
+
+        // residency cannot be asked: every expert dropped, none taken (the old known start)
+        let (mut r, log) = cached(None);
+        assert_eq!(r.adopt_resident(), 0);
+        assert_eq!(log.0.lock().unwrap().len(), 4);
+        assert_eq!(r.expert_bytes().0, 0);
+        r.prepare(0, &[1, 0]);
+        assert_eq!(r.stats().misses, 1);
+    }
+
+    #[test]
+    fn each_layer_keeps_its_hot_expert_under_budget() {
+        // 3 layers × 8 experts, room for 4: each layer uses its expert 0 every token and one
+        // of the others in turn; from the third token on the three hot experts never leave
+        // (and hit), the budget is kept at every step
+        let mut c = cache(3, 8, 100, 400);
+        let (mut load, mut evict) = (Vec::new(), Vec::new());
+        for t in 0..100 {
+            for layer in 0..3 {
+                let cold = 1 + (t * 3 + layer) % 7;
+                c.access(layer, &[0, cold], &mut load, &mut evict);
+                assert!(c.used() <= 400, "over budget: {}", c.used());
+                // (on the first tokens the counts tie: any expert may go)
+                assert!(
+                    t < 2 || !evict.iter().any(|&id| id % 8 == 0),
+                    "a hot expert evicted at {t}"
+                );
+            }
+        }
+        assert!((0..3).all(|l| c.is_resident(l, 0)));
+        let s = c.stats();
+        assert_eq!(s.hits + s.misses, 600);
+        assert!(s.hits >= 3 * 98, "{s:?}");
+    }
+
     #[test]
     fn residency_applies_the_plan() {
         let log = std::sync::Arc::new(Log::default());
@@ -652,6 +777,26 @@ impl Pager for MmapPager {
                 libc::MADV_WILLNEED,
             );
         }
+    }
+
+    #[cfg(unix)]
+    fn resident_pages(&self, r: Range) -> Option<usize> {
+        if !self.valid(r) || r.len == 0 {
+            return None;
+        }
+        let pages = r.len / PAGE;
+        // one byte per page; small (an expert is a few MiB: a few thousand pages), made at open
+        let mut vec = vec![0u8; pages];
+        // SAFETY: the range lies inside the live mapping and starts on a page (checked above);
+        // `vec` has one byte per page of it, which is what mincore writes.
+        let rc = unsafe {
+            libc::mincore(
+                (self.addr + r.offset) as *mut libc::c_void,
+                r.len,
+                vec.as_mut_ptr() as *mut _,
+            )
+        };
+        (rc == 0).then(|| vec.iter().filter(|&&b| b & 1 != 0).count())
     }
 
     fn drop_pages(&self, r: Range) {
@@ -808,10 +953,6 @@ impl Model {
                 pager.lock(r)?;
             }
         }
-        // a known start: no expert resident
-        for &r in &ranges {
-            pager.drop_pages(r);
-        }
         let n_experts = self.config.num_experts;
         let mut res = Residency::new(
             ranges,
@@ -822,6 +963,8 @@ impl Model {
             Box::new(pager),
         );
         res.slot_of = slot_of;
+        // the experts already in memory stay (a known start: the others are dropped)
+        res.adopt_resident();
         self.residency = Some(res);
         Ok(true)
     }
