@@ -310,6 +310,7 @@ fn prompt_cache(
     ids: &[u32],
     gen: &GenOptions,
 ) -> Result<ferroq::engine::Timings> {
+    let t0 = std::time::Instant::now();
     let loaded = if file.exists() {
         let n = session.load(file).map_err(|e| {
             Error::Input(format!(
@@ -320,6 +321,7 @@ fn prompt_cache(
     } else {
         None
     };
+    let load_ms = t0.elapsed().as_secs_f64() * 1e3;
     let same = loaded == Some(ids.len()) && session.cached() == ids;
     let only_prompt = GenOptions {
         max_tokens: 0,
@@ -330,12 +332,13 @@ fn prompt_cache(
         .timings;
     match loaded {
         Some(n) => eprintln!(
-            "ferroq: prompt cache {}: loaded {n} tokens, reused {} of the prompt's {} tokens \
-             ({} evaluated)",
+            "ferroq: prompt cache {}: loaded {n} tokens in {load_ms:.2} ms, reused {} of the \
+             prompt's {} tokens ({} evaluated in {:.2} ms)",
             file.display(),
             p.reused_tokens,
             ids.len(),
-            p.prompt_tokens
+            p.prompt_tokens,
+            p.prompt_ms
         ),
         None => eprintln!(
             "ferroq: prompt cache {}: not found; evaluating all {} prompt tokens",
