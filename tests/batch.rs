@@ -10,7 +10,6 @@ mod support;
 
 use ferroq::model::{BatchSeg, KvType, Logits, Model, MultiState, State};
 use std::path::PathBuf;
-use std::process::Command;
 
 /// Convert a fixture into a file of the calling test's own (`tag`): the tests run in parallel
 /// and each removes its files at the end.
@@ -18,20 +17,7 @@ fn convert(name: &str, quant: &str, tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("ferroq-batchtest-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let out = dir.join(format!("{name}-{quant}-{tag}.fqm"));
-    let st = Command::new(env!("CARGO_BIN_EXE_ferroq"))
-        .arg("convert")
-        .arg(support::fixture("models").join(name))
-        .arg("-o")
-        .arg(&out)
-        .args(["--quant", quant])
-        .output()
-        .unwrap();
-    assert!(
-        st.status.success(),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
-    );
-    out
+    support::convert(&support::fixture("models").join(name), &out, quant)
 }
 
 /// The steps of a schedule: per step, `(sequence, tokens, logits?)` segments. The three

@@ -261,27 +261,8 @@ fn tiny_model() -> PathBuf {
     if out.exists() {
         return out;
     }
-    let hf = dir.join("hf");
-    std::fs::create_dir_all(&hf).unwrap();
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(support::fixture("models/llama3-tiny").join(f), hf.join(f)).unwrap();
-    }
-    std::fs::write(
-        hf.join("tokenizer.json"),
-        support::trim_tokenizer(&support::read_gz("smollm2-tokenizer.json.gz"), 384),
-    )
-    .unwrap();
-    let st = Command::new(env!("CARGO_BIN_EXE_ferroq"))
-        .args(["convert", hf.to_str().unwrap(), "-o", out.to_str().unwrap()])
-        .args(["--quant", "q8"])
-        .output()
-        .unwrap();
-    assert!(
-        st.status.success(),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
-    );
-    out
+    let hf = support::hf_with_tokenizer(&dir.join("hf"), "llama3-tiny", 384);
+    support::convert(&hf, &out, "q8")
 }
 
 #[test]

@@ -24,20 +24,7 @@ fn convert_f32(name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     let k = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let out = dir.join(format!("{name}-{k}.fqm"));
-    let st = Command::new(env!("CARGO_BIN_EXE_ferroq"))
-        .arg("convert")
-        .arg(fixture_dir(name))
-        .arg("-o")
-        .arg(&out)
-        .args(["--quant", "f32"])
-        .output()
-        .unwrap();
-    assert!(
-        st.status.success(),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
-    );
-    out
+    support::convert(&fixture_dir(name), &out, "f32")
 }
 
 /// `input_ids` and `logits` of expected.safetensors.

@@ -2,9 +2,11 @@
 //! llama-perplexity way by `tests/fixtures/perplexity/gen.py` (transformers 5.24.0, float32),
 //! and the KL-divergence file round trip through the CLI.
 
+mod support;
+
 use ferroq::model::{KvType, Model};
 use ferroq::perplexity::{perplexity, ChunkPlan, RunOptions};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 /// (fixture, PPL, ± of the final estimate) from gen.py: chunks of 16, 4 chunks, BOS = 1.
@@ -32,25 +34,7 @@ fn tmp(tag: &str) -> PathBuf {
 
 fn convert(name: &str, quant: &str) -> PathBuf {
     let out = tmp(&format!("{name}-{quant}.fqm"));
-    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/models")
-        .join(name);
-    let st = Command::new(env!("CARGO_BIN_EXE_ferroq"))
-        .args([
-            "convert",
-            src.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-        ])
-        .args(["--quant", quant])
-        .output()
-        .unwrap();
-    assert!(
-        st.status.success(),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
-    );
-    out
+    support::convert(&support::fixture("models").join(name), &out, quant)
 }
 
 #[test]

@@ -9,7 +9,6 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 
 use ferroq::engine::{Engine, GenOptions, Session, SessionOptions};
@@ -30,27 +29,8 @@ fn model(name: &str, vocab: u64) -> PathBuf {
     if out.exists() {
         return out;
     }
-    let hf = dir().join(name);
-    std::fs::create_dir_all(&hf).unwrap();
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(support::fixture("models").join(name).join(f), hf.join(f)).unwrap();
-    }
-    std::fs::write(
-        hf.join("tokenizer.json"),
-        support::trim_tokenizer(&support::read_gz("smollm2-tokenizer.json.gz"), vocab),
-    )
-    .unwrap();
-    let st = Command::new(env!("CARGO_BIN_EXE_ferroq"))
-        .args(["convert", hf.to_str().unwrap(), "-o", out.to_str().unwrap()])
-        .args(["--quant", "q8"])
-        .output()
-        .unwrap();
-    assert!(
-        st.status.success(),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
-    );
-    out
+    let hf = support::hf_with_tokenizer(&dir().join(name), name, vocab);
+    support::convert(&hf, &out, "q8")
 }
 
 fn opts(ctx: usize, kv: KvType) -> SessionOptions {

@@ -227,6 +227,40 @@ pub fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// `ferroq convert SRC -o OUT --quant QUANT`, asserting success (stderr in the message).
+pub fn convert(src: &Path, out: &Path, quant: &str) -> PathBuf {
+    let st = std::process::Command::new(env!("CARGO_BIN_EXE_ferroq"))
+        .arg("convert")
+        .arg(src)
+        .arg("-o")
+        .arg(out)
+        .args(["--quant", quant])
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "convert {}: {}",
+        src.display(),
+        String::from_utf8_lossy(&st.stderr)
+    );
+    out.to_path_buf()
+}
+
+/// A Hugging Face directory `dir` with the fixture model `models/NAME` (config and weights)
+/// and the SmolLM2 tokenizer cut to its `vocab` ids (random weights that can be chatted with).
+pub fn hf_with_tokenizer(dir: &Path, name: &str, vocab: u64) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture("models").join(name).join(f), dir.join(f)).unwrap();
+    }
+    std::fs::write(
+        dir.join("tokenizer.json"),
+        trim_tokenizer(&read_gz("smollm2-tokenizer.json.gz"), vocab),
+    )
+    .unwrap();
+    dir.to_path_buf()
+}
+
 /// A `tokenizer.json` cut down to the ids below `n` (vocabulary, merges among kept tokens,
 /// added tokens), so that it fits a tiny model's vocabulary (the converter refuses a
 /// tokenizer with more ids than the model has embedding rows).
