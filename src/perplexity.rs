@@ -526,7 +526,62 @@ pub fn run_chunks(
     opt: &RunOptions,
     mut each: impl FnMut(usize, &[u32], &[f32]) -> Result<()>,
 ) -> Result<()> {
-    let (n_ctx, first, v) = (plan.n_ctx, plan.first(), model.config.vocab_size);
+    let (first, v) = (plan.first(), model.config.vocab_size);
+    let rows = plan.scored();
+    let mut logits = Vec::new();
+    logits
+        .try_reserve_exact(rows * v)
+        .map_err(|_| Error::Input(format!("cannot allocate {rows} × {v} logits")))?;
+    logits.resize(rows * v, 0f32);
+    for_each_batch(model, tokens, plan, opt, |st, b| {
+        let p1 = b.p0 + b.input.len();
+        // positions first .. n_ctx - 2 are scored; batches wholly before them need no logits
+        let want = if p1 <= first {
+            Logits::None
+        } else {
+            Logits::All
+        };
+        model.forward(st, b.input, want)?;
+        if want == Logits::All {
+            let out = st.logits();
+            for p in b.p0.max(first)..p1.min(first + rows) {
+                let r = p - first;
+                logits[r * v..(r + 1) * v]
+                    .copy_from_slice(&out[(p - b.p0) * v..(p - b.p0 + 1) * v]);
+            }
+        }
+        if b.last {
+            each(b.chunk, b.tokens, &logits)?;
+        }
+        Ok(())
+    })
+}
+
+/// One forward batch of a chunk, as [`for_each_batch`] hands them out.
+pub struct Batch<'a> {
+    /// Index of the chunk.
+    pub chunk: usize,
+    /// The chunk's tokens (as in the text: the first is not replaced by the BOS).
+    pub tokens: &'a [u32],
+    /// Position of the batch's first token in the chunk.
+    pub p0: usize,
+    /// The batch's input ids (the chunk's first one replaced by `opt.bos`).
+    pub input: &'a [u32],
+    /// Whether this batch ends the chunk.
+    pub last: bool,
+}
+
+/// Feed the chunks of `plan` to `step` in batches of `opt.batch` tokens, as llama-perplexity
+/// does: each chunk from an empty cache, its first token replaced by `opt.bos`. `step` runs
+/// the forward pass of the batch on the state it is given (with the logits and probe it needs).
+pub fn for_each_batch(
+    model: &Model,
+    tokens: &[u32],
+    plan: &ChunkPlan,
+    opt: &RunOptions,
+    mut step: impl FnMut(&mut State, Batch<'_>) -> Result<()>,
+) -> Result<()> {
+    let n_ctx = plan.n_ctx;
     if tokens.len() < plan.n_chunk * n_ctx {
         return Err(Error::Input(format!(
             "{} tokens are fewer than {} chunks of {n_ctx}",
@@ -536,12 +591,6 @@ pub fn run_chunks(
     }
     let batch = opt.batch.clamp(1, n_ctx);
     let mut st = State::try_with_kv(model, n_ctx, batch, true, opt.threads, opt.kv)?;
-    let rows = plan.scored();
-    let mut logits = Vec::new();
-    logits
-        .try_reserve_exact(rows * v)
-        .map_err(|_| Error::Input(format!("cannot allocate {rows} × {v} logits")))?;
-    logits.resize(rows * v, 0f32);
     let mut input = vec![0u32; batch];
     for c in 0..plan.n_chunk {
         let chunk = &tokens[c * n_ctx..(c + 1) * n_ctx];
@@ -556,24 +605,16 @@ pub fn run_chunks(
                     inp[0] = b;
                 }
             }
-            // positions first .. n_ctx - 2 are scored; batches wholly before them need no logits
-            let want = if p1 <= first {
-                Logits::None
-            } else {
-                Logits::All
+            let b = Batch {
+                chunk: c,
+                tokens: chunk,
+                p0,
+                input: inp,
+                last: p1 == n_ctx,
             };
-            model.forward(&mut st, inp, want)?;
-            if want == Logits::All {
-                let out = st.logits();
-                for p in p0.max(first)..p1.min(first + rows) {
-                    let r = p - first;
-                    logits[r * v..(r + 1) * v]
-                        .copy_from_slice(&out[(p - p0) * v..(p - p0 + 1) * v]);
-                }
-            }
+            step(&mut st, b)?;
             p0 = p1;
         }
-        each(c, chunk, &logits)?;
     }
     Ok(())
 }

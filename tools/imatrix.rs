@@ -31,8 +31,8 @@
 use crate::format::xxh64;
 use crate::model::probe::{Input, Point, Probe};
 use crate::model::tensors::{LayerTensor, Proj, TensorKey};
-use crate::model::{tensor_table, Logits, Model, ModelConfig, State};
-use crate::perplexity::{nll, ChunkPlan, NllStats, RunOptions};
+use crate::model::{tensor_table, Logits, Model, ModelConfig};
+use crate::perplexity::{for_each_batch, nll, ChunkPlan, NllStats, RunOptions};
 use crate::{Error, Result};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -458,42 +458,22 @@ pub fn collect(
     mut progress: impl FnMut(usize, f64),
 ) -> Result<Imatrix> {
     let (n_ctx, first, v) = (plan.n_ctx, plan.first(), model.config.vocab_size);
-    if tokens.len() < plan.n_chunk * n_ctx {
-        return Err(Error::Input(format!(
-            "{} tokens are fewer than {} chunks of {n_ctx}",
-            tokens.len(),
-            plan.n_chunk
-        )));
-    }
-    let batch = opt.batch.clamp(1, n_ctx);
-    let mut st = State::try_with_kv(model, n_ctx, batch, true, opt.threads, opt.kv)?;
     let mut col = Collector::new(&model.config);
     let mut s = NllStats::default();
-    let mut input = vec![0u32; batch];
-    for c in 0..plan.n_chunk {
-        let chunk = &tokens[c * n_ctx..(c + 1) * n_ctx];
-        st.truncate(0);
-        let mut p0 = 0;
-        while p0 < n_ctx {
-            let p1 = (p0 + batch).min(n_ctx);
-            let inp = &mut input[..p1 - p0];
-            inp.copy_from_slice(&chunk[p0..p1]);
-            if p0 == 0 {
-                if let Some(b) = opt.bos {
-                    inp[0] = b;
-                }
-            }
-            // all logits: the output projection's input is observed for every row
-            model.forward_probed(&mut st, inp, Logits::All, Some(&mut col))?;
-            let out = st.logits();
-            for p in p0.max(first)..p1.min(n_ctx - 1) {
-                let r = p - p0;
-                s.add(nll(&out[r * v..(r + 1) * v], chunk[p + 1] as usize));
-            }
-            p0 = p1;
+    for_each_batch(model, tokens, plan, opt, |st, b| {
+        // all logits: the output projection's input is observed for every row
+        model.forward_probed(st, b.input, Logits::All, Some(&mut col))?;
+        let out = st.logits();
+        let p1 = b.p0 + b.input.len();
+        for p in b.p0.max(first)..p1.min(n_ctx - 1) {
+            let r = p - b.p0;
+            s.add(nll(&out[r * v..(r + 1) * v], b.tokens[p + 1] as usize));
         }
-        progress(c, s.ppl());
-    }
+        if b.last {
+            progress(b.chunk, s.ppl());
+        }
+        Ok(())
+    })?;
     let mut im = col.finish(&model.config);
     im.n_chunks = plan.n_chunk as u32;
     im.n_ctx = n_ctx as u32;
