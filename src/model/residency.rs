@@ -73,7 +73,11 @@ struct Slot {
 /// resident experts stay within `budget` bytes. Experts are numbered `layer * n_experts + e`
 /// (`layer` counts MoE layers). The score of an expert is its use count decayed by half every
 /// `half_life` ticks (one tick per [`ExpertCache::access`], i.e. per MoE layer and forward
-/// call); the resident expert with the lowest score goes first; the experts of the current
+/// call); the resident expert with the lowest score goes first, the score weighed down by up to
+/// half the more layers run before the expert's layer comes again (layers run in order: an
+/// expert of the layer that just ran is needed again last, so when uses about tie, as in a
+/// prefill batch that touches every expert, the cache keeps the experts of the layers coming
+/// next instead of cycling through all of them with no hit); the experts of the current
 /// access are never dropped.
 #[derive(Clone, Debug)]
 pub struct ExpertCache {
@@ -179,14 +183,22 @@ impl ExpertCache {
                 load.push(id);
             }
         }
-        // drop the coldest resident experts (not the ones of this access) while over budget
+        // drop the resident experts (not the ones of this access) that are worth least while
+        // over budget: the use score, weighed down (by up to half) the more layers must run
+        // before the expert's layer comes again (layers run in order, every token or batch),
+        // so that of two about equally used experts the one of the layer that just ran (needed
+        // again last) goes first, while a clearly more used expert still stays
+        let layers = (self.slots.len() / self.n_experts).max(1);
+        let cur = layer % layers;
         while self.used > self.budget {
             let mut victim: Option<(usize, f64)> = None;
             for (id, s) in self.slots.iter().enumerate() {
                 if !s.resident || s.last == self.tick {
                     continue;
                 }
-                let sc = self.score(s);
+                // layers until this expert's layer runs again: 1 (the next) ..= layers (this one)
+                let dist = (id / self.n_experts % layers + layers - cur - 1) % layers + 1;
+                let sc = self.score(s) * (1.0 - 0.5 * (dist - 1) as f64 / layers as f64);
                 if victim.is_none_or(|(_, b)| sc < b) {
                     victim = Some((id, sc));
                 }
@@ -230,6 +242,9 @@ pub trait Pager: Send + Sync {
     fn resident_pages(&self, _r: Range) -> Option<usize> {
         None
     }
+    /// Pages of `r` are read in by [`Pager::will_need`] or one at a time: a page fault there
+    /// reads only that page, not the kernel's read-around window (`madvise(RANDOM)`).
+    fn no_read_around(&self, _r: Range) {}
 }
 
 /// Experts under a memory budget: the policy behind a lock, the experts' file ranges, and the
@@ -659,6 +674,43 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_touching_every_expert_still_hits() {
+        // prefill: every batch runs all 4 experts of each of 4 layers, in layer order; room for
+        // 8 of the 16. Dropping the least recently used would miss all 16 every batch (each
+        // layer's experts are gone when it comes again); keeping the layers that come next
+        // keeps a layer's worth resident across batches
+        let mut c = cache(4, 4, 100, 800);
+        let (mut load, mut evict) = (Vec::new(), Vec::new());
+        let all = [0, 1, 2, 3];
+        for batch in 0..20 {
+            let before = c.stats();
+            for layer in 0..4 {
+                c.access(layer, &all, &mut load, &mut evict);
+                assert!(c.used() <= 800, "over budget: {}", c.used());
+            }
+            let s = c.stats().since(&before);
+            assert_eq!(s.hits + s.misses, 16);
+            if batch > 0 {
+                assert!(s.hits >= 4, "batch {batch}: {s:?}");
+            }
+        }
+        // two experts per layer, both used every time, room for half of them: still hits (the
+        // least recently used order would never hit)
+        let mut c = cache(4, 2, 100, 400);
+        for t in 0..50 {
+            for layer in 0..4 {
+                c.access(layer, &[0, 1], &mut load, &mut evict);
+            }
+            let s = c.stats();
+            if t == 49 {
+                assert!(s.hits >= 2 * 48, "{s:?}");
+            }
+        }
+        // a layer number past the last does not panic
+        c.access(9, &[0], &mut load, &mut evict);
+    }
+
+    #[test]
     fn residency_applies_the_plan() {
         let log = std::sync::Arc::new(Log::default());
         let ranges: Vec<Range> = (0..4).map(|i| Range::pages(i * PAGE, PAGE)).collect();
@@ -775,6 +827,22 @@ impl Pager for MmapPager {
                 (self.addr + r.offset) as *mut libc::c_void,
                 r.len,
                 libc::MADV_WILLNEED,
+            );
+        }
+    }
+
+    fn no_read_around(&self, r: Range) {
+        if !self.valid(r) {
+            return;
+        }
+        #[cfg(unix)]
+        // SAFETY: advisory only, on a range inside the live mapping (checked above); it changes
+        // how page faults there read the file, not what the pages hold.
+        unsafe {
+            libc::madvise(
+                (self.addr + r.offset) as *mut libc::c_void,
+                r.len,
+                libc::MADV_RANDOM,
             );
         }
     }
@@ -931,6 +999,17 @@ impl Model {
         let file =
             std::fs::File::open(self.file.path()).map_err(|e| Error::io(self.file.path(), e))?;
         let pager = MmapPager::new(pageable(&self.file), file);
+        // No read-around where pages come one by one or by our own requests: a fault in the
+        // embedding table (a row per token) would otherwise read the kernel's whole window
+        // (`read_ahead_kb`, 8 MiB on some disks: 8 MiB per new token, none of it accounted,
+        // pushing the cgroup to its limit and the kernel to evict), and one in an expert would
+        // read its neighbours. The experts are read whole by `will_need`.
+        if !self.config.tie_word_embeddings {
+            pager.no_read_around(Range::pages(emb.offset, emb.nbytes));
+        }
+        for &r in &ranges {
+            pager.no_read_around(r);
+        }
         // the dense part: every tensor outside the experts and the embedding table
         let mut is_expert = vec![false; self.file.tensors().len()];
         for lw in &self.layers {
