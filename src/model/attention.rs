@@ -184,6 +184,45 @@ pub fn attend(
     n: usize,
     out: &mut [f32],
 ) {
+    let job = AttnJob {
+        kvl,
+        base,
+        tok0: 0,
+        pos0,
+        n,
+    };
+    attend_jobs(kern, par, shape, 1, &|_| job, qb, n, out);
+}
+
+/// One stretch of a batch for [`attend_jobs`]: query and output rows `tok0 .. tok0 + n` of the
+/// batch, at positions `pos0 .. pos0 + n`, against `kvl` (position `j` at row `j - base`), as
+/// in [`attend`].
+#[derive(Clone, Copy)]
+pub struct AttnJob<'a> {
+    pub kvl: KvLayer<'a>,
+    pub base: usize,
+    pub tok0: usize,
+    pub pos0: usize,
+    pub n: usize,
+}
+
+/// [`attend`] for `n_jobs` stretches at once, `job(i)` the `i`-th (rows in increasing order,
+/// disjoint): the runs of a batched step, each against its own sequence's cache, in one pool
+/// round instead of one (too small to be worth a round) per run. Each job is cut into tasks as
+/// [`attend`] cuts it and each output row is computed by one task in a fixed order, so the
+/// result equals [`attend`] per job, bit for bit, at any thread count. `qb` and `out` hold the
+/// `n_tok` rows of the whole batch.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_jobs<'c>(
+    kern: &Kernels,
+    par: &Par,
+    shape: AttnShape,
+    n_jobs: usize,
+    job: &(dyn Fn(usize) -> AttnJob<'c> + Sync),
+    qb: &[f32],
+    n_tok: usize,
+    out: &mut [f32],
+) {
     let AttnShape {
         n_heads: nh,
         n_kv: nkv,
@@ -194,11 +233,12 @@ pub fn attend(
     let scale = 1.0 / (d as f32).sqrt();
     let rep = nh / nkv;
     let q4 = Q4Layout::new(nkv, d);
-    // the 4-bit cache stores rotated keys and values (`scalar::kv_q4_rotate`)
-    let rotated = matches!(kvl, KvLayer::Q4(..));
-    let group = |mut tile: Tile, thread: usize| {
+    let group = |jb: &AttnJob, mut tile: Tile, thread: usize| {
+        let (kvl, base) = (jb.kvl, jb.base);
+        // the 4-bit cache stores rotated keys and values (`scalar::kv_q4_rotate`)
+        let rotated = matches!(kvl, KvLayer::Q4(..));
         let (t, kh) = (tile.toks().start, tile.rows().start / (rep * d));
-        let p = pos0 + t;
+        let p = jb.pos0 + (t - jb.tok0);
         let start = chunk.map_or(0, |cs| (p / cs) * cs);
         let mut scratch = par.scratch[thread]
             .lock()
@@ -272,7 +312,10 @@ pub fn attend(
     // major, head minor) share each K/V tile, converted to f32 once (keys transposed so
     // the score kernel needs no horizontal sums). A row sees keys chunk_start(p)..=p;
     // the tile's keys outside that range are left out of its softmax and value sum.
-    let block = |mut tile: Tile, thread: usize| {
+    let block = |jb: &AttnJob, mut tile: Tile, thread: usize| {
+        let (kvl, base) = (jb.kvl, jb.base);
+        // the 4-bit cache stores rotated keys and values (`scalar::kv_q4_rotate`)
+        let rotated = matches!(kvl, KvLayer::Q4(..));
         let (toks, kh) = (tile.toks(), tile.rows().start / (rep * d));
         let (t0, nt) = (toks.start, toks.len());
         let rr = nt * rep;
@@ -299,7 +342,8 @@ pub fn attend(
             (ml[2 * r], ml[2 * r + 1]) = (f32::NEG_INFINITY, 0.0);
         }
         let chunk_start = |p: usize| chunk.map_or(0, |cs| (p / cs) * cs);
-        let (first, last) = (pos0 + t0, pos0 + t0 + nt - 1);
+        let first = jb.pos0 + (t0 - jb.tok0);
+        let last = first + nt - 1;
         let mut j0 = chunk_start(first);
         while j0 <= last {
             let nk = (last + 1 - j0).min(ATT_TILE);
@@ -389,32 +433,59 @@ pub fn attend(
             }
         }
     };
-    let tb = if n >= ATT_MIN_BLOCK_TOKENS {
-        ATT_TOK_BLOCK
-    } else {
-        1
-    };
-    let task = |tile: Tile, thread: usize| {
-        if tb > 1 {
-            block(tile, thread)
+    // the tasks of a job: (KV head, block of `tb` tokens), head-major as `run_tiles` numbers
+    // them; prefill calls use token blocks, decode one token per task
+    let tb_of = |n: usize| {
+        if n >= ATT_MIN_BLOCK_TOKENS {
+            ATT_TOK_BLOCK
         } else {
-            group(tile, thread)
+            1
         }
     };
-    // the work of this call, in multiply-adds; small calls (decode at short context)
-    // are not worth a pool round. The tasks are the same either way.
-    let work = n * (pos0 + n) * qd;
-    match par.pool {
-        Some(pool) if work >= MIN_PARALLEL_ATTN => pool.run_tiles(out, n, qd, rep * d, tb, &task),
-        _ => {
-            let out = crate::pool::SharedOut::new(out, n, qd);
-            for t0 in (0..n).step_by(tb) {
-                for kh in 0..nkv {
-                    let rows = kh * rep * d..(kh + 1) * rep * d;
-                    // SAFETY: one tile at a time, dropped before the next is made.
-                    task(unsafe { out.tile(rows, t0..(t0 + tb).min(n)) }, 0);
-                }
+    let tasks_of = |jb: &AttnJob| jb.n.div_ceil(tb_of(jb.n)) * nkv;
+    let (mut n_tasks, mut work, mut end) = (0, 0, 0);
+    for i in 0..n_jobs {
+        let jb = job(i);
+        assert!(
+            jb.tok0 >= end && jb.tok0 + jb.n <= n_tok,
+            "attend_jobs: job rows must be disjoint, in order and inside the batch"
+        );
+        end = jb.tok0 + jb.n;
+        n_tasks += tasks_of(&jb);
+        // the work in multiply-adds; small calls (decode at short context) are not worth a
+        // pool round. The tasks are the same either way.
+        work += jb.n * (jb.pos0 + jb.n) * qd;
+    }
+    let out = crate::pool::SharedOut::new(out, n_tok, qd);
+    let task = |mut k: usize, thread: usize| {
+        let mut i = 0;
+        let jb = loop {
+            let jb = job(i);
+            let c = tasks_of(&jb);
+            if k < c {
+                break jb;
             }
+            k -= c;
+            i += 1;
+        };
+        let tb = tb_of(jb.n);
+        let n_tb = jb.n.div_ceil(tb);
+        let (kh, bi) = (k / n_tb, k % n_tb);
+        let rows = kh * rep * d..(kh + 1) * rep * d;
+        let toks = jb.tok0 + bi * tb..jb.tok0 + ((bi + 1) * tb).min(jb.n);
+        // SAFETY: every task index is run exactly once (by `pool.run` or the loop below),
+        // and distinct indices give disjoint tiles: the jobs' rows are disjoint (asserted
+        // above) and within a job (KV head, token block) partitions its rows × features. The
+        // tile does not outlive this call.
+        let tile = unsafe { out.tile(rows, toks) };
+        if tb > 1 {
+            block(&jb, tile, thread)
+        } else {
+            group(&jb, tile, thread)
         }
+    };
+    match par.pool {
+        Some(pool) if work >= MIN_PARALLEL_ATTN => pool.run(n_tasks, &task),
+        _ => (0..n_tasks).for_each(|k| task(k, 0)),
     }
 }

@@ -179,6 +179,16 @@ impl Model {
             let qkv = [&mut st.q[..], &mut st.k[..], &mut st.v[..]];
             ops::matmul_n(kern, &par, [wq, wk, wv], [qd, kvd, kvd], &a, qkv);
             let shape = AttnShape::of(c, spec);
+            // several runs whose positions each fit the layer's cache at once (a batched decode
+            // step): append them all, then attend them all in one pool round
+            let one_stretch = |r: &Run| {
+                let kv = match caches.as_deref() {
+                    Some(caches) => &caches[r.seq],
+                    None => &st.kv,
+                };
+                kv.segment_end(li, r.pos0, r.pos0 + r.len) == r.pos0 + r.len
+            };
+            let batched = runs.len() > 1 && runs.iter().all(one_stretch);
             for r in runs {
                 let (a, m, pos0) = (r.start, r.len, r.pos0);
                 let (cos, sin) = (&st.cos[a * half..], &st.sin[a * half..]);
@@ -195,12 +205,33 @@ impl Model {
                     let s1 = kv.segment_end(li, pos0 + s0, pos0 + m) - pos0;
                     let (k, v) = (&st.k[(a + s0) * kvd..], &st.v[(a + s0) * kvd..]);
                     kv.append(&par, li, pos0 + s0, s1 - s0, k, v);
-                    let (kvl, base) = (kv.layer(li), kv.base(li, pos0 + s0));
-                    let q = &st.q[(a + s0) * qd..];
-                    let att = &mut st.att[(a + s0) * qd..(a + s1) * qd];
-                    attention::attend(kern, &par, shape, kvl, base, q, pos0 + s0, s1 - s0, att);
+                    if !batched {
+                        let (kvl, base) = (kv.layer(li), kv.base(li, pos0 + s0));
+                        let q = &st.q[(a + s0) * qd..];
+                        let att = &mut st.att[(a + s0) * qd..(a + s1) * qd];
+                        attention::attend(kern, &par, shape, kvl, base, q, pos0 + s0, s1 - s0, att);
+                    }
                     s0 = s1;
                 }
+            }
+            if batched {
+                let (caches, st_kv) = (caches.as_deref(), &st.kv);
+                let job = |i: usize| {
+                    let r = &runs[i];
+                    let kv = match caches {
+                        Some(caches) => &caches[r.seq],
+                        None => st_kv,
+                    };
+                    attention::AttnJob {
+                        kvl: kv.layer(li),
+                        base: kv.base(li, r.pos0),
+                        tok0: r.start,
+                        pos0: r.pos0,
+                        n: r.len,
+                    }
+                };
+                let (q, att) = (&st.q[..], &mut st.att[..n * qd]);
+                attention::attend_jobs(kern, &par, shape, runs.len(), &job, q, n, att);
             }
             see(pr, li, Point::MatInput(Input::Wo), &st.att[..n * qd]);
             let wo = self.mat(lw.wo);
