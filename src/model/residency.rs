@@ -14,6 +14,9 @@
 //!   frequency score (per-expert use counts decayed with a half-life, so frequency and recency
 //!   both count) with `madvise(DONTNEED)` + `posix_fadvise(DONTNEED)`, which drops its pages
 //!   from the page cache: the kernel never has to choose, so it never evicts the dense part.
+//!   The drops run on a worker thread ([`BackgroundDrops`]), the reads on the caller;
+//! - page faults in the embedding table and the experts read only the faulting page
+//!   (`madvise(RANDOM)`): no read-around window of pages nobody accounted for.
 //!
 //! Without a budget (the model fits) nothing here runs: the mapping behaves as before.
 
@@ -710,6 +713,51 @@ mod tests {
         c.access(9, &[0], &mut load, &mut evict);
     }
 
+    /// Logs like [`Log`]; a drop of the range at offset 0 waits until `go` says.
+    struct Gate {
+        log: std::sync::Arc<Log>,
+        go: Mutex<std::sync::mpsc::Receiver<()>>,
+    }
+    impl Pager for Gate {
+        fn will_need(&self, r: Range) {
+            self.log.will_need(r)
+        }
+        fn drop_pages(&self, r: Range) {
+            if r.offset == 0 {
+                let _ = self.go.lock().unwrap().recv();
+            }
+            self.log.drop_pages(r)
+        }
+    }
+
+    #[test]
+    fn background_drops_run_in_order_and_a_read_cancels_a_queued_drop() {
+        let log = std::sync::Arc::new(Log::default());
+        let (go, rx) = std::sync::mpsc::channel();
+        let gate = Gate {
+            log: log.clone(),
+            go: Mutex::new(rx),
+        };
+        let (a, b, c) = (
+            Range::pages(0, PAGE),
+            Range::pages(PAGE, PAGE),
+            Range::pages(2 * PAGE, PAGE),
+        );
+        {
+            let p = BackgroundDrops::new(std::sync::Arc::new(gate));
+            p.drop_pages(a); // the worker waits in this one
+            p.drop_pages(b);
+            p.drop_pages(c);
+            p.will_need(b); // asked in again before its drop ran: the drop is cancelled
+            assert_eq!(log.0.lock().unwrap().clone(), vec![(true, b)]);
+            go.send(()).unwrap();
+        } // dropping the pager waits for the queue
+        assert_eq!(
+            log.0.lock().unwrap().clone(),
+            vec![(true, b), (false, a), (false, c)]
+        );
+    }
+
     #[test]
     fn residency_applies_the_plan() {
         let log = std::sync::Arc::new(Log::default());
@@ -901,6 +949,97 @@ impl Pager for MmapPager {
     }
 }
 
+/// A pager whose drops run on a worker thread: the forward pass does not wait while the kernel
+/// unmaps and invalidates evicted experts (reads stay on the caller: they are needed at once,
+/// and a read asked of the kernel late would turn into one page fault per page). A drop still
+/// queued when its range is asked in again is cancelled, so a range asked for is never dropped
+/// behind the caller's back. Drops of a dropped pager's queue finish before it is gone.
+pub struct BackgroundDrops {
+    inner: std::sync::Arc<dyn Pager>,
+    /// Ranges (by offset) whose drop is queued and not cancelled.
+    pending: std::sync::Arc<Mutex<std::collections::HashSet<usize>>>,
+    tx: Mutex<Option<std::sync::mpsc::Sender<Range>>>,
+    worker: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl BackgroundDrops {
+    /// Wrap `inner`; where no thread can be started, drops run on the caller.
+    pub fn new(inner: std::sync::Arc<dyn Pager>) -> BackgroundDrops {
+        let pending = std::sync::Arc::new(Mutex::new(std::collections::HashSet::new()));
+        let (tx, rx) = std::sync::mpsc::channel::<Range>();
+        let (p, i) = (pending.clone(), inner.clone());
+        let worker = std::thread::Builder::new()
+            .name("ferroq-pager".into())
+            .spawn(move || {
+                for r in rx {
+                    let still = p
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&r.offset);
+                    if still {
+                        i.drop_pages(r);
+                    }
+                }
+            })
+            .ok();
+        let tx = worker.as_ref().map(|_| tx);
+        BackgroundDrops {
+            inner,
+            pending,
+            tx: Mutex::new(tx),
+            worker: Mutex::new(worker),
+        }
+    }
+}
+
+impl Pager for BackgroundDrops {
+    fn will_need(&self, r: Range) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&r.offset);
+        self.inner.will_need(r)
+    }
+    fn drop_pages(&self, r: Range) {
+        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tx) = tx.as_ref() {
+            self.pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(r.offset);
+            if tx.send(r).is_ok() {
+                return;
+            }
+            self.pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&r.offset);
+        }
+        self.inner.drop_pages(r)
+    }
+    fn resident_pages(&self, r: Range) -> Option<usize> {
+        self.inner.resident_pages(r)
+    }
+    fn no_read_around(&self, r: Range) {
+        self.inner.no_read_around(r)
+    }
+}
+
+impl Drop for BackgroundDrops {
+    fn drop(&mut self) {
+        // closing the channel ends the worker once it has applied the queued drops
+        self.tx.get_mut().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(w) = self
+            .worker
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            let _ = w.join();
+        }
+    }
+}
+
 /// How [`Model::enable_paging`] sets up residency.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PagingOptions {
@@ -1033,14 +1172,8 @@ impl Model {
             }
         }
         let n_experts = self.config.num_experts;
-        let mut res = Residency::new(
-            ranges,
-            n_experts,
-            budget - dense - m,
-            dense,
-            budget,
-            Box::new(pager),
-        );
+        let pager: Box<dyn Pager> = Box::new(BackgroundDrops::new(std::sync::Arc::new(pager)));
+        let mut res = Residency::new(ranges, n_experts, budget - dense - m, dense, budget, pager);
         res.slot_of = slot_of;
         // the experts already in memory stay (a known start: the others are dropped)
         res.adopt_resident();
