@@ -62,6 +62,20 @@ impl<B: Q4Block> Tile<B> for Avx512Vnni {
         unsafe { q4_tile::<B, NY>(w, x, out) }
     }
 
+    #[inline]
+    fn tile1x2(
+        self,
+        w0: &[B],
+        w1: &[B],
+        x: &[BlockQ8A],
+        out0: &mut [f32; ROWS],
+        out1: &mut [f32; ROWS],
+    ) {
+        assert!(w0.len() == w1.len() && x.len() >= w0.len());
+        // SAFETY: `self` proves the features (Avx512Vnni::detect); x holds w0.len() blocks.
+        unsafe { q4_tile1x2::<B>(w0, w1, x, out0, out1) }
+    }
+
     #[inline(always)]
     fn silu_mul<const NY: usize>(self, g: &mut [[f32; ROWS]; NY], u: &[[f32; ROWS]; NY]) {
         // SAFETY: `self` proves AVX2 + FMA (a subset of this tier's features).
@@ -71,7 +85,7 @@ impl<B: Q4Block> Tile<B> for Avx512Vnni {
 
 /// `Tile<$block>` from the tile function `$tile` of a block type without levels.
 macro_rules! vnni_tile {
-    ($block:ty, $tile:ident) => {
+    ($block:ty, $tile:ident, $tile1x2:ident) => {
         impl Tile<$block> for Avx512Vnni {
             const NYMAX: usize = 8;
             #[inline]
@@ -87,6 +101,21 @@ macro_rules! vnni_tile {
                 unsafe { $tile::<NY>(w, x, out) }
             }
 
+            #[inline]
+            fn tile1x2(
+                self,
+                w0: &[$block],
+                w1: &[$block],
+                x: &[BlockQ8A],
+                out0: &mut [f32; ROWS],
+                out1: &mut [f32; ROWS],
+            ) {
+                assert!(w0.len() == w1.len() && x.len() >= w0.len());
+                // SAFETY: `self` proves the features (Avx512Vnni::detect); x holds w0.len()
+                // blocks.
+                unsafe { $tile1x2(w0, w1, x, out0, out1) }
+            }
+
             #[inline(always)]
             fn silu_mul<const NY: usize>(self, g: &mut [[f32; ROWS]; NY], u: &[[f32; ROWS]; NY]) {
                 // SAFETY: `self` proves AVX2 + FMA (a subset of this tier's features).
@@ -95,8 +124,8 @@ macro_rules! vnni_tile {
         }
     };
 }
-vnni_tile!(BlockQ8x8, q8_tile);
-vnni_tile!(BlockQ6x8, q6_tile);
+vnni_tile!(BlockQ8x8, q8_tile, q8_tile1x2);
+vnni_tile!(BlockQ6x8, q6_tile, q6_tile1x2);
 
 #[inline(always)]
 unsafe fn quad(a: &BlockQ8A, i: usize) -> __m256i {
@@ -143,6 +172,49 @@ unsafe fn q4_tile<B: Q4Block, const NY: usize>(
     for t in 0..NY {
         _mm256_storeu_ps(out[t].as_mut_ptr(), acc[t]);
     }
+}
+
+/// Two 4-bit groups against one activation row (the decode case of [`q4_tile`]: two weight
+/// streams, each activation quad broadcast once for both), the same arithmetic per group.
+///
+/// # Safety
+/// * The CPU supports AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI.
+/// * `w1.len() >= w0.len()` and `x.len() >= w0.len()`.
+#[inline(never)]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn q4_tile1x2<B: Q4Block>(
+    w0: &[B],
+    w1: &[B],
+    x: &[BlockQ8A],
+    out0: &mut [f32; ROWS],
+    out1: &mut [f32; ROWS],
+) {
+    let kvu: [u8; 32] = core::array::from_fn(|i| (B::LEVELS[i % 16] as i16 + 128) as u8);
+    let tbl = _mm256_loadu_si256(kvu.as_ptr() as *const __m256i);
+    let m4 = _mm256_set1_epi8(0x0F);
+    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    for (b, (k0, k1)) in w0.iter().zip(w1).enumerate() {
+        let a = x.get_unchecked(b);
+        let init = _mm256_set1_epi32(-16 * a.sum8);
+        let (mut s0, mut s1) = (init, init);
+        for c in 0..4 {
+            let (qa, qb) = (quad(a, c), quad(a, 4 + c));
+            let part = |blk: &B, s: __m256i| {
+                let raw = _mm256_loadu_si256(blk.qs().as_ptr().add(c * 32) as *const __m256i);
+                let lo = _mm256_shuffle_epi8(tbl, _mm256_and_si256(raw, m4));
+                let hi = _mm256_shuffle_epi8(tbl, _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4));
+                _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(s, lo, qa), hi, qb)
+            };
+            (s0, s1) = (part(k0, s0), part(k1, s1));
+        }
+        let da = _mm256_set1_ps(a.d);
+        let dw = |blk: &B| _mm256_cvtph_ps(_mm_loadu_si128(blk.d().as_ptr() as *const __m128i));
+        let (p0, p1) = (_mm256_mul_ps(dw(k0), da), _mm256_mul_ps(dw(k1), da));
+        acc0 = _mm256_add_ps(acc0, _mm256_mul_ps(p0, _mm256_cvtepi32_ps(s0)));
+        acc1 = _mm256_add_ps(acc1, _mm256_mul_ps(p1, _mm256_cvtepi32_ps(s1)));
+    }
+    _mm256_storeu_ps(out0.as_mut_ptr(), acc0);
+    _mm256_storeu_ps(out1.as_mut_ptr(), acc1);
 }
 
 /// # Safety
@@ -217,4 +289,74 @@ unsafe fn q6_tile<const NY: usize>(
     for t in 0..NY {
         _mm256_storeu_ps(out[t].as_mut_ptr(), acc[t]);
     }
+}
+
+/// The per-block i32 sums of two groups against one activation block `a`, for the `1x2`
+/// tiles: `part(blk, init, a)` as the tile computes it for one token.
+macro_rules! two_groups {
+    ($w0:ident, $w1:ident, $x:ident, $out0:ident, $out1:ident, $init:expr, $part:expr) => {{
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for (b, (k0, k1)) in $w0.iter().zip($w1).enumerate() {
+            let a = $x.get_unchecked(b);
+            let init = _mm256_set1_epi32($init(a));
+            let (s0, s1) = ($part(k0, init, a), $part(k1, init, a));
+            let da = _mm256_set1_ps(a.d);
+            let dw =
+                |d: &[u16; ROWS]| _mm256_cvtph_ps(_mm_loadu_si128(d.as_ptr() as *const __m128i));
+            let (p0, p1) = (_mm256_mul_ps(dw(&k0.d), da), _mm256_mul_ps(dw(&k1.d), da));
+            acc0 = _mm256_add_ps(acc0, _mm256_mul_ps(p0, _mm256_cvtepi32_ps(s0)));
+            acc1 = _mm256_add_ps(acc1, _mm256_mul_ps(p1, _mm256_cvtepi32_ps(s1)));
+        }
+        _mm256_storeu_ps($out0.as_mut_ptr(), acc0);
+        _mm256_storeu_ps($out1.as_mut_ptr(), acc1);
+    }};
+}
+
+/// Two `Q8x8` groups against one activation row (the decode case of [`q8_tile`]).
+///
+/// # Safety
+/// Same as [`q4_tile1x2`].
+#[inline(never)]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn q8_tile1x2(
+    w0: &[BlockQ8x8],
+    w1: &[BlockQ8x8],
+    x: &[BlockQ8A],
+    out0: &mut [f32; ROWS],
+    out1: &mut [f32; ROWS],
+) {
+    let flip = _mm256_set1_epi8(-128);
+    let part = |blk: &BlockQ8x8, mut s: __m256i, a: &BlockQ8A| {
+        for c in 0..8 {
+            let wv = _mm256_loadu_si256(blk.qs.as_ptr().add(c * 32) as *const __m256i);
+            s = _mm256_dpbusd_epi32(s, _mm256_xor_si256(wv, flip), quad(a, c));
+        }
+        s
+    };
+    two_groups!(w0, w1, x, out0, out1, |a: &BlockQ8A| -16 * a.sum8, part)
+}
+
+/// Two `Q6x8` groups against one activation row (the decode case of [`q6_tile`]).
+///
+/// # Safety
+/// Same as [`q4_tile1x2`].
+#[inline(never)]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn q6_tile1x2(
+    w0: &[BlockQ6x8],
+    w1: &[BlockQ6x8],
+    x: &[BlockQ8A],
+    out0: &mut [f32; ROWS],
+    out1: &mut [f32; ROWS],
+) {
+    let (m4, m30) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
+    let part = |blk: &BlockQ6x8, mut s: __m256i, a: &BlockQ8A| {
+        for p in 0..4 {
+            let (u0, u1) = super::avx2::q6_pair(blk, p, m4, m30);
+            s = _mm256_dpbusd_epi32(s, u0, quad(a, 2 * p));
+            s = _mm256_dpbusd_epi32(s, u1, quad(a, 2 * p + 1));
+        }
+        s
+    };
+    two_groups!(w0, w1, x, out0, out1, |a: &BlockQ8A| -4 * a.sum8, part)
 }
