@@ -243,7 +243,8 @@ fn c_program_links_against_the_static_library() {
         "cc failed:\n{}",
         String::from_utf8_lossy(&cc.stderr)
     );
-    let run = Command::new(&out).arg(&path).output().unwrap();
+    let state = out.with_extension("state");
+    let run = Command::new(&out).arg(&path).arg(&state).output().unwrap();
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(
         run.status.success(),

@@ -1,5 +1,6 @@
 /* Smoke test of the C API: open a model, tokenize/detokenize, generate with a callback,
- * check error reporting. Usage: smoke MODEL.fqm. Prints the answer; exit 0 on success. */
+ * save and load session state, check error reporting. Usage: smoke MODEL.fqm STATE_PATH.
+ * Prints the answer; exit 0 on success. */
 #include <stdio.h>
 #include <string.h>
 #include "ferroq.h"
@@ -17,7 +18,7 @@ static int on_token(void *user, int64_t id, const char *piece, size_t len) {
     return 1; } } while (0)
 
 int main(int argc, char **argv) {
-    CHECK(argc == 2, "usage");
+    CHECK(argc == 3, "usage");
     /* errors: no panic, a message */
     CHECK(ferroq_engine_open("/nonexistent.fqm") == NULL, "open missing");
     CHECK(ferroq_last_error() != NULL, "error message");
@@ -40,7 +41,9 @@ int main(int argc, char **argv) {
     sp.threads = 1;
     ferroq_session *s = ferroq_session_new(e, &sp);
     CHECK(s != NULL, "session");
-    ferroq_engine_free(e); /* the session keeps the engine alive */
+    ferroq_session *s2 = ferroq_session_new(e, &sp);
+    CHECK(s2 != NULL, "second session");
+    ferroq_engine_free(e); /* the sessions keep the engine alive */
 
     ferroq_gen_params gp = ferroq_gen_params_default();
     gp.max_tokens = 16;
@@ -52,6 +55,24 @@ int main(int argc, char **argv) {
     printf("\n");
     CHECK(strlen(text) == total, "streamed length");
     ferroq_string_free(text);
+
+    /* session state: save, refuse bad calls without changing anything, load elsewhere */
+    int64_t cached = ferroq_session_n_cached(s);
+    CHECK(cached > 0, "n_cached");
+    CHECK(ferroq_session_n_cached(NULL) == -1, "n_cached NULL");
+    CHECK(ferroq_session_save(s, argv[2]) == cached, "save");
+    CHECK(ferroq_session_save(NULL, argv[2]) == -1, "save NULL session");
+    CHECK(ferroq_session_save(s, NULL) == -1, "save NULL path");
+    CHECK(ferroq_session_load(s2, "/nonexistent.state") == -1, "load missing");
+    CHECK(ferroq_last_error() != NULL, "load missing message");
+    CHECK(ferroq_session_n_cached(s2) == 0, "failed load leaves the session empty");
+    CHECK(ferroq_session_load(s2, argv[2]) == cached, "load");
+    CHECK(ferroq_session_n_cached(s2) == cached, "n_cached after load");
+    CHECK(ferroq_session_save_prefix(s, argv[2], 1) == 1, "save prefix");
+    CHECK(ferroq_session_load(s2, argv[2]) == 1, "load prefix");
+    got = ferroq_generate(s2, "What is the capital of France?", &gp, NULL, NULL, NULL);
+    CHECK(got > 0, "generate after load");
+    ferroq_session_free(s2);
 
     CHECK(ferroq_generate(s, "", &gp, NULL, NULL, NULL) == -1, "empty prompt");
     CHECK(strstr(ferroq_last_error(), "empty") != NULL, "empty prompt message");
