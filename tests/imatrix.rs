@@ -75,13 +75,14 @@ fn write_ids(path: &Path, ids: &[u32]) {
     std::fs::write(path, s.join(" ")).unwrap();
 }
 
-/// The CLI's imatrix of fixture `name` (collected on its f32 conversion).
-fn make_imatrix(name: &str) -> (PathBuf, PathBuf) {
-    let f32m = convert(name, "f32", &[], "");
+/// The CLI's imatrix of fixture `name` (collected on its f32 conversion), in files of the
+/// calling test's own (`tag`): tests run in parallel and must not write one path.
+fn make_imatrix(name: &str, tag: &str) -> (PathBuf, PathBuf) {
+    let f32m = convert(name, "f32", &[], tag);
     let vocab = Model::open(&f32m).unwrap().config.vocab_size;
-    let toks = tmp(&format!("{name}-calib.txt"));
+    let toks = tmp(&format!("{name}{tag}-calib.txt"));
     write_ids(&toks, &ids(vocab, N_CTX * N_CHUNK, 1));
-    let im = tmp(&format!("{name}.imatrix"));
+    let im = tmp(&format!("{name}{tag}.imatrix"));
     let c = N_CTX.to_string();
     let out = ok(ferroq(&[
         "imatrix",
@@ -218,7 +219,7 @@ fn statistics_match_a_direct_computation_and_experts_count_per_expert() {
 
 #[test]
 fn imatrix_of_another_model_is_refused_naming_the_tensor() {
-    let (_, im) = make_imatrix("llama4-scout-tiny");
+    let (_, im) = make_imatrix("llama4-scout-tiny", "-refused");
     let src = fixture("llama3-tiny");
     let out = tmp("refused.fqm");
     let r = ferroq(&[
@@ -328,7 +329,7 @@ fn mean_kl(f: &Model, q: &Model, toks: &[u32]) -> f64 {
 #[test]
 fn conversion_with_an_imatrix_differs_and_is_not_worse() {
     let name = "llama4-scout-tiny";
-    let (f32m, im) = make_imatrix(name);
+    let (f32m, im) = make_imatrix(name, "-differs");
     let plain = convert(name, "q4", &[], "-plain");
     let with = convert(name, "q4", &["--imatrix", im.to_str().unwrap()], "-im");
     assert_ne!(
