@@ -26,6 +26,15 @@ pub(super) struct Run {
     pub seq: usize,
 }
 
+/// The cache of sequence `seq`: `caches[seq]`, or the state's own cache `own` when the call has
+/// one sequence (`caches` is `None`).
+fn seq_kv<'a>(caches: Option<&'a [KvCache]>, own: &'a KvCache, seq: usize) -> &'a KvCache {
+    match caches {
+        Some(caches) => &caches[seq],
+        None => own,
+    }
+}
+
 /// The rows whose logits a [`Model::forward_runs`] call computes, in this order.
 pub(super) enum OutRows<'a> {
     Range(std::ops::Range<usize>),
@@ -182,10 +191,7 @@ impl Model {
             // several runs whose positions each fit the layer's cache at once (a batched decode
             // step): append them all, then attend them all in one pool round
             let one_stretch = |r: &Run| {
-                let kv = match caches.as_deref() {
-                    Some(caches) => &caches[r.seq],
-                    None => &st.kv,
-                };
+                let kv = seq_kv(caches.as_deref(), &st.kv, r.seq);
                 kv.segment_end(li, r.pos0, r.pos0 + r.len) == r.pos0 + r.len
             };
             let batched = runs.len() > 1 && runs.iter().all(one_stretch);
@@ -218,10 +224,7 @@ impl Model {
                 let (caches, st_kv) = (caches.as_deref(), &st.kv);
                 let job = |i: usize| {
                     let r = &runs[i];
-                    let kv = match caches {
-                        Some(caches) => &caches[r.seq],
-                        None => st_kv,
-                    };
+                    let kv = seq_kv(caches, st_kv, r.seq);
                     attention::AttnJob {
                         kvl: kv.layer(li),
                         base: kv.base(li, r.pos0),

@@ -836,6 +836,31 @@ impl MmapPager {
         r.offset.is_multiple_of(PAGE) && r.offset.checked_add(r.len).is_some_and(|e| e <= self.len)
     }
 
+    /// `madvise` on `r` if it lies inside the mapping (`false` if not, and nothing is done);
+    /// advisory, so the kernel's answer is ignored.
+    fn advise(&self, r: Range, advice: Advice) -> bool {
+        if !self.valid(r) {
+            return false;
+        }
+        #[cfg(unix)]
+        // SAFETY: the range lies inside the live mapping (checked above). WILLNEED and RANDOM
+        // only change when and how much the kernel reads. DONTNEED drops the pages: the mapping
+        // is a read-only MAP_SHARED mapping of a file that is never modified in place
+        // (SPEC.md), so the next read of these addresses faults the same bytes back in from the
+        // file, and every slice into the mapping stays valid and keeps its contents.
+        unsafe {
+            let advice = match advice {
+                Advice::WillNeed => libc::MADV_WILLNEED,
+                Advice::Random => libc::MADV_RANDOM,
+                Advice::DontNeed => libc::MADV_DONTNEED,
+            };
+            libc::madvise((self.addr + r.offset) as *mut libc::c_void, r.len, advice);
+        }
+        #[cfg(not(unix))]
+        let _ = advice;
+        true
+    }
+
     /// Lock the pages of `r` in memory. The error says what to do when the limit refuses it.
     pub fn lock(&self, r: Range) -> Result<()> {
         if !self.valid(r) {
@@ -863,36 +888,24 @@ impl MmapPager {
     }
 }
 
+/// The `madvise` calls [`MmapPager`] makes.
+#[derive(Clone, Copy)]
+enum Advice {
+    /// Read the range in now (asynchronously).
+    WillNeed,
+    /// A fault reads only its own page (no read-around).
+    Random,
+    /// Drop the range's pages (they fault back in from the file).
+    DontNeed,
+}
+
 impl Pager for MmapPager {
     fn will_need(&self, r: Range) {
-        if !self.valid(r) {
-            return;
-        }
-        #[cfg(unix)]
-        // SAFETY: advisory only, on a range inside the live mapping (checked above).
-        unsafe {
-            libc::madvise(
-                (self.addr + r.offset) as *mut libc::c_void,
-                r.len,
-                libc::MADV_WILLNEED,
-            );
-        }
+        self.advise(r, Advice::WillNeed);
     }
 
     fn no_read_around(&self, r: Range) {
-        if !self.valid(r) {
-            return;
-        }
-        #[cfg(unix)]
-        // SAFETY: advisory only, on a range inside the live mapping (checked above); it changes
-        // how page faults there read the file, not what the pages hold.
-        unsafe {
-            libc::madvise(
-                (self.addr + r.offset) as *mut libc::c_void,
-                r.len,
-                libc::MADV_RANDOM,
-            );
-        }
+        self.advise(r, Advice::Random);
     }
 
     #[cfg(unix)]
@@ -916,20 +929,8 @@ impl Pager for MmapPager {
     }
 
     fn drop_pages(&self, r: Range) {
-        if !self.valid(r) {
+        if !self.advise(r, Advice::DontNeed) {
             return;
-        }
-        #[cfg(unix)]
-        // SAFETY: the range lies inside the live mapping (checked above). The mapping is a
-        // read-only MAP_SHARED mapping of a file that is never modified in place (SPEC.md), so
-        // after MADV_DONTNEED the next read of these addresses faults the same bytes back in
-        // from the file: every slice into the mapping stays valid and keeps its contents.
-        unsafe {
-            libc::madvise(
-                (self.addr + r.offset) as *mut libc::c_void,
-                r.len,
-                libc::MADV_DONTNEED,
-            );
         }
         #[cfg(target_os = "linux")]
         {

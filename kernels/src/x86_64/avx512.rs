@@ -13,12 +13,16 @@
 //! `LVALUES` for `Q4Lx8`); per (block, token):
 //! 8 × `vpdpbusd ymm` with the 4 activation bytes broadcast, lane `r` = row `r`.
 //! `NYMAX = 8`: 8 i32 + 8 f32 accumulators + unpacked weights fit the 32 ymm registers.
+//! Decode (one token) goes through the `*_tile1x2` functions: two weight groups (two
+//! sequential streams) against one activation row, as in the AVX2 tier; without them the
+//! tier's decode ran `tile::<1>` twice and lost to AVX2.
 //!
-//! Not done yet (noted for the next step): 512-bit `vpdpbusd` with the weights of two chunks
-//! permuted once per block (lanes 2r / 2r+1 = quads c / c+1) so that a `vpbroadcastq` of two
-//! activation quads feeds 16 lanes; it halves the dot instructions per (block, token) and is
-//! what the 40 %-of-512-bit-peak target needs on CPUs with two 512-bit VNNI ports. This machine
-//! (Zen 3) has no AVX-512, so neither variant could be run or timed here.
+//! Measured (2026-12-02, AMD EPYC with AVX-512, 2 vCPUs; docs/performance.md): prefill
+//! 1.3–1.6× the AVX2 tier, decode at parity, so the tier is chosen automatically.
+//! Not done yet: 512-bit `vpdpbusd` with the weights of two chunks permuted once per block
+//! (lanes 2r / 2r+1 = quads c / c+1) so that a `vpbroadcastq` of two activation quads feeds 16
+//! lanes; it halves the dot instructions per (block, token) on CPUs with two 512-bit VNNI ports
+//! (not on Zen 4, which splits 512-bit ops into two 256-bit halves).
 
 use core::arch::x86_64::*;
 
@@ -127,6 +131,12 @@ macro_rules! vnni_tile {
 vnni_tile!(BlockQ8x8, q8_tile, q8_tile1x2);
 vnni_tile!(BlockQ6x8, q6_tile, q6_tile1x2);
 
+/// The 8 row scales of a block (f16) as f32.
+#[inline(always)]
+unsafe fn scales(d: &[u16; ROWS]) -> __m256 {
+    _mm256_cvtph_ps(_mm_loadu_si128(d.as_ptr() as *const __m128i))
+}
+
 #[inline(always)]
 unsafe fn quad(a: &BlockQ8A, i: usize) -> __m256i {
     let p = a.qs.as_ptr().add(i * 4) as *const i32;
@@ -174,8 +184,31 @@ unsafe fn q4_tile<B: Q4Block, const NY: usize>(
     }
 }
 
+/// The body of a `*_tile1x2` function: two weight groups `w0`, `w1` against one activation
+/// row `x`, block by block; `part(blk, init, a)` is the block's i32 sum as the type's tile
+/// computes it for one token (started at `init(a)`), `d(blk)` its row scales as f32; the float steps
+/// are the tile's.
+macro_rules! two_groups {
+    ($w0:ident, $w1:ident, $x:ident, $out0:ident, $out1:ident, $init:expr, $part:expr, $d:expr) => {{
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for (b, (k0, k1)) in $w0.iter().zip($w1).enumerate() {
+            let a = $x.get_unchecked(b);
+            let init = _mm256_set1_epi32($init(a));
+            let (s0, s1) = ($part(k0, init, a), $part(k1, init, a));
+            let da = _mm256_set1_ps(a.d);
+            let (p0, p1) = (_mm256_mul_ps($d(k0), da), _mm256_mul_ps($d(k1), da));
+            acc0 = _mm256_add_ps(acc0, _mm256_mul_ps(p0, _mm256_cvtepi32_ps(s0)));
+            acc1 = _mm256_add_ps(acc1, _mm256_mul_ps(p1, _mm256_cvtepi32_ps(s1)));
+        }
+        _mm256_storeu_ps($out0.as_mut_ptr(), acc0);
+        _mm256_storeu_ps($out1.as_mut_ptr(), acc1);
+    }};
+}
+
 /// Two 4-bit groups against one activation row (the decode case of [`q4_tile`]: two weight
-/// streams, each activation quad broadcast once for both), the same arithmetic per group.
+/// streams), the same arithmetic per group. (Loading each activation quad once for both groups
+/// instead, as the AVX2 tile does, was no faster: SmolLM2 q4 tg128 0.94–1.02× in 3 paired
+/// rounds; `vpdpbusd` takes it as a broadcast memory operand.)
 ///
 /// # Safety
 /// * The CPU supports AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI.
@@ -192,29 +225,25 @@ unsafe fn q4_tile1x2<B: Q4Block>(
     let kvu: [u8; 32] = core::array::from_fn(|i| (B::LEVELS[i % 16] as i16 + 128) as u8);
     let tbl = _mm256_loadu_si256(kvu.as_ptr() as *const __m256i);
     let m4 = _mm256_set1_epi8(0x0F);
-    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    for (b, (k0, k1)) in w0.iter().zip(w1).enumerate() {
-        let a = x.get_unchecked(b);
-        let init = _mm256_set1_epi32(-16 * a.sum8);
-        let (mut s0, mut s1) = (init, init);
+    let part = |blk: &B, mut s: __m256i, a: &BlockQ8A| {
         for c in 0..4 {
-            let (qa, qb) = (quad(a, c), quad(a, 4 + c));
-            let part = |blk: &B, s: __m256i| {
-                let raw = _mm256_loadu_si256(blk.qs().as_ptr().add(c * 32) as *const __m256i);
-                let lo = _mm256_shuffle_epi8(tbl, _mm256_and_si256(raw, m4));
-                let hi = _mm256_shuffle_epi8(tbl, _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4));
-                _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(s, lo, qa), hi, qb)
-            };
-            (s0, s1) = (part(k0, s0), part(k1, s1));
+            let raw = _mm256_loadu_si256(blk.qs().as_ptr().add(c * 32) as *const __m256i);
+            let lo = _mm256_shuffle_epi8(tbl, _mm256_and_si256(raw, m4));
+            let hi = _mm256_shuffle_epi8(tbl, _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4));
+            s = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(s, lo, quad(a, c)), hi, quad(a, 4 + c));
         }
-        let da = _mm256_set1_ps(a.d);
-        let dw = |blk: &B| _mm256_cvtph_ps(_mm_loadu_si128(blk.d().as_ptr() as *const __m128i));
-        let (p0, p1) = (_mm256_mul_ps(dw(k0), da), _mm256_mul_ps(dw(k1), da));
-        acc0 = _mm256_add_ps(acc0, _mm256_mul_ps(p0, _mm256_cvtepi32_ps(s0)));
-        acc1 = _mm256_add_ps(acc1, _mm256_mul_ps(p1, _mm256_cvtepi32_ps(s1)));
-    }
-    _mm256_storeu_ps(out0.as_mut_ptr(), acc0);
-    _mm256_storeu_ps(out1.as_mut_ptr(), acc1);
+        s
+    };
+    two_groups!(
+        w0,
+        w1,
+        x,
+        out0,
+        out1,
+        |a: &BlockQ8A| -16 * a.sum8,
+        part,
+        |b: &B| scales(b.d())
+    )
 }
 
 /// # Safety
@@ -291,27 +320,6 @@ unsafe fn q6_tile<const NY: usize>(
     }
 }
 
-/// The per-block i32 sums of two groups against one activation block `a`, for the `1x2`
-/// tiles: `part(blk, init, a)` as the tile computes it for one token.
-macro_rules! two_groups {
-    ($w0:ident, $w1:ident, $x:ident, $out0:ident, $out1:ident, $init:expr, $part:expr) => {{
-        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        for (b, (k0, k1)) in $w0.iter().zip($w1).enumerate() {
-            let a = $x.get_unchecked(b);
-            let init = _mm256_set1_epi32($init(a));
-            let (s0, s1) = ($part(k0, init, a), $part(k1, init, a));
-            let da = _mm256_set1_ps(a.d);
-            let dw =
-                |d: &[u16; ROWS]| _mm256_cvtph_ps(_mm_loadu_si128(d.as_ptr() as *const __m128i));
-            let (p0, p1) = (_mm256_mul_ps(dw(&k0.d), da), _mm256_mul_ps(dw(&k1.d), da));
-            acc0 = _mm256_add_ps(acc0, _mm256_mul_ps(p0, _mm256_cvtepi32_ps(s0)));
-            acc1 = _mm256_add_ps(acc1, _mm256_mul_ps(p1, _mm256_cvtepi32_ps(s1)));
-        }
-        _mm256_storeu_ps($out0.as_mut_ptr(), acc0);
-        _mm256_storeu_ps($out1.as_mut_ptr(), acc1);
-    }};
-}
-
 /// Two `Q8x8` groups against one activation row (the decode case of [`q8_tile`]).
 ///
 /// # Safety
@@ -333,7 +341,16 @@ unsafe fn q8_tile1x2(
         }
         s
     };
-    two_groups!(w0, w1, x, out0, out1, |a: &BlockQ8A| -16 * a.sum8, part)
+    two_groups!(
+        w0,
+        w1,
+        x,
+        out0,
+        out1,
+        |a: &BlockQ8A| -16 * a.sum8,
+        part,
+        |b: &BlockQ8x8| scales(&b.d)
+    )
 }
 
 /// Two `Q6x8` groups against one activation row (the decode case of [`q6_tile`]).
@@ -358,5 +375,14 @@ unsafe fn q6_tile1x2(
         }
         s
     };
-    two_groups!(w0, w1, x, out0, out1, |a: &BlockQ8A| -4 * a.sum8, part)
+    two_groups!(
+        w0,
+        w1,
+        x,
+        out0,
+        out1,
+        |a: &BlockQ8A| -4 * a.sum8,
+        part,
+        |b: &BlockQ6x8| scales(&b.d)
+    )
 }
