@@ -880,6 +880,17 @@ fn tokenizer_meta(ck: &Checkpoint, cfg_json: &Value, notes: &mut Vec<String>) ->
     })
 }
 
+/// The [`ModelConfig`] of a checkpoint: its `config.json` (read as the Hugging Face path reads
+/// it) plus what the JSON cannot say (a GGUF file's RoPE frequency factors).
+pub fn checkpoint_config(ck: &Checkpoint) -> Result<ModelConfig> {
+    let mut cfg = model_config_from_hf(&ck.config)?;
+    if let Some(f) = &ck.rope_freq_factors {
+        cfg.rope_freq_factors = Some(f.clone());
+        cfg.validate()?;
+    }
+    Ok(cfg)
+}
+
 /// Convert `ck` to a `.fqm` file at `out`. Nothing is left at `out` (or beside it) on error.
 pub fn convert(
     ck: &Checkpoint,
@@ -898,7 +909,7 @@ pub fn convert(
     let origin = Path::new(&ck.origin);
     crate::atomic::check_output(out, &[origin])?;
     let arch_name = architecture(&ck.config)?;
-    let mut cfg = model_config_from_hf(&ck.config)?;
+    let mut cfg = checkpoint_config(ck)?;
     cfg.rope_freq_bf16 = opts.rope_freq_bf16;
     let src = ck.source.as_ref();
     let mut notes = Vec::new();

@@ -982,18 +982,46 @@ impl GgufFile {
             .map_err(|e| Error::tensor(name, format!("{}: {e}", self.origin)))
     }
 
-    fn meta_err(&self, key: &str, msg: impl Into<String>) -> Error {
+    /// Dequantize slice `index` of the outermost ggml dimension of `t` (e.g. expert `index`
+    /// of a `[in, out, E]` tensor: `in * out` values, ggml order) without touching the rest.
+    pub fn read_f32_outer(&self, t: &GgufTensor, index: usize, out: &mut Vec<f32>) -> Result<()> {
+        let outer = *t.dims.last().unwrap_or(&1);
+        if t.dims.len() < 2 || index as u64 >= outer {
+            return Err(Error::tensor(
+                &t.name,
+                format!(
+                    "{}: slice {index} requested of dims {:?}",
+                    self.origin, t.dims
+                ),
+            ));
+        }
+        // dims[0] is a whole number of blocks (checked in `parse`), so every slice is too
+        let n = t.n_elements / outer;
+        let bytes = t.size / outer;
+        let n = usize::try_from(n)
+            .map_err(|_| Error::tensor(&t.name, "too many elements for this platform"))?;
+        out.clear();
+        out.try_reserve_exact(n)
+            .map_err(|_| Error::tensor(&t.name, format!("cannot allocate {n} f32 values")))?;
+        out.resize(n, 0.0);
+        let all = self.tensor_bytes(t);
+        let start = bytes as usize * index;
+        dequantize(t.ty, &all[start..start + bytes as usize], out)
+            .map_err(|e| Error::tensor(&t.name, format!("{}: slice {index}: {e}", self.origin)))
+    }
+
+    pub(crate) fn meta_err(&self, key: &str, msg: impl Into<String>) -> Error {
         Error::format(&self.origin, format!("metadata `{key}`: {}", msg.into()))
     }
 
-    fn req_u64(&self, key: &str) -> Result<u64> {
+    pub(crate) fn req_u64(&self, key: &str) -> Result<u64> {
         self.get(key)
             .ok_or_else(|| self.meta_err(key, "missing"))?
             .as_u64()
             .ok_or_else(|| self.meta_err(key, "expected a non-negative integer"))
     }
 
-    fn opt_u64(&self, key: &str) -> Result<Option<u64>> {
+    pub(crate) fn opt_u64(&self, key: &str) -> Result<Option<u64>> {
         match self.get(key) {
             None => Ok(None),
             Some(v) => v
@@ -1003,7 +1031,7 @@ impl GgufFile {
         }
     }
 
-    fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
+    pub(crate) fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
         match self.get(key) {
             None => Ok(None),
             Some(v) => v
@@ -1014,7 +1042,7 @@ impl GgufFile {
         }
     }
 
-    fn opt_str(&self, key: &str) -> Result<Option<&str>> {
+    pub(crate) fn opt_str(&self, key: &str) -> Result<Option<&str>> {
         match self.get(key) {
             None => Ok(None),
             Some(v) => v
@@ -1024,7 +1052,7 @@ impl GgufFile {
         }
     }
 
-    fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
+    pub(crate) fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
         match self.get(key) {
             None => Ok(None),
             Some(v) => v
@@ -1044,6 +1072,9 @@ struct Mapped {
     gguf: usize,
     /// `Some(n_head)` when the rows must be un-permuted.
     unpermute: Option<usize>,
+    /// `Some(e)`: the tensor is slice `e` of the outermost ggml dimension (one expert of a
+    /// stacked `ffn_*_exps` tensor, ggml dims `[in, out, E]`), read straight from the map.
+    expert: Option<usize>,
 }
 
 /// The [`TensorSource`] of a GGUF checkpoint.
@@ -1073,6 +1104,9 @@ impl TensorSource for GgufSource {
             .ok_or_else(|| Error::tensor(name, format!("not in {}", self.file.origin)))?;
         let m = &self.map[i];
         let t = &self.file.tensors[m.gguf];
+        if let Some(e) = m.expert {
+            return self.file.read_f32_outer(t, e, out);
+        }
         self.file.read_f32(&t.name, out)?;
         if let Some(n_head) = m.unpermute {
             let cols = t.dims[0] as usize;
@@ -1121,187 +1155,222 @@ pub fn hf_name(gguf: &str) -> Option<String> {
     Some(format!("model.layers.{layer}.{hf}.{suffix}"))
 }
 
-/// Open a GGUF file as a [`Checkpoint`] (architecture `llama`).
+/// Open a GGUF file as a [`Checkpoint`] (architecture `llama` or `llama4`).
 pub fn open(path: impl AsRef<Path>) -> Result<Checkpoint> {
     checkpoint(GgufFile::open(path)?)
 }
 
-/// Build a [`Checkpoint`] from a parsed GGUF file.
+/// Build a [`Checkpoint`] from a parsed GGUF file (architecture `llama` or `llama4`).
 pub fn checkpoint(file: GgufFile) -> Result<Checkpoint> {
     let arch = file
         .opt_str("general.architecture")?
         .ok_or_else(|| file.meta_err("general.architecture", "missing"))?
         .to_string();
-    if arch != "llama" {
-        return Err(file.meta_err(
+    match arch.as_str() {
+        "llama" => checkpoint_llama(file),
+        "llama4" => super::gguf_llama4::checkpoint(file),
+        _ => Err(file.meta_err(
             "general.architecture",
-            format!("architecture `{arch}` is not supported (only `llama`)"),
-        ));
+            format!("architecture `{arch}` is not supported (llama, llama4 are)"),
+        )),
     }
-    let k = |s: &str| format!("{arch}.{s}");
-    let hidden = file.req_u64(&k("embedding_length"))?;
-    let n_layers = file.req_u64(&k("block_count"))?;
-    let n_head = file.req_u64(&k("attention.head_count"))?;
-    let n_kv = file
-        .opt_u64(&k("attention.head_count_kv"))?
-        .unwrap_or(n_head);
-    let ffn = file.req_u64(&k("feed_forward_length"))?;
-    let cap = 1u64 << 24;
-    for (key, v) in [
-        ("embedding_length", hidden),
-        ("block_count", n_layers),
-        ("attention.head_count", n_head),
-        ("attention.head_count_kv", n_kv),
-        ("feed_forward_length", ffn),
-    ] {
-        if v == 0 || v > cap {
-            return Err(file.meta_err(&k(key), format!("{v} out of range 1..={cap}")));
-        }
-    }
-    if n_head % n_kv != 0 {
-        return Err(file.meta_err(
-            &k("attention.head_count_kv"),
-            format!("{n_kv} does not divide the head count {n_head}"),
-        ));
-    }
-    let head_dim = match file.opt_u64(&k("attention.key_length"))? {
-        Some(d) => d,
-        None => {
-            if hidden % n_head != 0 {
-                return Err(file.meta_err(
-                    &k("attention.head_count"),
-                    format!("{n_head} does not divide embedding_length {hidden}"),
-                ));
-            }
-            hidden / n_head
-        }
-    };
-    if head_dim == 0 || head_dim % 2 != 0 || head_dim > cap {
-        return Err(file.meta_err(
-            &k("attention.key_length"),
-            format!("head dim {head_dim} must be even and positive"),
-        ));
-    }
-    if let Some(vl) = file.opt_u64(&k("attention.value_length"))? {
-        if vl != head_dim {
-            return Err(file.meta_err(
-                &k("attention.value_length"),
-                format!("{vl} differs from the key length {head_dim} (unsupported)"),
-            ));
-        }
-    }
-    if let Some(rd) = file.opt_u64(&k("rope.dimension_count"))? {
-        if rd != head_dim {
-            return Err(file.meta_err(
-                &k("rope.dimension_count"),
-                format!("partial rotary ({rd} of {head_dim}) is not supported"),
-            ));
-        }
-    }
-    let eps = file
-        .opt_f64(&k("attention.layer_norm_rms_epsilon"))?
-        .ok_or_else(|| file.meta_err(&k("attention.layer_norm_rms_epsilon"), "missing"))?;
-    let theta = file.opt_f64(&k("rope.freq_base"))?.unwrap_or(10000.0);
-    let ctx = file.req_u64(&k("context_length"))?;
-    if file.tensor("rope_freqs.weight").is_some() {
-        return Err(Error::tensor(
-            "rope_freqs.weight",
-            format!(
-                "{}: Llama 3 style RoPE frequency factors are not supported from GGUF",
-                file.origin
-            ),
-        ));
-    }
-    let rope_scaling = match file.opt_str(&k("rope.scaling.type"))? {
-        None | Some("none") => None,
-        Some(t @ ("linear" | "yarn")) => {
-            let factor = file
-                .opt_f64(&k("rope.scaling.factor"))?
-                .ok_or_else(|| file.meta_err(&k("rope.scaling.factor"), "missing"))?;
-            let mut m = Map::new();
-            m.insert("rope_type".into(), json!(t));
-            m.insert("factor".into(), json!(factor));
-            if let Some(o) = file.opt_u64(&k("rope.scaling.original_context_length"))? {
-                m.insert("original_max_position_embeddings".into(), json!(o));
-            }
-            Some(Json::Object(m))
-        }
-        Some(t) => {
-            return Err(file.meta_err(
-                &k("rope.scaling.type"),
-                format!("scaling type `{t}` is not supported"),
-            ))
-        }
-    };
+}
 
-    // Tensors.
-    let mut tensors = Vec::with_capacity(file.tensors.len());
-    let mut map = Vec::with_capacity(file.tensors.len());
-    let mut index = HashMap::new();
-    let q_rows = n_head * head_dim;
-    let kv_rows = n_kv * head_dim;
-    for (gi, t) in file.tensors.iter().enumerate() {
-        let name = hf_name(&t.name).ok_or_else(|| {
-            Error::tensor(
-                &t.name,
-                format!("{}: unknown tensor for architecture `llama`", file.origin),
-            )
-        })?;
-        if let Some(l) = name
-            .strip_prefix("model.layers.")
-            .and_then(|r| r.split('.').next())
-            .and_then(|l| l.parse::<u64>().ok())
-        {
-            if l >= n_layers {
-                return Err(Error::tensor(
-                    &t.name,
-                    format!("layer {l} beyond block_count {n_layers}"),
+/// The attention hyperparameters every Llama-like architecture stores alike (the keys
+/// llama.cpp's `llama_model::load_hparams` reads for all of them), range-checked.
+pub(crate) struct Common {
+    pub hidden: u64,
+    pub n_layers: u64,
+    pub n_head: u64,
+    pub n_kv: u64,
+    pub head_dim: u64,
+    pub eps: f64,
+    pub ctx: u64,
+}
+
+/// Largest size accepted for any count or width.
+pub(crate) const SIZE_CAP: u64 = 1 << 24;
+
+impl GgufFile {
+    pub(crate) fn common(&self, arch: &str) -> Result<Common> {
+        let k = |s: &str| format!("{arch}.{s}");
+        let hidden = self.req_u64(&k("embedding_length"))?;
+        let n_layers = self.req_u64(&k("block_count"))?;
+        let n_head = self.req_u64(&k("attention.head_count"))?;
+        let n_kv = self
+            .opt_u64(&k("attention.head_count_kv"))?
+            .unwrap_or(n_head);
+        let cap = SIZE_CAP;
+        for (key, v) in [
+            ("embedding_length", hidden),
+            ("block_count", n_layers),
+            ("attention.head_count", n_head),
+            ("attention.head_count_kv", n_kv),
+        ] {
+            if v == 0 || v > cap {
+                return Err(self.meta_err(&k(key), format!("{v} out of range 1..={cap}")));
+            }
+        }
+        if n_head % n_kv != 0 {
+            return Err(self.meta_err(
+                &k("attention.head_count_kv"),
+                format!("{n_kv} does not divide the head count {n_head}"),
+            ));
+        }
+        let head_dim = match self.opt_u64(&k("attention.key_length"))? {
+            Some(d) => d,
+            None => {
+                if hidden % n_head != 0 {
+                    return Err(self.meta_err(
+                        &k("attention.head_count"),
+                        format!("{n_head} does not divide embedding_length {hidden}"),
+                    ));
+                }
+                hidden / n_head
+            }
+        };
+        if head_dim == 0 || head_dim % 2 != 0 || head_dim > cap {
+            return Err(self.meta_err(
+                &k("attention.key_length"),
+                format!("head dim {head_dim} must be even and positive"),
+            ));
+        }
+        if let Some(vl) = self.opt_u64(&k("attention.value_length"))? {
+            if vl != head_dim {
+                return Err(self.meta_err(
+                    &k("attention.value_length"),
+                    format!("{vl} differs from the key length {head_dim} (unsupported)"),
                 ));
             }
         }
-        if !t.ty.can_dequantize() {
+        if let Some(rd) = self.opt_u64(&k("rope.dimension_count"))? {
+            if rd != head_dim {
+                return Err(self.meta_err(
+                    &k("rope.dimension_count"),
+                    format!("partial rotary ({rd} of {head_dim}) is not supported"),
+                ));
+            }
+        }
+        let eps = self
+            .opt_f64(&k("attention.layer_norm_rms_epsilon"))?
+            .ok_or_else(|| self.meta_err(&k("attention.layer_norm_rms_epsilon"), "missing"))?;
+        let ctx = self.req_u64(&k("context_length"))?;
+        Ok(Common {
+            hidden,
+            n_layers,
+            n_head,
+            n_kv,
+            head_dim,
+            eps,
+            ctx,
+        })
+    }
+
+    /// `rope.scaling.type` as a Hugging Face `rope_scaling` object (`None`: no scaling).
+    pub(crate) fn rope_scaling(&self, arch: &str) -> Result<Option<Json>> {
+        let k = |s: &str| format!("{arch}.{s}");
+        Ok(match self.opt_str(&k("rope.scaling.type"))? {
+            None | Some("none") => None,
+            Some(t @ ("linear" | "yarn")) => {
+                let factor = self
+                    .opt_f64(&k("rope.scaling.factor"))?
+                    .ok_or_else(|| self.meta_err(&k("rope.scaling.factor"), "missing"))?;
+                let mut m = Map::new();
+                m.insert("rope_type".into(), json!(t));
+                m.insert("factor".into(), json!(factor));
+                if let Some(o) = self.opt_u64(&k("rope.scaling.original_context_length"))? {
+                    m.insert("original_max_position_embeddings".into(), json!(o));
+                }
+                Some(Json::Object(m))
+            }
+            Some(t) => {
+                return Err(self.meta_err(
+                    &k("rope.scaling.type"),
+                    format!("scaling type `{t}` is not supported"),
+                ))
+            }
+        })
+    }
+
+    /// The refusal of a tensor whose ggml type [`dequantize`] cannot read.
+    pub(crate) fn unsupported_type(&self, t: &GgufTensor) -> Error {
+        Error::tensor(
+            &t.name,
+            format!(
+                "{}: ggml type {} is not supported (ferroq reads f32, f16, bf16, q8_0, q4_0, \
+                 q4_1, q5_0, q5_1, q4_k, q6_k): re-quantize the file with llama-quantize to one \
+                 of those, or convert the Hugging Face checkpoint",
+                self.origin,
+                t.ty.name()
+            ),
+        )
+    }
+
+    /// `rope_freqs.weight` (llama.cpp's per-frequency RoPE divisors for Llama 3 scaling,
+    /// written by `LlamaModel.generate_extra_tensors`), checked: `head_dim / 2` finite
+    /// positive values. `None` when the file has none.
+    pub(crate) fn rope_freqs(&self, head_dim: u64) -> Result<Option<Vec<f32>>> {
+        let name = "rope_freqs.weight";
+        let Some(t) = self.tensor(name) else {
+            return Ok(None);
+        };
+        if t.dims != [head_dim / 2] {
             return Err(Error::tensor(
-                &t.name,
+                name,
                 format!(
-                    "{}: ggml type {} is not supported",
-                    file.origin,
-                    t.ty.name()
+                    "{}: dims {:?}, [{}] (head_dim / 2) expected",
+                    self.origin,
+                    t.dims,
+                    head_dim / 2
                 ),
             ));
         }
-        let shape: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();
-        let is_q = name.ends_with("self_attn.q_proj.weight");
-        let is_k = name.ends_with("self_attn.k_proj.weight");
-        let unpermute = if is_q || is_k {
-            let (rows, heads) = if is_q {
-                (q_rows, n_head)
-            } else {
-                (kv_rows, n_kv)
-            };
-            if t.dims.len() != 2 || t.dims[1] != rows || t.dims[0] != hidden {
-                return Err(Error::tensor(
-                    &t.name,
-                    format!(
-                        "{}: shape {shape:?} but [{rows}, {hidden}] expected from the metadata",
-                        file.origin
-                    ),
-                ));
-            }
-            Some(heads as usize)
-        } else {
-            None
-        };
-        index.insert(name.clone(), tensors.len());
-        tensors.push(SrcTensor {
-            name,
-            shape,
-            dtype: t.ty.name().to_string(),
-        });
-        map.push(Mapped {
-            gguf: gi,
-            unpermute,
-        });
+        if !t.ty.can_dequantize() {
+            return Err(self.unsupported_type(t));
+        }
+        let mut v = Vec::new();
+        self.read_f32(name, &mut v)?;
+        if let Some((j, x)) = v
+            .iter()
+            .enumerate()
+            .find(|(_, x)| !(x.is_finite() && **x > 0.0))
+        {
+            return Err(Error::tensor(
+                name,
+                format!(
+                    "{}: value {j} is {x} (factors must be finite and > 0)",
+                    self.origin
+                ),
+            ));
+        }
+        Ok(Some(v))
     }
+}
+
+/// What the architecture-specific readers hand to [`finish`].
+pub(crate) struct Parts {
+    pub arch: String,
+    /// The synthesized `config.json` so far (everything but vocabulary, tying and tokens).
+    pub cfg: Map<String, Json>,
+    pub ctx: u64,
+    pub hidden: u64,
+    pub tensors: Vec<SrcTensor>,
+    pub map: Vec<(usize, Option<usize>, Option<usize>)>,
+    pub rope_freq_factors: Option<Vec<f32>>,
+}
+
+/// The common tail: embedding and vocabulary checks, tying, the tokenizer and the
+/// generation/tokenizer configs, and the [`Checkpoint`] itself.
+pub(crate) fn finish(file: GgufFile, p: Parts) -> Result<Checkpoint> {
+    let Parts {
+        arch,
+        mut cfg,
+        ctx,
+        hidden,
+        tensors,
+        map,
+        rope_freq_factors,
+    } = p;
     let embd = file
         .tensor("token_embd.weight")
         .ok_or_else(|| Error::tensor("token_embd.weight", format!("missing in {}", file.origin)))?;
@@ -1315,7 +1384,7 @@ pub fn checkpoint(file: GgufFile) -> Result<Checkpoint> {
 
     // Tokenizer.
     let tok = tokenizer(&file)?;
-    let vocab_size = match file.opt_u64(&k("vocab_size"))? {
+    let vocab_size = match file.opt_u64(&format!("{arch}.vocab_size"))? {
         Some(v) => v,
         None => match &tok {
             Some(t) => t.n_tokens as u64,
@@ -1328,25 +1397,8 @@ pub fn checkpoint(file: GgufFile) -> Result<Checkpoint> {
             format!("{} rows but vocab_size is {vocab_size}", embd.dims[1]),
         ));
     }
-
-    let mut cfg = Map::new();
-    cfg.insert("architectures".into(), json!(["LlamaForCausalLM"]));
-    cfg.insert("model_type".into(), json!("llama"));
-    cfg.insert("hidden_size".into(), json!(hidden));
-    cfg.insert("num_hidden_layers".into(), json!(n_layers));
-    cfg.insert("num_attention_heads".into(), json!(n_head));
-    cfg.insert("num_key_value_heads".into(), json!(n_kv));
-    cfg.insert("head_dim".into(), json!(head_dim));
-    cfg.insert("intermediate_size".into(), json!(ffn));
-    cfg.insert("hidden_act".into(), json!("silu"));
-    cfg.insert("rms_norm_eps".into(), json!(eps));
-    cfg.insert("rope_theta".into(), json!(theta));
-    cfg.insert("rope_scaling".into(), rope_scaling.unwrap_or(Json::Null));
     cfg.insert("vocab_size".into(), json!(vocab_size));
     cfg.insert("tie_word_embeddings".into(), json!(tied));
-    cfg.insert("max_position_embeddings".into(), json!(ctx));
-    cfg.insert("attention_bias".into(), json!(false));
-    cfg.insert("mlp_bias".into(), json!(false));
     let mut gen = Map::new();
     let mut tcfg = Map::new();
     let mut tokenizer_json = None;
@@ -1383,22 +1435,30 @@ pub fn checkpoint(file: GgufFile) -> Result<Checkpoint> {
     }
     let chat_template = file.opt_str("tokenizer.chat_template")?.map(str::to_string);
     let origin = file.origin.clone();
+    let has_tok = tok.is_some();
+    drop(tok);
+    let map: Vec<Mapped> = map
+        .into_iter()
+        .map(|(gguf, unpermute, expert)| Mapped {
+            gguf,
+            unpermute,
+            expert,
+        })
+        .collect();
+    let index = tensors
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.clone(), i))
+        .collect();
     Ok(Checkpoint {
         origin,
         config: Json::Object(cfg),
-        generation_config: if tok.is_some() {
-            Some(Json::Object(gen))
-        } else {
-            None
-        },
-        tokenizer_config: if tok.is_some() {
-            Some(Json::Object(tcfg))
-        } else {
-            None
-        },
+        generation_config: has_tok.then_some(Json::Object(gen)),
+        tokenizer_config: has_tok.then_some(Json::Object(tcfg)),
         tokenizer_json,
         tokenizer_model: None,
         chat_template,
+        rope_freq_factors,
         source: Box::new(GgufSource {
             file,
             tensors,
@@ -1406,6 +1466,129 @@ pub fn checkpoint(file: GgufFile) -> Result<Checkpoint> {
             index,
         }),
     })
+}
+
+/// Architecture `llama` (Llama 2/3, SmolLM2, ...): q/k rows un-permuted.
+fn checkpoint_llama(file: GgufFile) -> Result<Checkpoint> {
+    let arch = "llama";
+    let k = |s: &str| format!("{arch}.{s}");
+    let Common {
+        hidden,
+        n_layers,
+        n_head,
+        n_kv,
+        head_dim,
+        eps,
+        ctx,
+    } = file.common(arch)?;
+    let ffn = file.req_u64(&k("feed_forward_length"))?;
+    if ffn == 0 || ffn > SIZE_CAP {
+        return Err(file.meta_err(
+            &k("feed_forward_length"),
+            format!("{ffn} out of range 1..={SIZE_CAP}"),
+        ));
+    }
+    let theta = file.opt_f64(&k("rope.freq_base"))?.unwrap_or(10000.0);
+    let rope_scaling = file.rope_scaling(arch)?;
+    let rope_freq_factors = file.rope_freqs(head_dim)?;
+    if rope_freq_factors.is_some() && rope_scaling.is_some() {
+        return Err(Error::tensor(
+            "rope_freqs.weight",
+            format!(
+                "{}: RoPE frequency factors together with rope.scaling.type (one of them only)",
+                file.origin
+            ),
+        ));
+    }
+
+    // Tensors.
+    let mut tensors = Vec::with_capacity(file.tensors.len());
+    let mut map = Vec::with_capacity(file.tensors.len());
+    let q_rows = n_head * head_dim;
+    let kv_rows = n_kv * head_dim;
+    for (gi, t) in file.tensors.iter().enumerate() {
+        if t.name == "rope_freqs.weight" {
+            continue; // read above
+        }
+        let name = hf_name(&t.name).ok_or_else(|| {
+            Error::tensor(
+                &t.name,
+                format!("{}: unknown tensor for architecture `llama`", file.origin),
+            )
+        })?;
+        if let Some(l) = name
+            .strip_prefix("model.layers.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|l| l.parse::<u64>().ok())
+        {
+            if l >= n_layers {
+                return Err(Error::tensor(
+                    &t.name,
+                    format!("layer {l} beyond block_count {n_layers}"),
+                ));
+            }
+        }
+        if !t.ty.can_dequantize() {
+            return Err(file.unsupported_type(t));
+        }
+        let shape: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();
+        let is_q = name.ends_with("self_attn.q_proj.weight");
+        let is_k = name.ends_with("self_attn.k_proj.weight");
+        let unpermute = if is_q || is_k {
+            let (rows, heads) = if is_q {
+                (q_rows, n_head)
+            } else {
+                (kv_rows, n_kv)
+            };
+            if t.dims.len() != 2 || t.dims[1] != rows || t.dims[0] != hidden {
+                return Err(Error::tensor(
+                    &t.name,
+                    format!(
+                        "{}: shape {shape:?} but [{rows}, {hidden}] expected from the metadata",
+                        file.origin
+                    ),
+                ));
+            }
+            Some(heads as usize)
+        } else {
+            None
+        };
+        tensors.push(SrcTensor {
+            name,
+            shape,
+            dtype: t.ty.name().to_string(),
+        });
+        map.push((gi, unpermute, None));
+    }
+
+    let mut cfg = Map::new();
+    cfg.insert("architectures".into(), json!(["LlamaForCausalLM"]));
+    cfg.insert("model_type".into(), json!("llama"));
+    cfg.insert("hidden_size".into(), json!(hidden));
+    cfg.insert("num_hidden_layers".into(), json!(n_layers));
+    cfg.insert("num_attention_heads".into(), json!(n_head));
+    cfg.insert("num_key_value_heads".into(), json!(n_kv));
+    cfg.insert("head_dim".into(), json!(head_dim));
+    cfg.insert("intermediate_size".into(), json!(ffn));
+    cfg.insert("hidden_act".into(), json!("silu"));
+    cfg.insert("rms_norm_eps".into(), json!(eps));
+    cfg.insert("rope_theta".into(), json!(theta));
+    cfg.insert("rope_scaling".into(), rope_scaling.unwrap_or(Json::Null));
+    cfg.insert("max_position_embeddings".into(), json!(ctx));
+    cfg.insert("attention_bias".into(), json!(false));
+    cfg.insert("mlp_bias".into(), json!(false));
+    finish(
+        file,
+        Parts {
+            arch: arch.into(),
+            cfg,
+            ctx,
+            hidden,
+            tensors,
+            map,
+            rope_freq_factors,
+        },
+    )
 }
 
 struct Tok<'a> {
@@ -1423,6 +1606,22 @@ struct Tok<'a> {
 
 /// The Llama 3 pre-tokenizer regex (Hugging Face `tokenizer.json` of Llama 3).
 pub const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// The Llama 4 pre-tokenizer regex (the `Split` pattern of the Hugging Face `tokenizer.json`
+/// of Llama 4 Scout/Maverick; llama.cpp's `LLAMA_VOCAB_PRE_TYPE_LLAMA4`, `tokenizer.ggml.pre`
+/// `llama4`).
+pub const LLAMA4_PATTERN: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// The Hugging Face `tokenizer.json` synthesized from the file's `tokenizer.ggml.*` (what a
+/// converted model carries); `Ok(None)` when the file has no tokenizer.
+pub fn tokenizer_json(file: &GgufFile) -> Result<Option<Vec<u8>>> {
+    match tokenizer(file)? {
+        None => Ok(None),
+        Some(t) => serde_json::to_vec(&t.json)
+            .map(Some)
+            .map_err(|e| Error::Other(format!("tokenizer.json: {e}"))),
+    }
+}
 
 // llama.cpp `llama_token_type` / gguf `TokenType` (2 UNKNOWN and 5 UNUSED are plain vocab).
 const TT_NORMAL: i64 = 1;
@@ -1520,10 +1719,20 @@ fn tokenizer(file: &GgufFile) -> Result<Option<Tok<'_>>> {
             ]}),
             true,
         ),
+        "llama4" => (
+            json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": LLAMA4_PATTERN},
+                 "behavior": "Isolated", "invert": false},
+                byte_level(false)
+            ]}),
+            true,
+        ),
         other => {
             return Err(file.meta_err(
                 "tokenizer.ggml.pre",
-                format!("pre-tokenizer `{other}` is not supported (gpt2, smollm, llama-bpe)"),
+                format!(
+                    "pre-tokenizer `{other}` is not supported (gpt2, smollm, llama-bpe, llama4)"
+                ),
             ))
         }
     };

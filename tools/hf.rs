@@ -71,6 +71,7 @@ pub fn open_hf_dir(dir: impl AsRef<Path>) -> Result<Checkpoint> {
         tokenizer_json,
         tokenizer_model,
         chat_template,
+        rope_freq_factors: None,
         source: Box::new(source),
     })
 }
@@ -366,6 +367,7 @@ pub fn model_config_from_hf(v: &Value) -> Result<ModelConfig> {
             };
             ModelConfig {
                 rope_freq_bf16: false,
+                rope_freq_factors: None,
                 arch,
                 vocab_size,
                 hidden_size,
@@ -501,6 +503,7 @@ pub fn model_config_from_hf(v: &Value) -> Result<ModelConfig> {
                 .collect();
             ModelConfig {
                 rope_freq_bf16: false,
+                rope_freq_factors: None,
                 arch,
                 vocab_size,
                 hidden_size,

@@ -7,6 +7,7 @@
 pub mod convert;
 pub mod family;
 pub mod gguf;
+pub mod gguf_llama4;
 pub mod hf;
 pub mod imatrix;
 pub mod safetensors;

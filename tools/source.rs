@@ -69,6 +69,9 @@ pub struct Checkpoint {
     pub tokenizer_model: Option<Vec<u8>>,
     /// The chat template (from `chat_template.jinja`, `tokenizer_config.json` or GGUF).
     pub chat_template: Option<String>,
+    /// RoPE frequency divisors that `config` cannot express (a GGUF file's `rope_freqs.weight`,
+    /// Llama 3 scaling already evaluated); they become `ModelConfig::rope_freq_factors`.
+    pub rope_freq_factors: Option<Vec<f32>>,
     /// The tensors.
     pub source: Box<dyn TensorSource>,
 }

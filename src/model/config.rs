@@ -96,6 +96,12 @@ pub struct ModelConfig {
     /// keeps it in f32). Off by default: f32 frequencies are what the model was trained with.
     #[serde(default)]
     pub rope_freq_bf16: bool,
+    /// Per-frequency divisors of the RoPE inverse frequencies (`head_dim / 2` values), as a
+    /// GGUF file's `rope_freqs.weight` stores Llama 3 style scaling: `inv_freq[j] =
+    /// theta^(-2j/d) / factors[j]` (llama.cpp's `ggml_rope_ext` freq_factors). Absent for
+    /// Hugging Face checkpoints (they give `rope_scaling` instead); never both.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_freq_factors: Option<Vec<f32>>,
     pub attention_chunk_size: Option<usize>,
     pub floor_scale: f32,
     pub attn_scale: f32,
@@ -205,6 +211,34 @@ impl ModelConfig {
             && (self.floor_scale.is_nan() || self.floor_scale <= 0.0)
         {
             return err("floor_scale", "must be > 0");
+        }
+        if let Some(f) = &self.rope_freq_factors {
+            if self.rope_scaling.is_some() {
+                return err(
+                    "rope_freq_factors",
+                    "given together with rope_scaling (one of them only)",
+                );
+            }
+            if f.len() != self.head_dim / 2 {
+                return err(
+                    "rope_freq_factors",
+                    &format!(
+                        "{} values, head_dim / 2 = {} expected",
+                        f.len(),
+                        self.head_dim / 2
+                    ),
+                );
+            }
+            if let Some((j, x)) = f
+                .iter()
+                .enumerate()
+                .find(|(_, x)| !(x.is_finite() && **x > 0.0))
+            {
+                return err(
+                    "rope_freq_factors",
+                    &format!("value {j} is {x}: every factor must be finite and > 0"),
+                );
+            }
         }
         Ok(())
     }

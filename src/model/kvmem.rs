@@ -176,6 +176,7 @@ mod tests {
             rope_scaling: None,
             rope_style: RopeStyle::Interleaved,
             rope_freq_bf16: false,
+            rope_freq_factors: None,
             attention_chunk_size: Some(8192),
             floor_scale: 8192.0,
             attn_scale: 0.1,

@@ -225,6 +225,12 @@ impl Model {
             )
         });
         let mut inv_freq = crate::ops::rope_inv_freq(config.rope_theta, config.head_dim, scaling);
+        if let Some(factors) = &config.rope_freq_factors {
+            // (validated: head_dim / 2 finite positive values)
+            for (f, d) in inv_freq.iter_mut().zip(factors) {
+                *f /= d;
+            }
+        }
         if config.rope_freq_bf16 {
             inv_freq
                 .iter_mut()
