@@ -623,6 +623,21 @@ fn tiny_llama_untied_and_llama3_pretokenizer() {
     assert_eq!(pre["pretokenizers"][1]["use_regex"], false);
     assert_eq!(tj["model"]["ignore_merges"], true);
 
+    // Llama 3.1 style RoPE scaling as `rope_freqs.weight` (head_dim / 2 divisors) is read
+    let (mut w, _) = tiny_llama(3, false, "llama4");
+    w.tensor_f32("rope_freqs.weight", &[HEAD_DIM as u64 / 2], &[1.0, 8.0]);
+    let ck = open_bytes(w.build()).unwrap();
+    assert_eq!(ck.rope_freq_factors.as_deref(), Some(&[1.0f32, 8.0][..]));
+    let cfg = ferroq::tools::convert::checkpoint_config(&ck).unwrap();
+    assert_eq!(cfg.rope_freq_factors, Some(vec![1.0, 8.0]));
+    assert!(cfg.rope_scaling.is_none());
+    let tj: serde_json::Value =
+        serde_json::from_slice(ck.tokenizer_json.as_ref().unwrap()).unwrap();
+    assert_eq!(
+        tj["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"],
+        gguf::LLAMA4_PATTERN
+    );
+
     // unsupported pre-tokenizer: a clear error naming the field
     let (w, _) = tiny_llama(3, true, "some-new-thing");
     let e = open_bytes(w.build())

@@ -9,11 +9,14 @@
 //! innermost first, `u32` ggml type, `u64` offset relative to the data section), padding to
 //! `general.alignment` (default 32), then the data section.
 //!
-//! [`open`] turns a `llama` architecture GGUF into a [`Checkpoint`] with Hugging Face tensor
-//! names and shapes, a synthesized `config.json`, `tokenizer.json`, `tokenizer_config.json`,
-//! `generation_config.json` and the chat template. Tensors are dequantized to f32 exactly as
-//! ggml defines it (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K), one tensor at a
-//! time, straight from the memory map; llama.cpp's Q/K row permutation is undone.
+//! [`open`] turns a `llama` or `llama4` (`tools/gguf_llama4.rs`) architecture GGUF into a
+//! [`Checkpoint`] with Hugging Face tensor names and shapes, a synthesized `config.json`,
+//! `tokenizer.json`, `tokenizer_config.json`, `generation_config.json` and the chat template.
+//! Tensors are dequantized to f32 exactly as ggml defines it (F32, F16, BF16, Q8_0, Q4_0, Q4_1,
+//! Q5_0, Q5_1, Q4_K, Q6_K), one tensor (or one expert's slice of a stacked expert tensor) at a
+//! time, straight from the memory map; llama.cpp's Q/K row permutation is undone (`llama`;
+//! `llama4` files are not permuted). A `rope_freqs.weight` tensor (Llama 3 RoPE scaling as
+//! per-frequency divisors) becomes [`Checkpoint::rope_freq_factors`].
 
 use std::collections::HashMap;
 use std::path::Path;
