@@ -40,6 +40,22 @@ pub fn quantize_q8a(x: &[f32], out: &mut [BlockQ8A]) {
 // Weight quantization (converter side)
 // ---------------------------------------------------------------------------------------------
 
+/// `v.round_ties_even()` without the call to libm's `rintf` that baseline x86-64 (no SSE4.1)
+/// compiles it to: adding and subtracting 2²³ (with the sign of `v`) rounds to the nearest
+/// integer, ties to even, for `|v| < 2²³`; larger values are integers already (and infinities
+/// and NaN pass through). The same value, except that it may return `+0.0` where
+/// `round_ties_even` returns `−0.0`. Branch-free, so loops of it vectorize.
+#[inline(always)]
+pub fn rint(v: f32) -> f32 {
+    let m = 8_388_608.0f32.copysign(v);
+    let r = (v + m) - m;
+    if v.abs() < 8_388_608.0 {
+        r
+    } else {
+        v
+    }
+}
+
 /// Midpoints between consecutive levels: level `i` is nearest for values in
 /// `(mid[i-1], mid[i]]`.
 const fn mids(levels: &[i8; 16]) -> [f32; 15] {
@@ -52,12 +68,10 @@ const fn mids(levels: &[i8; 16]) -> [f32; 15] {
     m
 }
 
-/// Index of the level nearest to `v` (in level units) given the midpoints; ties go to the
-/// lower level.
-#[inline]
-fn nearest_level(mid: &[f32; 15], v: f32) -> usize {
-    // branch-light binary search over the 15 midpoints
-    mid.partition_point(|&m| m < v)
+/// Index of the level of `levels` nearest to `v` (in level units); ties go to the lower
+/// level. The reference [`LevelSearch::nearest`] is tested against.
+pub fn nearest_level(levels: &[i8; 16], v: f32) -> usize {
+    mids(levels).partition_point(|&m| m < v)
 }
 
 /// Quantize 32 weights to the 4-bit codebook with the scale that minimises the squared error.
@@ -70,19 +84,271 @@ pub fn quantize_block_q4(x: &[f32]) -> (f16, [u8; QK]) {
 /// Quantize 32 weights to the 4-bit codebook minimising the importance-weighted squared error
 /// `Σ w[k] (x[k] − d·KVALUES[q[k]])²` (`w[k] ≥ 0`; all zero means uniform).
 ///
-/// The search is exhaustive over the scale: as the inverse scale `t` grows from 0 (for each
-/// sign of `d`), the nearest-level assignment of `x[k]·t` only changes where `x[k]·t` crosses
-/// one of the 15 midpoints of the codebook. Those at most 2 × 32 × 8 crossings are sorted and
-/// swept, updating `Σwxv` and `Σwv²` by one level at a time, and every assignment is scored
-/// with its least-squares scale (`d = Σwxv / Σwv²`, error `Σwx² − (Σwxv)²/Σwv²`). The best
-/// scale is rounded to f16 and the levels are reassigned with that exact scale.
+/// The scale search is [`LevelSearch::quantize`]'s (a window of candidate scales around the
+/// one that puts the block's extreme on the outermost level, each scored with its
+/// least-squares scale); [`quantize_block_levels_exhaustive`] is the exhaustive search it is
+/// measured against.
 pub fn quantize_block_q4_weighted(x: &[f32], w: &[f32]) -> (f16, [u8; QK]) {
     quantize_block_levels(&KVALUES, x, w)
 }
 
+/// The window of inverse scales [`LevelSearch::quantize`] searches, relative to `t_edge` (the
+/// inverse scale at which the first of the block's two extremes reaches its outermost level).
+/// Measured on SmolLM2-135M's matrices (`benches/quant_search.rs`, `docs/quantization.md`):
+/// the total weighted error is 1.00003× the exhaustive search's with (0.7, 1.3), 1.00035×
+/// with (0.8, 1.2) (codebook; linear 1.000004× and 1.00015×).
+pub const SCALE_WINDOW: (f32, f32) = (0.70, 1.30);
+/// Candidate inverse scales per sign in [`SCALE_WINDOW`] (evenly spaced).
+pub const SCALE_CANDIDATES: usize = 32;
+
 /// [`quantize_block_q4_weighted`] for any 16 levels (level 8 the one nearest zero): the
-/// quantizer of every [`Q4Block`] type.
+/// quantizer of every [`Q4Block`] type. [`LevelSearch::quantize`] with the levels prepared
+/// for one block; to quantize many blocks, prepare them once.
 pub fn quantize_block_levels(levels: &[i8; 16], x: &[f32], w: &[f32]) -> (f16, [u8; QK]) {
+    LevelSearch::new(levels).quantize(x, w)
+}
+
+/// `v ∈ [(i − LUT_OFF)/2, (i − LUT_OFF + 1)/2)` reads its nearest level at `lut[i]`.
+const LUT_OFF: usize = 2 * 128 + 4;
+const LUT_LEN: usize = 2 * LUT_OFF;
+
+/// The 4-bit scale search of one set of 16 levels, prepared once for many blocks: the
+/// levels and their squares as f32, their midpoints, the change of both at each midpoint, and
+/// a table of the nearest level per half unit.
+#[derive(Clone, Debug)]
+pub struct LevelSearch {
+    mid: [f32; 15],
+    lv: [f32; 16],
+    /// `lv[j + 1] − lv[j]` and `lv[j + 1]² − lv[j]²`: the change crossing `mid[j]` upwards.
+    dl: [f32; 15],
+    dl2: [f32; 15],
+    top: f32,
+    bottom: f32,
+    lut: [u8; LUT_LEN],
+}
+
+impl LevelSearch {
+    /// Prepare the search for `levels` (increasing; level 8 the one nearest zero).
+    pub fn new(levels: &[i8; 16]) -> LevelSearch {
+        let mid = mids(levels);
+        let lv = levels.map(|l| l as f32);
+        let mut dl = [0.0f32; 15];
+        let mut dl2 = [0.0f32; 15];
+        for j in 0..15 {
+            dl[j] = lv[j + 1] - lv[j];
+            dl2[j] = lv[j + 1] * lv[j + 1] - lv[j] * lv[j];
+        }
+        // the midpoints of integer levels are multiples of 1/2: a half-unit cell never
+        // straddles one, so its level is that of its lower end (a tie goes up, not down)
+        let mut lut = [0u8; LUT_LEN];
+        for (i, l) in lut.iter_mut().enumerate() {
+            let v = (i as f32 - LUT_OFF as f32) * 0.5;
+            *l = mid.iter().filter(|&&m| m <= v).count() as u8;
+        }
+        LevelSearch {
+            mid,
+            lv,
+            dl,
+            dl2,
+            top: lv[15],
+            bottom: -lv[0],
+            lut,
+        }
+    }
+
+    /// The index of the level nearest to `v` (in level units): [`nearest_level`] but for
+    /// exact ties, which may go up; NaN gives level 0.
+    #[inline(always)]
+    pub fn nearest(&self, v: f32) -> usize {
+        // floor(2v) + LUT_OFF as round(2v + LUT_OFF − 1/2) (they differ only where 2v is an
+        // integer: a cell boundary, where both cells hold the same level or v is a tie), by
+        // adding 2²³ (cheaper than a saturating float-to-int conversion); clamped first, so
+        // NaN and far values land on the table's ends (`max` first: it maps NaN to 0)
+        let i = (2.0 * v + (LUT_OFF as f32 - 0.5))
+            .max(0.0)
+            .min((LUT_LEN - 1) as f32);
+        self.lut[((i + 8_388_608.0).to_bits() & 0x7F_FFFF) as usize] as usize
+    }
+
+    /// Quantize 32 weights minimising `Σ w[k] (x[k] − d·L[q[k]])²` (`w[k] ≥ 0`; all zero
+    /// means uniform) over [`SCALE_CANDIDATES`] inverse scales `t` per sign of `d`, evenly
+    /// spaced in `[SCALE_WINDOW.0, SCALE_WINDOW.1] · t_edge` (`t_edge` puts the first of the
+    /// block's two extremes on its outermost level), each assignment (the nearest level of
+    /// every `x[k]·t`) scored with its least-squares scale. The best scale is rounded to f16
+    /// and the levels reassigned with that exact scale.
+    ///
+    /// Only the first assignment of a window is computed from scratch: as `t` grows, the
+    /// level of `x[k]·t` changes only where it crosses a midpoint, at `t = mid / x[k]`; each
+    /// crossing inside the window adds its change of `Σwxv` and `Σwv²` to the candidate at or
+    /// after it (a counting sort, about one crossing per weight), and one pass over the
+    /// candidates scores them. Measured against [`quantize_block_levels_exhaustive`] (the sweep
+    /// over every crossing of every scale) in `docs/quantization.md`.
+    pub fn quantize(&self, x: &[f32], w: &[f32]) -> (f16, [u8; QK]) {
+        self.quantize_grid(x, w, SCALE_WINDOW, SCALE_CANDIDATES)
+    }
+
+    /// [`LevelSearch::quantize`] with its window and candidate count as parameters (for
+    /// measuring them; `2 ≤ g ≤ 256`).
+    pub fn quantize_grid(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        window: (f32, f32),
+        g: usize,
+    ) -> (f16, [u8; QK]) {
+        let x: &[f32; QK] = x.try_into().expect("a block is 32 values");
+        let w: &[f32; QK] = w.try_into().expect("a block has 32 weights");
+        let g = g.clamp(2, 256);
+        // 1. degenerate blocks
+        let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        if amax == 0.0 || !amax.is_finite() {
+            return (f16::ZERO, [8; QK]);
+        }
+        let w = if w.iter().any(|&v| v > 0.0) {
+            w
+        } else {
+            &[1.0; QK]
+        };
+        let (pmax, nmax) = x
+            .iter()
+            .fold((0.0f32, 0.0f32), |(p, n), &v| (p.max(v), n.max(-v)));
+        let mut best = (f32::NEG_INFINITY, 0.0f32);
+        let (mut dxv, mut dvv) = ([0.0f32; 256], [0.0f32; 256]);
+        let edge_of = |s: f32| {
+            let (p, n) = if s > 0.0 { (pmax, nmax) } else { (nmax, pmax) };
+            let tp = if p > 0.0 { self.top / p } else { f32::INFINITY };
+            let tn = if n > 0.0 {
+                self.bottom / n
+            } else {
+                f32::INFINITY
+            };
+            tp.min(tn)
+        };
+        for s in [1.0f32, -1.0] {
+            // 2. the window of this sign
+            let edge = edge_of(s);
+            let (t0, t1) = (window.0 * edge, window.1 * edge);
+            let istep = (g - 1) as f32 / (t1 - t0);
+            // 3. the sums at t0 (eight lanes, so they vectorize), and each crossing's change
+            //    added to the first candidate after it: candidate c is t0 + c·(t1 − t0)/(g − 1)
+            let mut y = [0.0f32; QK];
+            let (mut la, mut lb) = ([0u8; QK], [0u8; QK]);
+            for k in 0..QK {
+                y[k] = s * x[k];
+                la[k] = self.nearest(y[k] * t0) as u8;
+                lb[k] = self.nearest(y[k] * t1) as u8;
+            }
+            let (mut axv, mut avv) = ([0.0f32; 8], [0.0f32; 8]);
+            for k in 0..QK {
+                let v = self.lv[la[k] as usize];
+                axv[k % 8] += w[k] * y[k] * v;
+                avv[k % 8] += w[k] * v * v;
+            }
+            dxv[..g].fill(0.0);
+            dvv[..g].fill(0.0);
+            let gmax = (g - 1) as f32;
+            for k in 0..QK {
+                let (a, b) = (la[k] as usize, lb[k] as usize);
+                if a == b {
+                    continue;
+                }
+                let iy = istep / y[k];
+                let c0 = t0 * istep;
+                let (wy, wk) = (w[k] * y[k], w[k]);
+                let (lo, hi, sign) = if b > a { (a, b, 1.0) } else { (b, a, -1.0) };
+                let (wy, wk) = (sign * wy, sign * wk);
+                for j in lo..hi {
+                    let f = (self.mid[j] * iy - c0).max(0.0).min(gmax);
+                    // round(f + 1/2): the candidate at or after the crossing
+                    let c = (((f + 0.5 + 8_388_608.0).to_bits() & 0x7F_FFFF) as usize).min(g - 1);
+                    dxv[c] += wy * self.dl[j];
+                    dvv[c] += wk * self.dl2[j];
+                }
+            }
+            let mut sxv = axv.iter().sum::<f32>();
+            let mut svv = avv.iter().sum::<f32>();
+            // 4. score every candidate with its least-squares scale: the error is
+            //    Σwx² − sxv²/svv, so the best has the largest sxv²/svv (compared without
+            //    dividing: sxv²·svv_best > sxv_best²·svv)
+            let (mut bn, mut bd, mut bx) = (0.0f32, 1.0f32, 0.0f32);
+            for c in 0..g {
+                sxv += dxv[c];
+                svv += dvv[c];
+                if svv > 0.0 && sxv * sxv * bd > bn * svv {
+                    (bn, bd, bx) = (sxv * sxv, svv, sxv);
+                }
+            }
+            if bn > 0.0 && bn / bd > best.0 {
+                best = (bn / bd, s * bx / bd);
+            }
+        }
+        self.finish(x, best.1)
+    }
+
+    /// Round the chosen scale to f16 and assign the final levels with that exact scale.
+    #[inline(always)]
+    fn finish(&self, x: &[f32; QK], scale: f32) -> (f16, [u8; QK]) {
+        let d = f16::from_f32(scale);
+        let df = d.to_f32();
+        if df == 0.0 || !df.is_finite() {
+            return (f16::ZERO, [8; QK]);
+        }
+        let id = 1.0 / df;
+        let mut q = [8u8; QK];
+        for (qi, &v) in q.iter_mut().zip(x) {
+            *qi = self.nearest(v * id) as u8;
+        }
+        (d, q)
+    }
+}
+
+/// Apply the sorted crossings `ev` of sign `s` to the assignment `lv` and its sums, scoring
+/// each assignment (once all crossings at the same `t` are applied) with its least-squares
+/// scale; `best` is `(score, scale)`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn sweep(
+    levels: &[i8; 16],
+    x: &[f32],
+    w: &[f32],
+    s: f32,
+    lv: &mut [u8; QK],
+    sxv: &mut f32,
+    svv: &mut f32,
+    ev: &[u64],
+    best: &mut (f32, f32),
+) {
+    for (j, &e) in ev.iter().enumerate() {
+        let k = ((e >> 1) & 0xFF) as usize;
+        let y = s * x[k];
+        let old = levels[lv[k] as usize] as f32;
+        lv[k] = if e & 1 == 1 { lv[k] + 1 } else { lv[k] - 1 };
+        let new = levels[lv[k] as usize] as f32;
+        *sxv += w[k] * y * (new - old);
+        *svv += w[k] * (new * new - old * old);
+        if j + 1 < ev.len() && ev[j + 1] >> 32 == e >> 32 {
+            continue;
+        }
+        if *svv > 0.0 && *sxv * *sxv / *svv > best.0 {
+            *best = (*sxv * *sxv / *svv, s * *sxv / *svv);
+        }
+    }
+}
+
+/// The exhaustive scale search (the converter's until the windowed [`LevelSearch`]): as the
+/// inverse scale `t` grows from 0 (for each sign of `d`), the nearest-level assignment of
+/// `x[k]·t` only changes where `x[k]·t` crosses one of the 15 midpoints. Those at most
+/// 2 × 32 × 8 crossings are sorted and swept, updating `Σwxv` and `Σwv²` by one level at a
+/// time, and every assignment is scored with its least-squares scale (`d = Σwxv / Σwv²`,
+/// error `Σwx² − (Σwxv)²/Σwv²`). The best scale is rounded to f16 and the levels reassigned
+/// with that exact scale. About 8× slower than [`LevelSearch::quantize`] for a weighted error
+/// a few parts in 10⁵ (SmolLM2) to 10⁴ (Gaussian) lower: the reference it is measured against
+/// (`benches/quant_search.rs`, `kernels/tests/quant_search.rs`).
+pub fn quantize_block_levels_exhaustive(
+    levels: &[i8; 16],
+    x: &[f32],
+    w: &[f32],
+) -> (f16, [u8; QK]) {
     debug_assert_eq!(x.len(), QK);
     debug_assert_eq!(w.len(), QK);
     // 1. degenerate blocks
@@ -126,35 +392,11 @@ pub fn quantize_block_levels(levels: &[i8; 16], x: &[f32], w: &[f32]) -> (f16, [
         }
         let ev = &mut ev[..n];
         ev.sort_unstable();
-        for (j, &e) in ev.iter().enumerate() {
-            let k = ((e >> 1) & 0xFF) as usize;
-            let y = s * x[k];
-            let old = levels[lv[k] as usize] as f32;
-            lv[k] = if e & 1 == 1 { lv[k] + 1 } else { lv[k] - 1 };
-            let new = levels[lv[k] as usize] as f32;
-            sxv += w[k] * y * (new - old);
-            svv += w[k] * (new * new - old * old);
-            // score once all crossings at the same t are applied
-            if j + 1 < ev.len() && ev[j + 1] >> 32 == e >> 32 {
-                continue;
-            }
-            if svv > 0.0 && sxv * sxv / svv > best.0 {
-                best = (sxv * sxv / svv, s * sxv / svv);
-            }
-        }
+        sweep(levels, x, w, s, &mut lv, &mut sxv, &mut svv, ev, &mut best);
     }
     // 3. round the scale to f16 and assign the final levels with that exact scale
-    let d = f16::from_f32(best.1);
-    let df = d.to_f32();
-    if df == 0.0 || !df.is_finite() {
-        return (f16::ZERO, [8; QK]);
-    }
-    let id = 1.0 / df;
-    let mut q = [8u8; QK];
-    for (qi, &v) in q.iter_mut().zip(x) {
-        *qi = nearest_level(&mid, v * id) as u8;
-    }
-    (d, q)
+    let x: &[f32; QK] = x.try_into().expect("a block is 32 values");
+    LevelSearch::new(levels).finish(x, best.1)
 }
 
 /// Quantize a row-major `rows × cols` f32 matrix into `Q4x8` blocks (`cols % 32 == 0`).
@@ -216,6 +458,7 @@ fn quantize_q4x8_by<B: Q4Block>(
     assert!(out.len() >= rows.div_ceil(ROWS) * nb);
     let uniform = [1.0f32; QK];
     let mut ww = [0f32; QK];
+    let search = LevelSearch::new(&B::LEVELS);
     for (g, group) in out.chunks_mut(nb).take(rows.div_ceil(ROWS)).enumerate() {
         for (b, blk) in group.iter_mut().enumerate() {
             let (mut bd, mut bqs) = ([0u16; ROWS], [0x88u8; 128]);
@@ -227,7 +470,7 @@ fn quantize_q4x8_by<B: Q4Block>(
                 }
                 let x = &w[row * cols + b * QK..row * cols + (b + 1) * QK];
                 weights(x, cw, &mut ww);
-                let (d, q) = quantize_block_levels(&B::LEVELS, x, &ww);
+                let (d, q) = search.quantize(x, &ww);
                 *bd_r = d.to_bits();
                 for (k, &qk) in q.iter().enumerate() {
                     let (i, hi) = q4_pos(r, k);
@@ -272,7 +515,7 @@ pub fn quantize_q8x8(w: &[f32], rows: usize, cols: usize, out: &mut [BlockQ8x8])
                 }
                 // 2. round with the stored scale
                 for (k, &v) in x.iter().enumerate() {
-                    blk.qs[q8_pos(r, k)] = (v / df).round_ties_even().clamp(-127.0, 127.0) as i8;
+                    blk.qs[q8_pos(r, k)] = rint(v / df).clamp(-127.0, 127.0) as i8;
                 }
             }
         }
@@ -302,12 +545,16 @@ pub fn quantize_block_q6(x: &[f32]) -> (f16, [u8; QK]) {
     for base in [-32.0f32, 31.0] {
         for i in -6..=6 {
             let t = (base + base.signum() * i as f32 * 0.1) / m;
-            let (mut sxq, mut sqq) = (0.0f32, 0.0f32);
-            for &v in x {
-                let q = (v * t).round_ties_even().clamp(-32.0, 31.0);
-                sxq += v * q;
-                sqq += q * q;
+            // eight lanes of partial sums, so the loop vectorizes
+            let (mut axq, mut aqq) = ([0.0f32; 8], [0.0f32; 8]);
+            for xs in x.chunks_exact(8) {
+                for ((&v, a), b) in xs.iter().zip(&mut axq).zip(&mut aqq) {
+                    let q = rint(v * t).clamp(-32.0, 31.0);
+                    *a += v * q;
+                    *b += q * q;
+                }
             }
+            let (sxq, sqq) = (axq.iter().sum::<f32>(), aqq.iter().sum::<f32>());
             if sqq > 0.0 && sxq * sxq / sqq > best.0 {
                 best = (sxq * sxq / sqq, sxq / sqq);
             }
@@ -321,7 +568,7 @@ pub fn quantize_block_q6(x: &[f32]) -> (f16, [u8; QK]) {
     }
     let mut u = [32u8; QK];
     for (ui, &v) in u.iter_mut().zip(x) {
-        *ui = ((v / df).round_ties_even().clamp(-32.0, 31.0) + 32.0) as u8;
+        *ui = (rint(v / df).clamp(-32.0, 31.0) + 32.0) as u8;
     }
     (d, u)
 }
