@@ -1181,6 +1181,7 @@ pub fn checkpoint(file: GgufFile) -> Result<Checkpoint> {
 
 /// The attention hyperparameters every Llama-like architecture stores alike (the keys
 /// llama.cpp's `llama_model::load_hparams` reads for all of them), range-checked.
+#[derive(Clone, Copy, Debug)]
 pub(crate) struct Common {
     pub hidden: u64,
     pub n_layers: u64,
@@ -1189,6 +1190,33 @@ pub(crate) struct Common {
     pub head_dim: u64,
     pub eps: f64,
     pub ctx: u64,
+}
+
+impl Common {
+    /// The `config.json` keys every family synthesizes alike from these fields: `architectures`
+    /// and `model_type` as given, the shape, the norm epsilon, `rope_theta`, the context, SiLU
+    /// and no attention bias.
+    pub(crate) fn config(
+        &self,
+        architecture: &str,
+        model_type: &str,
+        theta: f64,
+    ) -> Map<String, Json> {
+        let mut cfg = Map::new();
+        cfg.insert("architectures".into(), json!([architecture]));
+        cfg.insert("model_type".into(), json!(model_type));
+        cfg.insert("hidden_size".into(), json!(self.hidden));
+        cfg.insert("num_hidden_layers".into(), json!(self.n_layers));
+        cfg.insert("num_attention_heads".into(), json!(self.n_head));
+        cfg.insert("num_key_value_heads".into(), json!(self.n_kv));
+        cfg.insert("head_dim".into(), json!(self.head_dim));
+        cfg.insert("hidden_act".into(), json!("silu"));
+        cfg.insert("rms_norm_eps".into(), json!(self.eps));
+        cfg.insert("rope_theta".into(), json!(theta));
+        cfg.insert("max_position_embeddings".into(), json!(self.ctx));
+        cfg.insert("attention_bias".into(), json!(false));
+        cfg
+    }
 }
 
 /// Largest size accepted for any count or width.
@@ -1475,15 +1503,16 @@ pub(crate) fn finish(file: GgufFile, p: Parts) -> Result<Checkpoint> {
 fn checkpoint_llama(file: GgufFile) -> Result<Checkpoint> {
     let arch = "llama";
     let k = |s: &str| format!("{arch}.{s}");
+    let common = file.common(arch)?;
     let Common {
         hidden,
         n_layers,
         n_head,
         n_kv,
         head_dim,
-        eps,
         ctx,
-    } = file.common(arch)?;
+        ..
+    } = common;
     let ffn = file.req_u64(&k("feed_forward_length"))?;
     if ffn == 0 || ffn > SIZE_CAP {
         return Err(file.meta_err(
@@ -1564,21 +1593,9 @@ fn checkpoint_llama(file: GgufFile) -> Result<Checkpoint> {
         map.push((gi, unpermute, None));
     }
 
-    let mut cfg = Map::new();
-    cfg.insert("architectures".into(), json!(["LlamaForCausalLM"]));
-    cfg.insert("model_type".into(), json!("llama"));
-    cfg.insert("hidden_size".into(), json!(hidden));
-    cfg.insert("num_hidden_layers".into(), json!(n_layers));
-    cfg.insert("num_attention_heads".into(), json!(n_head));
-    cfg.insert("num_key_value_heads".into(), json!(n_kv));
-    cfg.insert("head_dim".into(), json!(head_dim));
+    let mut cfg = common.config("LlamaForCausalLM", "llama", theta);
     cfg.insert("intermediate_size".into(), json!(ffn));
-    cfg.insert("hidden_act".into(), json!("silu"));
-    cfg.insert("rms_norm_eps".into(), json!(eps));
-    cfg.insert("rope_theta".into(), json!(theta));
     cfg.insert("rope_scaling".into(), rope_scaling.unwrap_or(Json::Null));
-    cfg.insert("max_position_embeddings".into(), json!(ctx));
-    cfg.insert("attention_bias".into(), json!(false));
     cfg.insert("mlp_bias".into(), json!(false));
     finish(
         file,

@@ -39,7 +39,7 @@
 
 use std::collections::HashSet;
 
-use serde_json::{json, Map};
+use serde_json::json;
 
 use super::gguf::{finish, Common, GgufFile, Parts, SIZE_CAP};
 use super::source::{Checkpoint, SrcTensor};
@@ -170,15 +170,16 @@ fn parse_layer_name(name: &str) -> Option<(u64, Part)> {
 /// Build a [`Checkpoint`] from a parsed `llama4` GGUF file.
 pub fn checkpoint(file: GgufFile) -> Result<Checkpoint> {
     let origin = file.origin().to_string();
+    let common = file.common(ARCH)?;
     let Common {
         hidden,
         n_layers,
         n_head,
         n_kv,
         head_dim,
-        eps,
         ctx,
-    } = file.common(ARCH)?;
+        ..
+    } = common;
     // keys llama.cpp requires for llama4
     let ffn_exp = file.req_u64(&k("expert_feed_forward_length"))?;
     let step = file.req_u64(&k("interleave_moe_layer_step"))?;
@@ -417,14 +418,7 @@ pub fn checkpoint(file: GgufFile) -> Result<Checkpoint> {
     }
 
     let n = n_layers as usize;
-    let mut cfg = Map::new();
-    cfg.insert("architectures".into(), json!(["Llama4ForCausalLM"]));
-    cfg.insert("model_type".into(), json!("llama4_text"));
-    cfg.insert("hidden_size".into(), json!(hidden));
-    cfg.insert("num_hidden_layers".into(), json!(n_layers));
-    cfg.insert("num_attention_heads".into(), json!(n_head));
-    cfg.insert("num_key_value_heads".into(), json!(n_kv));
-    cfg.insert("head_dim".into(), json!(head_dim));
+    let mut cfg = common.config("Llama4ForCausalLM", "llama4_text", theta);
     cfg.insert("intermediate_size".into(), json!(ffn_exp));
     cfg.insert("intermediate_size_mlp".into(), json!(ffn));
     cfg.insert("num_local_experts".into(), json!(n_expert));
@@ -454,12 +448,7 @@ pub fn checkpoint(file: GgufFile) -> Result<Checkpoint> {
     cfg.insert("attn_temperature_tuning".into(), json!(temp_tune));
     cfg.insert("floor_scale".into(), json!(floor_scale));
     cfg.insert("attn_scale".into(), json!(LLAMA_CPP_ATTN_SCALE));
-    cfg.insert("hidden_act".into(), json!("silu"));
-    cfg.insert("rms_norm_eps".into(), json!(eps));
-    cfg.insert("rope_theta".into(), json!(theta));
     cfg.insert("rope_scaling".into(), json!(null));
-    cfg.insert("max_position_embeddings".into(), json!(ctx));
-    cfg.insert("attention_bias".into(), json!(false));
     finish(
         file,
         Parts {
