@@ -190,10 +190,10 @@ const GEMM64_SHAPES: &[(&str, usize, usize)] = &[
 
 fn matvec(c: &mut Criterion) {
     q4_group(c, "q4_matvec", MATVEC_SHAPES, 1, q4_weights, |k| {
-        k.gemm_q4x8
+        k.q.q4x8.gemm
     });
     q4_group(c, "q4l_matvec", MATVEC_SHAPES, 1, q4l_weights, |k| {
-        k.gemm_q4lx8
+        k.q.q4lx8.gemm
     });
     let mut g = c.benchmark_group("q8_matvec");
     g.sample_size(10)
@@ -206,7 +206,7 @@ fn matvec(c: &mut Criterion) {
         g.throughput(Throughput::Bytes(std::mem::size_of_val(&w[..]) as u64));
         for kt in tiers(false) {
             g.bench_with_input(BenchmarkId::new(kt.level.name(), name), &(), |b, _| {
-                b.iter(|| (kt.gemm_q8x8)(black_box(&w), rows, k, &x, 1, &mut y, rows))
+                b.iter(|| (kt.q.q8x8.gemm)(black_box(&w), rows, k, &x, 1, &mut y, rows))
             });
         }
     }
@@ -227,11 +227,11 @@ fn matvec(c: &mut Criterion) {
             let lv = kt.level.name();
             g.throughput(Throughput::Bytes(std::mem::size_of_val(&w6[..]) as u64));
             g.bench_with_input(BenchmarkId::new(format!("q6/{lv}"), name), &(), |b, _| {
-                b.iter(|| (kt.gemm_q6x8)(black_box(&w6), rows, k, &x, 1, &mut y, rows))
+                b.iter(|| (kt.q.q6x8.gemm)(black_box(&w6), rows, k, &x, 1, &mut y, rows))
             });
             g.throughput(Throughput::Bytes(std::mem::size_of_val(&w8[..]) as u64));
             g.bench_with_input(BenchmarkId::new(format!("q8/{lv}"), name), &(), |b, _| {
-                b.iter(|| (kt.gemm_q8x8)(black_box(&w8), rows, k, &x, 1, &mut y, rows))
+                b.iter(|| (kt.q.q8x8.gemm)(black_box(&w8), rows, k, &x, 1, &mut y, rows))
             });
         }
     }
@@ -271,10 +271,10 @@ fn matvec(c: &mut Criterion) {
 
 fn gemm64(c: &mut Criterion) {
     q4_group(c, "q4_gemm64", GEMM64_SHAPES, 64, q4_weights, |k| {
-        k.gemm_q4x8
+        k.q.q4x8.gemm
     });
     q4_group(c, "q4l_gemm64", GEMM64_SHAPES, 64, q4l_weights, |k| {
-        k.gemm_q4lx8
+        k.q.q4lx8.gemm
     });
 }
 
@@ -330,11 +330,11 @@ fn moe(c: &mut Criterion) {
                                     continue;
                                 }
                                 let rows = &perm[s..s + n];
-                                (kt.ffn_gate_up_q4x8)(
+                                (kt.q.q4x8.gate_up.unwrap())(
                                     &gate[e], &up[e], ff, hidden, &x, rows, &mut h, ff,
                                 );
                                 (kt.quantize_q8a)(&h[..n * ff], &mut hq[..n * ff / QK]);
-                                (kt.gemm_q4x8)(
+                                (kt.q.q4x8.gemm)(
                                     &down[e],
                                     hidden,
                                     ff,

@@ -3,7 +3,8 @@
 //! `Kernels` table of `ferroq_kernels` (detected once, stored in the model).
 
 use crate::pool::{SharedOut, ThreadPool, Tile};
-use ferroq_kernels::{BlockQ4Lx8, BlockQ4x8, BlockQ6x8, BlockQ8A, BlockQ8x8, Kernels, QK, ROWS};
+use ferroq_kernels::wtype::Registered;
+use ferroq_kernels::{with_qmat, BlockQ8A, Kernels, QMat, WeightType, QK, ROWS};
 use std::sync::Mutex;
 
 /// A weight matrix `[rows, cols]` (nn.Linear layout), borrowed from the mapped model file.
@@ -12,18 +13,60 @@ pub enum Mat<'a> {
     F32(&'a [f32]),
     Bf16(&'a [u16]),
     F16(&'a [u16]),
-    Q4(&'a [BlockQ4x8]),
-    /// Linear 4-bit (`q4lx8`).
-    Q4L(&'a [BlockQ4Lx8]),
-    /// 6-bit (`q6x8`): output and embedding tables only (plain products).
-    Q6(&'a [BlockQ6x8]),
-    Q8(&'a [BlockQ8x8]),
+    /// Quantized, of a registered weight type (`ferroq_kernels::wtype`): its products come
+    /// from the type's entries of the kernel table.
+    Q(QMat<'a>),
 }
 
 impl Mat<'_> {
     /// Whether products with this matrix use 8-bit quantized activations.
     pub fn wants_q8(&self) -> bool {
-        matches!(self, Mat::Q4(_) | Mat::Q4L(_) | Mat::Q6(_) | Mat::Q8(_))
+        matches!(self, Mat::Q(_))
+    }
+}
+
+/// The plain product of quantized weights `w` through their type's table entry.
+#[allow(clippy::too_many_arguments)]
+fn gemm_q<B: WeightType>(
+    kern: &Kernels,
+    w: &[B],
+    rows: usize,
+    k: usize,
+    q8: &[BlockQ8A],
+    n: usize,
+    y: &mut [f32],
+    ld_y: usize,
+) {
+    (B::gemm(kern))(w, rows, k, q8, n, y, ld_y)
+}
+
+/// The fused gate/up product of `g` and `u` (of `g`'s type: checked by the caller).
+#[allow(clippy::too_many_arguments)]
+fn gate_up_q<B: WeightType>(
+    kern: &Kernels,
+    g: &[B],
+    u: QMat,
+    n_rows: usize,
+    k: usize,
+    x_all: &[BlockQ8A],
+    rows: &[u32],
+    y: &mut [f32],
+    ld_y: usize,
+) {
+    let (Some(f), Some(u)) = (B::gate_up(kern), B::of(u)) else {
+        unreachable!("gate_up_serial: checked by the caller")
+    };
+    f(g, u, n_rows, k, x_all, rows, y, ld_y)
+}
+
+/// Whether `g` and `u` have a fused gate/up product: quantized, of one type that has one.
+fn fused_gate_up(kern: &Kernels, g: Mat, u: Mat) -> bool {
+    fn has<B: WeightType>(kern: &Kernels, _: &[B]) -> bool {
+        B::gate_up(kern).is_some()
+    }
+    match (g, u) {
+        (Mat::Q(g), Mat::Q(u)) => g.same_type(&u) && with_qmat!(g, g => has(kern, g)),
+        _ => false,
     }
 }
 
@@ -147,21 +190,9 @@ fn matmul_serial(
         Mat::F32(w) => (kern.gemm_f32)(w, rows, k, &x[..n * k], n, y, ld_y),
         Mat::Bf16(w) => (kern.gemm_bf16)(w, rows, k, &x[..n * k], n, y, ld_y),
         Mat::F16(w) => (kern.gemm_f16)(w, rows, k, &x[..n * k], n, y, ld_y),
-        Mat::Q4(w) => {
+        Mat::Q(w) => {
             assert_eq!(q8.len(), n * k / QK, "activations not quantized");
-            (kern.gemm_q4x8)(w, rows, k, q8, n, y, ld_y)
-        }
-        Mat::Q4L(w) => {
-            assert_eq!(q8.len(), n * k / QK, "activations not quantized");
-            (kern.gemm_q4lx8)(w, rows, k, q8, n, y, ld_y)
-        }
-        Mat::Q6(w) => {
-            assert_eq!(q8.len(), n * k / QK, "activations not quantized");
-            (kern.gemm_q6x8)(w, rows, k, q8, n, y, ld_y)
-        }
-        Mat::Q8(w) => {
-            assert_eq!(q8.len(), n * k / QK, "activations not quantized");
-            (kern.gemm_q8x8)(w, rows, k, q8, n, y, ld_y)
+            with_qmat!(w, w => gemm_q(kern, w, rows, k, q8, n, y, ld_y))
         }
     }
 }
@@ -173,10 +204,10 @@ fn mat_rows(w: Mat<'_>, k: usize, r0: usize, r1: usize) -> Mat<'_> {
         Mat::F32(w) => Mat::F32(&w[r0 * k..r1 * k]),
         Mat::Bf16(w) => Mat::Bf16(&w[r0 * k..r1 * k]),
         Mat::F16(w) => Mat::F16(&w[r0 * k..r1 * k]),
-        Mat::Q4(w) => Mat::Q4(&w[r0 / ROWS * nb..r1.div_ceil(ROWS) * nb]),
-        Mat::Q4L(w) => Mat::Q4L(&w[r0 / ROWS * nb..r1.div_ceil(ROWS) * nb]),
-        Mat::Q6(w) => Mat::Q6(&w[r0 / ROWS * nb..r1.div_ceil(ROWS) * nb]),
-        Mat::Q8(w) => Mat::Q8(&w[r0 / ROWS * nb..r1.div_ceil(ROWS) * nb]),
+        Mat::Q(w) => {
+            let (b0, b1) = (r0 / ROWS * nb, r1.div_ceil(ROWS) * nb);
+            Mat::Q(with_qmat!(w, w => Registered::qmat(&w[b0..b1])))
+        }
     }
 }
 
@@ -259,14 +290,10 @@ fn gate_up_serial(
     y: &mut [f32],
     ld_y: usize,
 ) {
-    match (g, u) {
-        (Mat::Q4(g), Mat::Q4(u)) => (kern.ffn_gate_up_q4x8)(g, u, n_rows, k, x_all, rows, y, ld_y),
-        (Mat::Q4L(g), Mat::Q4L(u)) => {
-            (kern.ffn_gate_up_q4lx8)(g, u, n_rows, k, x_all, rows, y, ld_y)
-        }
-        (Mat::Q8(g), Mat::Q8(u)) => (kern.ffn_gate_up_q8x8)(g, u, n_rows, k, x_all, rows, y, ld_y),
-        _ => unreachable!("gate_up_serial: checked by the caller"),
-    }
+    let (Mat::Q(g), Mat::Q(u)) = (g, u) else {
+        unreachable!("gate_up_serial: checked by the caller")
+    };
+    with_qmat!(g, g => gate_up_q(kern, g, u, n_rows, k, x_all, rows, y, ld_y))
 }
 
 /// `y[t * ld_y + r] = Σ_k W[r][k] · x[t][k]` for `r < rows`.
@@ -357,10 +384,7 @@ pub fn gate_up(
     up: &mut [f32],
 ) {
     let (k, n) = (a.k, a.n_tok);
-    let fused = matches!(
-        (wg, wu),
-        (Mat::Q4(_), Mat::Q4(_)) | (Mat::Q4L(_), Mat::Q4L(_)) | (Mat::Q8(_), Mat::Q8(_))
-    ) && !a.q8.is_empty();
+    let fused = fused_gate_up(kern, wg, wu) && !a.q8.is_empty();
     if !fused {
         matmul_n(kern, par, [wg, wu], [inter, inter], a, [&mut *y, &mut *up]);
         let (g, u) = (&mut y[..n * inter], &up[..n * inter]);
@@ -393,10 +417,7 @@ pub fn mat_row(w: Mat, row: usize, cols: usize, out: &mut [f32]) {
         Mat::F32(w) => out[..cols].copy_from_slice(&w[row * cols..(row + 1) * cols]),
         Mat::Bf16(w) => scalar::bf16_to_f32(&w[row * cols..(row + 1) * cols], &mut out[..cols]),
         Mat::F16(w) => scalar::f16_to_f32(&w[row * cols..(row + 1) * cols], &mut out[..cols]),
-        Mat::Q4(w) => scalar::dequantize_row_q4x8(w, row, cols, out),
-        Mat::Q4L(w) => scalar::dequantize_row_q4x8(w, row, cols, out),
-        Mat::Q6(w) => scalar::dequantize_row_q6x8(w, row, cols, out),
-        Mat::Q8(w) => scalar::dequantize_row_q8x8(w, row, cols, out),
+        Mat::Q(w) => with_qmat!(w, w => WeightType::dequantize_row(w, row, cols, out)),
     }
 }
 

@@ -3,9 +3,7 @@
 //! reproduce the twin's integer sums and float order); float reductions within
 //! [`CHECK_REL_TOL`] of the sum of absolute terms.
 
-use crate::{
-    scalar, BlockQ4Lx8, BlockQ4x8, BlockQ6x8, BlockQ8A, BlockQ8x8, Kernels, TierTable, WeightType,
-};
+use crate::{scalar, BlockQ8A, Kernels, TierTable, WeightType};
 
 /// Relative tolerance for reassociated f32 sums: `n · ε` bound for `n` up to ~2^13 terms,
 /// taken as 1e-3 of `Σ|terms|` (loose on purpose: this guards against wrong kernels, the unit
@@ -326,22 +324,34 @@ fn group_by_expert<T: TierTable>(
     );
 }
 
+/// The checking products of tier `T` for every registered type: each entry the tier has,
+/// wrapped.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __check_products {
+    ($t:ident [$($f:ident $v:ident $b:ty => $g:ident,)*]) => {
+        $crate::QuantProducts {
+            $($f: $crate::Products {
+                gemm: gemm_q::<$t, $b>,
+                gate_up: match $t::K.q.$f.gate_up {
+                    Some(_) => Some(gate_up_q::<$t, $b>),
+                    None => None,
+                },
+            },)*
+        }
+    };
+}
+
 /// The checking table of tier `T`.
 pub(crate) fn wrap<T: TierTable>() -> Kernels {
     Kernels {
         level: T::K.level,
         quantize_q8a: quantize_q8a::<T>,
-        gemm_q4x8: gemm_q::<T, BlockQ4x8>,
-        gemm_q4lx8: gemm_q::<T, BlockQ4Lx8>,
-        gemm_q8x8: gemm_q::<T, BlockQ8x8>,
-        gemm_q6x8: gemm_q::<T, BlockQ6x8>,
+        q: crate::weight_types!(__check_products, T),
         gemm_f32: gemm_f32::<T>,
         gemm_bf16: gemm_bf16::<T>,
         gemm_f16: gemm_f16::<T>,
         rmsnorm: rmsnorm::<T>,
-        ffn_gate_up_q4x8: gate_up_q::<T, BlockQ4x8>,
-        ffn_gate_up_q4lx8: gate_up_q::<T, BlockQ4Lx8>,
-        ffn_gate_up_q8x8: gate_up_q::<T, BlockQ8x8>,
         topk: T::K.topk,
         group_by_expert: group_by_expert::<T>,
         attn_scores: attn_scores::<T>,

@@ -317,15 +317,13 @@ fn one<B, T: Tile<B>, const NY: usize>(t: T, a: Args<'_, B>) {
 /// The token is obtained once, by the tier's detection in [`crate::TIERS`], which then builds
 /// the tier's table; the table's entries ([`tier_entries!`]) are reachable only through that
 /// table, so they re-create the token without detecting again.
-pub(crate) trait Tier:
-    Tile<BlockQ4x8> + Tile<BlockQ4Lx8> + Tile<BlockQ8x8> + Tile<BlockQ6x8>
-{
+/// (That the tier has a [`Tile`] for every registered weight type is checked where its table
+/// is built: `tier_products!` names each type's entries.)
+pub(crate) trait Tier: Copy {
     /// # Safety
     /// The CPU has the tier's features (call only from code reachable through the tier's table).
     unsafe fn assume() -> Self;
 }
-
-use crate::block::{BlockQ4Lx8, BlockQ4x8, BlockQ6x8, BlockQ8x8};
 
 /// The quantized-product table entries of one tier, defined in the invoking module for every
 /// block type the tier has a [`Tile`] for: `gemm_q::<B>` ([`crate::GemmQ4Fn`] and its 6- and

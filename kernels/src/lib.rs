@@ -24,7 +24,7 @@ mod x86_64;
 pub use block::{
     BlockQ4Lx8, BlockQ4x8, BlockQ6x8, BlockQ8A, BlockQ8x8, Q4Block, KVALUES, LVALUES, QK, ROWS,
 };
-pub use wtype::WeightType;
+pub use wtype::{Products, QMat, QuantProducts, WeightType};
 
 /// A CPU tier. Ordered: a level can always be lowered to any earlier level of its architecture.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -268,20 +268,13 @@ pub type RmsNormFn = fn(&[f32], Option<&[f32]>, f32, &mut [f32]);
 pub struct Kernels {
     pub level: CpuLevel,
     pub quantize_q8a: fn(&[f32], &mut [BlockQ8A]),
-    pub gemm_q4x8: GemmQ4Fn,
-    /// Linear 4-bit weights (`Q4Lx8`).
-    pub gemm_q4lx8: GemmQ4Fn<BlockQ4Lx8>,
-    pub gemm_q8x8: GemmQ8Fn,
-    /// 6-bit weights (`Q6x8`: output and embedding tables).
-    pub gemm_q6x8: GemmQ6Fn,
+    /// The quantized products, per registered weight type ([`wtype`]).
+    pub q: QuantProducts,
     pub gemm_f32: GemmF32Fn,
     pub gemm_bf16: GemmH16Fn,
     pub gemm_f16: GemmH16Fn,
     pub rmsnorm: RmsNormFn,
     // Expert routing.
-    pub ffn_gate_up_q4x8: GateUpQ4Fn,
-    pub ffn_gate_up_q4lx8: GateUpQ4Fn<BlockQ4Lx8>,
-    pub ffn_gate_up_q8x8: GateUpQ8Fn,
     pub topk: TopkFn,
     pub group_by_expert: GroupFn,
     // Attention.
@@ -305,17 +298,11 @@ pub struct Kernels {
 pub(crate) const SCALAR: Kernels = Kernels {
     level: CpuLevel::Scalar,
     quantize_q8a: scalar::quantize_q8a,
-    gemm_q4x8: scalar::gemm_q4x8::<BlockQ4x8>,
-    gemm_q4lx8: scalar::gemm_q4x8::<BlockQ4Lx8>,
-    gemm_q8x8: scalar::gemm_q8x8,
-    gemm_q6x8: scalar::gemm_q6x8,
+    q: wtype::SCALAR_PRODUCTS,
     gemm_f32: scalar::gemm_f32,
     gemm_bf16: scalar::gemm_bf16,
     gemm_f16: scalar::gemm_f16,
     rmsnorm: scalar::rmsnorm,
-    ffn_gate_up_q4x8: scalar::ffn_gate_up_q4x8::<BlockQ4x8>,
-    ffn_gate_up_q4lx8: scalar::ffn_gate_up_q4x8::<BlockQ4Lx8>,
-    ffn_gate_up_q8x8: scalar::ffn_gate_up_q8x8,
     topk: scalar::topk,
     group_by_expert: scalar::group_by_expert,
     attn_scores: scalar::attn_scores,

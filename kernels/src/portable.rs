@@ -15,7 +15,7 @@
 //!
 //! Rejected: a per-row scalar dequantisation to f32 (4× the bytes touched per block).
 
-use crate::block::{BlockQ4Lx8, BlockQ4x8, BlockQ6x8, BlockQ8A, BlockQ8x8, Q4Block, QK, ROWS};
+use crate::block::{BlockQ6x8, BlockQ8A, BlockQ8x8, Q4Block, QK, ROWS};
 use crate::driver::{Tier, Tile};
 use crate::{CpuLevel, Kernels};
 use half::{bf16, f16};
@@ -395,17 +395,11 @@ pub(crate) fn attn_values(p: &[f32], v: &[f32], ld_v: usize, o: &mut [f32]) {
 pub(crate) const KERNELS: Kernels = Kernels {
     level: CpuLevel::Portable,
     quantize_q8a,
-    gemm_q4x8: gemm_q::<BlockQ4x8>,
-    gemm_q4lx8: gemm_q::<BlockQ4Lx8>,
-    gemm_q8x8: gemm_q::<BlockQ8x8>,
-    gemm_q6x8: gemm_q::<BlockQ6x8>,
+    q: crate::tier_products!(self),
     gemm_f32,
     gemm_bf16,
     gemm_f16,
     rmsnorm,
-    ffn_gate_up_q4x8: gate_up_q::<BlockQ4x8>,
-    ffn_gate_up_q4lx8: gate_up_q::<BlockQ4Lx8>,
-    ffn_gate_up_q8x8: gate_up_q::<BlockQ8x8>,
     topk: crate::scalar::topk,
     group_by_expert: crate::routing::group_by_expert,
     attn_scores,

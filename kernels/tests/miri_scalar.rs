@@ -71,10 +71,10 @@ fn quantized_products_and_roundtrip() {
     ] {
         let mut y4 = vec![f32::NAN; TOK * ROWS];
         let mut y8 = vec![f32::NAN; TOK * ROWS];
-        (kern.gemm_q4x8)(&q4, ROWS, K, &xa, TOK, &mut y4, ROWS);
-        (kern.gemm_q8x8)(&q8, ROWS, K, &xa, TOK, &mut y8, ROWS);
+        (kern.q.q4x8.gemm)(&q4, ROWS, K, &xa, TOK, &mut y4, ROWS);
+        (kern.q.q8x8.gemm)(&q8, ROWS, K, &xa, TOK, &mut y8, ROWS);
         let mut y6 = vec![f32::NAN; TOK * ROWS];
-        (kern.gemm_q6x8)(&q6, ROWS, K, &xa, TOK, &mut y6, ROWS);
+        (kern.q.q6x8.gemm)(&q6, ROWS, K, &xa, TOK, &mut y6, ROWS);
         assert!(y4.iter().chain(&y8).chain(&y6).all(|v| v.is_finite()));
         let mut yf = vec![f32::NAN; TOK * ROWS];
         (kern.gemm_f32)(&w, ROWS, K, &x, TOK, &mut yf, ROWS);

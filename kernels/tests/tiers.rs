@@ -270,8 +270,8 @@ fn q_gemm_integer_sums_exact() {
                     let ld = n_rows + 3;
                     let mut y4 = nan_buf(n_tok, ld);
                     let mut y8 = nan_buf(n_tok, ld);
-                    (kt.gemm_q4x8)(&w4, n_rows, k, &x, n_tok, &mut y4, ld);
-                    (kt.gemm_q8x8)(&w8, n_rows, k, &x, n_tok, &mut y8, ld);
+                    (kt.q.q4x8.gemm)(&w4, n_rows, k, &x, n_tok, &mut y4, ld);
+                    (kt.q.q8x8.gemm)(&w8, n_rows, k, &x, n_tok, &mut y8, ld);
                     let what = format!("{} n={n_rows} k={k}", kt.level.name());
                     assert_exact_sums(&format!("{what} q4"), &y4, ld, n_rows, &x, nb, |r, b, c| {
                         q4_weight(&w4[r / 8 * nb + b], r % 8, c)
@@ -301,7 +301,7 @@ fn q_gemm_matches_twin_bitwise() {
                     let lv = kt.level.name();
                     let mut y = nan_buf(n_tok, ld);
                     let mut r = nan_buf(n_tok, ld);
-                    (kt.gemm_q4x8)(&w4, n_rows, k, &x, n_tok, &mut y, ld);
+                    (kt.q.q4x8.gemm)(&w4, n_rows, k, &x, n_tok, &mut y, ld);
                     scalar::gemm_q4x8(&w4, n_rows, k, &x, n_tok, &mut r, ld);
                     assert_gemm_out(
                         &format!("{lv} q4 n={n_rows} k={k}"),
@@ -313,7 +313,7 @@ fn q_gemm_matches_twin_bitwise() {
                     );
                     let mut y = nan_buf(n_tok, ld);
                     let mut r = nan_buf(n_tok, ld);
-                    (kt.gemm_q8x8)(&w8, n_rows, k, &x, n_tok, &mut y, ld);
+                    (kt.q.q8x8.gemm)(&w8, n_rows, k, &x, n_tok, &mut y, ld);
                     scalar::gemm_q8x8(&w8, n_rows, k, &x, n_tok, &mut r, ld);
                     assert_gemm_out(
                         &format!("{lv} q8 n={n_rows} k={k}"),
@@ -343,8 +343,8 @@ fn q_gemm_scale_edges() {
         w8.iter_mut().for_each(|b| b.d = EDGE_SCALES);
         let x = edge_acts(&mut rng, k);
         let (q4, q8) = (format!("{lv} q4"), format!("{lv} q8"));
-        assert_edges(&q4, &w4, k, &x, kt.gemm_q4x8, scalar::gemm_q4x8);
-        assert_edges(&q8, &w8, k, &x, kt.gemm_q8x8, scalar::gemm_q8x8);
+        assert_edges(&q4, &w4, k, &x, kt.q.q4x8.gemm, scalar::gemm_q4x8);
+        assert_edges(&q8, &w8, k, &x, kt.q.q8x8.gemm, scalar::gemm_q8x8);
     }
 }
 
@@ -392,7 +392,7 @@ fn all_nibble_bytes<B: Q4Block>(gemm: fn(&Kernels) -> GemmQ4Fn<B>) {
 
 #[test]
 fn q4_all_nibble_bytes() {
-    all_nibble_bytes::<BlockQ4x8>(|k| k.gemm_q4x8);
+    all_nibble_bytes::<BlockQ4x8>(|k| k.q.q4x8.gemm);
 }
 
 /// Quantized products against the f64 dot of the unquantized data (error budget).
@@ -418,8 +418,8 @@ fn q_gemm_vs_f64_reference() {
         (kt.quantize_q8a)(&xf, &mut x);
         let mut y4 = nan_buf(n_tok, n_rows);
         let mut y8 = nan_buf(n_tok, n_rows);
-        (kt.gemm_q4x8)(&w4, n_rows, k, &x, n_tok, &mut y4, n_rows);
-        (kt.gemm_q8x8)(&w8, n_rows, k, &x, n_tok, &mut y8, n_rows);
+        (kt.q.q4x8.gemm)(&w4, n_rows, k, &x, n_tok, &mut y4, n_rows);
+        (kt.q.q8x8.gemm)(&w8, n_rows, k, &x, n_tok, &mut y8, n_rows);
         let (mut e4, mut e8) = (0.0f64, 0.0f64);
         for t in 0..n_tok {
             for r in 0..n_rows {
@@ -541,7 +541,7 @@ fn q4l_integer_sums_exact() {
                     }
                     let ld = n_rows + 3;
                     let mut y = nan_buf(n_tok, ld);
-                    (kt.gemm_q4lx8)(&w, n_rows, k, &x, n_tok, &mut y, ld);
+                    (kt.q.q4lx8.gemm)(&w, n_rows, k, &x, n_tok, &mut y, ld);
                     let what = format!("{} q4l n={n_rows} k={k}", kt.level.name());
                     assert_exact_sums(&what, &y, ld, n_rows, &x, nb, |r, b, c| {
                         let blk = &w[r / 8 * nb + b];
@@ -570,7 +570,7 @@ fn q4l_matches_twin_bitwise() {
                     let ld = n_rows + 1;
                     let mut y = nan_buf(n_tok, ld);
                     let mut r = nan_buf(n_tok, ld);
-                    (kt.gemm_q4lx8)(&w, n_rows, k, &x, n_tok, &mut y, ld);
+                    (kt.q.q4lx8.gemm)(&w, n_rows, k, &x, n_tok, &mut y, ld);
                     scalar::gemm_q4x8(&w, n_rows, k, &x, n_tok, &mut r, ld);
                     let what = format!("{lv} q4l n={n_rows} k={k}");
                     assert_gemm_out(&what, &y, &r, n_tok, n_rows, ld);
@@ -583,7 +583,7 @@ fn q4l_matches_twin_bitwise() {
         w.iter_mut().for_each(|b| b.d = EDGE_SCALES);
         let x = edge_acts(&mut rng, k);
         let what = format!("{lv} q4l");
-        assert_edges(&what, &w, k, &x, kt.gemm_q4lx8, scalar::gemm_q4x8);
+        assert_edges(&what, &w, k, &x, kt.q.q4lx8.gemm, scalar::gemm_q4x8);
         // fused gate/up over gathered rows, repeated and out-of-order rows
         for &(n_rows, k) in &[(9usize, 64usize), (24, 96), (40, 1024)] {
             let n_x = 13;
@@ -595,7 +595,7 @@ fn q4l_matches_twin_bitwise() {
                 let ld = n_rows + 2;
                 let mut y = nan_buf(n_sel, ld);
                 let mut r = nan_buf(n_sel, ld);
-                (kt.ffn_gate_up_q4lx8)(&g, &u, n_rows, k, &x, &rows, &mut y, ld);
+                (kt.q.q4lx8.gate_up.unwrap())(&g, &u, n_rows, k, &x, &rows, &mut y, ld);
                 scalar::ffn_gate_up_q4x8(&g, &u, n_rows, k, &x, &rows, &mut r, ld);
                 assert_gemm_out(&format!("{lv} gate_up q4l"), &y, &r, n_sel, n_rows, ld);
             }
@@ -606,7 +606,7 @@ fn q4l_matches_twin_bitwise() {
 /// Every packed byte reads as `q − 8`, through the product and the twin's dequantisation.
 #[test]
 fn q4l_all_nibble_bytes() {
-    all_nibble_bytes::<BlockQ4Lx8>(|k| k.gemm_q4lx8);
+    all_nibble_bytes::<BlockQ4Lx8>(|k| k.q.q4lx8.gemm);
 }
 
 /// Round-trip error of the linear quantizer (same scale search as the codebook) within budget,
@@ -710,7 +710,7 @@ fn q6_integer_sums_exact() {
                     }
                     let ld = n_rows + 3;
                     let mut y = nan_buf(n_tok, ld);
-                    (kt.gemm_q6x8)(&w, n_rows, k, &x, n_tok, &mut y, ld);
+                    (kt.q.q6x8.gemm)(&w, n_rows, k, &x, n_tok, &mut y, ld);
                     let what = format!("{} q6 n={n_rows} k={k}", kt.level.name());
                     assert_exact_sums(&what, &y, ld, n_rows, &x, nb, |r, b, c| {
                         q6_get(&w[r / 8 * nb + b], r % 8, c) as i64 - 32
@@ -736,7 +736,7 @@ fn q6_matches_twin_bitwise() {
                     let ld = n_rows + 1;
                     let mut y = nan_buf(n_tok, ld);
                     let mut r = nan_buf(n_tok, ld);
-                    (kt.gemm_q6x8)(&w, n_rows, k, &x, n_tok, &mut y, ld);
+                    (kt.q.q6x8.gemm)(&w, n_rows, k, &x, n_tok, &mut y, ld);
                     scalar::gemm_q6x8(&w, n_rows, k, &x, n_tok, &mut r, ld);
                     let what = format!("{lv} q6 n={n_rows} k={k}");
                     assert_gemm_out(&what, &y, &r, n_tok, n_rows, ld);
@@ -752,7 +752,7 @@ fn q6_matches_twin_bitwise() {
             &w,
             k,
             &x,
-            kt.gemm_q6x8,
+            kt.q.q6x8.gemm,
             scalar::gemm_q6x8,
         );
     }
@@ -799,7 +799,7 @@ fn q6_all_values_every_slot() {
             xf[col] = 1.0;
             let x = quant_acts(&xf);
             let mut y = vec![f32::NAN; 8];
-            (kt.gemm_q6x8)(&w, 8, k, &x, 1, &mut y, 8);
+            (kt.q.q6x8.gemm)(&w, 8, k, &x, 1, &mut y, 8);
             for r in 0..8 {
                 assert_eq!(
                     y[r],
@@ -889,12 +889,16 @@ fn routing_kernels_match_twins() {
                 }
                 cmp!(
                     "gate_up q4",
-                    |y: &mut [f32]| (kt.ffn_gate_up_q4x8)(&g4, &u4, n_rows, k, &x, &rows, y, ld),
+                    |y: &mut [f32]| (kt.q.q4x8.gate_up.unwrap())(
+                        &g4, &u4, n_rows, k, &x, &rows, y, ld
+                    ),
                     |y: &mut [f32]| scalar::ffn_gate_up_q4x8(&g4, &u4, n_rows, k, &x, &rows, y, ld)
                 );
                 cmp!(
                     "gate_up q8",
-                    |y: &mut [f32]| (kt.ffn_gate_up_q8x8)(&g8, &u8_, n_rows, k, &x, &rows, y, ld),
+                    |y: &mut [f32]| (kt.q.q8x8.gate_up.unwrap())(
+                        &g8, &u8_, n_rows, k, &x, &rows, y, ld
+                    ),
                     |y: &mut [f32]| scalar::ffn_gate_up_q8x8(
                         &g8, &u8_, n_rows, k, &x, &rows, y, ld
                     )

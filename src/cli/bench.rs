@@ -128,10 +128,7 @@ fn mat_bytes(m: Mat) -> usize {
     match m {
         Mat::F32(w) => std::mem::size_of_val(w),
         Mat::Bf16(w) | Mat::F16(w) => std::mem::size_of_val(w),
-        Mat::Q4(w) => std::mem::size_of_val(w),
-        Mat::Q4L(w) => std::mem::size_of_val(w),
-        Mat::Q6(w) => std::mem::size_of_val(w),
-        Mat::Q8(w) => std::mem::size_of_val(w),
+        Mat::Q(w) => ferroq_kernels::with_qmat!(w, w => std::mem::size_of_val(w)),
     }
 }
 

@@ -14,7 +14,7 @@ pub use reader::{FqmFile, TensorInfo, TensorView, VerifyReport, COPY_BELOW};
 pub use writer::FqmWriter;
 pub use xxh64::xxh64;
 
-use ferroq_kernels::block::{q4x8_bytes, q6x8_bytes, q8x8_bytes, QK};
+use ferroq_kernels::block::QK;
 
 /// File magic: the first 8 bytes.
 pub const MAGIC: [u8; 8] = *b"FERROQM\0";
@@ -91,7 +91,8 @@ impl DType {
             DType::F32 => n.checked_mul(4),
             DType::F16 | DType::Bf16 => n.checked_mul(2),
             DType::U8 => Some(n),
-            DType::Q4x8 | DType::Q4Lx8 | DType::Q6x8 | DType::Q8x8 => {
+            _ => {
+                let t = self.quantized()?;
                 let [rows, cols] = shape else { return None };
                 if cols % QK != 0 || *cols == 0 {
                     return None;
@@ -99,11 +100,7 @@ impl DType {
                 // n fits, so rows*cols fits; the padded size is at most n * 272/256 + a group
                 let padded = rows.div_ceil(8).checked_mul(8)?.checked_mul(*cols)?;
                 let _ = padded.checked_mul(2)?;
-                Some(match self {
-                    DType::Q8x8 => q8x8_bytes(*rows, *cols),
-                    DType::Q6x8 => q6x8_bytes(*rows, *cols),
-                    _ => q4x8_bytes(*rows, *cols),
-                })
+                Some(t.nbytes(*rows, *cols))
             }
         }
     }
@@ -114,9 +111,12 @@ impl DType {
             DType::F32 => 32.0,
             DType::F16 | DType::Bf16 => 16.0,
             DType::U8 => 8.0,
-            DType::Q4x8 | DType::Q4Lx8 => 4.5,
-            DType::Q6x8 => 6.5,
-            DType::Q8x8 => 8.5,
+            _ => self.quantized().map_or(f64::NAN, |t| t.bits_per_weight),
         }
+    }
+
+    /// The registered weight type (`ferroq_kernels::wtype`) of this dtype, if it is quantized.
+    pub fn quantized(self) -> Option<&'static ferroq_kernels::wtype::TypeInfo> {
+        ferroq_kernels::wtype::type_info(self.name())
     }
 }

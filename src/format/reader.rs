@@ -56,21 +56,27 @@ impl<'a> TensorView<'a> {
         }
         self.cast()
     }
-    pub fn q4x8(&self) -> Result<&'a [BlockQ4x8]> {
-        self.want(DType::Q4x8)?;
+    /// The blocks of a tensor of registered weight type `B`.
+    pub fn blocks<B: ferroq_kernels::WeightType>(&self) -> Result<&'a [B]> {
+        if self.info.dtype.name() != B::NAME {
+            return Err(Error::tensor(
+                &self.info.name,
+                format!("is {}, {} expected", self.info.dtype.name(), B::NAME),
+            ));
+        }
         self.cast()
+    }
+    pub fn q4x8(&self) -> Result<&'a [BlockQ4x8]> {
+        self.blocks()
     }
     pub fn q4lx8(&self) -> Result<&'a [BlockQ4Lx8]> {
-        self.want(DType::Q4Lx8)?;
-        self.cast()
+        self.blocks()
     }
     pub fn q6x8(&self) -> Result<&'a [BlockQ6x8]> {
-        self.want(DType::Q6x8)?;
-        self.cast()
+        self.blocks()
     }
     pub fn q8x8(&self) -> Result<&'a [BlockQ8x8]> {
-        self.want(DType::Q8x8)?;
-        self.cast()
+        self.blocks()
     }
 }
 

@@ -7,7 +7,7 @@ use super::tensors::{tensor_table, LayerTensor, Proj, Role, TensorKey};
 use crate::format::{DType, FqmFile};
 use crate::ops::Mat;
 use crate::{Error, Result};
-use ferroq_kernels::Kernels;
+use ferroq_kernels::{Kernels, QMat};
 use std::path::Path;
 
 /// A tensor of the model: index into the file's directory (validated at load).
@@ -71,7 +71,7 @@ pub struct Model {
 
 /// Whether products with a matrix of this type use 8-bit quantized activations.
 fn quantized(d: DType) -> bool {
-    matches!(d, DType::Q4x8 | DType::Q4Lx8 | DType::Q6x8 | DType::Q8x8)
+    d.quantized().is_some()
 }
 
 /// The routed experts of a layer share one quantization of their inputs (the forward pass
@@ -157,17 +157,12 @@ impl Model {
             }
             let ok = match spec.role {
                 Role::Norm | Role::Router => info.dtype == DType::F32,
-                // the 6-bit type has a plain product only (no expert gather, no fused gate/up)
-                Role::Embedding | Role::Output if info.dtype == DType::Q6x8 => true,
-                _ => matches!(
-                    info.dtype,
-                    DType::F32
-                        | DType::F16
-                        | DType::Bf16
-                        | DType::Q4x8
-                        | DType::Q4Lx8
-                        | DType::Q8x8
-                ),
+                // a plain-product type (6-bit: no fused gate/up) for the tables only
+                Role::Embedding | Role::Output if quantized(info.dtype) => true,
+                _ => {
+                    matches!(info.dtype, DType::F32 | DType::F16 | DType::Bf16)
+                        || info.dtype.quantized().is_some_and(|t| t.gate_up)
+                }
             };
             if !ok {
                 return Err(Error::format(
@@ -266,11 +261,8 @@ impl Model {
             DType::F32 => Mat::F32(bytemuck::cast_slice(bytes)),
             DType::Bf16 => Mat::Bf16(bytemuck::cast_slice(bytes)),
             DType::F16 => Mat::F16(bytemuck::cast_slice(bytes)),
-            DType::Q4x8 => Mat::Q4(bytemuck::cast_slice(bytes)),
-            DType::Q4Lx8 => Mat::Q4L(bytemuck::cast_slice(bytes)),
-            DType::Q6x8 => Mat::Q6(bytemuck::cast_slice(bytes)),
-            DType::Q8x8 => Mat::Q8(bytemuck::cast_slice(bytes)),
             DType::U8 => unreachable!("U8 tensors are rejected for matrix roles at open"),
+            d => Mat::Q(QMat::cast(d.name(), bytes).expect("a registered type, checked at open")),
         }
     }
 
@@ -282,12 +274,9 @@ impl Model {
 
     /// Whether the attention/FFN matrices are quantized (Q4x8/Q8x8) rather than float.
     pub fn is_quantized(&self) -> bool {
-        self.layers.iter().any(|l| {
-            matches!(
-                self.file.tensors()[l.wq.0].dtype,
-                DType::Q4x8 | DType::Q4Lx8 | DType::Q8x8
-            )
-        })
+        self.layers
+            .iter()
+            .any(|l| quantized(self.file.tensors()[l.wq.0].dtype))
     }
 
     /// The KV cache type to use when the user does not choose: f32 for unquantized models

@@ -35,7 +35,6 @@ pub(crate) mod dotprod;
 pub(crate) mod i8mm;
 pub(crate) mod neon;
 
-use crate::block::{BlockQ4Lx8, BlockQ4x8, BlockQ6x8, BlockQ8x8};
 use crate::{finish, portable, CpuLevel, Kernels, TierTable};
 use dotprod::NeonDot;
 use i8mm::NeonI8mm;
@@ -45,17 +44,11 @@ use neon::Neon;
 pub(crate) const NEON: Kernels = Kernels {
     level: CpuLevel::Neon,
     quantize_q8a: neon::quantize_q8a,
-    gemm_q4x8: neon::gemm_q::<BlockQ4x8>,
-    gemm_q4lx8: neon::gemm_q::<BlockQ4Lx8>,
-    gemm_q8x8: neon::gemm_q::<BlockQ8x8>,
-    gemm_q6x8: neon::gemm_q::<BlockQ6x8>,
+    q: crate::tier_products!(neon),
     gemm_f32: portable::gemm_f32,
     gemm_bf16: portable::gemm_bf16,
     gemm_f16: portable::gemm_f16,
     rmsnorm: portable::rmsnorm,
-    ffn_gate_up_q4x8: neon::gate_up_q::<BlockQ4x8>,
-    ffn_gate_up_q4lx8: neon::gate_up_q::<BlockQ4Lx8>,
-    ffn_gate_up_q8x8: neon::gate_up_q::<BlockQ8x8>,
     topk: crate::scalar::topk,
     group_by_expert: crate::routing::group_by_expert,
     attn_scores: portable::attn_scores,
@@ -77,26 +70,14 @@ pub(crate) const NEON: Kernels = Kernels {
 /// NEON + dotprod (Cortex-A55/A76 and later, Neoverse N1, Apple M1, Graviton 2).
 pub(crate) const NEON_DOT: Kernels = Kernels {
     level: CpuLevel::NeonDot,
-    gemm_q4x8: dotprod::gemm_q::<BlockQ4x8>,
-    gemm_q4lx8: dotprod::gemm_q::<BlockQ4Lx8>,
-    gemm_q8x8: dotprod::gemm_q::<BlockQ8x8>,
-    gemm_q6x8: dotprod::gemm_q::<BlockQ6x8>,
-    ffn_gate_up_q4x8: dotprod::gate_up_q::<BlockQ4x8>,
-    ffn_gate_up_q4lx8: dotprod::gate_up_q::<BlockQ4Lx8>,
-    ffn_gate_up_q8x8: dotprod::gate_up_q::<BlockQ8x8>,
+    q: crate::tier_products!(dotprod),
     ..NEON
 };
 
 /// NEON + dotprod + i8mm (Cortex-A510/A710/X2, Neoverse V1/N2, Graviton 3, Apple M2).
 pub(crate) const NEON_I8MM: Kernels = Kernels {
     level: CpuLevel::NeonI8mm,
-    gemm_q4x8: i8mm::gemm_q::<BlockQ4x8>,
-    gemm_q4lx8: i8mm::gemm_q::<BlockQ4Lx8>,
-    gemm_q8x8: i8mm::gemm_q::<BlockQ8x8>,
-    gemm_q6x8: i8mm::gemm_q::<BlockQ6x8>,
-    ffn_gate_up_q4x8: i8mm::gate_up_q::<BlockQ4x8>,
-    ffn_gate_up_q4lx8: i8mm::gate_up_q::<BlockQ4Lx8>,
-    ffn_gate_up_q8x8: i8mm::gate_up_q::<BlockQ8x8>,
+    q: crate::tier_products!(i8mm),
     ..NEON_DOT
 };
 

@@ -4,7 +4,6 @@
 pub(crate) mod avx2;
 pub(crate) mod avx512;
 
-use crate::block::{BlockQ4Lx8, BlockQ4x8, BlockQ6x8, BlockQ8x8};
 use crate::{finish, portable, CpuLevel, Kernels, TierTable};
 use avx2::Avx2;
 use avx512::Avx512Vnni;
@@ -13,17 +12,11 @@ use avx512::Avx512Vnni;
 pub(crate) const AVX2: Kernels = Kernels {
     level: CpuLevel::Avx2,
     quantize_q8a: avx2::quantize_q8a,
-    gemm_q4x8: avx2::gemm_q::<BlockQ4x8>,
-    gemm_q4lx8: avx2::gemm_q::<BlockQ4Lx8>,
-    gemm_q8x8: avx2::gemm_q::<BlockQ8x8>,
-    gemm_q6x8: avx2::gemm_q::<BlockQ6x8>,
+    q: crate::tier_products!(avx2),
     gemm_f32: avx2::gemm_f32,
     gemm_bf16: avx2::gemm_bf16,
     gemm_f16: avx2::gemm_f16,
     rmsnorm: portable::rmsnorm,
-    ffn_gate_up_q4x8: avx2::gate_up_q::<BlockQ4x8>,
-    ffn_gate_up_q4lx8: avx2::gate_up_q::<BlockQ4Lx8>,
-    ffn_gate_up_q8x8: avx2::gate_up_q::<BlockQ8x8>,
     topk: crate::scalar::topk,
     group_by_expert: crate::routing::group_by_expert,
     attn_scores: avx2::attn_scores,
@@ -45,13 +38,7 @@ pub(crate) const AVX2: Kernels = Kernels {
 /// AVX-512 F/BW/VL + VNNI (Cascade Lake, Ice Lake, Sapphire Rapids, Zen 4 and later).
 pub(crate) const AVX512VNNI: Kernels = Kernels {
     level: CpuLevel::Avx512Vnni,
-    gemm_q4x8: avx512::gemm_q::<BlockQ4x8>,
-    gemm_q4lx8: avx512::gemm_q::<BlockQ4Lx8>,
-    gemm_q8x8: avx512::gemm_q::<BlockQ8x8>,
-    gemm_q6x8: avx512::gemm_q::<BlockQ6x8>,
-    ffn_gate_up_q4x8: avx512::gate_up_q::<BlockQ4x8>,
-    ffn_gate_up_q4lx8: avx512::gate_up_q::<BlockQ4Lx8>,
-    ffn_gate_up_q8x8: avx512::gate_up_q::<BlockQ8x8>,
+    q: crate::tier_products!(avx512),
     ..AVX2
 };
 
