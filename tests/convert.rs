@@ -3,7 +3,7 @@
 //! cases that must leave no file behind.
 
 use ferroq::format::{DType, FqmFile, EXPERT_ALIGN};
-use ferroq::kernels::scalar::{dequantize_row_q4x8, dequantize_row_q6x8, dequantize_row_q8x8};
+use ferroq::kernels::WeightType;
 use ferroq::model::{tensor_table, Arch, ModelConfig, Role, RopeStyle};
 use ferroq::tools::convert::{convert, ConvertOptions, ProgressEvent, Quant};
 use ferroq::tools::hf::{model_config_from_hf, open_hf_dir};
@@ -203,24 +203,17 @@ fn decode(f: &FqmFile, name: &str) -> Vec<f32> {
             .iter()
             .map(|&b| half::f16::from_bits(b).to_f32())
             .collect(),
-        DType::Q4x8 | DType::Q4Lx8 | DType::Q6x8 | DType::Q8x8 => {
+        DType::U8 => panic!("u8"),
+        _ => {
             let (rows, cols) = (shape[0], shape[1]);
+            let q = v.qmat().unwrap();
             let mut out = vec![0.0; rows * cols];
             for r in 0..rows {
                 let row = &mut out[r * cols..(r + 1) * cols];
-                if v.info.dtype == DType::Q4x8 {
-                    dequantize_row_q4x8(v.q4x8().unwrap(), r, cols, row);
-                } else if v.info.dtype == DType::Q4Lx8 {
-                    dequantize_row_q4x8(v.q4lx8().unwrap(), r, cols, row);
-                } else if v.info.dtype == DType::Q6x8 {
-                    dequantize_row_q6x8(v.q6x8().unwrap(), r, cols, row);
-                } else {
-                    dequantize_row_q8x8(v.q8x8().unwrap(), r, cols, row);
-                }
+                ferroq_kernels::with_qmat!(q, w => WeightType::dequantize_row(w, r, cols, row));
             }
             out
         }
-        DType::U8 => panic!("u8"),
     }
 }
 

@@ -454,12 +454,7 @@ fn final_dtype(
     cfg: &ModelConfig,
 ) -> (DType, Option<String>) {
     let dtype = opts.dtype_for_tensor(spec, cfg);
-    if matches!(
-        dtype,
-        DType::Q4x8 | DType::Q4Lx8 | DType::Q6x8 | DType::Q8x8
-    ) && spec.shape.len() == 2
-        && !spec.shape[1].is_multiple_of(QK)
-    {
+    if dtype.quantized().is_some() && spec.shape.len() == 2 && !spec.shape[1].is_multiple_of(QK) {
         let why = format!("{} columns is not a multiple of {QK}", spec.shape[1]);
         return (DType::Bf16, Some(why));
     }
@@ -1097,7 +1092,7 @@ pub fn convert(
             },
         })),
         "notes": match opts.quant {
-            Quant::Q4 => "q4x8 for attention, FFN and expert matrices; embedding and output at q6x8 (6.5 bits per weight, 64 linear levels); norms and router f32; 4-bit scales chosen per 32-weight block by an exhaustive search minimising the squared error weighted by sqrt(sigma^2 + x^2) (ggml's weighting)",
+            Quant::Q4 => "q4x8 for attention, FFN and expert matrices; embedding and output at q6x8 (6.5 bits per weight, 64 linear levels); norms and router f32; 4-bit scales chosen per 32-weight block by a windowed search (32 candidate scales per sign around the edge scale) minimising the squared error weighted by sqrt(sigma^2 + x^2) (ggml's weighting)",
             Quant::Q4m => "as q4, with the value and FFN down projections at q8x8",
             Quant::Q4l => "as q4 with the linear 4-bit grid (q4lx8, levels q - 8, the scale search of q4) instead of the codebook",
             Quant::Q8 => "q8x8 for all matrices; norms and router f32",

@@ -56,6 +56,18 @@ impl<'a> TensorView<'a> {
         }
         self.cast()
     }
+    /// The blocks of a quantized tensor, typed by its registered weight type.
+    pub fn qmat(&self) -> Result<ferroq_kernels::QMat<'a>> {
+        ferroq_kernels::QMat::cast(self.info.dtype.name(), self.data).ok_or_else(|| {
+            Error::tensor(
+                &self.info.name,
+                format!(
+                    "is {}, not a quantized type (or misaligned)",
+                    self.info.dtype.name()
+                ),
+            )
+        })
+    }
     /// The blocks of a tensor of registered weight type `B`.
     pub fn blocks<B: ferroq_kernels::WeightType>(&self) -> Result<&'a [B]> {
         if self.info.dtype.name() != B::NAME {
