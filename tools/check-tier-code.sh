@@ -67,7 +67,7 @@ report=$(awk '
     # allowed out-of-line calls: caller (suffix) and callee, with the reason
     #   avx2::attn_scores_kt -> scalar::attn_scores_kt: the empty-shape case (d or n = 0)
     function allowed(f, t) {
-        return f ~ /x86_64::avx2::attn_scores_kt$/ && t ~ /^ferroq_kernels::scalar::attn_scores_kt$/
+        return f ~ /x86_64::avx2::(attention::)?attn_scores_kt$/ && t ~ /^ferroq_kernels::scalar::attn_scores_kt$/
     }
     /^[0-9a-f]+ <.*>:$/ {
         fn = $0; sub(/^[0-9a-f]+ </, "", fn); sub(/>:$/, "", fn)

@@ -25,7 +25,7 @@
 //! (ggml's `Q4_0` levels, our scale search): less accurate than the `q4` codebook (weights'
 //! relative RMS error ~1.2× on SmolLM2; mean KL vs transformers 0.97 against 0.29), but its
 //! AVX2 kernels run about 1.4× faster at prefill and 1.7× faster at in-cache decode (see
-//! `kernels/src/x86_64/avx2.rs`), and a `Q4_0` source converts to it exactly.
+//! `kernels/src/x86_64/avx2/quant.rs`), and a `Q4_0` source converts to it exactly.
 //!
 //! With the 4-bit recipes the embedding and output tables are 6-bit (`q6x8`, 6.5 bits per
 //! weight, like llama.cpp's `Q6_K` output for its 4-bit types): the output projection's error

@@ -29,7 +29,7 @@
 //! Less accurate than the codebook on trained weights (~1.2× the relative RMS error), but the
 //! nibbles are the unsigned operand of an x86 `vpmaddubsw` as they are (no table lookup, no
 //! sign trick), and up to eight of its i16 results can be summed before widening: about 1.5×
-//! fewer instructions per multiply-add on AVX2 (see `x86_64/avx2.rs`).
+//! fewer instructions per multiply-add on AVX2 (see `x86_64/avx2/quant.rs`).
 //!
 //! ## `Q6x8`: 6.5 bits per weight, linear 64 levels (for the output and embedding tables)
 //! ```text
