@@ -1,7 +1,8 @@
 //! ferroq: a pure-Rust CPU inference runtime for 4-bit quantized Llama 4 (MoE) and Llama models.
 //!
-//! Layers (one way): CLI (`main.rs`) → [`model`] → [`ops`] → `ferroq_kernels`.
-//! See `ARCHITECTURE.md`.
+//! Layers (one way): [`engine`] → [`model`] → [`ops`] → `ferroq_kernels`. The converter is the
+//! `ferroq-convert` crate (`convert/`) and the `ferroq` binary the `ferroq-cli` crate (`cli/`):
+//! both depend on this library, never the other way. See `ARCHITECTURE.md`.
 
 pub mod atomic;
 pub mod capi;
@@ -19,8 +20,6 @@ pub mod sampling;
 pub mod server;
 pub mod state_file;
 pub mod tokenizer;
-#[path = "../tools/mod.rs"]
-pub mod tools;
 
 pub use error::{Error, Result};
 pub use ferroq_kernels as kernels;
