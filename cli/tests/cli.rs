@@ -89,7 +89,7 @@ fn run_chat_answers_paris() {
         report.push((quant, answer.contains("Paris")));
     }
     eprintln!("answer contains \"Paris\": {report:?}");
-    // bf16 is (almost) the f32 model, which matches transformers (tests/smollm2.rs) and answers
+    // bf16 is (almost) the f32 model, which matches transformers (cli/tests/smollm2.rs) and answers
     // "The capital of France is Paris.". The quantized models are only reported: the f32
     // model's first answer token is a near tie ("The" 25.33 vs "L" 25.24), which quantization
     // error of this small, already-4-bit (Q4_1 GGUF) model flips; see the closing notes.

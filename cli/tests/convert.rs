@@ -180,7 +180,7 @@ fn expected_dtype(q: Quant, role: Role) -> DType {
         (Quant::Q4 | Quant::Q4m, _) => DType::Q4x8,
         (Quant::Q4l, _) => DType::Q4Lx8,
         (Quant::MixM | Quant::MixL | Quant::MixUd, _) => {
-            panic!("the mixed recipes are tested in tests/recipes.rs")
+            panic!("the mixed recipes are tested in cli/tests/recipes.rs")
         }
     }
 }

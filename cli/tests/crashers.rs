@@ -1,6 +1,6 @@
 //! Regression tests: every input that broke ferroq in issue 15 (a hostile-user run over
 //! `3a53b79`), each rebuilt here from the fixtures, must now give a clear error (or work).
-//! The random mutants live in `tests/mutation.rs`.
+//! The random mutants live in `cli/tests/mutation.rs`.
 
 mod support;
 

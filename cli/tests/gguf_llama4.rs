@@ -1,4 +1,4 @@
-//! Llama 4 GGUF import (`tools/gguf_llama4.rs`): GGUF files built here, in Rust, from the tiny
+//! Llama 4 GGUF import (`convert/src/gguf_llama4.rs`): GGUF files built here, in Rust, from the tiny
 //! transformers fixtures (`tests/fixtures/models/llama4-{scout,maverick}-tiny`) with mainline
 //! llama.cpp's names, shapes and metadata keys (`convert_hf_to_gguf.py` `Llama4Model`,
 //! `gguf-py` `MODEL_ARCH.LLAMA4`), converted to f32 `.fqm` and run: logits against
@@ -17,9 +17,9 @@ use ferroq_convert::source::Checkpoint;
 use serde_json::Value;
 use support::{fixture, read_gz, read_safetensors, trim_tokenizer, GgufWriter, Meta, StTensor};
 
-/// tests/parity.rs: unquantized paths reproduce transformers' logits to this.
+/// cli/tests/parity.rs: unquantized paths reproduce transformers' logits to this.
 const MAX_ABS_LOGIT_DIFF: f32 = 1e-3;
-/// tests/parity.rs: mean per-position cosine of q8 logits.
+/// cli/tests/parity.rs: mean per-position cosine of q8 logits.
 const MIN_COSINE_Q8: f64 = 0.99;
 
 // ggml type ids

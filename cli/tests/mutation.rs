@@ -13,7 +13,7 @@
 //! `FERROQ_MUTANTS=N` changes the number of mutants per kind (default [`DEFAULT_MUTANTS`]);
 //! `FERROQ_MUTATION_SEED=S` the seed; `FERROQ_MUTATION_VERBOSE=1` prints each case before it
 //! runs (to find an abort). The cases that broke earlier versions (issue 15) are in
-//! `tests/crashers.rs`.
+//! `cli/tests/crashers.rs`.
 
 mod support;
 

@@ -519,7 +519,7 @@ fn check_shape(name: &str, got: &[usize], want: &[usize], ours: &str) -> Result<
 
 fn check_dtype(t: &super::source::SrcTensor) -> Result<()> {
     match t.dtype.as_str() {
-        // float types from safetensors; GGUF block types that tools/gguf.rs dequantizes exactly
+        // float types from safetensors; GGUF block types that convert/src/gguf.rs dequantizes exactly
         "f32" | "f16" | "bf16" | "q4_0" | "q4_1" | "q5_0" | "q5_1" | "q8_0" | "q4_k" | "q6_k" => Ok(()),
         d => Err(Error::tensor(
             &t.name,

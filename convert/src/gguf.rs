@@ -9,7 +9,7 @@
 //! innermost first, `u32` ggml type, `u64` offset relative to the data section), padding to
 //! `general.alignment` (default 32), then the data section.
 //!
-//! [`open`] turns a `llama` or `llama4` (`tools/gguf_llama4.rs`) architecture GGUF into a
+//! [`open`] turns a `llama` or `llama4` (`convert/src/gguf_llama4.rs`) architecture GGUF into a
 //! [`Checkpoint`] with Hugging Face tensor names and shapes, a synthesized `config.json`,
 //! `tokenizer.json`, `tokenizer_config.json`, `generation_config.json` and the chat template.
 //! Tensors are dequantized to f32 exactly as ggml defines it (F32, F16, BF16, Q8_0, Q4_0, Q4_1,

@@ -1,7 +1,7 @@
 //! GGUF files of architecture `llama4` (Llama 4 Scout / Maverick text models), as mainline
 //! llama.cpp's `convert_hf_to_gguf.py` (class `Llama4Model`) writes them and `llama-quantize`
 //! quantizes them, presented as the Hugging Face checkpoint they came from: a synthesized
-//! `Llama4ForCausalLM` `config.json` (read by `tools/hf.rs` exactly like a Hub one), HF tensor
+//! `Llama4ForCausalLM` `config.json` (read by `convert/src/hf.rs` exactly like a Hub one), HF tensor
 //! names, and the stacked expert tensors sliced into one `nn.Linear` per expert.
 //!
 //! What the file says and where (llama.cpp `src/llama-model.cpp`, `LLM_ARCH_LLAMA4` in
