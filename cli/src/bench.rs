@@ -16,9 +16,9 @@
 //! weight-read bandwidth against the machine's measured read bandwidth. Progress goes to
 //! stderr; the report (or one JSON object with `--json`) to stdout.
 
-use ferroq::model::weights::FfnWeights;
-use ferroq::model::{KvType, Logits, Model, State};
-use ferroq::ops::Mat;
+use ferroq::internals::model::weights::FfnWeights;
+use ferroq::internals::model::{KvType, Logits, Model, State};
+use ferroq::internals::ops::Mat;
 use ferroq::Result;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -63,7 +63,7 @@ pub struct Args {
     /// Memory for the model: `auto` (what is free), `off` (plain mapping, the page cache
     /// decides) or a size (12G, 800M): MoE models larger than it page their routed experts.
     #[arg(long, default_value = "auto", value_parser = super::run::parse_mem)]
-    mem: ferroq::engine::MemBudget,
+    mem: ferroq::internals::engine::MemBudget,
     /// Lock the resident weights in memory.
     #[arg(long)]
     mlock: bool,
@@ -219,7 +219,7 @@ fn measure(
 }
 
 /// The expert cache's counters and the bytes read from disk so far.
-fn io_snapshot(model: &Model) -> (ferroq::model::residency::CacheStats, u64) {
+fn io_snapshot(model: &Model) -> (ferroq::internals::model::residency::CacheStats, u64) {
     let s = model
         .residency
         .as_ref()
@@ -231,7 +231,7 @@ fn io_snapshot(model: &Model) -> (ferroq::model::residency::CacheStats, u64) {
 /// Disk bytes per token and the expert hit rate since `before` (printed with `--verbose`).
 fn io_report(
     model: &Model,
-    before: &(ferroq::model::residency::CacheStats, u64),
+    before: &(ferroq::internals::model::residency::CacheStats, u64),
     tokens: usize,
     label: &str,
     verbose: bool,
@@ -257,14 +257,14 @@ pub fn run(a: Args) -> Result<()> {
     }
     // settings the runs would refuse later, refused before the model is opened and tested
     for &t in &a.threads {
-        ferroq::pool::check_threads(t)?;
+        ferroq::internals::pool::check_threads(t)?;
     }
     let bw_bytes = match a.bw_bytes {
         Some(b) => b,
-        None => ferroq::pool::default_bandwidth_buffer(),
+        None => ferroq::internals::pool::default_bandwidth_buffer(),
     };
     if bw_bytes > 0 {
-        ferroq::pool::check_bandwidth_buffer(bw_bytes)?;
+        ferroq::internals::pool::check_bandwidth_buffer(bw_bytes)?;
     }
     let t0 = Instant::now();
     let mut model = Model::open(&a.model)?;
@@ -275,16 +275,18 @@ pub fn run(a: Args) -> Result<()> {
         model.allow_any_context();
     }
     let budget = match a.mem {
-        ferroq::engine::MemBudget::Off => None,
-        ferroq::engine::MemBudget::Auto => Some(None),
-        ferroq::engine::MemBudget::Bytes(b) => Some(Some(b)),
+        ferroq::internals::engine::MemBudget::Off => None,
+        ferroq::internals::engine::MemBudget::Auto => Some(None),
+        ferroq::internals::engine::MemBudget::Bytes(b) => Some(Some(b)),
     };
     let paged = match budget {
-        Some(budget) => model.enable_paging(&ferroq::model::residency::PagingOptions {
-            budget,
-            mlock: a.mlock,
-            force: false,
-        })?,
+        Some(budget) => {
+            model.enable_paging(&ferroq::internals::model::residency::PagingOptions {
+                budget,
+                mlock: a.mlock,
+                force: false,
+            })?
+        }
         None => false,
     };
     if a.mlock && !paged {
@@ -319,10 +321,10 @@ pub fn run(a: Args) -> Result<()> {
         })
         .collect();
 
-    ferroq::model::kvmem::check_context(c, ctx, model.ctx_limit)?;
+    ferroq::internals::model::kvmem::check_context(c, ctx, model.ctx_limit)?;
     eprintln!(
         "bench: {}",
-        ferroq::model::kv_bytes(c, ctx, a.kv).describe(a.kv)
+        ferroq::internals::model::kv_bytes(c, ctx, a.kv).describe(a.kv)
     );
     let mut tests: Vec<Test> = Vec::new();
     for &t in &threads {
@@ -391,7 +393,7 @@ pub fn run(a: Args) -> Result<()> {
     for &t in &threads {
         bws.push(if bw_bytes > 0 {
             eprintln!("bench: measuring read bandwidth ({t} threads) ...");
-            ferroq::pool::measure_read_bandwidth(bw_bytes, t)?
+            ferroq::internals::pool::measure_read_bandwidth(bw_bytes, t)?
         } else {
             0.0
         });

@@ -6,7 +6,7 @@
 
 use std::io::{BufRead, IsTerminal, Write};
 
-use ferroq::engine::{GenOptions, Session, SessionOptions, StopReason};
+use ferroq::internals::engine::{GenOptions, Session, SessionOptions, StopReason};
 use ferroq::{Error, Result};
 
 use super::run::{print_kv, ModelArgs, SamplingArgs};
@@ -33,7 +33,7 @@ pub fn run(a: Args) -> Result<()> {
     let (sampler, seed) = a.sampling.config()?;
     let engine = a.model.open_engine()?;
     if engine.template().is_none() {
-        return Err(ferroq::chat::no_template_error());
+        return Err(ferroq::internals::chat::no_template_error());
     }
     let mut session = Session::new(
         engine.clone(),

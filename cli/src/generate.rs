@@ -1,7 +1,7 @@
 //! `ferroq generate`: greedy continuation of token ids (KV cache, no stop tokens), printed as a
 //! JSON array.
 
-use ferroq::model::{KvType, Logits, Model, State};
+use ferroq::internals::model::{KvType, Logits, Model, State};
 use ferroq::Result;
 use std::path::PathBuf;
 

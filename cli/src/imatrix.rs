@@ -3,9 +3,9 @@
 //! `ferroq convert --imatrix` (see `ferroq_convert::imatrix`).
 
 use super::perplexity::{bar, bos_of, read_ids};
-use ferroq::engine::tokenizer_from_fqm;
-use ferroq::model::Model;
-use ferroq::perplexity::{ChunkPlan, RunOptions};
+use ferroq::internals::engine::tokenizer_from_fqm;
+use ferroq::internals::model::Model;
+use ferroq::internals::perplexity::{ChunkPlan, RunOptions};
 use ferroq::{Error, Result};
 use ferroq_convert::imatrix::collect;
 use std::path::PathBuf;

@@ -1,6 +1,6 @@
 //! `ferroq inspect <M.fqm>`: architecture, config, tokenizer, provenance, recipe, tensor table.
 
-use ferroq::format::{DType, FqmFile};
+use ferroq::internals::format::{DType, FqmFile};
 use ferroq::Result;
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -30,7 +30,11 @@ pub fn run(args: Args) -> Result<()> {
     let get = |k: &str| m.get(k).unwrap_or(&null);
     let cfg = get("config");
     wln!(o, "file:          {}", args.model.display());
-    wln!(o, "format:        fqm v{}", ferroq::format::VERSION);
+    wln!(
+        o,
+        "format:        fqm v{}",
+        ferroq::internals::format::VERSION
+    );
     wln!(
         o,
         "architecture:  {} (family {})",

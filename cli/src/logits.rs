@@ -1,6 +1,6 @@
 //! `ferroq logits`: logits of every position for a list of token ids, written as safetensors.
 
-use ferroq::model::{KvType, Logits, Model, State};
+use ferroq::internals::model::{KvType, Logits, Model, State};
 use ferroq::{Error, Result};
 use std::path::PathBuf;
 
@@ -38,7 +38,7 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     // refuse a bad output path before any work (an existing directory, the model itself)
-    ferroq::atomic::check_output(&a.output, &[&a.model])?;
+    ferroq::internals::atomic::check_output(&a.output, &[&a.model])?;
     let mut model = Model::open(&a.model)?;
     if a.verify {
         model.file.verify(&|_, _| {})?;
@@ -97,7 +97,7 @@ pub fn run(a: Args) -> Result<()> {
                 hidden[at..at + hs].copy_from_slice(row);
             }
         };
-        let o: Option<ferroq::model::forward::Observer> =
+        let o: Option<ferroq::internals::model::forward::Observer> =
             if a.hidden { Some(&mut obs) } else { None };
         model.forward_observed(&mut st, chunk, Logits::All, o)?;
         logits[t0 * v..(t0 + chunk.len()) * v].copy_from_slice(st.logits());
@@ -109,7 +109,7 @@ pub fn run(a: Args) -> Result<()> {
     write_safetensors_f32(&a.output, &tensors)
 }
 
-/// Write f32 tensors as a safetensors file (through [`ferroq::atomic::AtomicFile`]: a
+/// Write f32 tensors as a safetensors file (through [`ferroq::internals::atomic::AtomicFile`]: a
 /// temporary name in the same directory, renamed when complete, removed on error).
 pub fn write_safetensors_f32(
     path: &std::path::Path,
@@ -130,7 +130,7 @@ pub fn write_safetensors_f32(
     while h.len() % 8 != 0 {
         h.push(b' ');
     }
-    let mut f = ferroq::atomic::AtomicFile::create(path, &[])?;
+    let mut f = ferroq::internals::atomic::AtomicFile::create(path, &[])?;
     f.write_all(&(h.len() as u64).to_le_bytes())?;
     f.write_all(&h)?;
     for (_, _, data) in tensors {

@@ -62,7 +62,7 @@ enum Cmd {
 
 fn main() {
     // an interrupted convert / logits -o leaves no temporary file behind
-    ferroq::atomic::remove_temp_files_on_signal();
+    ferroq::internals::atomic::remove_temp_files_on_signal();
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Bench(a) => bench::run(a),

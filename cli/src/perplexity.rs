@@ -1,10 +1,10 @@
 //! `ferroq perplexity -m M.fqm -f TEXT [-c 512] [--chunks N] [-b B] [--json]
 //! [--kld-base FILE | --kld FILE]`: perplexity and KL divergence computed like
-//! `llama-perplexity` (see `ferroq::perplexity`).
+//! `llama-perplexity` (see `ferroq::internals::perplexity`).
 
-use ferroq::engine::tokenizer_from_fqm;
-use ferroq::model::{KvType, Model};
-use ferroq::perplexity::{
+use ferroq::internals::engine::tokenizer_from_fqm;
+use ferroq::internals::model::{KvType, Model};
+use ferroq::internals::perplexity::{
     perplexity, row_len, run_chunks, ChunkPlan, KldReader, KldStats, KldWriter, NllStats,
     RunOptions,
 };

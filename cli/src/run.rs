@@ -5,9 +5,9 @@ use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use ferroq::chat::Message;
-use ferroq::engine::{Engine, GenOptions, Generation, Session, SessionOptions};
-use ferroq::sampling::SamplerConfig;
+use ferroq::internals::chat::Message;
+use ferroq::internals::engine::{Engine, GenOptions, Generation, Session, SessionOptions};
+use ferroq::internals::sampling::SamplerConfig;
 use ferroq::{Error, Result};
 
 /// Sampling flags shared by `run` and `chat` (llama.cpp names and defaults).
@@ -100,18 +100,18 @@ pub struct ModelArgs {
     #[arg(short = 'c', long = "ctx-size", default_value_t = 0)]
     pub ctx: usize,
     /// Prompt tokens per forward pass.
-    #[arg(short = 'b', long = "batch-size", default_value_t = ferroq::engine::DEFAULT_BATCH)]
+    #[arg(short = 'b', long = "batch-size", default_value_t = ferroq::internals::engine::DEFAULT_BATCH)]
     pub batch: usize,
     /// KV cache type: f32, f16, q8 or q4 (default: f32 for unquantized models, f16 for quantized).
     #[arg(long, value_parser = super::generate::parse_kv)]
-    pub kv: Option<ferroq::model::KvType>,
+    pub kv: Option<ferroq::internals::model::KvType>,
     /// Allow a context (-c) beyond the model's max_position_embeddings.
     #[arg(long)]
     pub ctx_override: bool,
     /// Memory for the model: `auto` (what is free), `off` (never page experts) or a size
     /// (12G, 800M). MoE models larger than it page their routed experts.
     #[arg(long, default_value = "auto", value_parser = parse_mem)]
-    pub mem: ferroq::engine::MemBudget,
+    pub mem: ferroq::internals::engine::MemBudget,
     /// Lock the resident weights in memory (the dense part when experts are paged).
     #[arg(long)]
     pub mlock: bool,
@@ -121,14 +121,14 @@ pub struct ModelArgs {
 }
 
 /// Parse `--mem`.
-pub fn parse_mem(s: &str) -> std::result::Result<ferroq::engine::MemBudget, String> {
-    ferroq::engine::MemBudget::parse(s).map_err(|e| e.to_string())
+pub fn parse_mem(s: &str) -> std::result::Result<ferroq::internals::engine::MemBudget, String> {
+    ferroq::internals::engine::MemBudget::parse(s).map_err(|e| e.to_string())
 }
 
 impl ModelArgs {
     /// Open the engine with these flags.
     pub fn open_engine(&self) -> Result<Arc<Engine>> {
-        let opts = ferroq::engine::EngineOptions {
+        let opts = ferroq::internals::engine::EngineOptions {
             ctx_override: self.ctx_override,
             mem: self.mem,
             mlock: self.mlock,
@@ -141,7 +141,7 @@ impl ModelArgs {
 }
 
 /// The paging line at start (when experts are paged).
-pub fn print_paging(model: &ferroq::model::Model) {
+pub fn print_paging(model: &ferroq::internals::model::Model) {
     if let Some(r) = &model.residency {
         let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
         let (_, eb) = r.expert_bytes();
@@ -170,8 +170,8 @@ pub fn disk_read_bytes() -> u64 {
 
 /// `--verbose` lines: the expert cache's counters since `before`, and disk bytes per token.
 pub fn print_cache_stats(
-    model: &ferroq::model::Model,
-    before: &ferroq::model::residency::CacheStats,
+    model: &ferroq::internals::model::Model,
+    before: &ferroq::internals::model::residency::CacheStats,
     disk_bytes: u64,
     tokens: usize,
 ) {
@@ -309,7 +309,7 @@ fn prompt_cache(
     file: &std::path::Path,
     ids: &[u32],
     gen: &GenOptions,
-) -> Result<ferroq::engine::Timings> {
+) -> Result<ferroq::internals::engine::Timings> {
     let t0 = std::time::Instant::now();
     let loaded = if file.exists() {
         let n = session.load(file).map_err(|e| {
@@ -369,7 +369,11 @@ pub fn run(a: Args) -> Result<()> {
         engine.encode_prompt(&prompt)
     };
     let ctx = engine.context_for(a.model.ctx);
-    ferroq::model::kvmem::check_context(&engine.model().config, ctx, engine.model().ctx_limit)?;
+    ferroq::internals::model::kvmem::check_context(
+        &engine.model().config,
+        ctx,
+        engine.model().ctx_limit,
+    )?;
     if ids.len() >= ctx {
         return Err(Error::Input(format!(
             "the prompt is {} tokens but the context holds {ctx} (including at least one \
@@ -442,7 +446,7 @@ pub fn run(a: Args) -> Result<()> {
         writeln!(out).map_err(out_err)?;
     }
     out.flush().map_err(out_err)?;
-    if g.stop == ferroq::engine::StopReason::ContextFull {
+    if g.stop == ferroq::internals::engine::StopReason::ContextFull {
         eprintln!("ferroq: the context ({} tokens) is full", session.ctx());
     }
     print_timings(&engine, &g);

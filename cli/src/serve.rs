@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use ferroq::model::KvType;
+use ferroq::internals::model::KvType;
 use ferroq::server::{self, ServerConfig};
 use ferroq::{Error, Result};
 
@@ -29,7 +29,7 @@ pub struct Args {
     #[arg(short = 'c', long = "ctx-size", default_value_t = 0)]
     pub ctx: usize,
     /// Most tokens per forward pass (prompt chunks and decode rows together).
-    #[arg(short = 'b', long = "batch-size", default_value_t = ferroq::engine::DEFAULT_BATCH)]
+    #[arg(short = 'b', long = "batch-size", default_value_t = ferroq::internals::engine::DEFAULT_BATCH)]
     pub batch: usize,
     /// Threads (0 = all cores).
     #[arg(short = 't', long, default_value_t = 0)]

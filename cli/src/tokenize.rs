@@ -3,7 +3,7 @@
 use std::io::{BufRead, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
-use ferroq::tokenizer::{Tokenizer, TokenizerKind};
+use ferroq::internals::tokenizer::{Tokenizer, TokenizerKind};
 use ferroq::{Error, Result};
 
 #[derive(clap::Args)]
@@ -31,8 +31,8 @@ pub struct Args {
 /// Load the tokenizer of a tokenizer file or of a `.fqm` model (its stored tokenizer).
 pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
     if path.extension().and_then(|e| e.to_str()) == Some("fqm") {
-        let file = ferroq::format::FqmFile::open(path)?;
-        return ferroq::engine::tokenizer_from_fqm(&file);
+        let file = ferroq::internals::format::FqmFile::open(path)?;
+        return ferroq::internals::engine::tokenizer_from_fqm(&file);
     }
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     tokenizer_from_bytes(path, &bytes, TokenizerKind::detect(Some(path), &bytes))

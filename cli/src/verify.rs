@@ -1,7 +1,7 @@
 //! `ferroq verify M.fqm`: check every tensor of a model against the checksums its file records
 //! (format version 2), plus the directory and metadata checks every open does.
 
-use ferroq::format::FqmFile;
+use ferroq::internals::format::FqmFile;
 use ferroq::Result;
 use std::path::PathBuf;
 

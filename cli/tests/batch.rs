@@ -8,7 +8,7 @@
 
 mod support;
 
-use ferroq::model::{BatchSeg, KvType, Logits, Model, MultiState, State};
+use ferroq::internals::model::{BatchSeg, KvType, Logits, Model, MultiState, State};
 use std::path::PathBuf;
 
 /// Convert a fixture into a file of the calling test's own (`tag`): the tests run in parallel

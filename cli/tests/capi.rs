@@ -1,4 +1,4 @@
-//! The C ABI (`ferroq::capi`, `include/ferroq.h`): null pointers and bad input give errors
+//! The C ABI (`ferroq::internals::capi`, `include/ferroq.h`): null pointers and bad input give errors
 //! (never a panic), tokenize/detokenize round-trip, generation streams through the callback.
 //! Then `tests/c/smoke.c` is compiled with `cc` against the static library and run.
 
@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::ptr::{null, null_mut};
 
-use ferroq::capi::*;
+use ferroq::internals::capi::*;
 
 fn model(test: &str) -> Option<PathBuf> {
     support::smollm2_fqm(

@@ -703,7 +703,7 @@ fn run_prompt_cache_reuses_the_saved_prompt() {
 
 /// Tokens of a plain prompt.
 fn ferroq_tokens(model: &str, text: &str) -> usize {
-    ferroq::engine::Engine::open(model)
+    ferroq::internals::engine::Engine::open(model)
         .unwrap()
         .encode_prompt(text)
         .len()

@@ -2,9 +2,11 @@
 //! per-expert, sharded, f32/f16 sources), tokenizer metadata, config normalization, and error
 //! cases that must leave no file behind.
 
-use ferroq::format::{DType, FqmFile, EXPERT_ALIGN};
-use ferroq::kernels::scalar::{dequantize_row_q4x8, dequantize_row_q6x8, dequantize_row_q8x8};
-use ferroq::model::{tensor_table, Arch, ModelConfig, Role, RopeStyle};
+use ferroq::internals::format::{DType, FqmFile, EXPERT_ALIGN};
+use ferroq::internals::kernels::scalar::{
+    dequantize_row_q4x8, dequantize_row_q6x8, dequantize_row_q8x8,
+};
+use ferroq::internals::model::{tensor_table, Arch, ModelConfig, Role, RopeStyle};
 use ferroq_convert::convert::{convert, ConvertOptions, ProgressEvent, Quant};
 use ferroq_convert::hf::{model_config_from_hf, open_hf_dir};
 use ferroq_convert::safetensors::SafetensorsSource;
@@ -307,7 +309,7 @@ fn every_fixture_at_every_quant() {
             }
             // metadata
             let m = f.meta();
-            assert_eq!(m["ferroq_format"], ferroq::format::VERSION);
+            assert_eq!(m["ferroq_format"], ferroq::internals::format::VERSION);
             let stored: ModelConfig = serde_json::from_value(m["config"].clone()).unwrap();
             assert_eq!(stored, cfg);
             assert_eq!(m["tokenizer"]["kind"], Value::Null);
@@ -1151,9 +1153,9 @@ fn output_and_embedding_type_overrides() {
     assert_eq!(f.tensor("tok_embeddings").unwrap().info.dtype, DType::Q4x8);
     assert!(f.tensor("output").is_err());
     // the model runs on it
-    let m = ferroq::model::Model::open(d.join("llama3.fqm")).unwrap();
-    let mut st = ferroq::model::State::new(&m, 8, 8, false);
-    m.forward(&mut st, &[1, 2, 3], ferroq::model::Logits::Last)
+    let m = ferroq::internals::model::Model::open(d.join("llama3.fqm")).unwrap();
+    let mut st = ferroq::internals::model::State::new(&m, 8, 8, false);
+    m.forward(&mut st, &[1, 2, 3], ferroq::internals::model::Logits::Last)
         .unwrap();
     assert!(st.logits().iter().all(|x| x.is_finite()));
     // every accepted name, llama.cpp's spellings included

@@ -4,10 +4,10 @@
 
 mod support;
 
-use ferroq::chat::{ChatTemplate, Message};
-use ferroq::format::{DType, FqmFile, FqmWriter, TENSOR_ALIGN};
-use ferroq::model::{KvType, Model, State};
-use ferroq::tokenizer::{Tokenizer, TokenizerKind};
+use ferroq::internals::chat::{ChatTemplate, Message};
+use ferroq::internals::format::{DType, FqmFile, FqmWriter, TENSOR_ALIGN};
+use ferroq::internals::model::{KvType, Model, State};
+use ferroq::internals::tokenizer::{Tokenizer, TokenizerKind};
 use ferroq_convert::convert::{convert, ConvertOptions, ProgressEvent, Quant};
 use ferroq_convert::hf::{model_config_from_hf, open_hf_dir};
 use serde_json::{json, Value};
@@ -121,7 +121,7 @@ fn routed_expert_gate_stored_as_f32_is_refused_at_open() {
     );
     let m = Model::open(&all).unwrap();
     let mut st = State::try_with_kv(&m, 8, 4, false, 1, KvType::F32).unwrap();
-    m.forward(&mut st, &[1, 2, 3], ferroq::model::Logits::Last)
+    m.forward(&mut st, &[1, 2, 3], ferroq::internals::model::Logits::Last)
         .unwrap();
 }
 
@@ -130,7 +130,7 @@ fn swapped_offsets_dtype_swaps_and_flipped_scales_are_detected() {
     let dir = tmp_dir("sums");
     let src = scout(&dir, Quant::Q4);
     let f = FqmFile::open(&src).unwrap();
-    assert_eq!(f.version(), ferroq::format::VERSION);
+    assert_eq!(f.version(), ferroq::internals::format::VERSION);
     let report = f.verify(&|_, _| {}).unwrap();
     assert_eq!(report.tensors, f.tensors().len());
     // a flipped scale byte in a q4 tensor: opens (instantly), `verify` names the tensor
@@ -168,7 +168,7 @@ fn swapped_offsets_dtype_swaps_and_flipped_scales_are_detected() {
     assert!(ok);
     // the C ABI: `verify` in the engine settings refuses the flipped file and opens the good one
     {
-        use ferroq::capi::*;
+        use ferroq::internals::capi::*;
         let params = FerroqEngineParams {
             verify: 1,
             ..ferroq_engine_params_default()
@@ -251,7 +251,7 @@ fn version_1_files_still_open() {
     assert!(e.contains("no checksums"), "{e}");
     let m = Model::open(&p).unwrap();
     let mut st = State::try_with_kv(&m, 8, 4, false, 1, KvType::F32).unwrap();
-    m.forward(&mut st, &[1, 2], ferroq::model::Logits::Last)
+    m.forward(&mut st, &[1, 2], ferroq::internals::model::Logits::Last)
         .unwrap();
 }
 
@@ -654,7 +654,7 @@ fn logits_buffers_too_large_are_an_error_naming_ids() {
 
 #[test]
 fn detokenize_never_cuts_a_utf8_character() {
-    use ferroq::capi::*;
+    use ferroq::internals::capi::*;
     use std::ffi::CString;
     // a model with a tokenizer: the scout fixture has none, so build one from a GGUF-like dir
     let dir = tmp_dir("detok");

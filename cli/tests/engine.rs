@@ -1,4 +1,4 @@
-//! The Rust embedding API (`ferroq::engine`) on the real SmolLM2-135M-Instruct model (q8):
+//! The Rust embedding API (`ferroq::internals::engine`) on the real SmolLM2-135M-Instruct model (q8):
 //! sharing one engine between threads, KV-cache reuse across chat turns (checked against a
 //! fresh session), seeded sampling, stop strings, and input errors.
 
@@ -7,8 +7,8 @@ mod support;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use ferroq::engine::{Engine, GenOptions, Session, SessionOptions, StopReason};
-use ferroq::sampling::SamplerConfig;
+use ferroq::internals::engine::{Engine, GenOptions, Session, SessionOptions, StopReason};
+use ferroq::internals::sampling::SamplerConfig;
 
 fn model(test: &str) -> Option<PathBuf> {
     support::smollm2_fqm(
@@ -234,7 +234,7 @@ fn bad_prompts_are_errors() {
     let unlimited = Arc::new(
         Engine::open_with(
             &path,
-            &ferroq::engine::EngineOptions {
+            &ferroq::internals::engine::EngineOptions {
                 ctx_override: true,
                 ..Default::default()
             },

@@ -435,7 +435,7 @@ fn tiny_llama_down(
 /// the Q4_0 grid); the converter suggests q4l when the default q4 would re-quantize them.
 #[test]
 fn q4_0_source_is_exact_with_q4l() {
-    use ferroq::format::{DType, FqmFile};
+    use ferroq::internals::format::{DType, FqmFile};
     use ferroq_convert::convert::{convert, ConvertOptions, Quant};
     let (w, _) = tiny_llama_down(3, true, "smollm", true);
     let ck = open_bytes(w.build()).unwrap();

@@ -10,7 +10,7 @@ mod support;
 
 use std::collections::BTreeMap;
 
-use ferroq::model::{Logits, Model, State};
+use ferroq::internals::model::{Logits, Model, State};
 use ferroq_convert::convert::{convert, ConvertOptions, Quant};
 use ferroq_convert::gguf::{self, GgufFile};
 use ferroq_convert::source::Checkpoint;
@@ -699,7 +699,7 @@ fn cli_converts_a_llama4_gguf() {
     let src = tmp("maverick-tiny.gguf");
     std::fs::write(&src, w.build()).unwrap();
     let out = support::convert(&src, &tmp("maverick-tiny-cli.fqm"), "q8");
-    let engine = ferroq::engine::Engine::open(&out).unwrap();
+    let engine = ferroq::internals::engine::Engine::open(&out).unwrap();
     let ids = engine.tokenizer().encode("hello world", false);
     assert!(!ids.is_empty());
     std::fs::remove_file(&src).ok();
@@ -725,7 +725,7 @@ fn llama4_tokenizer_from_gguf_matches_hf() {
         .kv("tokenizer.ggml.add_bos_token", Meta::Bool(true));
     let f = GgufFile::from_bytes("tok.gguf", w.build()).unwrap();
     let json = gguf::tokenizer_json(&f).unwrap().unwrap();
-    let tok = ferroq::tokenizer::Tokenizer::from_hf_json(&json).unwrap();
+    let tok = ferroq::internals::tokenizer::Tokenizer::from_hf_json(&json).unwrap();
     let golden = String::from_utf8(read_gz("tokenizers/llama4/golden.jsonl.gz")).unwrap();
     let mut lines = 0;
     for l in golden.lines() {
@@ -742,7 +742,8 @@ fn llama4_tokenizer_from_gguf_matches_hf() {
     }
     assert!(lines > 1000);
     // special tokens are cut out whole, and BOS is added
-    let hf = ferroq::tokenizer::Tokenizer::from_hf_json(&llama4_tokenizer_json()).unwrap();
+    let hf =
+        ferroq::internals::tokenizer::Tokenizer::from_hf_json(&llama4_tokenizer_json()).unwrap();
     let s = "<|header_start|>user<|header_end|>\n\nhi there<|eot|>";
     assert_eq!(tok.encode(s, false), hf.encode(s, false));
     assert_eq!(tok.encode(s, true)[0], 200000);

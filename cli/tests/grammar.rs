@@ -1,4 +1,4 @@
-//! Structured output (`ferroq::grammar`) on real tokenizers: token masks equal a brute-force
+//! Structured output (`ferroq::internals::grammar`) on real tokenizers: token masks equal a brute-force
 //! check of every token of the vocabulary, and random generations under many schemas always
 //! parse and validate (or, cut by the token budget, are a valid prefix).
 
@@ -6,9 +6,9 @@ mod support;
 
 use std::sync::Arc;
 
-use ferroq::grammar::{validate, Grammar, GrammarMatcher, Json, TokenIndex};
-use ferroq::sampling::{Rng, Sampler, SamplerConfig};
-use ferroq::tokenizer::Tokenizer;
+use ferroq::internals::grammar::{validate, Grammar, GrammarMatcher, Json, TokenIndex};
+use ferroq::internals::sampling::{Rng, Sampler, SamplerConfig};
+use ferroq::internals::tokenizer::Tokenizer;
 
 fn tokenizer(name: &str) -> Tokenizer {
     Tokenizer::from_hf_json(&support::read_gz(&format!(
@@ -345,8 +345,8 @@ fn special_and_stop_tokens_only_where_allowed() {
 /// valid value; a budget too small for it ends with `MaxTokens` and a valid prefix.
 #[test]
 fn model_output_follows_the_schema() {
-    use ferroq::chat::Message;
-    use ferroq::engine::{Engine, GenOptions, Session, SessionOptions, StopReason};
+    use ferroq::internals::chat::Message;
+    use ferroq::internals::engine::{Engine, GenOptions, Session, SessionOptions, StopReason};
     let Some(path) = support::smollm2_fqm(
         "model_output_follows_the_schema",
         std::path::Path::new(env!("CARGO_BIN_EXE_ferroq")),

@@ -3,9 +3,9 @@
 //! of an imatrix made for another model, and a conversion with an imatrix that differs from
 //! one without and is not worse where the imatrix says it matters.
 
-use ferroq::format::DType;
-use ferroq::model::{tensor_table, KvType, Logits, Model, State};
-use ferroq::perplexity::{ChunkPlan, RunOptions};
+use ferroq::internals::format::DType;
+use ferroq::internals::model::{tensor_table, KvType, Logits, Model, State};
+use ferroq::internals::perplexity::{ChunkPlan, RunOptions};
 use ferroq_convert::imatrix::{collect, Entry, Imatrix};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -277,7 +277,7 @@ fn weighted_error(q: &Model, f: &Model, im: &Imatrix) -> f64 {
         let mut row = vec![0f32; cols];
         for r in 0..rows {
             match t.info.dtype {
-                DType::Q4x8 => ferroq::kernels::scalar::dequantize_row_q4x8(
+                DType::Q4x8 => ferroq::internals::kernels::scalar::dequantize_row_q4x8(
                     t.q4x8().unwrap(),
                     r,
                     cols,

@@ -4,7 +4,7 @@
 
 mod support;
 
-use ferroq::model::{KvType, Logits, Model, State};
+use ferroq::internals::model::{KvType, Logits, Model, State};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -228,7 +228,7 @@ fn context_beyond_max_position_embeddings() {
 /// budget below the dense part is a clear error.
 #[test]
 fn paged_experts_same_logits() {
-    use ferroq::model::residency::PagingOptions;
+    use ferroq::internals::model::residency::PagingOptions;
     for name in ["llama4-scout-tiny", "llama4-maverick-tiny"] {
         let path = convert_f32(name);
         let model = Model::open(&path).unwrap();
@@ -297,7 +297,7 @@ fn chunk_ring_rewind() {
     let d = max_abs_diff(st.logits(), &full[117 * v..]);
     assert!(d <= 1e-4, "rewound in the last chunk: {d}");
     // the bytes of the cache: global layers keep the context, chunked layers 8 slots
-    let b = ferroq::model::kv_bytes(&model.config, 4096, KvType::F16);
+    let b = ferroq::internals::model::kv_bytes(&model.config, 4096, KvType::F16);
     assert!(b.ring_layers > 0 && b.ring_slots == cs && b.total < b.total_full);
     std::fs::remove_file(path).ok();
 }

@@ -17,12 +17,12 @@
 
 mod support;
 
-use ferroq::chat::{ChatTemplate, Message};
-use ferroq::engine::{Engine, GenOptions, Session, SessionOptions};
-use ferroq::format::{xxh64, FqmFile};
-use ferroq::model::{KvType, Logits, Model, State};
-use ferroq::sampling::SamplerConfig;
-use ferroq::tokenizer::{Tokenizer, TokenizerKind};
+use ferroq::internals::chat::{ChatTemplate, Message};
+use ferroq::internals::engine::{Engine, GenOptions, Session, SessionOptions};
+use ferroq::internals::format::{xxh64, FqmFile};
+use ferroq::internals::model::{KvType, Logits, Model, State};
+use ferroq::internals::sampling::SamplerConfig;
+use ferroq::internals::tokenizer::{Tokenizer, TokenizerKind};
 use ferroq_convert::convert::{convert, ConvertOptions, ProgressEvent, Quant};
 use ferroq_convert::source::TensorSource;
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -577,7 +577,7 @@ fn mutants_of_config_json_parse_or_fail_cleanly() {
             m
         })?;
         // what the loader does with a config: the tensor table
-        let _ = ferroq::model::tensor_table(&cfg);
+        let _ = ferroq::internals::model::tensor_table(&cfg);
         Ok(())
     });
 }

@@ -7,7 +7,7 @@
 
 mod support;
 
-use ferroq::model::{KvType, Logits, Model, State};
+use ferroq::internals::model::{KvType, Logits, Model, State};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -413,7 +413,7 @@ fn cli_logits_and_generate_match_transformers() {
 /// naming the field, before anything large is allocated.
 #[test]
 fn absurd_config_in_model_file_is_an_error() {
-    use ferroq::format::{FqmFile, FqmWriter};
+    use ferroq::internals::format::{FqmFile, FqmWriter};
     let good = convert("llama3-tiny", "f32", &[]);
     let file = FqmFile::open(&good).unwrap();
     for (field, value) in [
@@ -446,7 +446,7 @@ fn absurd_config_in_model_file_is_an_error() {
 /// refused at open, naming the tensor.
 #[test]
 fn q6_output_table_and_its_roles() {
-    use ferroq::format::{DType, FqmFile, FqmWriter};
+    use ferroq::internals::format::{DType, FqmFile, FqmWriter};
     for name in ["llama3-tiny", "llama4-topk2-ref"] {
         let e = expected(name);
         let path = convert(name, "q8", &["--output-tensor-type", "q6"]);

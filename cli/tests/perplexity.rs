@@ -4,8 +4,8 @@
 
 mod support;
 
-use ferroq::model::{KvType, Model};
-use ferroq::perplexity::{perplexity, ChunkPlan, RunOptions};
+use ferroq::internals::model::{KvType, Model};
+use ferroq::internals::perplexity::{perplexity, ChunkPlan, RunOptions};
 use std::path::PathBuf;
 use std::process::Command;
 

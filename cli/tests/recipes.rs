@@ -2,8 +2,8 @@
 //! types each tensor gets, the size table printed at convert time and by `ferroq inspect`, and
 //! the dry run from a config alone.
 
-use ferroq::format::DType;
-use ferroq::model::Model;
+use ferroq::internals::format::DType;
+use ferroq::internals::model::Model;
 use ferroq_convert::convert::{more_bits, recipe_sizes, ConvertOptions, Quant};
 use std::path::{Path, PathBuf};
 use std::process::Command;

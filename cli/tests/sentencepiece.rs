@@ -4,7 +4,7 @@
 
 use std::io::Read;
 
-use ferroq::tokenizer::{Tokenizer, TokenizerKind};
+use ferroq::internals::tokenizer::{Tokenizer, TokenizerKind};
 use serde_json::Value;
 
 fn fixture(path: &str) -> Vec<u8> {
@@ -461,7 +461,7 @@ fn hostile_json_is_an_error_not_a_panic() {
 
 #[test]
 fn llama2_chat_template_renders_like_transformers() {
-    use ferroq::chat::{encode_chat, ChatTemplate, Message};
+    use ferroq::internals::chat::{encode_chat, ChatTemplate, Message};
     let tmpl =
         ChatTemplate::from_tokenizer_config(&fixture("spm-mistral/tokenizer_config.json"), None)
             .unwrap();
@@ -575,11 +575,11 @@ fn convert_embeds_it_and_engine_and_cli_load_it() {
         b"",
     );
     assert!(ok, "{err}");
-    let f = ferroq::format::FqmFile::open(&fqm).unwrap();
+    let f = ferroq::internals::format::FqmFile::open(&fqm).unwrap();
     assert_eq!(f.meta()["tokenizer"]["kind"], "sentencepiece");
     assert_eq!(f.meta()["add_bos"], true);
     drop(f);
-    let engine = ferroq::engine::Engine::open(&fqm).unwrap();
+    let engine = ferroq::internals::engine::Engine::open(&fqm).unwrap();
     assert_eq!(engine.tokenizer().encode(text, true), want_ids);
     assert_eq!(
         engine.tokenizer().decode(&want_ids, false),

@@ -823,7 +823,7 @@ fn chat_json(addr: SocketAddr, rf: &str, seed: u64, max: usize, stream: bool) ->
 
 #[test]
 fn response_format_json_schema_and_json_object() {
-    use ferroq::grammar::{Grammar, GrammarMatcher, Json, TokenIndex};
+    use ferroq::internals::grammar::{Grammar, GrammarMatcher, Json, TokenIndex};
     use std::sync::Arc;
     let s = Server::start(&["--parallel", "2"]);
     let rf = format!(
@@ -836,7 +836,7 @@ fn response_format_json_schema_and_json_object() {
         assert_eq!(finish, "stop", "seed {seed}: {text:?}");
         let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text:?}"));
         check_bounded(&v);
-        ferroq::grammar::validate(&doc, &v).unwrap();
+        ferroq::internals::grammar::validate(&doc, &v).unwrap();
         // streamed: the same text for the same seed
         let (st, sf) = chat_json(s.addr, &rf, seed, 1500, true);
         assert_eq!((st.as_str(), sf.as_str()), (text.as_str(), "stop"));

@@ -11,8 +11,8 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use ferroq::engine::{Engine, GenOptions, Session, SessionOptions};
-use ferroq::model::KvType;
+use ferroq::internals::engine::{Engine, GenOptions, Session, SessionOptions};
+use ferroq::internals::model::KvType;
 
 fn dir() -> PathBuf {
     let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("state-{}", std::process::id()));
@@ -170,7 +170,7 @@ fn save_restore_continues_with_bit_identical_logits() {
 /// Replace the checksum at the end of a state file's bytes.
 fn fix_checksum(b: &mut [u8]) {
     let n = b.len() - 8;
-    let h = ferroq::state_file::checksum(&b[..n]);
+    let h = ferroq::internals::state_file::checksum(&b[..n]);
     b[n..].copy_from_slice(&h.to_le_bytes());
 }
 

@@ -3,7 +3,7 @@
 use std::io::Read;
 use std::sync::OnceLock;
 
-use ferroq::tokenizer::{Tokenizer, TokenizerKind};
+use ferroq::internals::tokenizer::{Tokenizer, TokenizerKind};
 
 fn fixture(path: &str) -> Vec<u8> {
     let full = format!(

@@ -45,9 +45,9 @@ use super::family::{self, ExpertPart, Src};
 use super::hf::{architecture, model_config_from_hf};
 use super::imatrix::Imatrix;
 use super::source::{Checkpoint, TensorSource};
-use ferroq::format::{DType, FqmWriter, EXPERT_ALIGN, TENSOR_ALIGN};
-use ferroq::model::tensors::{LayerTensor, Proj, TensorKey};
-use ferroq::model::{tensor_table, ModelConfig, Role, TensorSpec};
+use ferroq::internals::format::{DType, FqmWriter, EXPERT_ALIGN, TENSOR_ALIGN};
+use ferroq::internals::model::tensors::{LayerTensor, Proj, TensorKey};
+use ferroq::internals::model::{tensor_table, ModelConfig, Role, TensorSpec};
 use ferroq::{Error, Result};
 use ferroq_kernels::block::{row_groups, BlockQ4Lx8, BlockQ4x8, BlockQ6x8, BlockQ8x8, QK, ROWS};
 use ferroq_kernels::scalar::{
@@ -828,9 +828,9 @@ fn tokenizer_meta(ck: &Checkpoint, cfg_json: &Value, notes: &mut Vec<String>) ->
         Value::from("hf_json")
     } else if let Some(m) = &ck.tokenizer_model {
         // Meta's tiktoken file (Llama 4) or a SentencePiece model (Llama 2, Mistral, ...).
-        let kind = ferroq::tokenizer::TokenizerKind::detect(None, m);
+        let kind = ferroq::internals::tokenizer::TokenizerKind::detect(None, m);
         Value::from(match kind {
-            ferroq::tokenizer::TokenizerKind::SentencePiece => "sentencepiece",
+            ferroq::internals::tokenizer::TokenizerKind::SentencePiece => "sentencepiece",
             _ => "tiktoken",
         })
     } else {
@@ -907,7 +907,7 @@ pub fn convert(
     let t0 = Instant::now();
     // before any work: the output may not overwrite what we read
     let origin = Path::new(&ck.origin);
-    ferroq::atomic::check_output(out, &[origin])?;
+    ferroq::internals::atomic::check_output(out, &[origin])?;
     let arch_name = architecture(&ck.config)?;
     let mut cfg = checkpoint_config(ck)?;
     cfg.rope_freq_bf16 = opts.rope_freq_bf16;
@@ -1117,7 +1117,7 @@ pub fn convert(
     });
     let tok = tokenizer_meta(ck, &ck.config, &mut notes);
     let mut meta = json!({
-        "ferroq_format": ferroq::format::VERSION,
+        "ferroq_format": ferroq::internals::format::VERSION,
         "config": serde_json::to_value(&cfg).map_err(|e| Error::Other(format!("config: {e}")))?,
         "provenance": {
             "source": ck.origin,
@@ -1166,7 +1166,7 @@ fn check_written(tmp: &Path, out: &Path) -> Result<()> {
             out.display()
         ))
     };
-    let model = ferroq::model::Model::open(tmp).map_err(rename)?;
+    let model = ferroq::internals::model::Model::open(tmp).map_err(rename)?;
     let has_tokenizer = model
         .file
         .meta()
@@ -1177,7 +1177,7 @@ fn check_written(tmp: &Path, out: &Path) -> Result<()> {
         return Ok(());
     }
     let vocab = model.config.vocab_size;
-    let engine = ferroq::engine::Engine::from_model(model).map_err(rename)?;
+    let engine = ferroq::internals::engine::Engine::from_model(model).map_err(rename)?;
     let n = engine.tokenizer().vocab_size();
     if n > vocab {
         return Err(rename(Error::config(

@@ -6,7 +6,7 @@
 
 use super::safetensors::SafetensorsSource;
 use super::source::Checkpoint;
-use ferroq::model::{Arch, LayerSpec, Llama3Scaling, ModelConfig, RopeStyle, Router};
+use ferroq::internals::model::{Arch, LayerSpec, Llama3Scaling, ModelConfig, RopeStyle, Router};
 use ferroq::{Error, Result};
 use serde_json::Value;
 use std::path::Path;
@@ -327,12 +327,12 @@ pub fn model_config_from_hf(v: &Value) -> Result<ModelConfig> {
     let num_layers = f.usize_req("num_hidden_layers")?;
     // checked before the per-layer lists are built from it (2^31 layers would allocate
     // gigabytes before `validate` ran)
-    if num_layers == 0 || num_layers > ferroq::model::config::MAX_LAYERS {
+    if num_layers == 0 || num_layers > ferroq::internals::model::config::MAX_LAYERS {
         return Err(Error::config(
             "num_hidden_layers",
             format!(
                 "{num_layers} is out of range (1..={})",
-                ferroq::model::config::MAX_LAYERS
+                ferroq::internals::model::config::MAX_LAYERS
             ),
         ));
     }

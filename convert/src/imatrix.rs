@@ -28,11 +28,11 @@
 //! An input seen by no token (an expert never routed to) has no entry: the converter quantizes
 //! its tensors without weighting.
 
-use ferroq::format::xxh64;
-use ferroq::model::probe::{Input, Point, Probe};
-use ferroq::model::tensors::{LayerTensor, Proj, TensorKey};
-use ferroq::model::{tensor_table, Logits, Model, ModelConfig};
-use ferroq::perplexity::{for_each_batch, nll, ChunkPlan, NllStats, RunOptions};
+use ferroq::internals::format::xxh64;
+use ferroq::internals::model::probe::{Input, Point, Probe};
+use ferroq::internals::model::tensors::{LayerTensor, Proj, TensorKey};
+use ferroq::internals::model::{tensor_table, Logits, Model, ModelConfig};
+use ferroq::internals::perplexity::{for_each_batch, nll, ChunkPlan, NllStats, RunOptions};
 use ferroq::{Error, Result};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;

@@ -10,7 +10,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(ck) = ferroq_convert::gguf::checkpoint(f) else { return };
     let _ = ferroq_convert::hf::model_config_from_hf(&ck.config);
     if let Some(t) = &ck.tokenizer_json {
-        let _ = ferroq::tokenizer::Tokenizer::from_bytes(t, ferroq::tokenizer::TokenizerKind::HfJson);
+        let _ = ferroq::internals::tokenizer::Tokenizer::from_bytes(t, ferroq::internals::tokenizer::TokenizerKind::HfJson);
     }
     let mut out = Vec::new();
     for t in ck.source.tensors().to_vec() {

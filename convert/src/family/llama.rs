@@ -2,7 +2,7 @@
 //! under `mlp.`, RoPE on every layer (`rotate_half` pairing).
 
 use super::Src;
-use ferroq::model::tensors::LayerTensor;
+use ferroq::internals::model::tensors::LayerTensor;
 
 /// The FFN tensors of layer prefix `l` (`model.layers.{i}.`).
 pub fn layer_source(l: &str, t: LayerTensor) -> Option<Src> {

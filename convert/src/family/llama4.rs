@@ -5,7 +5,7 @@
 
 use super::{ExpertPart, Src};
 use crate::source::TensorSource;
-use ferroq::model::tensors::{LayerTensor, Proj};
+use ferroq::internals::model::tensors::{LayerTensor, Proj};
 
 /// The FFN tensors of layer prefix `l` (`model.layers.{i}.`).
 pub fn layer_source(l: &str, t: LayerTensor, src: &dyn TensorSource) -> Option<Src> {

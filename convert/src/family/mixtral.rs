@@ -4,7 +4,7 @@
 //! experts, which weighs the experts' outputs (`Router::SoftmaxTopK`); no shared expert.
 
 use super::Src;
-use ferroq::model::tensors::{LayerTensor, Proj};
+use ferroq::internals::model::tensors::{LayerTensor, Proj};
 
 /// The FFN tensors of layer prefix `l` (`model.layers.{i}.`).
 pub fn layer_source(l: &str, t: LayerTensor) -> Option<Src> {

@@ -8,8 +8,8 @@ pub mod llama4;
 pub mod mixtral;
 
 use super::source::TensorSource;
-use ferroq::model::tensors::{LayerTensor, TensorKey};
-use ferroq::model::{Arch, ModelConfig};
+use ferroq::internals::model::tensors::{LayerTensor, TensorKey};
+use ferroq::internals::model::{Arch, ModelConfig};
 
 /// Which projection of a fused expert tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
