@@ -3,7 +3,7 @@
 //! The public surface is this root: [`Engine`] (a `.fqm` model with its tokenizer and chat
 //! template, `Send + Sync`) shared by [`Session`]s (one conversation and KV cache each), the
 //! lower-level [`Model`] and [`State`] (logits for token ids), the format reader [`FqmFile`],
-//! and [`Error`]; plus `server` (the OpenAI-compatible HTTP server, cargo feature `server`) and
+//! [`Grammar`] (structured output) and [`Error`]; plus `server` (the OpenAI-compatible HTTP server, cargo feature `server`) and
 //! the C ABI (`include/ferroq.h`).
 //!
 //! ```no_run
@@ -40,5 +40,6 @@ pub use engine::{
 };
 pub use error::{Error, Result};
 pub use format::FqmFile;
+pub use grammar::Grammar;
 pub use model::{KvType, Logits, Model, ModelConfig, State};
 pub use sampling::SamplerConfig;
