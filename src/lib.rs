@@ -22,7 +22,7 @@
 //! Layers (one way): engine → model → ops → `ferroq_kernels`. The converter is the
 //! `ferroq-convert` crate (`convert/`) and the `ferroq` binary the `ferroq-cli` crate (`cli/`):
 //! both depend on this library, never the other way. They, the tests and the benches reach the
-//! layers through the hidden [`internals`] module. See `ARCHITECTURE.md`.
+//! layers through the hidden `internals` module. See `ARCHITECTURE.md`.
 
 #[doc(hidden)]
 pub mod internals;
