@@ -206,6 +206,8 @@ impl Engine {
                 budget,
                 mlock: opts.mlock,
                 force: false,
+                no_prefetch: false,
+                predict: false,
             })?,
             None => false,
         };

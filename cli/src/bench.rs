@@ -67,6 +67,14 @@ pub struct Args {
     /// Lock the resident weights in memory.
     #[arg(long)]
     mlock: bool,
+    /// Paged experts: do not read the next MoE layer's experts ahead in prefill (to measure
+    /// what the read-ahead gives).
+    #[arg(long)]
+    no_prefetch: bool,
+    /// Paged experts, decode: predict the next MoE layer's picks (its router applied to this
+    /// layer's input) and read them ahead.
+    #[arg(long)]
+    expert_predict: bool,
     /// Print the expert cache's hits/misses and bytes read from disk per token of each test.
     #[arg(long)]
     verbose: bool,
@@ -280,13 +288,13 @@ pub fn run(a: Args) -> Result<()> {
         ferroq::internals::engine::MemBudget::Bytes(b) => Some(Some(b)),
     };
     let paged = match budget {
-        Some(budget) => {
-            model.enable_paging(&ferroq::internals::model::residency::PagingOptions {
-                budget,
-                mlock: a.mlock,
-                force: false,
-            })?
-        }
+        Some(budget) => model.enable_paging(&ferroq::internals::model::residency::PagingOptions {
+            budget,
+            mlock: a.mlock,
+            force: false,
+            no_prefetch: a.no_prefetch,
+            predict: a.expert_predict,
+        })?,
         None => false,
     };
     if a.mlock && !paged {

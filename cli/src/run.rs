@@ -146,7 +146,7 @@ pub fn print_paging(model: &ferroq::internals::model::Model) {
         let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
         let (_, eb) = r.expert_bytes();
         eprintln!(
-            "ferroq: paging {} routed experts: budget {:.0} MiB = dense part {:.0} MiB +              expert cache {:.0} MiB + margin",
+            "ferroq: paging {} routed experts: budget {:.0} MiB = dense part {:.0} MiB + expert cache {:.0} MiB + margin",
             r.n_experts_total(),
             mib(r.budget),
             mib(r.dense_bytes),
@@ -180,11 +180,15 @@ pub fn print_cache_stats(
         let s = r.stats().since(before);
         let (used, budget) = r.expert_bytes();
         eprintln!(
-            "ferroq: expert cache: {} hits, {} misses ({:.1} % hits), {} evictions, {:.1} MB              asked per token; {:.0} of {:.0} MiB used; {:.2} s choosing and submitting reads",
+            "ferroq: expert cache: {} hits, {} misses ({:.1} % hits), {} evictions, {} read \
+             ahead ({} of them used), {:.1} MB asked per token; {:.0} of {:.0} MiB used; \
+             {:.2} s choosing and submitting reads",
             s.hits,
             s.misses,
             100.0 * s.hit_rate(),
             s.evictions,
+            s.prefetched,
+            s.prefetch_hits,
             per(s.bytes_requested),
             used as f64 / (1u64 << 20) as f64,
             budget as f64 / (1u64 << 20) as f64,

@@ -241,6 +241,8 @@ fn paged_experts_same_logits() {
             budget: Some(4096),
             mlock: false,
             force: true,
+            no_prefetch: false,
+            predict: false,
         });
         let e = dense_too_big.expect_err("refused").to_string();
         assert!(e.contains("dense part") && e.contains("mem"), "{e}");
@@ -248,6 +250,9 @@ fn paged_experts_same_logits() {
             budget: Some(budget),
             mlock: false,
             force: true,
+            no_prefetch: false,
+            // decode predicts the next MoE layer's picks and reads them ahead
+            predict: true,
         };
         assert!(paged.enable_paging(&opts(len + (1 << 30))).unwrap());
         let r = paged.residency.as_ref().unwrap();
@@ -266,6 +271,9 @@ fn paged_experts_same_logits() {
         let (used, eb) = r.expert_bytes();
         eprintln!("{name}: {s:?}, {used} of {eb} expert bytes");
         assert!(s.misses > 0 && s.hits > 0 && s.evictions > 0, "{s:?}");
+        // the prefill batch (more tokens than experts) and the decode predictions read
+        // experts of the next MoE layer ahead
+        assert!(s.prefetched > 0, "{s:?}");
         assert!(used <= eb, "{used} > {eb}");
         assert!(eb < experts / 2, "{eb} of {experts}");
         std::fs::remove_file(path).ok();

@@ -40,6 +40,14 @@ fn route_weights(router: Router, logits: &[f32], val: &mut [f32]) {
 }
 
 impl Model {
+    /// The router of the first MoE layer after decoder layer `li`.
+    fn next_router(&self, li: usize) -> Option<W> {
+        self.layers.iter().skip(li + 1).find_map(|l| match &l.ffn {
+            super::weights::FfnWeights::Moe { router, .. } => Some(*router),
+            _ => None,
+        })
+    }
+
     /// The MoE FFN of layer `layer` on the normed rows `st.xn` (`n` tokens), into `st.y`.
     pub(super) fn moe(
         &self,
@@ -81,9 +89,38 @@ impl Model {
             &mut st.inv,
         );
         // paged experts: drop cold ones, ask in the picked ones that are not resident; the
-        // reads run while the shared expert computes
+        // reads run while the shared expert computes. A batch of at least as many (token,
+        // expert) pairs as experts (prefill) also reads the next MoE layer's experts ahead,
+        // while this layer and the next attention compute
         if let Some(r) = &self.residency {
             r.prepare_layer(layer, &st.counts);
+            if pairs >= ne {
+                r.prefetch_after(layer, None);
+            } else if let Some(next) = self.next_router(layer).filter(|_| r.predict) {
+                // decode (asked for): the next MoE layer's router applied to this layer's
+                // input predicts its picks, read ahead while this layer and the next
+                // attention compute (the router logits of this layer are used up)
+                matmul(
+                    kern,
+                    par,
+                    Mat::F32(self.vec(next)),
+                    ne,
+                    &a,
+                    &mut st.router,
+                    ne,
+                );
+                st.predicted.iter_mut().for_each(|c| *c = 0);
+                for t in 0..n {
+                    let logits = &st.router[t * ne..(t + 1) * ne];
+                    (kern.topk)(logits, kx, &mut st.pred_idx, &mut st.pred_val);
+                    for &e in &st.pred_idx {
+                        if let Some(c) = st.predicted.get_mut(e as usize) {
+                            *c += 1;
+                        }
+                    }
+                }
+                r.prefetch_after(layer, Some(&st.predicted));
+            }
         }
         // shared expert on the unscaled input, into y (or zeros)
         match w.shared {

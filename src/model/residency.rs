@@ -16,7 +16,14 @@
 //!   from the page cache: the kernel never has to choose, so it never evicts the dense part.
 //!   The drops run on a worker thread ([`BackgroundDrops`]), the reads on the caller;
 //! - page faults in the embedding table and the experts read only the faulting page
-//!   (`madvise(RANDOM)`): no read-around window of pages nobody accounted for.
+//!   (`madvise(RANDOM)`): no read-around window of pages nobody accounted for;
+//! - a prefill batch (at least as many (token, expert) pairs as experts) also reads the next
+//!   MoE layer's experts ahead, as far as the budget allows without dropping anything worth
+//!   more ([`ExpertCache::prefetch`]), on the worker behind the drops: their reads overlap
+//!   this layer's experts and the next attention instead of waiting for the next router.
+//!   In decode, [`PagingOptions::predict`] applies the next MoE layer's router to this
+//!   layer's input and reads ahead the experts it picks (off by default: see
+//!   `docs/performance.md` for what it gave).
 //!
 //! Without a budget (the model fits) nothing here runs: the mapping behaves as before.
 
@@ -37,8 +44,12 @@ pub struct CacheStats {
     pub misses: u64,
     /// Experts dropped to stay under the budget.
     pub evictions: u64,
-    /// Bytes asked from the file for missing experts.
+    /// Bytes asked from the file for missing experts (and experts read ahead).
     pub bytes_requested: u64,
+    /// Experts read ahead of their layer ([`ExpertCache::prefetch`]).
+    pub prefetched: u64,
+    /// Of those, the ones their layer then used (counted among the hits).
+    pub prefetch_hits: u64,
 }
 
 impl CacheStats {
@@ -59,6 +70,8 @@ impl CacheStats {
             misses: self.misses - before.misses,
             evictions: self.evictions - before.evictions,
             bytes_requested: self.bytes_requested - before.bytes_requested,
+            prefetched: self.prefetched - before.prefetched,
+            prefetch_hits: self.prefetch_hits - before.prefetch_hits,
         }
     }
 }
@@ -70,6 +83,10 @@ struct Slot {
     /// Decayed use count at tick `last`.
     freq: f64,
     last: u64,
+    /// Read ahead ([`ExpertCache::prefetch`]) and not used since.
+    prefetched: bool,
+    /// The tick of the last read-ahead (not dropped in that tick to make room for another).
+    pinned: u64,
 }
 
 /// The replacement policy (no I/O): which experts to load and which to drop so that the
@@ -105,6 +122,8 @@ impl ExpertCache {
                     resident: false,
                     freq: 0.0,
                     last: 0,
+                    prefetched: false,
+                    pinned: u64::MAX,
                 })
                 .collect(),
             n_experts: n_experts.max(1),
@@ -178,6 +197,13 @@ impl ExpertCache {
             s.last = self.tick;
             if s.resident {
                 self.stats.hits += 1;
+                if s.prefetched {
+                    // read ahead: the caller asks for it again, which costs nothing where the
+                    // read-ahead has run and brings it in now where it has not yet
+                    s.prefetched = false;
+                    self.stats.prefetch_hits += 1;
+                    load.push(id);
+                }
             } else {
                 s.resident = true;
                 self.used += s.bytes;
@@ -187,31 +213,83 @@ impl ExpertCache {
             }
         }
         // drop the resident experts (not the ones of this access) that are worth least while
-        // over budget: the use score, weighed down (by up to half) the more layers must run
-        // before the expert's layer comes again (layers run in order, every token or batch),
-        // so that of two about equally used experts the one of the layer that just ran (needed
-        // again last) goes first, while a clearly more used expert still stays
+        // over budget
+        while self.used > self.budget {
+            let Some((id, _)) = self.victim(layer) else {
+                break;
+            };
+            self.evict(id, evict);
+        }
+    }
+
+    /// The resident expert worth least, not one of the current access (nor read ahead in
+    /// it), with its weighed score: the use score, weighed down (by up to half) the more
+    /// layers must run before the expert's layer comes again (layers run in order, every
+    /// token or batch), so that of two about equally used experts the one of the layer that
+    /// just ran (needed again last) goes first, while a clearly more used expert still stays.
+    fn victim(&self, layer: usize) -> Option<(usize, f64)> {
         let layers = (self.slots.len() / self.n_experts).max(1);
         let cur = layer % layers;
-        while self.used > self.budget {
-            let mut victim: Option<(usize, f64)> = None;
-            for (id, s) in self.slots.iter().enumerate() {
-                if !s.resident || s.last == self.tick {
-                    continue;
-                }
-                // layers until this expert's layer runs again: 1 (the next) ..= layers (this one)
-                let dist = (id / self.n_experts % layers + layers - cur - 1) % layers + 1;
-                let sc = self.score(s) * (1.0 - 0.5 * (dist - 1) as f64 / layers as f64);
-                if victim.is_none_or(|(_, b)| sc < b) {
-                    victim = Some((id, sc));
+        let mut victim: Option<(usize, f64)> = None;
+        for (id, s) in self.slots.iter().enumerate() {
+            if !s.resident || s.last == self.tick || s.pinned == self.tick {
+                continue;
+            }
+            // layers until this expert's layer runs again: 1 (the next) ..= layers (this one)
+            let dist = (id / self.n_experts % layers + layers - cur - 1) % layers + 1;
+            let sc = self.score(s) * (1.0 - 0.5 * (dist - 1) as f64 / layers as f64);
+            if victim.is_none_or(|(_, b)| sc < b) {
+                victim = Some((id, sc));
+            }
+        }
+        victim
+    }
+
+    fn evict(&mut self, id: usize, evict: &mut Vec<usize>) {
+        let s = &mut self.slots[id];
+        s.resident = false;
+        s.prefetched = false;
+        self.used -= s.bytes;
+        self.stats.evictions += 1;
+        evict.push(id);
+    }
+
+    /// Read ahead the experts `candidates` of MoE layer `layer` (the layer after the current
+    /// access, whose router has not run yet), in order, as far as the budget allows: room is
+    /// made by dropping experts worth less than the one read would be (its score plus the
+    /// use it is expected to get), never the current access's nor ones read ahead in this
+    /// call. Counts no use; the layer's own access then counts a hit for each one it uses.
+    /// `load` and `evict` as in [`ExpertCache::access`] (cleared first).
+    pub fn prefetch(
+        &mut self,
+        layer: usize,
+        candidates: &[usize],
+        load: &mut Vec<usize>,
+        evict: &mut Vec<usize>,
+    ) {
+        load.clear();
+        evict.clear();
+        let base = layer * self.n_experts;
+        for &e in candidates {
+            let id = base + e;
+            if e >= self.n_experts || id >= self.slots.len() || self.slots[id].resident {
+                continue;
+            }
+            let (bytes, worth) = (self.slots[id].bytes, self.score(&self.slots[id]) + 1.0);
+            while self.used + bytes > self.budget {
+                match self.victim(layer.wrapping_sub(1)) {
+                    Some((v, sc)) if sc < worth => self.evict(v, evict),
+                    _ => return,
                 }
             }
-            let Some((id, _)) = victim else { break };
             let s = &mut self.slots[id];
-            s.resident = false;
-            self.used -= s.bytes;
-            self.stats.evictions += 1;
-            evict.push(id);
+            s.resident = true;
+            s.prefetched = true;
+            s.pinned = self.tick;
+            self.used += bytes;
+            self.stats.prefetched += 1;
+            self.stats.bytes_requested += bytes;
+            load.push(id);
         }
     }
 }
@@ -248,6 +326,11 @@ pub trait Pager: Send + Sync {
     /// Pages of `r` are read in by [`Pager::will_need`] or one at a time: a page fault there
     /// reads only that page, not the kernel's read-around window (`madvise(RANDOM)`).
     fn no_read_around(&self, _r: Range) {}
+    /// Ask the pages of `r` in ahead of their use, off the caller where the pager can
+    /// ([`BackgroundDrops`] queues it behind the drops): the caller goes on computing.
+    fn prefetch(&self, r: Range) {
+        self.will_need(r)
+    }
 }
 
 /// Experts under a memory budget: the policy behind a lock, the experts' file ranges, and the
@@ -265,6 +348,11 @@ pub struct Residency {
     prepare_ns: AtomicU64,
     /// Per decoder layer: its MoE layer number (`usize::MAX` for dense layers).
     pub slot_of: Vec<usize>,
+    /// Read the next MoE layer's experts ahead in prefill ([`Residency::prefetch_after`]).
+    pub prefetch: bool,
+    /// In decode, predict the next MoE layer's picks (its router on this layer's input) and
+    /// read them ahead.
+    pub predict: bool,
 }
 
 struct Plan {
@@ -313,6 +401,8 @@ impl Residency {
             budget,
             prepare_ns: AtomicU64::new(0),
             slot_of: Vec::new(),
+            prefetch: true,
+            predict: false,
         }
     }
 
@@ -372,6 +462,50 @@ impl Residency {
             }
         }
         taken
+    }
+
+    /// After decoder layer `li`'s [`Residency::prepare`]: read ahead experts of the next MoE
+    /// layer as far as the budget allows: with `predicted` (per expert, `> 0`: predicted to
+    /// be picked), those; without, all of them in expert order (a prefill batch touches
+    /// about every expert of a layer: their reads then run while this layer computes,
+    /// instead of after the next router). Nothing after the last MoE layer.
+    pub fn prefetch_after(&self, li: usize, predicted: Option<&[u32]>) {
+        let Some(&slot) = self.slot_of.get(li).filter(|&&s| s != usize::MAX) else {
+            return;
+        };
+        let next = slot + 1;
+        if !self.prefetch || (next + 1) * self.n_experts > self.ranges.len() {
+            return;
+        }
+        let t0 = std::time::Instant::now();
+        let mut p = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let Plan {
+            cache,
+            load,
+            evict,
+            picked,
+        } = &mut *p;
+        picked.clear();
+        match predicted {
+            Some(c) => picked.extend(
+                c.iter()
+                    .take(self.n_experts)
+                    .enumerate()
+                    .filter(|(_, &c)| c > 0)
+                    .map(|(e, _)| e),
+            ),
+            None => picked.extend(0..self.n_experts),
+        }
+        cache.prefetch(next, picked, load, evict);
+        for &id in evict.iter() {
+            self.pager.drop_pages(self.ranges[id]);
+        }
+        for &id in load.iter() {
+            self.pager.prefetch(self.ranges[id]);
+        }
+        drop(p);
+        self.prepare_ns
+            .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
 
     /// [`Residency::prepare`] for decoder layer `li` (nothing for a dense layer).
@@ -713,6 +847,66 @@ mod tests {
         c.access(9, &[0], &mut load, &mut evict);
     }
 
+    #[test]
+    fn prefetched_experts_hit_and_stay_under_budget() {
+        // 3 layers x 4 experts of 100 bytes, room for 6: a prefill batch uses all 4 experts
+        // of each layer; after layer 0's access, layer 1's experts are read ahead as far as
+        // the budget allows without dropping layer 0's (in use)
+        let mut c = cache(3, 4, 100, 600);
+        let (mut load, mut evict) = (Vec::new(), Vec::new());
+        let all = [0, 1, 2, 3];
+        c.access(0, &all, &mut load, &mut evict);
+        assert_eq!(load, vec![0, 1, 2, 3]);
+        c.prefetch(1, &all, &mut load, &mut evict);
+        assert_eq!(load, vec![4, 5], "as far as the budget allows");
+        assert!(evict.is_empty(), "layer 0's experts are in use");
+        assert_eq!(c.used(), 600);
+        let s = c.stats();
+        assert_eq!((s.prefetched, s.misses), (2, 4));
+        // layer 1 runs: the two read ahead hit (and are asked again: free where read), the
+        // other two are read; layer 0's go to make room
+        c.access(1, &all, &mut load, &mut evict);
+        assert_eq!(load, vec![4, 5, 6, 7]);
+        let s = c.stats();
+        assert_eq!((s.hits, s.prefetch_hits, s.misses), (2, 2, 6));
+        assert!(c.used() <= 600);
+        // reading ahead never drops what is worth more than the expert read: layer 2's
+        // candidates (never used) do not push out layer 1's experts (used once, in use)
+        c.prefetch(2, &all, &mut load, &mut evict);
+        assert!(evict.iter().all(|&id| id < 4), "{evict:?}");
+        assert!(c.used() <= 600);
+        // out-of-range layers and experts are ignored
+        c.prefetch(7, &all, &mut load, &mut evict);
+        assert!(load.is_empty() && evict.is_empty());
+        c.prefetch(2, &[99], &mut load, &mut evict);
+        assert!(load.is_empty());
+    }
+
+    #[test]
+    fn residency_reads_the_next_layer_ahead() {
+        // 2 MoE layers x 2 experts of a page, room for 3 experts
+        let log = std::sync::Arc::new(Log::default());
+        let ranges: Vec<Range> = (0..4).map(|i| Range::pages(i * PAGE, PAGE)).collect();
+        let mut r = Residency::new(ranges, 2, 3 * PAGE as u64, 0, 0, Box::new(log.clone()));
+        r.slot_of = vec![0, usize::MAX, 1];
+        r.prepare_layer(0, &[1, 1]);
+        r.prefetch_after(0, None);
+        r.prefetch_after(1, None); // a dense layer: nothing
+        r.prefetch_after(2, None); // the last MoE layer: nothing
+        let need: Vec<usize> = log
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(n, _)| *n)
+            .map(|(_, r)| r.offset / PAGE)
+            .collect();
+        assert_eq!(need, vec![0, 1, 2], "layer 0's two, then layer 1's first");
+        r.prefetch = false;
+        r.prepare_layer(2, &[1, 0]);
+        assert_eq!(r.stats().prefetch_hits, 1);
+    }
+
     /// Logs like [`Log`]; a drop of the range at offset 0 waits until `go` says.
     struct Gate {
         log: std::sync::Arc<Log>,
@@ -755,6 +949,29 @@ mod tests {
         assert_eq!(
             log.0.lock().unwrap().clone(),
             vec![(true, b), (false, a), (false, c)]
+        );
+    }
+
+    #[test]
+    fn background_read_ahead_runs_after_queued_drops_and_before_later_ones() {
+        let log = std::sync::Arc::new(Log::default());
+        let (go, rx) = std::sync::mpsc::channel();
+        let gate = Gate {
+            log: log.clone(),
+            go: Mutex::new(rx),
+        };
+        let (a, b) = (Range::pages(0, PAGE), Range::pages(PAGE, PAGE));
+        {
+            let p = BackgroundDrops::new(std::sync::Arc::new(gate));
+            p.drop_pages(a); // the worker waits in this one
+            p.drop_pages(b);
+            p.prefetch(b); // read ahead again: the queued drop of b is moot
+            p.drop_pages(b); // and dropped again after the read
+            go.send(()).unwrap();
+        }
+        assert_eq!(
+            log.0.lock().unwrap().clone(),
+            vec![(false, a), (true, b), (false, b)]
         );
     }
 
@@ -951,34 +1168,58 @@ impl Pager for MmapPager {
 }
 
 /// A pager whose drops run on a worker thread: the forward pass does not wait while the kernel
-/// unmaps and invalidates evicted experts (reads stay on the caller: they are needed at once,
-/// and a read asked of the kernel late would turn into one page fault per page). A drop still
-/// queued when its range is asked in again is cancelled, so a range asked for is never dropped
-/// behind the caller's back. Drops of a dropped pager's queue finish before it is gone.
+/// unmaps and invalidates evicted experts. Reads asked with [`Pager::will_need`] stay on the
+/// caller (they are needed at once, and a read asked of the kernel late would turn into one
+/// page fault per page); read-aheads ([`Pager::prefetch`]) are queued behind the drops, so the
+/// memory they need is freed first. A drop still queued when its range is asked in again is
+/// cancelled, so a range asked for is never dropped behind the caller's back; of several drops
+/// of a range queued around a read-ahead, only the last one runs, after the read. Jobs of a
+/// dropped pager's queue finish before it is gone.
 pub struct BackgroundDrops {
     inner: std::sync::Arc<dyn Pager>,
-    /// Ranges (by offset) whose drop is queued and not cancelled.
-    pending: std::sync::Arc<Mutex<std::collections::HashSet<usize>>>,
-    tx: Mutex<Option<std::sync::mpsc::Sender<Range>>>,
+    /// Ranges (by offset) whose drop is queued and not cancelled: the number of the last
+    /// drop queued.
+    pending: std::sync::Arc<Mutex<Pending>>,
+    tx: Mutex<Option<std::sync::mpsc::Sender<Job>>>,
     worker: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
+#[derive(Default)]
+struct Pending {
+    last: std::collections::HashMap<usize, u64>,
+    seq: u64,
+}
+
+/// A job of the [`BackgroundDrops`] worker: a drop (with its number) or a read-ahead.
+enum Job {
+    Drop(Range, u64),
+    Need(Range),
+}
+
 impl BackgroundDrops {
-    /// Wrap `inner`; where no thread can be started, drops run on the caller.
+    /// Wrap `inner`; where no thread can be started, drops and read-aheads run on the caller.
     pub fn new(inner: std::sync::Arc<dyn Pager>) -> BackgroundDrops {
-        let pending = std::sync::Arc::new(Mutex::new(std::collections::HashSet::new()));
-        let (tx, rx) = std::sync::mpsc::channel::<Range>();
+        let pending = std::sync::Arc::new(Mutex::new(Pending::default()));
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
         let (p, i) = (pending.clone(), inner.clone());
         let worker = std::thread::Builder::new()
             .name("ferroq-pager".into())
             .spawn(move || {
-                for r in rx {
-                    let still = p
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .remove(&r.offset);
-                    if still {
-                        i.drop_pages(r);
+                for job in rx {
+                    match job {
+                        Job::Drop(r, n) => {
+                            let mut pend = p.lock().unwrap_or_else(|e| e.into_inner());
+                            // run only the last drop queued for r, unless cancelled since
+                            let run = pend.last.get(&r.offset) == Some(&n);
+                            if run {
+                                pend.last.remove(&r.offset);
+                            }
+                            drop(pend);
+                            if run {
+                                i.drop_pages(r);
+                            }
+                        }
+                        Job::Need(r) => i.will_need(r),
                     }
                 }
             })
@@ -991,31 +1232,43 @@ impl BackgroundDrops {
             worker: Mutex::new(worker),
         }
     }
+
+    /// Queue `job`; false where there is no worker (the caller then does it).
+    fn send(&self, job: Job) -> bool {
+        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+        tx.as_ref().is_some_and(|tx| tx.send(job).is_ok())
+    }
+
+    /// Cancel the queued drops of `r`.
+    fn cancel(&self, r: Range) {
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        p.last.remove(&r.offset);
+    }
 }
 
 impl Pager for BackgroundDrops {
     fn will_need(&self, r: Range) {
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&r.offset);
+        self.cancel(r);
         self.inner.will_need(r)
     }
-    fn drop_pages(&self, r: Range) {
-        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(tx) = tx.as_ref() {
-            self.pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(r.offset);
-            if tx.send(r).is_ok() {
-                return;
-            }
-            self.pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&r.offset);
+    fn prefetch(&self, r: Range) {
+        self.cancel(r);
+        if !self.send(Job::Need(r)) {
+            self.inner.will_need(r)
         }
+    }
+    fn drop_pages(&self, r: Range) {
+        let n = {
+            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            p.seq += 1;
+            let n = p.seq;
+            p.last.insert(r.offset, n);
+            n
+        };
+        if self.send(Job::Drop(r, n)) {
+            return;
+        }
+        self.cancel(r);
         self.inner.drop_pages(r)
     }
     fn resident_pages(&self, r: Range) -> Option<usize> {
@@ -1050,6 +1303,12 @@ pub struct PagingOptions {
     pub mlock: bool,
     /// Page the experts even when the whole file fits in the budget.
     pub force: bool,
+    /// Do not read the next MoE layer's experts ahead in prefill (to measure what it gives).
+    pub no_prefetch: bool,
+    /// In decode, read ahead the next MoE layer's experts that its router, applied early to
+    /// this layer's input, predicts (off by default: it pays only where the prediction is
+    /// good, which depends on the model).
+    pub predict: bool,
 }
 
 /// Bytes kept free of weights within a budget for the KV cache, scratch buffers and the
@@ -1176,6 +1435,8 @@ impl Model {
         let pager: Box<dyn Pager> = Box::new(BackgroundDrops::new(std::sync::Arc::new(pager)));
         let mut res = Residency::new(ranges, n_experts, budget - dense - m, dense, budget, pager);
         res.slot_of = slot_of;
+        res.prefetch = !opts.no_prefetch;
+        res.predict = opts.predict;
         // the experts already in memory stay (a known start: the others are dropped)
         res.adopt_resident();
         self.residency = Some(res);

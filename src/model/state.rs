@@ -42,17 +42,20 @@ pub struct State {
     pub(super) up: Vec<f32>,          // (B * k_exp, I_max)
     pub(super) y: Vec<f32>,           // (B, H) FFN / attention projection output
     // MoE routing
-    pub(super) router: Vec<f32>,  // (B, E)
-    pub(super) top_idx: Vec<u32>, // (B * k_exp,)
-    pub(super) top_val: Vec<f32>, // (B * k_exp,)
-    pub(super) counts: Vec<u32>,  // (E,)
-    pub(super) offsets: Vec<u32>, // (E + 1,)
-    pub(super) perm: Vec<u32>,    // (B * k_exp,) pair index at each position in expert order
-    pub(super) inv: Vec<u32>,     // (B * k_exp,) position in expert order of each pair
-    pub(super) iota: Vec<u32>,    // 0, 1, .. (B * k_exp) (row indices of a plain product)
-    pub(super) xs: Vec<f32>,      // (B * k_exp, H) routed, score-scaled expert inputs
-    pub(super) ys: Vec<f32>,      // (B * k_exp, H) expert outputs
-    pub(super) logits: Vec<f32>,  // (B or 1, V)
+    pub(super) router: Vec<f32>,    // (B, E)
+    pub(super) top_idx: Vec<u32>,   // (B * k_exp,)
+    pub(super) top_val: Vec<f32>,   // (B * k_exp,)
+    pub(super) counts: Vec<u32>,    // (E,)
+    pub(super) predicted: Vec<u32>, // (E,) next MoE layer's predicted picks (paged decode)
+    pub(super) pred_idx: Vec<u32>,  // (k_exp,)
+    pub(super) pred_val: Vec<f32>,  // (k_exp,)
+    pub(super) offsets: Vec<u32>,   // (E + 1,)
+    pub(super) perm: Vec<u32>,      // (B * k_exp,) pair index at each position in expert order
+    pub(super) inv: Vec<u32>,       // (B * k_exp,) position in expert order of each pair
+    pub(super) iota: Vec<u32>,      // 0, 1, .. (B * k_exp) (row indices of a plain product)
+    pub(super) xs: Vec<f32>,        // (B * k_exp, H) routed, score-scaled expert inputs
+    pub(super) ys: Vec<f32>,        // (B * k_exp, H) expert outputs
+    pub(super) logits: Vec<f32>,    // (B or 1, V)
     pub(super) n_logits: usize,
     // threads: a pool for this session and one scratch buffer per pool thread
     pub(super) pool: Option<ThreadPool>,
@@ -184,6 +187,9 @@ impl State {
             top_idx: zeroed(Some(bk), &batch_err)?,
             top_val: f(Some(bk))?,
             counts: vec![0; c.num_experts],
+            predicted: vec![0; c.num_experts],
+            pred_idx: vec![0; c.num_experts_per_tok],
+            pred_val: vec![0.0; c.num_experts_per_tok],
             offsets: vec![0; c.num_experts + 1],
             perm: zeroed(Some(bk), &batch_err)?,
             inv: zeroed(Some(bk), &batch_err)?,
