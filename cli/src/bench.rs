@@ -288,13 +288,15 @@ pub fn run(a: Args) -> Result<()> {
         ferroq::internals::engine::MemBudget::Bytes(b) => Some(Some(b)),
     };
     let paged = match budget {
-        Some(budget) => model.enable_paging(&ferroq::internals::model::residency::PagingOptions {
-            budget,
-            mlock: a.mlock,
-            force: false,
-            no_prefetch: a.no_prefetch,
-            predict: a.expert_predict,
-        })?,
+        Some(budget) => {
+            model.enable_paging(&ferroq::internals::model::residency::PagingOptions {
+                budget,
+                mlock: a.mlock,
+                force: false,
+                no_prefetch: a.no_prefetch,
+                predict: a.expert_predict,
+            })?
+        }
         None => false,
     };
     if a.mlock && !paged {
