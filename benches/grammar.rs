@@ -1,4 +1,4 @@
-//! Structured output: the cost of a token mask (`ferroq::grammar`) on real vocabularies.
+//! Structured output: the cost of a token mask (`ferroq::internals::grammar`) on real vocabularies.
 //!
 //!     cargo bench --bench grammar
 //!
@@ -11,8 +11,8 @@ use std::io::Read;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use ferroq::grammar::{apply_mask, Grammar, GrammarMatcher, TokenIndex};
-use ferroq::tokenizer::Tokenizer;
+use ferroq::internals::grammar::{apply_mask, Grammar, GrammarMatcher, TokenIndex};
+use ferroq::internals::tokenizer::Tokenizer;
 
 fn tokenizer(name: &str) -> Tokenizer {
     let full = format!(

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use ferroq::pool::ThreadPool;
+use ferroq::internals::pool::ThreadPool;
 use rayon::prelude::*;
 
 fn empty_run(c: &mut Criterion) {

@@ -12,8 +12,8 @@
 //! The MoE routing path (top-k, grouping, gather gate/up, scatter-add) is in `benches/kernels.rs`
 //! (`moe/...`). Run: `cargo bench -j2 --bench speed`.
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use ferroq::kernels::Kernels;
-use ferroq::pool::ThreadPool;
+use ferroq::internals::kernels::Kernels;
+use ferroq::internals::pool::ThreadPool;
 use std::hint::black_box;
 
 fn pool(c: &mut Criterion) {

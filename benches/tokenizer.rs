@@ -6,7 +6,7 @@
 use std::io::Read;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use ferroq::tokenizer::Tokenizer;
+use ferroq::internals::tokenizer::Tokenizer;
 
 fn fixture(path: &str) -> Vec<u8> {
     let full = format!(

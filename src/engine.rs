@@ -4,7 +4,7 @@
 //!
 //! ```no_run
 //! use std::sync::Arc;
-//! use ferroq::engine::{Engine, GenOptions, Session, SessionOptions};
+//! use ferroq::{Engine, GenOptions, Session, SessionOptions};
 //! let engine = Arc::new(Engine::open("smollm2.fqm")?);
 //! let mut s = Session::new(engine.clone(), &SessionOptions::default())?;
 //! let g = s.chat("What is the capital of France?", &GenOptions::default(), &mut |_, piece| {

@@ -2,7 +2,7 @@
 //! spin-then-park waiting, and no allocation or thread spawn per call.
 //!
 //! ```
-//! use ferroq::pool::ThreadPool;
+//! use ferroq::internals::pool::ThreadPool;
 //! use std::sync::atomic::{AtomicUsize, Ordering};
 //! let pool = ThreadPool::new(2);
 //! let sum = AtomicUsize::new(0);

@@ -3,8 +3,8 @@
 
 use std::io::Read;
 
-use ferroq::chat::{encode_chat, strftime, ChatTemplate, Message};
-use ferroq::tokenizer::Tokenizer;
+use ferroq::internals::chat::{encode_chat, strftime, ChatTemplate, Message};
+use ferroq::internals::tokenizer::Tokenizer;
 
 fn fixture(path: &str) -> Vec<u8> {
     let full = format!("{}/tests/fixtures/{path}", env!("CARGO_MANIFEST_DIR"));

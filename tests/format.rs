@@ -1,7 +1,9 @@
 //! `.fqm` format: write → read round trip, and the reader against truncated and corrupted files.
 
-use ferroq::format::{DType, FqmFile, FqmWriter, EXPERT_ALIGN, HEADER_SIZE, MAGIC, VERSION};
-use ferroq::kernels::block::{BlockQ4Lx8, BlockQ4x8, BlockQ8x8};
+use ferroq::internals::format::{
+    DType, FqmFile, FqmWriter, EXPERT_ALIGN, HEADER_SIZE, MAGIC, VERSION,
+};
+use ferroq::internals::kernels::block::{BlockQ4Lx8, BlockQ4x8, BlockQ8x8};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 
@@ -281,9 +283,9 @@ fn fix_sums(b: &mut [u8]) {
     if me > b.len() || de > b.len() || de < d_o + 16 {
         return;
     }
-    let mh = ferroq::format::xxh64(&b[mo..me]);
+    let mh = ferroq::internals::format::xxh64(&b[mo..me]);
     b[de - 16..de - 8].copy_from_slice(&mh.to_le_bytes());
-    let dh = ferroq::format::xxh64(&b[d_o..de - 8]);
+    let dh = ferroq::internals::format::xxh64(&b[d_o..de - 8]);
     b[de - 8..de].copy_from_slice(&dh.to_le_bytes());
 }
 

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering::Relaxed};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use ferroq::pool::{measure_read_bandwidth, ThreadPool, MAX_THREADS};
+use ferroq::internals::pool::{measure_read_bandwidth, ThreadPool, MAX_THREADS};
 
 /// Counts heap allocations made by threads that opted in (`COUNT_ALLOCS`), to check that a
 /// `run` allocates nothing.
@@ -310,8 +310,8 @@ fn absurd_thread_counts_are_errors_or_capped() {
         .expect("100000 threads must be refused");
     assert!(e.to_string().contains("threads"), "{e}");
     assert!(ThreadPool::try_new(MAX_THREADS + 1, Duration::ZERO).is_err());
-    assert!(ferroq::pool::check_threads(MAX_THREADS).is_ok());
-    assert!(ferroq::pool::check_threads(0).is_ok());
+    assert!(ferroq::internals::pool::check_threads(MAX_THREADS).is_ok());
+    assert!(ferroq::internals::pool::check_threads(0).is_ok());
     let p = ThreadPool::new(MAX_THREADS + 10);
     assert_eq!(p.n_threads(), MAX_THREADS);
     check_once(&p, 2 * MAX_THREADS + 3);

@@ -1,7 +1,7 @@
 //! RoPE frequencies against the values the Llama 4 spec derives from transformers'
 //! `_compute_llama3_parameters` (§4: bands for head_dim 128, theta 5e5).
 
-use ferroq::ops::rope_inv_freq;
+use ferroq::internals::ops::rope_inv_freq;
 
 fn plain(j: usize) -> f32 {
     1.0 / 500000f32.powf((2 * j) as f32 / 128.0)

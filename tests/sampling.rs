@@ -1,6 +1,6 @@
 //! Sampler behaviour and stop conditions.
 
-use ferroq::sampling::{
+use ferroq::internals::sampling::{
     argmax, stop_ids_from_generation_config, Sampler, SamplerConfig, Stop, StopCondition,
 };
 

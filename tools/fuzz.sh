@@ -8,7 +8,7 @@
 # Needs a nightly toolchain (`rustup toolchain install nightly`) and cargo-fuzz
 # (`cargo install cargo-fuzz`). Seeds come from the test fixtures (fuzz/corpus/<target>,
 # created on first use); crashes land in fuzz/artifacts/<target> and are minimised with
-# `cargo +nightly fuzz tmin <target> <file>`. Add a fixed crasher to tests/crashers.rs.
+# `cargo +nightly fuzz tmin <target> <file>`. Add a fixed crasher to cli/tests/crashers.rs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs="${1:-60}"

@@ -1,6 +1,6 @@
 //! Chat templates: compile and render a short conversation (fuel and output caps apply).
 #![no_main]
-use ferroq::chat::{ChatTemplate, Message};
+use ferroq::internals::chat::{ChatTemplate, Message};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -4,7 +4,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else { return };
-    if let Ok(cfg) = ferroq::tools::hf::model_config_from_hf(&v) {
-        let _ = ferroq::model::tensor_table(&cfg);
+    if let Ok(cfg) = ferroq_convert::hf::model_config_from_hf(&v) {
+        let _ = ferroq::internals::model::tensor_table(&cfg);
     }
 });

@@ -2,9 +2,9 @@
 //! prompt decoded from the input, run on a tiny model (FERROQ_FUZZ_MODEL, a `.fqm` with a
 //! tokenizer; `tools/fuzz.sh` makes one from the test fixtures).
 #![no_main]
-use ferroq::engine::{Engine, GenOptions, Session, SessionOptions};
-use ferroq::model::KvType;
-use ferroq::sampling::SamplerConfig;
+use ferroq::internals::engine::{Engine, GenOptions, Session, SessionOptions};
+use ferroq::internals::model::KvType;
+use ferroq::internals::sampling::SamplerConfig;
 use libfuzzer_sys::fuzz_target;
 use std::sync::{Arc, OnceLock};
 

@@ -1,7 +1,7 @@
 //! `.fqm` reader, model open, checksum verification and a short forward pass.
 #![no_main]
 mod common;
-use ferroq::model::{KvType, Logits, Model, State};
+use ferroq::internals::model::{KvType, Logits, Model, State};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -13,5 +13,5 @@ fuzz_target!(|data: &[u8]| {
         let _ = model.forward(&mut st, &[0, 1 % v, 2 % v], Logits::All);
         let _ = model.forward(&mut st, &[0], Logits::Last);
     }
-    let _ = ferroq::engine::Engine::from_model(model);
+    let _ = ferroq::internals::engine::Engine::from_model(model);
 });

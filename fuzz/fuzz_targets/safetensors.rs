@@ -1,8 +1,8 @@
 //! safetensors reader (converter input): open, then read every tensor.
 #![no_main]
 mod common;
-use ferroq::tools::safetensors::SafetensorsSource;
-use ferroq::tools::source::TensorSource;
+use ferroq_convert::safetensors::SafetensorsSource;
+use ferroq_convert::source::TensorSource;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -1,6 +1,6 @@
 //! `tokenizer.json` loading, then encoding and decoding a fixed text.
 #![no_main]
-use ferroq::tokenizer::{Tokenizer, TokenizerKind};
+use ferroq::internals::tokenizer::{Tokenizer, TokenizerKind};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -1,6 +1,6 @@
 //! tiktoken `tokenizer.model` loading (Llama 4 original release), then encode/decode.
 #![no_main]
-use ferroq::tokenizer::{Tokenizer, TokenizerKind};
+use ferroq::internals::tokenizer::{Tokenizer, TokenizerKind};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -94,7 +94,7 @@ pub fn quantize_block_q4_weighted(x: &[f32], w: &[f32]) -> (f16, [u8; QK]) {
 
 /// The window of inverse scales [`LevelSearch::quantize`] searches, relative to `t_edge` (the
 /// inverse scale at which the first of the block's two extremes reaches its outermost level).
-/// Measured on SmolLM2-135M's matrices (`benches/quant_search.rs`, `docs/quantization.md`):
+/// Measured on SmolLM2-135M's matrices (`convert/benches/quant_search.rs`, `docs/quantization.md`):
 /// the total weighted error is 1.00003× the exhaustive search's with (0.7, 1.3), 1.00035×
 /// with (0.8, 1.2) (codebook; linear 1.000004× and 1.00015×).
 pub const SCALE_WINDOW: (f32, f32) = (0.70, 1.30);
@@ -310,7 +310,7 @@ impl LevelSearch {
 /// error `Σwx² − (Σwxv)²/Σwv²`). The best scale is rounded to f16 and the levels reassigned
 /// with that exact scale. About 7× slower than [`LevelSearch::quantize`] for a weighted error
 /// a few parts in 10⁵ (SmolLM2) to 10⁴ (Gaussian) lower: the reference it is measured against
-/// (`benches/quant_search.rs`, `kernels/tests/quant_search.rs`).
+/// (`convert/benches/quant_search.rs`, `kernels/tests/quant_search.rs`).
 pub fn quantize_block_levels_exhaustive(
     levels: &[i8; 16],
     x: &[f32],

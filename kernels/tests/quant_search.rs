@@ -7,7 +7,7 @@ use ferroq_kernels::scalar::{
 
 /// Total weighted error of the windowed search over that of the exhaustive one on N(0,1)
 /// blocks with the converter's weights `sqrt(σ² + x²)` (4096 blocks, seed below). Measured
-/// 1.00020 (codebook) and 1.00006 (linear) with `benches/quant_search.rs` on 32768 blocks;
+/// 1.00020 (codebook) and 1.00006 (linear) with `convert/benches/quant_search.rs` on 32768 blocks;
 /// budget 1.001.
 const WINDOWED_ERR_RATIO_MAX: f64 = 1.001;
 /// Share of those blocks where the windowed search gives another result than the exhaustive

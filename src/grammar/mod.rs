@@ -10,7 +10,7 @@
 //!
 //! ```
 //! use std::sync::Arc;
-//! use ferroq::grammar::{Grammar, GrammarMatcher, TokenIndex};
+//! use ferroq::internals::grammar::{Grammar, GrammarMatcher, TokenIndex};
 //! let g = Grammar::from_schema_str(r#"{"type": "object", "properties":
 //!     {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": false}"#)?;
 //! let vocab: Vec<&[u8]> = vec![b"{", b"\"ok\"", b":", b"true", b"}", b" ", b"x"];

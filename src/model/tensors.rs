@@ -1,7 +1,7 @@
 //! The one table of tensors a model file holds: typed keys (whose `Display` is the name in the
 //! file), shapes and roles. The converter writes exactly these tensors and the loader checks
 //! exactly these (gemma.cpp `ForEachTensor`); model families map their checkpoints' names to
-//! these keys (`tools/family/`).
+//! these keys (`convert/src/family/`).
 
 use super::config::ModelConfig;
 use std::fmt;
