@@ -5,11 +5,13 @@
 //! `ffn` and [`moe`](super::moe); the observation points in [`probe`](super::probe).
 
 use super::attention::{self, AttnShape};
+use super::config::LayerSpec;
 use super::ffn::{swiglu, SwigluBufs};
 use super::kv::KvCache;
 use super::moe::MoeLayer;
+use super::probe::ProbeOpt;
 use super::probe::{see, HiddenOnly, Input, Point, Probe};
-use super::weights::{FfnWeights, Model};
+use super::weights::{FfnWeights, LayerWeights, Model};
 use crate::ops::{self, matmul, quantize_for, Act, Par};
 use crate::{Error, Result};
 
@@ -149,7 +151,6 @@ impl Model {
     ) {
         let (c, kern, pr) = (&self.config, &self.kernels, &mut probe);
         let (n, hs) = (tokens.len(), c.hidden_size);
-        let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
         // the pool and scratch are moved out for the call (no allocation) so that `par` can be
         // shared by every op while the buffers of `st` are borrowed mutably
         let (pool, scratch) = (st.pool.take(), std::mem::take(&mut st.scratch));
@@ -175,78 +176,7 @@ impl Model {
 
         for (li, (lw, spec)) in self.layers.iter().zip(&c.layers).enumerate() {
             // ---- attention block: norm → q/k/v → RoPE/NoPE, QK norm → cache → attend → o ----
-            self.pre_norm(&par, st, self.vec(lw.attn_norm), n);
-            see(pr, li, Point::MatInput(Input::Qkv), &st.xn[..n * hs]);
-            let (wq, wk, wv) = (self.mat(lw.wq), self.mat(lw.wk), self.mat(lw.wv));
-            let q8 = quantize_for(kern, &par, &st.xn, hs, n, &mut st.q8, &[wq, wk, wv]);
-            let a = Act {
-                x: &st.xn,
-                k: hs,
-                n_tok: n,
-                q8,
-            };
-            let qkv = [&mut st.q[..], &mut st.k[..], &mut st.v[..]];
-            ops::matmul_n(kern, &par, [wq, wk, wv], [qd, kvd, kvd], &a, qkv);
-            let shape = AttnShape::of(c, spec);
-            // several runs whose positions each fit the layer's cache at once (a batched decode
-            // step): append them all, then attend them all in one pool round
-            let one_stretch = |r: &Run| {
-                let kv = seq_kv(caches.as_deref(), &st.kv, r.seq);
-                kv.segment_end(li, r.pos0, r.pos0 + r.len) == r.pos0 + r.len
-            };
-            let batched = runs.len() > 1 && runs.iter().all(one_stretch);
-            for r in runs {
-                let (a, m, pos0) = (r.start, r.len, r.pos0);
-                let (cos, sin) = (&st.cos[a * half..], &st.sin[a * half..]);
-                let (q, k) = (&mut st.q[a * qd..], &mut st.k[a * kvd..]);
-                attention::prepare_qk(&par, c, spec, cos, sin, pos0, m, q, k);
-                let kv = match caches.as_deref_mut() {
-                    Some(caches) => &mut caches[r.seq],
-                    None => &mut st.kv,
-                };
-                // append and attend per stretch of positions the layer's cache holds at once
-                // (the whole run, or for a chunk ring the part of the run in one chunk)
-                let mut s0 = 0;
-                while s0 < m {
-                    let s1 = kv.segment_end(li, pos0 + s0, pos0 + m) - pos0;
-                    let (k, v) = (&st.k[(a + s0) * kvd..], &st.v[(a + s0) * kvd..]);
-                    kv.append(&par, li, pos0 + s0, s1 - s0, k, v);
-                    if !batched {
-                        let (kvl, base) = (kv.layer(li), kv.base(li, pos0 + s0));
-                        let q = &st.q[(a + s0) * qd..];
-                        let att = &mut st.att[(a + s0) * qd..(a + s1) * qd];
-                        attention::attend(kern, &par, shape, kvl, base, q, pos0 + s0, s1 - s0, att);
-                    }
-                    s0 = s1;
-                }
-            }
-            if batched {
-                let (caches, st_kv) = (caches.as_deref(), &st.kv);
-                let job = |i: usize| {
-                    let r = &runs[i];
-                    let kv = seq_kv(caches, st_kv, r.seq);
-                    attention::AttnJob {
-                        kvl: kv.layer(li),
-                        base: kv.base(li, r.pos0),
-                        tok0: r.start,
-                        pos0: r.pos0,
-                        n: r.len,
-                    }
-                };
-                let (q, att) = (&st.q[..], &mut st.att[..n * qd]);
-                attention::attend_jobs(kern, &par, shape, runs.len(), &job, q, n, att);
-            }
-            see(pr, li, Point::MatInput(Input::Wo), &st.att[..n * qd]);
-            let wo = self.mat(lw.wo);
-            let q8 = quantize_for(kern, &par, &st.att, qd, n, &mut st.q8, &[wo]);
-            let a = Act {
-                x: &st.att,
-                k: qd,
-                n_tok: n,
-                q8,
-            };
-            matmul(kern, &par, wo, hs, &a, &mut st.y, hs);
-            see(pr, li, Point::AttnOut, &st.y[..n * hs]);
+            self.attention_block(st, &par, caches.as_deref_mut(), runs, li, lw, spec, pr);
             ops::add_rows(&par, &mut st.h, &st.y, hs, n);
 
             // ---- FFN block: norm → dense SwiGLU | MoE ----
@@ -286,6 +216,110 @@ impl Model {
         }
 
         // ---- final norm → output projection → logits (of the rows asked for) ----
+        let m = self.logits_of(st, &par, out, pr);
+        st.n_logits = m * c.vocab_size;
+        (st.pool, st.scratch) = (pool, scratch);
+    }
+
+    /// The attention block of layer `li` for the rows of `runs` (normed input `st.xn` from
+    /// `st.h`, output projection into `st.y`): q/k/v, RoPE or NoPE and QK norm per run, the
+    /// cache append, attention (several runs of one decode step in one pool round), `wo`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_block(
+        &self,
+        st: &mut State,
+        par: &Par,
+        mut caches: Option<&mut [KvCache]>,
+        runs: &[Run],
+        li: usize,
+        lw: &LayerWeights,
+        spec: &LayerSpec,
+        pr: ProbeOpt,
+    ) {
+        let (c, kern) = (&self.config, &self.kernels);
+        // the rows of the call: the runs cover them in order
+        let n = runs.iter().map(|r| r.start + r.len).max().unwrap_or(0);
+        let hs = c.hidden_size;
+        let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let half = c.head_dim / 2;
+        self.pre_norm(par, st, self.vec(lw.attn_norm), n);
+        see(pr, li, Point::MatInput(Input::Qkv), &st.xn[..n * hs]);
+        let (wq, wk, wv) = (self.mat(lw.wq), self.mat(lw.wk), self.mat(lw.wv));
+        let q8 = quantize_for(kern, par, &st.xn, hs, n, &mut st.q8, &[wq, wk, wv]);
+        let a = Act {
+            x: &st.xn,
+            k: hs,
+            n_tok: n,
+            q8,
+        };
+        let qkv = [&mut st.q[..], &mut st.k[..], &mut st.v[..]];
+        ops::matmul_n(kern, par, [wq, wk, wv], [qd, kvd, kvd], &a, qkv);
+        let shape = AttnShape::of(c, spec);
+        // several runs whose positions each fit the layer's cache at once (a batched decode
+        // step): append them all, then attend them all in one pool round
+        let one_stretch = |r: &Run| {
+            let kv = seq_kv(caches.as_deref(), &st.kv, r.seq);
+            kv.segment_end(li, r.pos0, r.pos0 + r.len) == r.pos0 + r.len
+        };
+        let batched = runs.len() > 1 && runs.iter().all(one_stretch);
+        for r in runs {
+            let (a, m, pos0) = (r.start, r.len, r.pos0);
+            let (cos, sin) = (&st.cos[a * half..], &st.sin[a * half..]);
+            let (q, k) = (&mut st.q[a * qd..], &mut st.k[a * kvd..]);
+            attention::prepare_qk(par, c, spec, cos, sin, pos0, m, q, k);
+            let kv = match caches.as_deref_mut() {
+                Some(caches) => &mut caches[r.seq],
+                None => &mut st.kv,
+            };
+            // append and attend per stretch of positions the layer's cache holds at once
+            // (the whole run, or for a chunk ring the part of the run in one chunk)
+            let mut s0 = 0;
+            while s0 < m {
+                let s1 = kv.segment_end(li, pos0 + s0, pos0 + m) - pos0;
+                let (k, v) = (&st.k[(a + s0) * kvd..], &st.v[(a + s0) * kvd..]);
+                kv.append(par, li, pos0 + s0, s1 - s0, k, v);
+                if !batched {
+                    let (kvl, base) = (kv.layer(li), kv.base(li, pos0 + s0));
+                    let q = &st.q[(a + s0) * qd..];
+                    let att = &mut st.att[(a + s0) * qd..(a + s1) * qd];
+                    attention::attend(kern, par, shape, kvl, base, q, pos0 + s0, s1 - s0, att);
+                }
+                s0 = s1;
+            }
+        }
+        if batched {
+            let (caches, st_kv) = (caches.as_deref(), &st.kv);
+            let job = |i: usize| {
+                let r = &runs[i];
+                let kv = seq_kv(caches, st_kv, r.seq);
+                attention::AttnJob {
+                    kvl: kv.layer(li),
+                    base: kv.base(li, r.pos0),
+                    tok0: r.start,
+                    pos0: r.pos0,
+                    n: r.len,
+                }
+            };
+            let (q, att) = (&st.q[..], &mut st.att[..n * qd]);
+            attention::attend_jobs(kern, par, shape, runs.len(), &job, q, n, att);
+        }
+        see(pr, li, Point::MatInput(Input::Wo), &st.att[..n * qd]);
+        let wo = self.mat(lw.wo);
+        let q8 = quantize_for(kern, par, &st.att, qd, n, &mut st.q8, &[wo]);
+        let a = Act {
+            x: &st.att,
+            k: qd,
+            n_tok: n,
+            q8,
+        };
+        matmul(kern, par, wo, hs, &a, &mut st.y, hs);
+        see(pr, li, Point::AttnOut, &st.y[..n * hs]);
+    }
+
+    /// The final norm and output projection of the rows `out` into `st.logits`; returns the
+    /// number of rows.
+    fn logits_of(&self, st: &mut State, par: &Par, out: OutRows, pr: ProbeOpt) -> usize {
+        let (c, kern, hs) = (&self.config, &self.kernels, self.config.hidden_size);
         let m = match out {
             OutRows::Range(ref r) => r.len(),
             OutRows::Rows(r) => r.len(),
@@ -296,7 +330,7 @@ impl Model {
             match out {
                 OutRows::Range(r) => {
                     let h = &st.h[r.start * hs..];
-                    ops::rmsnorm_rows(kern, &par, h, norm, eps, hs, m, &mut st.xn);
+                    ops::rmsnorm_rows(kern, par, h, norm, eps, hs, m, &mut st.xn);
                 }
                 OutRows::Rows(rows) => {
                     for (i, &t) in rows.iter().enumerate() {
@@ -312,7 +346,7 @@ impl Model {
                 &st.xn[..m * hs],
             );
             let out = self.mat(self.output);
-            let q8 = quantize_for(kern, &par, &st.xn, hs, m, &mut st.q8, &[out]);
+            let q8 = quantize_for(kern, par, &st.xn, hs, m, &mut st.q8, &[out]);
             let a = Act {
                 x: &st.xn,
                 k: hs,
@@ -320,10 +354,9 @@ impl Model {
                 q8,
             };
             let v = c.vocab_size;
-            matmul(kern, &par, out, v, &a, &mut st.logits, v);
+            matmul(kern, par, out, v, &a, &mut st.logits, v);
         }
-        st.n_logits = m * c.vocab_size;
-        (st.pool, st.scratch) = (pool, scratch);
+        m
     }
 
     /// `xn = rmsnorm(h) · norm` for the first `n` rows (the pre-norm of a block).

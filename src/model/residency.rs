@@ -409,6 +409,21 @@ impl Residency {
     /// MoE layer `layer` is about to run the experts with `counts[e] > 0`: drop what the
     /// policy evicts, then ask in the picked experts that are not resident.
     pub fn prepare(&self, layer: usize, counts: &[u32]) {
+        self.apply(Some(counts), false, &|cache, picked, load, evict| {
+            cache.access(layer, picked, load, evict)
+        });
+    }
+
+    /// Run a policy step `op` on the experts `picked` (`counts[e] > 0`; `None`: all of them) and
+    /// apply it: drop what it evicts, then ask in what it loads (read-ahead: queued behind the
+    /// drops when `ahead`). Timed in [`Residency::prepare_seconds`].
+    #[allow(clippy::type_complexity)]
+    fn apply(
+        &self,
+        counts: Option<&[u32]>,
+        ahead: bool,
+        op: &dyn Fn(&mut ExpertCache, &[usize], &mut Vec<usize>, &mut Vec<usize>),
+    ) {
         let t0 = std::time::Instant::now();
         let mut p = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         let Plan {
@@ -418,20 +433,26 @@ impl Residency {
             picked,
         } = &mut *p;
         picked.clear();
-        picked.extend(
-            counts
-                .iter()
-                .take(self.n_experts)
-                .enumerate()
-                .filter(|(_, &c)| c > 0)
-                .map(|(e, _)| e),
-        );
-        cache.access(layer, picked, load, evict);
+        match counts {
+            Some(c) => picked.extend(
+                c.iter()
+                    .take(self.n_experts)
+                    .enumerate()
+                    .filter(|(_, &c)| c > 0)
+                    .map(|(e, _)| e),
+            ),
+            None => picked.extend(0..self.n_experts),
+        }
+        op(cache, picked, load, evict);
         for &id in evict.iter() {
             self.pager.drop_pages(self.ranges[id]);
         }
         for &id in load.iter() {
-            self.pager.will_need(self.ranges[id]);
+            if ahead {
+                self.pager.prefetch(self.ranges[id]);
+            } else {
+                self.pager.will_need(self.ranges[id]);
+            }
         }
         drop(p);
         self.prepare_ns
@@ -477,35 +498,9 @@ impl Residency {
         if !self.prefetch || (next + 1) * self.n_experts > self.ranges.len() {
             return;
         }
-        let t0 = std::time::Instant::now();
-        let mut p = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        let Plan {
-            cache,
-            load,
-            evict,
-            picked,
-        } = &mut *p;
-        picked.clear();
-        match predicted {
-            Some(c) => picked.extend(
-                c.iter()
-                    .take(self.n_experts)
-                    .enumerate()
-                    .filter(|(_, &c)| c > 0)
-                    .map(|(e, _)| e),
-            ),
-            None => picked.extend(0..self.n_experts),
-        }
-        cache.prefetch(next, picked, load, evict);
-        for &id in evict.iter() {
-            self.pager.drop_pages(self.ranges[id]);
-        }
-        for &id in load.iter() {
-            self.pager.prefetch(self.ranges[id]);
-        }
-        drop(p);
-        self.prepare_ns
-            .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        self.apply(predicted, true, &|cache, picked, load, evict| {
+            cache.prefetch(next, picked, load, evict)
+        });
     }
 
     /// [`Residency::prepare`] for decoder layer `li` (nothing for a dense layer).
