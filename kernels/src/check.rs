@@ -368,5 +368,10 @@ pub(crate) fn wrap<T: TierTable>() -> Kernels {
         kv_transpose_f32: kv_transpose_f32::<T>,
         kv_transpose_f16: kv_transpose_f16::<T>,
         kv_rows_f16: kv_rows_f16::<T>,
+        rope_interleaved: T::K.rope_interleaved,
+        rope_half: T::K.rope_half,
+        quantize_kv_q4: T::K.quantize_kv_q4,
+        kv_q4_rotate: T::K.kv_q4_rotate,
+        dequantize_kv_q4: T::K.dequantize_kv_q4,
     }
 }

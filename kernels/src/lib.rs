@@ -260,6 +260,18 @@ pub type TopkFn = fn(&[f32], usize, &mut [u32], &mut [f32]);
 /// Twin: [`scalar::group_by_expert`].
 pub type GroupFn = fn(&[u32], usize, &mut [u32], &mut [u32], &mut [u32], &mut [u32]);
 
+/// RoPE on one head, `rope(x, cos, sin)`. Twins: [`scalar::rope_interleaved`],
+/// [`scalar::rope_half`].
+pub type RopeFn = fn(&mut [f32], &[f32], &[f32]);
+/// The 4-bit KV cache's steps: quantize a rotated block `(x, codes, scales)`, the rotation
+/// (in place) and dequantization `(codes, scales, out)`. Twins: [`scalar::quantize_kv_q4`],
+/// [`scalar::kv_q4_rotate`], [`scalar::dequantize_kv_q4`].
+pub type KvQ4QuantFn = fn(&[f32], &mut [u8], &mut [u16]);
+/// See [`KvQ4QuantFn`].
+pub type KvQ4RotateFn = fn(&mut [f32]);
+/// See [`KvQ4QuantFn`].
+pub type KvQ4DequantFn = fn(&[u8], &[u16], &mut [f32]);
+
 /// RMSNorm, `rmsnorm(x, weight, eps, out)`. Twin: [`scalar::rmsnorm`].
 pub type RmsNormFn = fn(&[f32], Option<&[f32]>, f32, &mut [f32]);
 
@@ -292,6 +304,12 @@ pub struct Kernels {
     pub kv_transpose_f32: KvTransposeF32Fn,
     pub kv_transpose_f16: KvTransposeF16Fn,
     pub kv_rows_f16: KvRowsF16Fn,
+    // RoPE and the 4-bit KV cache (scalar in every tier today: a small share of the time).
+    pub rope_interleaved: RopeFn,
+    pub rope_half: RopeFn,
+    pub quantize_kv_q4: KvQ4QuantFn,
+    pub kv_q4_rotate: KvQ4RotateFn,
+    pub dequantize_kv_q4: KvQ4DequantFn,
 }
 
 /// The scalar reference table.
@@ -319,6 +337,11 @@ pub(crate) const SCALAR: Kernels = Kernels {
     kv_transpose_f32: scalar::kv_transpose_f32,
     kv_transpose_f16: scalar::kv_transpose_f16,
     kv_rows_f16: scalar::kv_rows_f16,
+    rope_interleaved: scalar::rope_interleaved,
+    rope_half: scalar::rope_half,
+    quantize_kv_q4: scalar::quantize_kv_q4,
+    kv_q4_rotate: scalar::kv_q4_rotate,
+    dequantize_kv_q4: scalar::dequantize_kv_q4,
 };
 
 /// A tier's table as a type, so that `check-kernels` can wrap it in generic (capture-free)

@@ -115,6 +115,7 @@ impl AttnShape {
 /// norm, then (queries only) Llama 4 temperature tuning. Per row, on the pool for a long batch.
 #[allow(clippy::too_many_arguments)]
 pub fn prepare_qk(
+    kern: &Kernels,
     par: &Par,
     c: &ModelConfig,
     spec: &LayerSpec,
@@ -129,8 +130,8 @@ pub fn prepare_qk(
     let half = d / 2;
     let (qd, kvd) = (c.num_heads * d, c.num_kv_heads * d);
     let rope = match c.rope_style {
-        RopeStyle::Interleaved => scalar::rope_interleaved,
-        RopeStyle::Half => scalar::rope_half,
+        RopeStyle::Interleaved => kern.rope_interleaved,
+        RopeStyle::Half => kern.rope_half,
     };
     let prep = |t: usize, x: &mut [f32], is_q: bool| {
         if spec.rope {
@@ -262,7 +263,7 @@ pub fn attend_jobs<'c>(
                 if rotated {
                     // the 4-bit cache holds rotated keys: score the rotated query
                     qrot.copy_from_slice(q);
-                    scalar::kv_q4_rotate(qrot);
+                    (kern.kv_q4_rotate)(qrot);
                     q = qrot;
                 }
                 let s = &mut sc[r * ATT_TILE..r * ATT_TILE + nk];
@@ -304,7 +305,7 @@ pub fn attend_jobs<'c>(
             let inv = 1.0 / ml[2 * r + 1];
             o[r * d..(r + 1) * d].iter_mut().for_each(|v| *v *= inv);
             if rotated {
-                scalar::kv_q4_rotate(&mut o[r * d..(r + 1) * d]);
+                (kern.kv_q4_rotate)(&mut o[r * d..(r + 1) * d]);
             }
         }
     };
@@ -333,9 +334,7 @@ pub fn attend_jobs<'c>(
             qs[i * rep * d..(i + 1) * rep * d].copy_from_slice(&qb[src..src + rep * d]);
         }
         if rotated {
-            qs[..rr * d]
-                .chunks_exact_mut(d)
-                .for_each(scalar::kv_q4_rotate);
+            qs[..rr * d].chunks_exact_mut(d).for_each(kern.kv_q4_rotate);
         }
         os.iter_mut().for_each(|v| *v = 0.0);
         for r in 0..rr {
@@ -386,11 +385,11 @@ pub fn attend_jobs<'c>(
                         let (o4, os4) = q4.off(j0 - base + j, kh);
                         let (kb, sb) = (o4..o4 + q4.row, os4..os4 + q4.nb);
                         let row = &mut vf[j * d..(j + 1) * d];
-                        scalar::dequantize_kv_q4(&kc[kb.clone()], &ks[sb.clone()], row);
+                        (kern.dequantize_kv_q4)(&kc[kb.clone()], &ks[sb.clone()], row);
                         for (c, &x) in row.iter().enumerate() {
                             kt[c * nk + j] = x;
                         }
-                        scalar::dequantize_kv_q4(&vc[kb], &vs[sb], row);
+                        (kern.dequantize_kv_q4)(&vc[kb], &vs[sb], row);
                     }
                 }
             }
@@ -428,7 +427,7 @@ pub fn attend_jobs<'c>(
                     *x = y * inv;
                 }
                 if rotated {
-                    scalar::kv_q4_rotate(oh);
+                    (kern.kv_q4_rotate)(oh);
                 }
             }
         }

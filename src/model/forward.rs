@@ -266,7 +266,7 @@ impl Model {
             let (a, m, pos0) = (r.start, r.len, r.pos0);
             let (cos, sin) = (&st.cos[a * half..], &st.sin[a * half..]);
             let (q, k) = (&mut st.q[a * qd..], &mut st.k[a * kvd..]);
-            attention::prepare_qk(par, c, spec, cos, sin, pos0, m, q, k);
+            attention::prepare_qk(kern, par, c, spec, cos, sin, pos0, m, q, k);
             let kv = match caches.as_deref_mut() {
                 Some(caches) => &mut caches[r.seq],
                 None => &mut st.kv,
@@ -277,7 +277,7 @@ impl Model {
             while s0 < m {
                 let s1 = kv.segment_end(li, pos0 + s0, pos0 + m) - pos0;
                 let (k, v) = (&st.k[(a + s0) * kvd..], &st.v[(a + s0) * kvd..]);
-                kv.append(par, li, pos0 + s0, s1 - s0, k, v);
+                kv.append(kern, par, li, pos0 + s0, s1 - s0, k, v);
                 if !batched {
                     let (kvl, base) = (kv.layer(li), kv.base(li, pos0 + s0));
                     let q = &st.q[(a + s0) * qd..];

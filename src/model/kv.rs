@@ -7,6 +7,7 @@
 
 use crate::ops::{self, Par};
 use crate::{Error, Result};
+use ferroq_kernels::Kernels;
 
 /// Element type of the KV cache.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -301,7 +302,17 @@ impl KvCache {
     /// positions `pos0 .. pos0 + n` (the caller checked they fit, and for a ring layer that they
     /// lie in one chunk: [`KvCache::segment_end`]), converted to the cache type (f16: per row
     /// on the pool for a long batch; q8: one scale per position and KV head).
-    pub fn append(&mut self, par: &Par, li: usize, pos0: usize, n: usize, k: &[f32], v: &[f32]) {
+    #[allow(clippy::too_many_arguments)]
+    pub fn append(
+        &mut self,
+        kern: &Kernels,
+        par: &Par,
+        li: usize,
+        pos0: usize,
+        n: usize,
+        k: &[f32],
+        v: &[f32],
+    ) {
         let (nkv, d) = (self.n_kv, self.head_dim);
         let kvd = nkv * d;
         debug_assert!(n == 0 || self.segment_end(li, pos0, pos0 + n) == pos0 + n);
@@ -336,9 +347,7 @@ impl KvCache {
                 }
             }
             Store::Q4(q) => {
-                use ferroq_kernels::scalar::{
-                    kv_q4_rotate, quantize_kv_q4, KV_Q4_BLOCK, KV_Q4_BYTES,
-                };
+                use ferroq_kernels::scalar::{KV_Q4_BLOCK, KV_Q4_BYTES};
                 let nb = q4_blocks(d);
                 let (row, srow) = (nb * KV_Q4_BYTES, nb);
                 for t in 0..n {
@@ -346,7 +355,7 @@ impl KvCache {
                     for h in 0..nkv {
                         let x0 = t * kvd + h * d;
                         let (b0, s) = ((p * nkv + h) * row, (p * nkv + h) * srow);
-                        // per block: rotated ([`kv_q4_rotate`]) on the stack, then quantized
+                        // per block: rotated (`kv_q4_rotate`) on the stack, then quantized
                         for (src, codes, scales) in [
                             (k, &mut q.k[li], &mut q.ks[li]),
                             (v, &mut q.v[li], &mut q.vs[li]),
@@ -356,9 +365,9 @@ impl KvCache {
                                 let len = (d - c0).min(KV_Q4_BLOCK);
                                 let mut x = [0.0f32; KV_Q4_BLOCK];
                                 x[..len].copy_from_slice(&src[x0 + c0..x0 + c0 + len]);
-                                kv_q4_rotate(&mut x[..len]);
+                                (kern.kv_q4_rotate)(&mut x[..len]);
                                 let cb = b0 + blk * KV_Q4_BYTES;
-                                quantize_kv_q4(
+                                (kern.quantize_kv_q4)(
                                     &x[..len],
                                     &mut codes[cb..cb + KV_Q4_BYTES],
                                     &mut scales[s + blk..s + blk + 1],

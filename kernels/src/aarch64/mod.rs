@@ -65,6 +65,11 @@ pub(crate) const NEON: Kernels = Kernels {
     kv_transpose_f32: crate::scalar::kv_transpose_f32,
     kv_transpose_f16: crate::scalar::kv_transpose_f16,
     kv_rows_f16: crate::scalar::kv_rows_f16,
+    rope_interleaved: crate::scalar::rope_interleaved,
+    rope_half: crate::scalar::rope_half,
+    quantize_kv_q4: crate::scalar::quantize_kv_q4,
+    kv_q4_rotate: crate::scalar::kv_q4_rotate,
+    dequantize_kv_q4: crate::scalar::dequantize_kv_q4,
 };
 
 /// NEON + dotprod (Cortex-A55/A76 and later, Neoverse N1, Apple M1, Graviton 2).

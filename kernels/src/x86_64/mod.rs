@@ -33,6 +33,11 @@ pub(crate) const AVX2: Kernels = Kernels {
     kv_transpose_f32: avx2::kv_transpose_f32,
     kv_transpose_f16: avx2::kv_transpose_f16,
     kv_rows_f16: avx2::kv_rows_f16,
+    rope_interleaved: crate::scalar::rope_interleaved,
+    rope_half: crate::scalar::rope_half,
+    quantize_kv_q4: crate::scalar::quantize_kv_q4,
+    kv_q4_rotate: crate::scalar::kv_q4_rotate,
+    dequantize_kv_q4: crate::scalar::dequantize_kv_q4,
 };
 
 /// AVX-512 F/BW/VL + VNNI (Cascade Lake, Ice Lake, Sapphire Rapids, Zen 4 and later).
