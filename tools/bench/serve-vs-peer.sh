@@ -4,7 +4,8 @@
 #
 # Usage: tools/bench/serve-vs-peer.sh FERROQ_MODEL.fqm PEER_SERVER_BIN PEER_MODEL.gguf [ROUNDS] [TOKENS]
 #   e.g. tools/bench/serve-vs-peer.sh smol-q4l.fqm llama.cpp/build/bin/llama-server smol-q4_0.gguf 5 128
-# Env: FERROQ (default target/release/ferroq), THREADS (2), PEER=0 to time ferroq alone.
+# Env: FERROQ (default target/release/ferroq), THREADS (2), PEER=0 to time ferroq alone,
+# PEER_ARGS extra peer arguments (--no-repack where a CPU reports AMX the kernel does not enable).
 # Prints one line per (round, server, streams): the aggregate decode rate of serve_load.py.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -26,5 +27,6 @@ one() { # name port command...
 for r in $(seq "$rounds"); do
     echo "== round $r, load $(cut -d' ' -f1 /proc/loadavg)"
     one ferroq 18181 "$F" serve -m "$fm" -a m --port 18181 --parallel 4 -t "$T" -c 2048
-    [ "${PEER:-1}" = 0 ] || one peer 18182 "$peer" -m "$pm" --port 18182 -np 4 -c 8192 -t "$T" --no-webui
+    # shellcheck disable=SC2086 # PEER_ARGS: extra words for the peer (e.g. --no-repack)
+    [ "${PEER:-1}" = 0 ] || one peer 18182 "$peer" -m "$pm" --port 18182 -np 4 -c 8192 -t "$T" --no-webui ${PEER_ARGS:-}
 done
