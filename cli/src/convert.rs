@@ -41,7 +41,8 @@ pub struct Args {
     #[arg(long, value_name = "TYPE")]
     pub token_embedding_type: Option<String>,
     /// Importance matrix from `ferroq imatrix` (collected on an f32 or q8 conversion of the same
-    /// source): its per-column activation statistics weigh the 4-bit scale search.
+    /// source) or from llama.cpp's `llama-imatrix` (GGUF or legacy .dat, for the same model):
+    /// its per-column activation statistics weigh the 4-bit scale search.
     #[arg(long, value_name = "FILE")]
     pub imatrix: Option<PathBuf>,
     /// How the imatrix weighs a weight's error: multiply (activation mean square times

@@ -7,6 +7,8 @@ use ferroq::internals::format::DType;
 use ferroq::internals::model::{tensor_table, KvType, Logits, Model, State};
 use ferroq::internals::perplexity::{ChunkPlan, RunOptions};
 use ferroq_convert::imatrix::{collect, Entry, Imatrix};
+
+mod support;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -357,5 +359,135 @@ fn conversion_with_an_imatrix_differs_and_is_not_worse() {
     assert!(
         kw <= kp * 1.02,
         "mean KL {kw} with the imatrix, {kp} without"
+    );
+}
+
+/// The GGUF name of `.fqm` matrix `name` and, for a routed expert, its expert index.
+fn gguf_of(name: &str) -> (String, Option<usize>) {
+    use ferroq::internals::model::tensors::{LayerTensor as L, TensorKey};
+    let k = TensorKey::parse(name).unwrap_or_else(|| panic!("{name}"));
+    let (layer, t) = match k {
+        TensorKey::Output => return ("output.weight".into(), None),
+        TensorKey::Layer(l, t) => (l, t),
+        _ => panic!("{name} is not a matrix"),
+    };
+    let (part, e) = match t {
+        L::Wq => ("attn_q".to_string(), None),
+        L::Wk => ("attn_k".into(), None),
+        L::Wv => ("attn_v".into(), None),
+        L::Wo => ("attn_output".into(), None),
+        L::Ffn(p) => (format!("ffn_{}", p.name()), None),
+        L::Shared(p) => (format!("ffn_{}_shexp", p.name()), None),
+        L::Expert(e, p) => (format!("ffn_{}_exps", p.name()), Some(e)),
+        _ => panic!("{name} has no imatrix"),
+    };
+    (format!("blk.{layer}.{part}.weight"), e)
+}
+
+/// llama.cpp's imatrix files (`llama-imatrix`: GGUF and the legacy `.dat`) holding the same
+/// statistics as one of ours give the same quantized weights: each tensor's bytes identical.
+/// The statistics are stored so that llama.cpp's division gives them back exactly (counts and
+/// ncall 1); stacked experts a routed expert never saw keep count 0 (GGUF) and are left out.
+#[test]
+fn llama_cpp_imatrix_files_weigh_like_ours() {
+    let name = "llama4-scout-tiny";
+    let (f32m, ours) = make_imatrix(name, "-llama");
+    let n_exp = Model::open(&f32m).unwrap().config.num_experts;
+    let im = Imatrix::read(&ours).unwrap();
+    // GGUF name -> (cols, per matrix: values or None)
+    type PerMatrix = (usize, Vec<Option<Vec<f32>>>);
+    let mut mats: std::collections::BTreeMap<String, PerMatrix> = Default::default();
+    for e in &im.entries {
+        for t in &e.tensors {
+            let (g, ex) = gguf_of(t);
+            let n_mat = if ex.is_some() { n_exp } else { 1 };
+            let m = mats
+                .entry(g)
+                .or_insert_with(|| (e.values.len(), vec![None; n_mat]));
+            m.1[ex.unwrap_or(0)] = Some(e.values.clone());
+        }
+    }
+    assert!(
+        mats.keys().any(|k| k.contains("_exps")),
+        "{:?}",
+        mats.keys()
+    );
+    // GGUF: in_sum2 [cols, n_mat] and counts [n_mat]
+    let mut w = support::GgufWriter::new(3);
+    w.kv("general.type", support::Meta::s("imatrix"));
+    for (g, (cols, per)) in &mats {
+        let mut sums = Vec::new();
+        for v in per {
+            sums.extend(v.clone().unwrap_or_else(|| vec![0.0; *cols]));
+        }
+        let counts: Vec<f32> = per.iter().map(|v| v.is_some() as u8 as f32).collect();
+        w.tensor_f32(
+            &format!("{g}.in_sum2"),
+            &[*cols as u64, per.len() as u64],
+            &sums,
+        );
+        w.tensor_f32(&format!("{g}.counts"), &[per.len() as u64], &counts);
+    }
+    let gguf = tmp("llama-imatrix.gguf");
+    std::fs::write(&gguf, w.build()).unwrap();
+    // legacy: i32 n, then name, ncall, nval, values (mean * ncall); experts one after another.
+    // A stacked tensor must hold every expert: the fixture's calibration routes to all of them
+    let mut dat = Vec::new();
+    dat.extend_from_slice(&(mats.len() as i32).to_le_bytes());
+    for (g, (cols, per)) in &mats {
+        dat.extend_from_slice(&(g.len() as i32).to_le_bytes());
+        dat.extend_from_slice(g.as_bytes());
+        dat.extend_from_slice(&1i32.to_le_bytes());
+        dat.extend_from_slice(&((cols * per.len()) as i32).to_le_bytes());
+        for v in per {
+            let v = v
+                .clone()
+                .expect("every expert routed to in the calibration ids");
+            dat.extend(v.iter().flat_map(|x| x.to_le_bytes()));
+        }
+    }
+    dat.extend_from_slice(&(N_CHUNK as i32).to_le_bytes());
+    let legacy = tmp("llama-imatrix.dat");
+    std::fs::write(&legacy, &dat).unwrap();
+
+    let tensors = |p: &Path| -> Vec<(String, Vec<u8>)> {
+        let f = ferroq::FqmFile::open(p).unwrap();
+        let mut v: Vec<(String, Vec<u8>)> = f
+            .tensors()
+            .iter()
+            .map(|t| (t.name.clone(), f.tensor(&t.name).unwrap().data.to_vec()))
+            .collect();
+        v.sort();
+        v
+    };
+    let with = |im: &Path, tag: &str| {
+        let q = convert(name, "q4", &["--imatrix", im.to_str().unwrap()], tag);
+        tensors(&q)
+    };
+    let want = with(&ours, "-ours");
+    let plain = tensors(&convert(name, "q4", &[], "-none"));
+    assert_ne!(want, plain, "the imatrix changes the weights");
+    assert!(want == with(&gguf, "-gguf"), "GGUF imatrix: other weights");
+    assert!(
+        want == with(&legacy, "-dat"),
+        "legacy imatrix: other weights"
+    );
+    // a damaged llama.cpp file is refused naming it
+    let bad = tmp("llama-imatrix-bad.dat");
+    std::fs::write(&bad, &dat[..dat.len() / 2]).unwrap();
+    let out = ferroq(&[
+        "convert",
+        fixture(name).to_str().unwrap(),
+        "-o",
+        tmp("bad.fqm").to_str().unwrap(),
+        "--quant",
+        "q4",
+        "--imatrix",
+        bad.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("llama-imatrix-bad.dat"),
+        "{err}"
     );
 }

@@ -929,7 +929,7 @@ pub fn convert(
     }
     // the imatrix, checked against the model's tensors before anything is written
     let imatrix = match &opts.imatrix {
-        Some(p) => Some(Imatrix::read(p)?),
+        Some(p) => Some(Imatrix::read_any(p, cfg.num_experts)?),
         None => None,
     };
     let im_cols = match (&imatrix, &opts.imatrix) {

@@ -1024,7 +1024,7 @@ impl GgufFile {
             .ok_or_else(|| self.meta_err(key, "expected a non-negative integer"))
     }
 
-    pub(crate) fn opt_u64(&self, key: &str) -> Result<Option<u64>> {
+    pub fn opt_u64(&self, key: &str) -> Result<Option<u64>> {
         match self.get(key) {
             None => Ok(None),
             Some(v) => v

@@ -251,6 +251,17 @@ impl Imatrix {
         Imatrix::from_bytes(&b, path)
     }
 
+    /// Read an imatrix file of ferroq's format or of llama.cpp's (`llama-imatrix`: GGUF or the
+    /// legacy `.dat`, [`super::imatrix_llama`]) for a model with `n_experts` routed experts per
+    /// MoE layer.
+    pub fn read_any(path: &Path, n_experts: usize) -> Result<Imatrix> {
+        let b = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        if !b.starts_with(MAGIC) && super::imatrix_llama::is_llama(&b) {
+            return super::imatrix_llama::read(&b, n_experts, path);
+        }
+        Imatrix::from_bytes(&b, path)
+    }
+
     /// Write to `path` (a temporary name, renamed when complete).
     pub fn write(&self, path: &Path) -> Result<()> {
         let tmp = path.with_extension("tmp");

@@ -12,6 +12,7 @@ pub mod gguf;
 pub mod gguf_llama4;
 pub mod hf;
 pub mod imatrix;
+pub mod imatrix_llama;
 pub mod safetensors;
 pub mod safetensors_write;
 pub mod source;
