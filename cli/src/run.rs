@@ -232,8 +232,40 @@ pub struct Args {
     /// docs/session-state.md.
     #[arg(long = "prompt-cache", value_name = "FILE")]
     pub prompt_cache: Option<PathBuf>,
+    /// Constrain the output to JSON matching this JSON Schema (the schema's text, as
+    /// llama.cpp's `-j`/`--json-schema`); the answer always parses and matches it unless cut
+    /// by -n. See docs/structured-output.md for the supported keywords.
+    #[arg(short = 'j', long = "json-schema", value_name = "SCHEMA", conflicts_with_all = ["json_schema_file", "json_object"])]
+    pub json_schema: Option<String>,
+    /// As --json-schema, the schema read from FILE.
+    #[arg(
+        long = "json-schema-file",
+        value_name = "FILE",
+        conflicts_with = "json_object"
+    )]
+    pub json_schema_file: Option<PathBuf>,
+    /// Constrain the output to one JSON object (OpenAI's `response_format: json_object`).
+    #[arg(long = "json-object")]
+    pub json_object: bool,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+}
+
+/// The grammar of `--json-schema`, `--json-schema-file` or `--json-object`, if one is given.
+fn structured(a: &Args) -> Result<Option<std::sync::Arc<ferroq::Grammar>>> {
+    let g = if let Some(s) = &a.json_schema {
+        ferroq::Grammar::from_schema_str(s)
+            .map_err(|e| Error::config("--json-schema", e.to_string()))?
+    } else if let Some(f) = &a.json_schema_file {
+        let s = std::fs::read_to_string(f).map_err(|e| Error::io(f, e))?;
+        ferroq::Grammar::from_schema_str(&s)
+            .map_err(|e| Error::config("--json-schema-file", format!("{}: {e}", f.display())))?
+    } else if a.json_object {
+        ferroq::Grammar::json_object()
+    } else {
+        return Ok(None);
+    };
+    Ok(Some(std::sync::Arc::new(g)))
 }
 
 /// Read the prompt: the argument, or all of stdin for `-` / no argument.
@@ -359,6 +391,7 @@ fn prompt_cache(
 
 pub fn run(a: Args) -> Result<()> {
     let (sampler, seed) = a.sampling.config()?;
+    let grammar = structured(&a)?;
     let prompt = read_prompt(a.prompt)?;
     let engine = a.model.open_engine()?;
     let chat = a.chat || a.system.is_some();
@@ -418,10 +451,11 @@ pub fn run(a: Args) -> Result<()> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut io_err = None;
+    let grammar = grammar.as_ref();
     let mut g = if a.json {
-        session.generate(&ids, &gen, &mut |_, _| true)?
+        session.generate_constrained(&ids, &gen, grammar, &mut |_, _| true)?
     } else {
-        session.generate(&ids, &gen, &mut |_, piece| {
+        session.generate_constrained(&ids, &gen, grammar, &mut |_, piece| {
             if piece.is_empty() {
                 return true;
             }

@@ -708,3 +708,69 @@ fn ferroq_tokens(model: &str, text: &str) -> usize {
         .encode_prompt(text)
         .len()
 }
+
+/// `run --json-schema` / `-j`, `--json-schema-file` and `--json-object` constrain the answer
+/// (greedy, SmolLM2): it parses and matches the schema; a bad schema is a clear error naming
+/// the flag.
+#[test]
+fn run_json_schema_output_parses_and_matches() {
+    let Some(m) = model("run_json_schema_output_parses_and_matches", "q8") else {
+        return;
+    };
+    let m = m.to_str().unwrap();
+    let schema = r#"{"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+        "age": {"type": "integer"}, "pets": {"type": "array", "items": {"enum": ["cat", "dog"]},
+        "maxItems": 3}}, "required": ["name", "age", "pets"], "additionalProperties": false}"#;
+    let run = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec![
+            "run", "-m", m, "-t", "1", "-n", "96", "--temp", "0", "--json",
+        ];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["-p", "Describe a person as JSON:"]);
+        let (so, _) = ok(&args, b"");
+        let v: serde_json::Value = serde_json::from_str(so.trim()).unwrap();
+        let text = v["text"].as_str().unwrap().to_string();
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: the answer {text:?}"))
+    };
+    let check = |v: &serde_json::Value| {
+        let o = v
+            .as_object()
+            .unwrap_or_else(|| panic!("not an object: {v}"));
+        assert_eq!(o.len(), 3, "{v}");
+        assert!(
+            o["name"].as_str().is_some_and(|s| s.chars().count() <= 20),
+            "{v}"
+        );
+        assert!(o["age"].is_i64() || o["age"].is_u64(), "{v}");
+        let pets = o["pets"].as_array().unwrap();
+        assert!(
+            pets.len() <= 3 && pets.iter().all(|p| p == "cat" || p == "dog"),
+            "{v}"
+        );
+    };
+    let a = run(&["-j", schema]);
+    check(&a);
+    let file = std::env::temp_dir().join(format!("ferroq-schema-{}.json", std::process::id()));
+    std::fs::write(&file, schema).unwrap();
+    assert_eq!(run(&["--json-schema-file", file.to_str().unwrap()]), a);
+    std::fs::remove_file(&file).ok();
+    assert!(run(&["--json-object"]).is_object());
+    fails(
+        &["run", "-m", m, "-j", "{\"type\": 7}", "-p", "hi"],
+        b"",
+        "--json-schema",
+    );
+    fails(
+        &[
+            "run",
+            "-m",
+            m,
+            "--json-schema-file",
+            "/nonexistent/s.json",
+            "-p",
+            "hi",
+        ],
+        b"",
+        "/nonexistent/s.json",
+    );
+}
