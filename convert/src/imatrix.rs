@@ -257,7 +257,7 @@ impl Imatrix {
     pub fn read_any(path: &Path, n_experts: usize) -> Result<Imatrix> {
         let b = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         if !b.starts_with(MAGIC) && super::imatrix_llama::is_llama(&b) {
-            return super::imatrix_llama::read(&b, n_experts, path);
+            return super::imatrix_llama::read(b, n_experts, path);
         }
         Imatrix::from_bytes(&b, path)
     }

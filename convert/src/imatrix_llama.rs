@@ -57,11 +57,11 @@ pub fn fqm_names(name: &str, n_mat: usize) -> Option<Vec<String>> {
     let part = part.strip_suffix(".weight")?;
     let one = |t: LayerTensor| (n_mat == 1).then(|| vec![TensorKey::Layer(layer, t).to_string()]);
     let experts = |p: Proj| {
-        (n_mat >= 1).then(|| {
+        Some(
             (0..n_mat)
                 .map(|e| TensorKey::Layer(layer, L::Expert(e, p)).to_string())
-                .collect()
-        })
+                .collect(),
+        )
     };
     match part {
         "attn_q" => one(L::Wq),
@@ -124,11 +124,11 @@ fn push(
 /// Read a llama.cpp imatrix (either format) for a model with `n_experts` routed experts per
 /// MoE layer (the legacy format does not record how a stacked tensor splits); `path` names
 /// the file in errors. Never panics on bad input.
-pub fn read(b: &[u8], n_experts: usize, path: &Path) -> Result<Imatrix> {
+pub fn read(b: Vec<u8>, n_experts: usize, path: &Path) -> Result<Imatrix> {
     let mut im = if b.starts_with(b"GGUF") {
         read_gguf(b, path)?
     } else {
-        read_legacy(b, n_experts, path)?
+        read_legacy(&b, n_experts, path)?
     };
     if im.entries.is_empty() {
         return Err(Error::format(
@@ -145,8 +145,8 @@ fn bad(path: &Path, msg: impl Into<String>) -> Error {
     Error::format(path, format!("llama.cpp imatrix: {}", msg.into()))
 }
 
-fn read_gguf(b: &[u8], path: &Path) -> Result<Imatrix> {
-    let g = GgufFile::from_bytes(path.display().to_string(), b.to_vec())?;
+fn read_gguf(b: Vec<u8>, path: &Path) -> Result<Imatrix> {
+    let g = GgufFile::from_bytes(path.display().to_string(), b)?;
     let mut im = Imatrix {
         n_chunks: g.opt_u64("imatrix.chunk_count").ok().flatten().unwrap_or(0) as u32,
         n_ctx: g.opt_u64("imatrix.chunk_size").ok().flatten().unwrap_or(0) as u32,
@@ -258,16 +258,16 @@ fn read_legacy(b: &[u8], n_experts: usize, path: &Path) -> Result<Imatrix> {
     }
     for (name, ncall, vals) in &entries {
         let n_mat = n_mat_of(name, n_experts);
-        if vals.is_empty() || ncall == &0 || vals.len() % n_mat != 0 {
-            if vals.len() % n_mat != 0 {
-                return Err(bad(
-                    path,
-                    format!(
-                        "`{name}` has {} values, not a multiple of {n_mat} experts",
-                        vals.len()
-                    ),
-                ));
-            }
+        if vals.len() % n_mat != 0 {
+            return Err(bad(
+                path,
+                format!(
+                    "`{name}` has {} values, not a multiple of {n_mat} experts",
+                    vals.len()
+                ),
+            ));
+        }
+        if vals.is_empty() || *ncall == 0 {
             continue;
         }
         let cols = vals.len() / n_mat;
@@ -352,7 +352,7 @@ mod tests {
             true,
         );
         assert!(is_llama(&b));
-        let im = read(&b, cfg(2), p).unwrap();
+        let im = read(b.clone(), cfg(2), p).unwrap();
         assert_eq!((im.n_chunks, im.dataset.as_str()), (7, "emma"));
         let got: Vec<(String, Vec<f32>)> = im
             .entries
@@ -369,7 +369,7 @@ mod tests {
         );
         // without the optional tail, too
         let b = legacy(&[("blk.0.attn_q.weight", 1, &[1.0])], false);
-        assert_eq!(read(&b, cfg(1), p).unwrap().entries.len(), 1);
+        assert_eq!(read(b.clone(), cfg(1), p).unwrap().entries.len(), 1);
     }
 
     #[test]
@@ -377,7 +377,10 @@ mod tests {
         let p = Path::new("x.dat");
         let good = legacy(&[("blk.0.attn_q.weight", 4, &[4.0, 8.0])], true);
         for cut in [0, 3, 9, 20, 30] {
-            assert!(read(&good[..cut], cfg(1), p).is_err(), "cut at {cut}");
+            assert!(
+                read(good[..cut].to_vec(), cfg(1), p).is_err(),
+                "cut at {cut}"
+            );
         }
         for (b, want) in [
             (
@@ -397,11 +400,11 @@ mod tests {
                 "no statistics",
             ),
         ] {
-            let e = read(&b, cfg(2), p).unwrap_err().to_string();
+            let e = read(b.clone(), cfg(2), p).unwrap_err().to_string();
             assert!(e.contains(want) && e.contains("x.dat"), "{e}");
         }
         let mut huge = 1_000_000_000i32.to_le_bytes().to_vec();
         huge.extend_from_slice(&[0; 16]);
-        assert!(read(&huge, cfg(1), p).is_err());
+        assert!(read(huge, cfg(1), p).is_err());
     }
 }

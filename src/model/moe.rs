@@ -96,7 +96,7 @@ impl Model {
             r.prepare_layer(layer, &st.counts);
             if pairs >= ne {
                 r.prefetch_after(layer, None);
-            } else if let Some(next) = self.next_router(layer).filter(|_| r.predict) {
+            } else if let Some(next) = r.predict.then(|| self.next_router(layer)).flatten() {
                 // decode (asked for): the next MoE layer's router applied to this layer's
                 // input predicts its picks, read ahead while this layer and the next
                 // attention compute (the router logits of this layer are used up)
